@@ -1,0 +1,39 @@
+"""lorakern: LoRA layers that cost next to nothing over their frozen base layer.
+
+``import lorakern.core`` (the float64 NumPy reference) never imports torch; the torch-facing names
+below load on first use.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "LoraLinear": "lorakern.layer",
+    "LoraConfig": "lorakern.inject",
+    "inject": "lorakern.inject",
+    "count_parameters": "lorakern.inject",
+    "parameter_table": "lorakern.inject",
+    "lora_layers": "lorakern.inject",
+    "save_adapter": "lorakern.adapters",
+    "load_adapter": "lorakern.adapters",
+    "merge_and_unload": "lorakern.adapters",
+    "lora_linear": "lorakern.functional",
+    "LoraLinearFunction": "lorakern.functional",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lorakern' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,5 @@
+import sys
+
+from lorakern.cli import main
+
+sys.exit(main())

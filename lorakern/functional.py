@@ -1,0 +1,203 @@
+"""The torch path of a LoRA linear layer, and the switch that picks a backend for it.
+
+    y = x W^T + b + s (x~ A^T) B^T,   x~ = dropout(x) on the LoRA branch only
+
+Shapes: x (..., K), W (N, K), b (N,), A (r, K), B (N, r), y (..., N).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+
+BACKEND_ENV = "LORAKERN_BACKEND"
+BACKEND_CHOICES = ("auto", "torch", "triton")
+
+# A backend computes lora_linear's result: (x, x_lora, weight, bias, lora_A, lora_B, scaling) -> y.
+BackendFn = Callable[..., torch.Tensor]
+_BACKENDS: dict[str, BackendFn] = {}
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """y = x W^T + b + s u B^T with u = x~ A^T, never forming B A.
+
+    Derivation, with g = dL/dy flattened to (M, N) and x~ = x (no dropout) or the dropped-out x:
+        dL/dx~ = s (g B) A        since y depends on x~ only through u = x~ A^T and s u B^T
+        dL/dx  = g W  (+ dL/dx~ when x~ is x itself)
+        dL/dA  = s (g B)^T x~     the r x K gradient: (g B) is M x r, computed once
+        dL/dB  = s g^T u          u saved from the forward, never recomputed
+        dL/db  = sum_rows g
+        dL/dW  = g^T x            only when the base weight is trainable
+    Saved for backward: x~ (x when there is no dropout) and u (M x r); x itself only when W trains.
+    The only M x N tensor is y itself.
+
+    ``x_lora`` is None when the LoRA branch sees x unchanged; otherwise it is dropout(x), and autograd
+    carries its gradient back through the dropout.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling: float):
+        in_features = x.shape[-1]
+        x2 = x.reshape(-1, in_features)
+        xl2 = x2 if x_lora is None else x_lora.reshape(-1, in_features)
+        # y = x W^T + b
+        y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+        # u = x~ A^T
+        u = xl2 @ lora_A.t()
+        # y += s u B^T, in place: no second M x N temporary
+        y.addmm_(u, lora_B.t(), alpha=scaling)
+
+        ctx.scaling = scaling
+        ctx.x_shape = x.shape
+        ctx.lora_separate = x_lora is not None
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(
+            xl2 if ctx.needs_input_grad[4] else None,
+            u if ctx.needs_input_grad[5] else None,
+            x2 if ctx.needs_input_grad[2] else None,
+            weight,
+            lora_A,
+            lora_B,
+        )
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_lora, u, x, weight, lora_A, lora_B = ctx.saved_tensors
+        s = ctx.scaling
+        need_x, need_xl, need_W, need_b, need_A, need_B, _ = ctx.needs_input_grad
+        g = grad_y.reshape(-1, weight.shape[0])
+        dx = dxl = dW = db = dA = dB = None
+
+        need_gB = need_A or need_xl or (need_x and not ctx.lora_separate)
+        # (g B): M x r, computed once for dA and dx
+        gB = g @ lora_B if need_gB else None
+        if need_x:
+            # dx = g W + s (g B) A
+            dx = g @ weight
+            if not ctx.lora_separate:
+                dx.addmm_(gB, lora_A, alpha=s)
+            dx = dx.reshape(ctx.x_shape)
+        if need_xl:
+            # dx~ = s (g B) A
+            dxl = torch.mm(gB, lora_A).mul_(s).reshape(ctx.x_shape)
+        if need_A:
+            # dA = s (g B)^T x~
+            dA = torch.mm(gB.t(), x_lora).mul_(s)
+        if need_B:
+            # dB = s g^T u
+            dB = torch.mm(g.t(), u).mul_(s)
+        if need_b and ctx.has_bias:
+            db = g.sum(dim=0)
+        if need_W:
+            # dW = g^T x
+            dW = g.t() @ x
+        return dx, dxl, dW, db, dA, dB, None
+
+
+def _torch_backend(x, x_lora, weight, bias, lora_A, lora_B, scaling):
+    return LoraLinearFunction.apply(x, x_lora, weight, bias, lora_A, lora_B, scaling)
+
+
+def register_backend(name: str, fn: BackendFn) -> None:
+    """Make ``fn`` the implementation used when backend ``name`` is selected (kernel files call this)."""
+    if name not in BACKEND_CHOICES or name == "auto":
+        raise ValueError(f"backend name must be one of {BACKEND_CHOICES[1:]}, got {name!r}")
+    _BACKENDS[name] = fn
+
+
+register_backend("torch", _torch_backend)
+
+
+def _load_kernel_backends() -> None:
+    """Import the kernel modules listed by lorakern.kernels; each registers its backend."""
+    import importlib
+
+    from lorakern import kernels
+
+    for module in kernels.BACKENDS:
+        importlib.import_module(f"lorakern.kernels.{module}")
+
+
+def backend_name(device: torch.device, requested: Optional[str] = None) -> str:
+    """The backend for tensors on ``device``: ``requested``, else $LORAKERN_BACKEND, else auto.
+
+    auto picks triton on CUDA when its kernels are available, torch otherwise.
+    """
+    choice = (requested or os.environ.get(BACKEND_ENV) or "auto").strip().lower()
+    if choice not in BACKEND_CHOICES:
+        raise ValueError(
+            f"{BACKEND_ENV}={choice!r} is not a backend; set it to one of {', '.join(BACKEND_CHOICES)} "
+            f"(or unset it for auto)"
+        )
+    if "triton" not in _BACKENDS and (choice == "triton" or device.type == "cuda"):
+        _load_kernel_backends()
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and "triton" in _BACKENDS else "torch"
+    if choice not in _BACKENDS:
+        raise ValueError(
+            f"backend {choice!r} was requested but lorakern has no {choice} kernels installed yet; "
+            f"set {BACKEND_ENV}=torch (or unset it) to use the torch path"
+        )
+    return choice
+
+
+def check_operands(x, weight, bias, lora_A, lora_B) -> None:
+    N, K = weight.shape
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(
+            f"input has shape {tuple(x.shape)} but this layer takes in_features={K} in the last dimension; "
+            f"reshape the input to (..., {K})"
+        )
+    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if t is not None and t.device != x.device:
+            raise ValueError(
+                f"input is on {x.device} but {name} is on {t.device}; move the input or the layer "
+                f"(layer.to({str(x.device)!r})) so they share a device"
+            )
+    if not x.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}; cast it with x.float()")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(
+            f"input dtype {x.dtype} does not match the layer's weight dtype {weight.dtype}; cast the input "
+            f"(x.to({weight.dtype})) or the layer (layer.to({x.dtype})), or run under torch.autocast"
+        )
+    r = lora_A.shape[0]
+    if lora_A.shape != (r, K) or lora_B.shape != (N, r):
+        raise ValueError(
+            f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} do not fit a ({N}, {K}) weight; "
+            f"expected ({r}, {K}) and ({N}, {r})"
+        )
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    x_lora: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """y = x W^T + b + s (x~ A^T) B^T with x~ = ``x_lora`` if given, else x.
+
+    Computes in x's dtype (or the autocast dtype): lora_A and lora_B are cast to it when they differ,
+    and their gradients come back in their own dtypes. Under autocast every operand is cast to the
+    autocast dtype, as for nn.Linear.
+    """
+    check_operands(x, weight, bias, lora_A, lora_B)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        operands = [None if t is None else t.to(dtype) for t in (x, x_lora, weight, bias, lora_A, lora_B)]
+        with torch.autocast(device_type, enabled=False):
+            return _BACKENDS[backend_name(x.device, backend)](*operands, scaling)
+    dtype = x.dtype
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
+    if x_lora is not None:
+        x_lora = x_lora.to(dtype)
+    return _BACKENDS[backend_name(x.device, backend)](x, x_lora, weight, bias, lora_A, lora_B, scaling)

@@ -1,0 +1,234 @@
+"""LoraConfig and injection by module name, with PEFT's matching and freezing rules."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Union
+
+from torch import nn
+
+from lorakern.layer import LoraLinear, _check_hyperparameters, is_linear_like
+
+BIAS_MODES = ("none", "all", "lora_only")
+ALL_LINEAR = "all-linear"
+# Heads of transformers' sequence-classification models, kept out of "all-linear" like PEFT does.
+_CLASSIFIER_HEAD_NAMES = ("classifier", "score")
+
+
+@dataclass
+class LoraConfig:
+    """Which layers get LoRA, with what rank, and what else trains. Field names follow PEFT.
+
+    target_modules: a list matches a module whose full name equals an entry or ends with "." + entry;
+        a string is a regex that must match the full name; "all-linear" takes every Linear-like layer
+        but the output embedding and modules_to_save.
+    modules_to_save: modules whose name ends with one of these plain suffixes train in full.
+    rank_pattern / alpha_pattern: {name pattern: value}; a key matches names like (.*\\.)?key$, first wins.
+    """
+
+    r: int = 8
+    alpha: Optional[float] = None
+    dropout: float = 0.0
+    target_modules: Union[list[str], str, None] = None
+    exclude_modules: Union[list[str], str, None] = None
+    bias: str = "none"
+    modules_to_save: Optional[list[str]] = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_rslora: bool = False
+    init: str = "kaiming"
+    task_type: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check_hyperparameters(self.r, self.alpha, self.dropout, self.init)
+        if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
+            raise ValueError(
+                "target_modules is empty; name the layers to adapt, e.g. target_modules=['query', 'value'], "
+                "a regex string, or 'all-linear'"
+            )
+        for field_name in ("target_modules", "exclude_modules", "modules_to_save"):
+            value = getattr(self, field_name)
+            if value is None or (isinstance(value, str) and field_name != "modules_to_save"):
+                continue
+            if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
+                raise TypeError(
+                    f"{field_name} must be a list of non-empty module names"
+                    + (" or a regex string" if field_name != "modules_to_save" else "")
+                    + f", got {value!r}"
+                )
+            setattr(self, field_name, list(value))
+        for field_name in ("target_modules", "exclude_modules"):
+            value = getattr(self, field_name)
+            if isinstance(value, str) and value.lower() != ALL_LINEAR:
+                try:
+                    re.compile(value)
+                except re.error as exc:
+                    raise ValueError(f"{field_name}={value!r} is not a valid regex ({exc}); fix the pattern") from exc
+        if self.bias not in BIAS_MODES:
+            raise ValueError(f"bias must be one of {BIAS_MODES}, got bias={self.bias!r}")
+        for key, rank in self.rank_pattern.items():
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+                raise ValueError(f"rank_pattern[{key!r}] must be a positive int, got {rank!r}")
+        for key, alpha in self.alpha_pattern.items():
+            if not isinstance(alpha, (int, float)) or alpha <= 0:
+                raise ValueError(f"alpha_pattern[{key!r}] must be a positive number, got {alpha!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def matches_target(self, name: str) -> bool:
+        """PEFT's rule: exact name or '.'-suffix for a list, full regex match for a string."""
+        if isinstance(self.target_modules, str):
+            return re.fullmatch(self.target_modules, name) is not None
+        return _list_match(self.target_modules, name)
+
+    def is_excluded(self, name: str) -> bool:
+        if self.exclude_modules is None:
+            return False
+        if isinstance(self.exclude_modules, str):
+            return re.fullmatch(self.exclude_modules, name) is not None
+        return _list_match(self.exclude_modules, name)
+
+    def in_modules_to_save(self, name: str) -> bool:
+        """True for a module to save or anything inside one (PEFT never puts LoRA there)."""
+        return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in self.modules_to_save or ())
+
+    def rank_and_alpha(self, name: str) -> tuple[int, Optional[float]]:
+        r = _pattern_value(self.rank_pattern, name, self.r)
+        alpha = _pattern_value(self.alpha_pattern, name, self.alpha)
+        return r, alpha
+
+
+def _list_match(entries: list[str], name: str) -> bool:
+    return any(name == entry or name.endswith("." + entry) for entry in entries)
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _output_layer_names(model: nn.Module, config: LoraConfig) -> set[str]:
+    """Layers 'all-linear' leaves alone: the output embedding, and a classification head."""
+    excluded = set()
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    if output is None and config.task_type == "SEQ_CLS":
+        output = next((getattr(model, n) for n in _CLASSIFIER_HEAD_NAMES if hasattr(model, n)), None)
+    if output is not None:
+        excluded.update(name for name, module in model.named_modules() if module is output)
+    return excluded
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules ``inject`` would replace."""
+    all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR
+    skip = _output_layer_names(model, config) if all_linear else set()
+    targets = []
+    for name, module in model.named_modules():
+        if not name or name in skip or config.in_modules_to_save(name) or config.is_excluded(name):
+            continue
+        if isinstance(module, LoraLinear):
+            continue
+        if any(name.startswith(t + ".") for t in targets):
+            continue  # inside a module already targeted
+        if all_linear:
+            matched = is_linear_like(module)
+        else:
+            matched = config.matches_target(name)
+        if not matched:
+            continue
+        if not is_linear_like(module):
+            raise ValueError(
+                f"target module {name!r} is a {type(module).__name__}; LoRA applies to nn.Linear and "
+                f"transformers Conv1D only. Narrow target_modules to linear layers (e.g. '{name}.<linear name>')"
+            )
+        targets.append(name)
+    return targets
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """Replace the target layers of ``model`` by LoraLinear in place and freeze the rest by ``config``.
+
+    Trainable afterwards: every lora_A / lora_B; biases by ``config.bias``; every parameter of
+    ``modules_to_save``. Returns ``model``.
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a lorakern.LoraConfig, got {type(config).__name__}")
+    targets = find_targets(model, config)
+    if not targets:
+        seen = [name for name, m in model.named_modules() if name and is_linear_like(m)]
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matched no module of {type(model).__name__}. "
+            f"Its linear layers are: {', '.join(seen) or '(none)'}. Use full names or their last "
+            f"components, e.g. {sorted({n.rsplit('.', 1)[-1] for n in seen})[:6]}"
+        )
+    for name in targets:
+        r, alpha = config.rank_and_alpha(name)
+        layer = LoraLinear.from_linear(
+            model.get_submodule(name), r=r, alpha=alpha, dropout=config.dropout,
+            use_rslora=config.use_rslora, init=config.init,
+        )
+        _set_module(model, name, layer)
+    mark_trainable(model, config)
+    model.lorakern_config = config
+    return model
+
+
+def mark_trainable(model: nn.Module, config: LoraConfig) -> None:
+    """Freeze everything, then unfreeze LoRA, the biases chosen by ``config.bias``, and modules_to_save."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            module.lora_A.requires_grad_(True)
+            module.lora_B.requires_grad_(True)
+            if config.bias == "lora_only" and module.bias is not None:
+                module.bias.requires_grad_(True)
+        if config.modules_to_save and any(name.endswith(m) for m in config.modules_to_save):
+            for param in module.parameters():
+                param.requires_grad_(True)
+    if config.bias == "all":
+        for name, param in model.named_parameters():
+            if name.rsplit(".", 1)[-1] == "bias":
+                param.requires_grad_(True)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared (tied) tensors count once."""
+    trainable = total = 0
+    for param in model.parameters():  # parameters() yields each shared tensor once
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    return trainable, total
+
+
+def parameter_table(model: nn.Module, trainable_only: bool = True) -> str:
+    """A markdown table of parameter tensors (name, shape, count, trainable) with the totals."""
+    rows = ["| parameter | shape | count | trainable |", "|---|---|---:|---|"]
+    for name, param in model.named_parameters():
+        if trainable_only and not param.requires_grad:
+            continue
+        rows.append(f"| {name} | {tuple(param.shape)} | {param.numel():,} | {'yes' if param.requires_grad else 'no'} |")
+    trainable, total = count_parameters(model)
+    rows.append(f"| **trainable / total** | | {trainable:,} / {total:,} | {100.0 * trainable / max(total, 1):.3f}% |")
+    return "\n".join(rows)
+
+
+__all__ = [
+    "ALL_LINEAR", "BIAS_MODES", "LoraConfig", "count_parameters", "find_targets", "inject",
+    "lora_layers", "mark_trainable", "parameter_table",
+]

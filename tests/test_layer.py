@@ -1,0 +1,299 @@
+"""LoraLinear (torch path) against lorakern.core, plus its module behaviour and its errors."""
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lorakern import LoraLinear, LoraLinearFunction
+from lorakern.testing import TOLERANCE, compare_layer, random_layer
+
+DTYPES = list(TOLERANCE)
+DTYPE_IDS = [str(d).replace("torch.", "") for d in DTYPES]
+
+
+def assert_matches_reference(comparison):
+    assert comparison.passed, f"{comparison.dtype} x{comparison.shape}: {comparison.report()}"
+
+
+@given(
+    lead=st.lists(st.integers(1, 9), min_size=0, max_size=2),
+    in_features=st.integers(1, 200),
+    out_features=st.integers(1, 200),
+    r=st.integers(1, 64),
+    dtype=st.sampled_from(DTYPES),
+    dropout=st.sampled_from([0.0, 0.0, 0.25]),
+    bias=st.booleans(),
+    alpha=st.one_of(st.none(), st.floats(0.5, 64.0)),
+    rslora=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_reference(lead, in_features, out_features, r, dtype, dropout, bias, alpha, rslora, seed):
+    layer = random_layer(in_features, out_features, r, dtype, bias=bias, alpha=alpha, dropout=dropout, seed=seed)
+    layer.use_rslora = rslora
+    if rslora:
+        layer.scaling = layer.alpha / math.sqrt(r)
+    layer.train()
+    x = torch.randn(*lead, in_features, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    assert_matches_reference(compare_layer(layer, x.to(dtype), seed=seed))
+
+
+@given(
+    M=st.integers(1, 40), K=st.integers(2, 120), N=st.integers(1, 120), r=st.integers(1, 17),
+    dtype=st.sampled_from(DTYPES), layout=st.sampled_from(["transposed", "strided", "sliced"]),
+)
+def test_non_contiguous_inputs(M, K, N, r, dtype, layout):
+    layer = random_layer(K, N, r, dtype, seed=M * K)
+    base = torch.randn(K * 2, M * 2, generator=torch.Generator().manual_seed(N), dtype=torch.float64).to(dtype)
+    x = {"transposed": base[:K, :M].t(), "strided": base.t()[::2, ::2], "sliced": base.t()[:M, 1:K + 1]}[layout]
+    assert not x.is_contiguous() or M == 1
+    assert_matches_reference(compare_layer(layer, x, seed=M))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(6, 42, 123, 5), (1, 431, 6, 64), (123, 6, 42, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_weird_shapes(dtype, shape):
+    M, K, N, r = shape
+    layer = random_layer(K, N, r, dtype, dropout=0.1, seed=M).train()
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(K), dtype=torch.float64).to(dtype)
+    assert_matches_reference(compare_layer(layer, x))
+
+
+def test_gradcheck_float64():
+    x = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
+    x_lora = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(LoraLinearFunction.apply, (x, None, W, b, A, B, 0.7))
+    assert torch.autograd.gradcheck(LoraLinearFunction.apply, (x, x_lora, W, b, A, B, 0.7))
+    assert torch.autograd.gradcheck(LoraLinearFunction.apply, (x, None, W, None, A, B, 2.0))
+
+
+class _RecordShapes(TorchDispatchMode):
+    """Shapes of the tensors each op allocates (views of existing storage are not allocations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        known = {a.untyped_storage().data_ptr() for a in inputs}
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in known:
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def test_never_forms_BA_and_keeps_one_output_sized_tensor():
+    M, K, N, r = 11, 13, 17, 3
+    layer = random_layer(K, N, r, torch.float32)
+    x = torch.randn(M, K, requires_grad=True)
+    grad = torch.randn(M, N)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        with _RecordShapes() as forward:
+            y = layer(x)
+    with _RecordShapes() as backward:
+        y.backward(grad)
+    for shapes in (forward.shapes, backward.shapes):
+        assert (N, K) not in shapes and (K, N) not in shapes, "B @ A (or its transpose) was formed"
+    assert forward.shapes.count((M, N)) == 1, f"M x N temporaries in forward: {forward.shapes}"
+    assert (M, N) not in backward.shapes, f"M x N temporary in backward: {backward.shapes}"
+    activations = [s for s in saved if s not in {(N, K), (r, K), (N, r)}]
+    assert sorted(activations) == sorted([(M, K), (M, r)]), f"saved activations: {activations}"
+
+
+def test_dropout_only_on_the_lora_branch():
+    torch.manual_seed(0)
+    layer = random_layer(32, 8, 4, torch.float32, dropout=0.5).train()
+    x = torch.randn(64, 32)
+    with torch.no_grad():
+        layer.lora_B.zero_()
+        assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    layer.eval()
+    with torch.no_grad():
+        nn.init.normal_(layer.lora_B)
+        assert torch.equal(layer(x), layer(x)), "dropout must be off in eval mode"
+
+
+def test_dropout_draws_a_fresh_mask_each_step():
+    layer = random_layer(32, 8, 4, torch.float32, dropout=0.5).train()
+    x = torch.randn(16, 32)
+    assert not torch.equal(layer(x), layer(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast(dtype):
+    layer = random_layer(24, 12, 4, torch.float32)
+    x = torch.randn(5, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=dtype):
+        y = layer(x)
+    assert y.dtype == dtype
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.lora_A.grad.dtype == torch.float32
+    reference = layer.to(dtype)(x.detach().to(dtype))
+    torch.testing.assert_close(y, reference)
+
+
+def test_keeps_the_input_dtype_with_fp32_adapter_on_bf16_base():
+    layer = LoraLinear(16, 8, r=4, dtype=torch.bfloat16)
+    layer.lora_A.data = layer.lora_A.data.float()
+    layer.lora_B.data = torch.randn(8, 4)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad.dtype == torch.float32
+
+
+def test_constructor_defaults_and_init():
+    torch.manual_seed(0)
+    layer = LoraLinear(300, 20)
+    assert (layer.r, layer.alpha, layer.scaling) == (8, 8.0, 1.0)
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
+    assert layer.lora_A.shape == (8, 300) and layer.lora_B.shape == (20, 8)
+    assert not layer.lora_B.any(), "B starts at zero so the layer starts as its base"
+    assert layer.lora_A.abs().max() <= 1 / math.sqrt(300)
+    assert LoraLinear(4, 4, r=2, alpha=8).scaling == 4.0
+    assert LoraLinear(16, 16, r=4, alpha=8, use_rslora=True).scaling == 4.0
+    assert LoraLinear(300, 4, r=4, init="gaussian").lora_A.std().item() == pytest.approx(0.25, rel=0.1)
+    assert LoraLinear(300, 4, r=4, init="normal").lora_A.std().item() == pytest.approx(1.0, rel=0.1)
+
+
+def test_from_linear_shares_tensors_and_freezes():
+    base = nn.Linear(10, 6)
+    layer = LoraLinear.from_linear(base, r=2, alpha=4)
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert not base.weight.requires_grad and not base.bias.requires_grad
+    x = torch.randn(3, 10)
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)
+
+
+def test_from_linear_gpt2_conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(6, 10)  # nf=out=6, nx=in=10, weight stored (10, 6)
+    nn.init.normal_(conv.bias)
+    layer = LoraLinear.from_linear(conv, r=3)
+    assert layer.weight is conv.weight and layer.fan_in_fan_out
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(4, 10)
+    expected = conv(x) + layer.scaling * (x @ layer.lora_A.t()) @ layer.lora_B.t()
+    torch.testing.assert_close(layer(x), expected)
+    layer.merge()
+    torch.testing.assert_close(layer(x), expected)
+    unloaded = layer.unload()
+    assert isinstance(unloaded, Conv1D) and unloaded.weight is conv.weight
+    torch.testing.assert_close(unloaded(x), expected)
+
+
+def test_merge_unmerge_to_linear():
+    layer = random_layer(20, 12, 4, torch.float64)
+    x = torch.randn(5, 20, dtype=torch.float64)
+    expected = layer(x)
+    weight = layer.weight.detach().clone()
+    linear = layer.to_linear()
+    assert type(linear) is nn.Linear and not layer.merged
+    torch.testing.assert_close(linear(x), expected)
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer(x), expected)
+    with pytest.warns(UserWarning, match="already merged"):
+        layer.merge()
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, weight)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_safe_merge_refuses_non_finite_and_leaves_weight_alone():
+    layer = random_layer(8, 4, 2, torch.float32)
+    with torch.no_grad():
+        layer.lora_B[0, 0] = float("inf")
+    weight = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="NaNs or infs detected in the merged weight"):
+        layer.merge(safe=True)
+    assert torch.equal(layer.weight, weight) and not layer.merged
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"r": 0}, ValueError, "r must be a positive integer, got r=0"),
+        ({"r": -3}, ValueError, "r must be a positive integer, got r=-3"),
+        ({"r": 2.5}, TypeError, "r must be an int"),
+        ({"alpha": 0}, ValueError, "alpha must be a positive number, got alpha=0"),
+        ({"alpha": -1.0}, ValueError, "alpha must be a positive number"),
+        ({"dropout": 1.0}, ValueError, r"dropout must be in \[0, 1\), got dropout=1.0"),
+        ({"dropout": -0.1}, ValueError, "dropout must be in"),
+        ({"init": "xavier"}, ValueError, "init must be one of"),
+    ],
+    ids=["r=0", "r<0", "r-float", "alpha=0", "alpha<0", "dropout=1", "dropout<0", "init"],
+)
+def test_bad_hyperparameters(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        LoraLinear(8, 8, **kwargs)
+
+
+def test_rank_above_min_dimension_warns_but_works():
+    with pytest.warns(UserWarning, match="cannot reach rank 16"):
+        layer = LoraLinear(8, 4, r=16)
+    assert layer(torch.randn(2, 8)).shape == (2, 4)
+
+
+def test_bad_inputs_are_named():
+    layer = LoraLinear(8, 4, r=2)
+    with pytest.raises(ValueError, match=r"input has shape \(3, 7\) but this layer takes in_features=8"):
+        layer(torch.randn(3, 7))
+    with pytest.raises(ValueError, match=r"input dtype torch.float64 does not match the layer's weight dtype torch.float32"):
+        layer(torch.randn(3, 8, dtype=torch.float64))
+    with pytest.raises(TypeError, match="input must be a floating-point tensor, got dtype torch.int64"):
+        layer(torch.ones(3, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="input is on meta but weight is on cpu"):
+        layer(torch.randn(3, 8, device="meta"))
+    layer.merge()
+    with pytest.raises(ValueError, match="in_features=8"):
+        layer(torch.randn(3, 7))
+
+
+def test_backend_switch(monkeypatch):
+    layer = random_layer(8, 4, 2, torch.float32)
+    x = torch.randn(3, 8)
+    monkeypatch.setenv("LORAKERN_BACKEND", "torch")
+    expected = layer(x)
+    monkeypatch.setenv("LORAKERN_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="LORAKERN_BACKEND='cuda-magic' is not a backend"):
+        layer(x)
+    monkeypatch.setenv("LORAKERN_BACKEND", "auto")
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+
+
+def test_triton_backend_request(monkeypatch):
+    from lorakern import kernels
+
+    layer = random_layer(8, 4, 2, torch.float32)
+    x = torch.randn(3, 8)
+    monkeypatch.setenv("LORAKERN_BACKEND", "triton")
+    if "lora_linear" in kernels.BACKENDS:
+        assert_matches_reference(compare_layer(layer, x))
+    else:
+        with pytest.raises(ValueError, match="no triton kernels installed yet; set LORAKERN_BACKEND=torch"):
+            layer(x)
+
+
+def test_state_dict_keeps_linear_names():
+    layer = LoraLinear(6, 3, r=2)
+    assert set(layer.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}
+    linear = nn.Linear(6, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.load_state_dict(linear.state_dict(), strict=False)
+    assert torch.equal(layer.weight, linear.weight)
