@@ -33,7 +33,7 @@ setup(
             "loralib>=0.1.2",
             "safetensors>=0.4",
         ],
-        "triton": ["triton>=3.0"],
+        "triton": ["triton==3.8.0"],
     },
     entry_points={"console_scripts": ["lorakern=lorakern.cli:main"]},
 )

@@ -11,11 +11,11 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "LoraLinear": "lorakern.layer",
-    "LoraConfig": "lorakern.inject",
-    "inject": "lorakern.inject",
-    "count_parameters": "lorakern.inject",
-    "parameter_table": "lorakern.inject",
-    "lora_layers": "lorakern.inject",
+    "LoraConfig": "lorakern.injection",
+    "inject": "lorakern.injection",
+    "count_parameters": "lorakern.injection",
+    "parameter_table": "lorakern.injection",
+    "lora_layers": "lorakern.injection",
     "save_adapter": "lorakern.adapters",
     "load_adapter": "lorakern.adapters",
     "merge_and_unload": "lorakern.adapters",

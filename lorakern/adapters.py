@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lorakern._io import atomic_write_bytes
-from lorakern.inject import LoraConfig, inject, lora_layers
+from lorakern.injection import LoraConfig, set_submodule, inject, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -213,8 +213,6 @@ def _read_weights(directory: str, expected_sha256: Optional[str]) -> dict[str, t
 
 def _resize_heads(model: nn.Module, head_modules: list[str], weights: dict, num_labels: Optional[int]) -> None:
     """Give each recorded head the label count the adapter was trained with."""
-    from lorakern.inject import _set_module
-
     for name in head_modules:
         saved = weights.get(f"{PEFT_PREFIX}{name}.weight")
         try:
@@ -225,7 +223,7 @@ def _resize_heads(model: nn.Module, head_modules: list[str], weights: dict, num_
             continue
         if saved.shape[0] != module.out_features:
             weight = module.weight
-            _set_module(model, name, nn.Linear(module.in_features, saved.shape[0], bias=module.bias is not None,
+            set_submodule(model, name, nn.Linear(module.in_features, saved.shape[0], bias=module.bias is not None,
                                                device=weight.device, dtype=weight.dtype))
     model_config = getattr(model, "config", None)
     if num_labels and model_config is not None and getattr(model_config, "num_labels", num_labels) != num_labels:
@@ -283,8 +281,6 @@ def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
 
     With ``safe`` every merge is checked for non-finite values before any weight changes.
     """
-    from lorakern.inject import _set_module
-
     layers = lora_layers(model)
     if safe:
         for name, layer in layers.items():
@@ -296,7 +292,7 @@ def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
     for name, layer in layers.items():
         if not layer.merged:
             layer.merge(safe=False)
-        _set_module(model, name, layer.unload())
+        set_submodule(model, name, layer.unload())
     if hasattr(model, "lorakern_config"):
         del model.lorakern_config
     return model

@@ -143,13 +143,13 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if not is_linear_like(module):
             raise ValueError(
                 f"target module {name!r} is a {type(module).__name__}; LoRA applies to nn.Linear and "
-                f"transformers Conv1D only. Narrow target_modules to linear layers (e.g. '{name}.<linear name>')"
+                f"transformers Conv1D only. Narrow target_modules so that it names linear layers only"
             )
         targets.append(name)
     return targets
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -177,7 +177,7 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
             model.get_submodule(name), r=r, alpha=alpha, dropout=config.dropout,
             use_rslora=config.use_rslora, init=config.init,
         )
-        _set_module(model, name, layer)
+        set_submodule(model, name, layer)
     mark_trainable(model, config)
     model.lorakern_config = config
     return model

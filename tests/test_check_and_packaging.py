@@ -1,0 +1,54 @@
+"""`lorakern check` and how the package installs."""
+import io
+import subprocess
+import sys
+
+import torch
+
+from lorakern import functional
+from lorakern.check import run_check
+
+
+def test_check_passes_and_prints_the_table():
+    out = io.StringIO()
+    assert run_check("cpu", out=out)
+    text = out.getvalue()
+    for dtype in ("float64", "float32", "float16", "bfloat16"):
+        assert f"| torch | {dtype}" in text
+    assert "all paths pass" in text
+
+
+def test_check_fails_on_a_wrong_path(monkeypatch):
+    real = functional._BACKENDS["torch"]
+
+    def off_by_a_little(*args):
+        y = real(*args)
+        return y + 1e-3 * y.detach().abs().amax()
+
+    monkeypatch.setitem(functional._BACKENDS, "torch", off_by_a_little)
+    out = io.StringIO()
+    assert not run_check("cpu", out=out)
+    assert "FAIL" in out.getvalue()
+
+
+def test_cli_exit_code(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "lorakern", "check"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "all paths pass" in done.stdout
+
+
+def test_kernels_ship_under_lorakern_not_top_level(tmp_path):
+    code = ("import importlib.util, lorakern.kernels; "
+            "assert importlib.util.find_spec('kernels') is None, importlib.util.find_spec('kernels'); "
+            "print(lorakern.kernels.__name__)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "lorakern.kernels"
+
+
+def test_public_names():
+    import lorakern
+
+    for name in lorakern.__all__:
+        assert getattr(lorakern, name) is not None
+    assert callable(lorakern.inject) and isinstance(lorakern.LoraLinear(4, 4, r=2), torch.nn.Module)
