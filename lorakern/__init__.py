@@ -16,6 +16,7 @@ _LAZY = {
     "count_parameters": "lorakern.injection",
     "parameter_table": "lorakern.injection",
     "lora_layers": "lorakern.injection",
+    "disable_adapters": "lorakern.injection",
     "save_adapter": "lorakern.adapters",
     "load_adapter": "lorakern.adapters",
     "merge_and_unload": "lorakern.adapters",

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 from torch import nn
 
@@ -163,6 +164,13 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a lorakern.LoraConfig, got {type(config).__name__}")
+    existing = lora_layers(model)
+    if existing:
+        raise ValueError(
+            f"{type(model).__name__} already has {len(existing)} LoRA layers (e.g. {next(iter(existing))!r}); "
+            f"lorakern keeps one adapter per model: call lorakern.merge_and_unload(model) first, or inject into "
+            f"a fresh model"
+        )
     targets = find_targets(model, config)
     if not targets:
         seen = [name for name, m in model.named_modules() if name and is_linear_like(m)]
@@ -206,6 +214,27 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` as its base model inside the block (PEFT's ``disable_adapter()``).
+
+    Unmerged layers skip their LoRA term; merged layers are unmerged for the block and merged back after.
+    """
+    layers = [layer for layer in lora_layers(model).values() if not layer.disabled]
+    merged = [layer for layer in layers if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+        for layer in merged:
+            layer.merge()
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared (tied) tensors count once."""
     trainable = total = 0
@@ -229,6 +258,6 @@ def parameter_table(model: nn.Module, trainable_only: bool = True) -> str:
 
 
 __all__ = [
-    "ALL_LINEAR", "BIAS_MODES", "LoraConfig", "count_parameters", "find_targets", "inject",
+    "ALL_LINEAR", "BIAS_MODES", "LoraConfig", "count_parameters", "disable_adapters", "find_targets", "inject",
     "lora_layers", "mark_trainable", "parameter_table",
 ]

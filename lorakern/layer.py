@@ -80,6 +80,7 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.disabled = False  # set by lorakern.disable_adapters: the layer computes its base alone
         # None follows $LORAKERN_BACKEND / auto; "torch" or "triton" pins this layer to one path.
         self.backend: Optional[str] = None
         self._base_type: type = nn.Linear
@@ -138,7 +139,7 @@ class LoraLinear(nn.Module):
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged or self.disabled:
             check_operands(x, self.weight_out_in, self.bias, self.lora_A, self.lora_B)
             return nn.functional.linear(x, self.weight_out_in, self.bias)
         x_lora = self.lora_dropout(x) if self.training and isinstance(self.lora_dropout, nn.Dropout) else None

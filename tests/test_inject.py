@@ -157,3 +157,29 @@ def test_seed_parity_on_roberta_base_sized_config(tmp_path):
     save_adapter(model, str(tmp_path))
     size = (tmp_path / "adapter_model.safetensors").stat().st_size
     assert 420_098 * 4 <= size < 420_098 * 4 + 60_000, size  # ~1.7 MB of fp32 plus the safetensors header
+
+
+def test_disable_adapters_runs_the_base_model():
+    model = Toy()
+    x = torch.randn(4, 8)
+    base = model(x)
+    inject(model, LoraConfig(target_modules=["q_proj", "v_proj"]))
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B)
+    adapted = model(x)
+    from lorakern import disable_adapters
+
+    with disable_adapters(model):
+        torch.testing.assert_close(model(x), base)
+    torch.testing.assert_close(model(x), adapted)
+    lora_layers(model)["encoder.q_proj"].merge()
+    with disable_adapters(model):
+        torch.testing.assert_close(model(x), base)
+    assert lora_layers(model)["encoder.q_proj"].merged
+    torch.testing.assert_close(model(x), adapted)
+
+
+def test_second_inject_is_refused():
+    model = inject(Toy(), LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="already has 1 LoRA layers"):
+        inject(model, LoraConfig(target_modules=["v_proj"]))
