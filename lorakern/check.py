@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from lorakern.functional import backend_name
+from lorakern.functional import resolve_backend
 from lorakern.testing import compare_layer, random_layer
 
 # (x shape, out_features, r, dropout): odd sizes that hit every edge, 1-D/3-D inputs, r above min(in, out).
@@ -23,9 +23,10 @@ DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 def available_paths(device: torch.device) -> list[str]:
     paths = ["torch"]
+    probe = torch.zeros(1, 1, device=device)
     try:
-        if backend_name(device, "triton") == "triton":
-            paths.append("triton")
+        resolve_backend(probe, probe, probe, "triton")
+        paths.append("triton")
     except ValueError:
         pass
     return paths

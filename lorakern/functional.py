@@ -7,6 +7,7 @@ Shapes: x (..., K), W (N, K), b (N,), A (r, K), B (N, r), y (..., N).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -14,9 +15,6 @@ import torch
 BACKEND_ENV = "LORAKERN_BACKEND"
 BACKEND_CHOICES = ("auto", "torch", "triton")
 
-# A backend computes lora_linear's result: (x, x_lora, weight, bias, lora_A, lora_B, scaling) -> y.
-BackendFn = Callable[..., torch.Tensor]
-_BACKENDS: dict[str, BackendFn] = {}
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -96,18 +94,45 @@ class LoraLinearFunction(torch.autograd.Function):
         return dx, dxl, dW, db, dA, dB, None
 
 
-def _torch_backend(x, x_lora, weight, bias, lora_A, lora_B, scaling):
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of lora_linear.
+
+    apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> y, all operands in one dtype.
+    dropout_mask(seed, shape, p, device) -> the float32 mask (kept / (1 - p), else 0) that ``apply``
+        uses for that seed, indexed by the logical element of x: how tests rebuild the reference.
+    unsupported(x, weight, lora_A) -> None, or why this backend cannot take these operands.
+    """
+
+    name: str
+    apply: Callable[..., torch.Tensor]
+    dropout_mask: Callable[..., torch.Tensor]
+    unsupported: Callable[..., Optional[str]] = lambda x, weight, lora_A: None
+
+
+def torch_dropout_mask(seed: int, shape, p: float, device) -> torch.Tensor:
+    """The torch path's mask: torch.rand from a generator seeded with ``seed`` on the input's device."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    keep = torch.rand(shape, generator=generator, device=device) >= p
+    return keep.to(torch.float32) * (1.0 / (1.0 - p))
+
+
+def _torch_apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    x_lora = None if dropout_p == 0 else x * torch_dropout_mask(seed, x.shape, dropout_p, x.device).to(x.dtype)
     return LoraLinearFunction.apply(x, x_lora, weight, bias, lora_A, lora_B, scaling)
 
 
-def register_backend(name: str, fn: BackendFn) -> None:
-    """Make ``fn`` the implementation used when backend ``name`` is selected (kernel files call this)."""
-    if name not in BACKEND_CHOICES or name == "auto":
-        raise ValueError(f"backend name must be one of {BACKEND_CHOICES[1:]}, got {name!r}")
-    _BACKENDS[name] = fn
+_BACKENDS: dict[str, Backend] = {}
 
 
-register_backend("torch", _torch_backend)
+def register_backend(backend: Backend) -> None:
+    """Make ``backend`` the implementation used when its name is selected (kernel files call this)."""
+    if backend.name not in BACKEND_CHOICES or backend.name == "auto":
+        raise ValueError(f"backend name must be one of {BACKEND_CHOICES[1:]}, got {backend.name!r}")
+    _BACKENDS[backend.name] = backend
+
+
+register_backend(Backend("torch", _torch_apply, torch_dropout_mask))
 
 
 def _load_kernel_backends() -> None:
@@ -120,10 +145,13 @@ def _load_kernel_backends() -> None:
         importlib.import_module(f"lorakern.kernels.{module}")
 
 
-def backend_name(device: torch.device, requested: Optional[str] = None) -> str:
-    """The backend for tensors on ``device``: ``requested``, else $LORAKERN_BACKEND, else auto.
+def resolve_backend(
+    x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, requested: Optional[str] = None
+) -> Backend:
+    """The backend for these operands: ``requested``, else $LORAKERN_BACKEND, else auto.
 
-    auto picks triton on CUDA when its kernels are available, torch otherwise.
+    auto picks triton for CUDA tensors when its kernels are installed and take the operands, torch
+    otherwise. An explicit request that cannot be served raises ValueError with the reason.
     """
     choice = (requested or os.environ.get(BACKEND_ENV) or "auto").strip().lower()
     if choice not in BACKEND_CHOICES:
@@ -131,16 +159,23 @@ def backend_name(device: torch.device, requested: Optional[str] = None) -> str:
             f"{BACKEND_ENV}={choice!r} is not a backend; set it to one of {', '.join(BACKEND_CHOICES)} "
             f"(or unset it for auto)"
         )
-    if "triton" not in _BACKENDS and (choice == "triton" or device.type == "cuda"):
+    if "triton" not in _BACKENDS and (choice == "triton" or x.device.type == "cuda"):
         _load_kernel_backends()
     if choice == "auto":
-        return "triton" if device.type == "cuda" and "triton" in _BACKENDS else "torch"
-    if choice not in _BACKENDS:
+        triton = _BACKENDS.get("triton")
+        if x.device.type == "cuda" and triton is not None and triton.unsupported(x, weight, lora_A) is None:
+            return triton
+        return _BACKENDS["torch"]
+    backend = _BACKENDS.get(choice)
+    if backend is None:
         raise ValueError(
-            f"backend {choice!r} was requested but lorakern has no {choice} kernels installed yet; "
-            f"set {BACKEND_ENV}=torch (or unset it) to use the torch path"
+            f"backend {choice!r} was requested but lorakern has no {choice} kernels installed; "
+            f"install triton (pip install 'lorakern[triton]') or set {BACKEND_ENV}=torch"
         )
-    return choice
+    reason = backend.unsupported(x, weight, lora_A)
+    if reason is not None:
+        raise ValueError(f"the {choice} backend cannot run this layer: {reason}; set {BACKEND_ENV}=torch for it")
+    return backend
 
 
 def check_operands(x, weight, bias, lora_A, lora_B) -> None:
@@ -178,26 +213,32 @@ def lora_linear(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scaling: float,
-    x_lora: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """y = x W^T + b + s (x~ A^T) B^T with x~ = ``x_lora`` if given, else x.
+    """y = x W^T + b + s (x~ A^T) B^T with x~ = dropout(x, dropout_p) (inverted dropout, LoRA branch only).
 
-    Computes in x's dtype (or the autocast dtype): lora_A and lora_B are cast to it when they differ,
-    and their gradients come back in their own dtypes. Under autocast every operand is cast to the
-    autocast dtype, as for nn.Linear.
+    ``seed`` fixes the dropout mask (drawn from torch's global generator when None). Computes in x's
+    dtype (or the autocast dtype): lora_A and lora_B are cast to it when they differ, and their
+    gradients come back in their own dtypes. Under autocast every operand is cast to the autocast
+    dtype, as for nn.Linear.
     """
     check_operands(x, weight, bias, lora_A, lora_B)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0 and seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        operands = [None if t is None else t.to(dtype) for t in (x, x_lora, weight, bias, lora_A, lora_B)]
+        x, weight, bias, lora_A, lora_B = (None if t is None else t.to(dtype) for t in (x, weight, bias, lora_A, lora_B))
         with torch.autocast(device_type, enabled=False):
-            return _BACKENDS[backend_name(x.device, backend)](*operands, scaling)
+            chosen = resolve_backend(x, weight, lora_A, backend)
+            return chosen.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     dtype = x.dtype
     if bias is not None and bias.dtype != dtype:
         bias = bias.to(dtype)
     lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
-    if x_lora is not None:
-        x_lora = x_lora.to(dtype)
-    return _BACKENDS[backend_name(x.device, backend)](x, x_lora, weight, bias, lora_A, lora_B, scaling)
+    chosen = resolve_backend(x, weight, lora_A, backend)
+    return chosen.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)

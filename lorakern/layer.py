@@ -78,7 +78,8 @@ class LoraLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = float(dropout)
+        self.dropout_seed: Optional[int] = None  # fix the LoRA dropout mask (None: a fresh draw per call)
         self.merged = False
         self.disabled = False  # set by lorakern.disable_adapters: the layer computes its base alone
         # None follows $LORAKERN_BACKEND / auto; "torch" or "triton" pins this layer to one path.
@@ -142,9 +143,9 @@ class LoraLinear(nn.Module):
         if self.merged or self.disabled:
             check_operands(x, self.weight_out_in, self.bias, self.lora_A, self.lora_B)
             return nn.functional.linear(x, self.weight_out_in, self.bias)
-        x_lora = self.lora_dropout(x) if self.training and isinstance(self.lora_dropout, nn.Dropout) else None
         return lora_linear(x, self.weight_out_in, self.bias, self.lora_A, self.lora_B, self.scaling,
-                           x_lora=x_lora, backend=self.backend)
+                           dropout_p=self.dropout if self.training else 0.0, seed=self.dropout_seed,
+                           backend=self.backend)
 
     def delta_weight(self) -> torch.Tensor:
         """s B A in the stored weight's layout and dtype (computed in fp32 at least)."""
@@ -214,6 +215,6 @@ class LoraLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, merged={self.merged}"
+            f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, merged={self.merged}"
             + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
         )

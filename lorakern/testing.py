@@ -81,9 +81,10 @@ class Comparison:
 def compare_layer(layer, x: torch.Tensor, grad_y: Optional[torch.Tensor] = None, seed: int = 0) -> Comparison:
     """Run ``layer`` (a LoraLinear in training mode or not) on x, backprop grad_y, compare with core.
 
-    With dropout active, the layer's dropout draws its mask from a seeded generator here (a forward
-    hook), so the reference is computed with the very mask the layer used.
+    With dropout active the layer runs with a fixed dropout seed, and the reference uses the mask the
+    chosen backend draws for that seed (``Backend.dropout_mask``).
     """
+    from lorakern.functional import resolve_backend
     from lorakern.layer import LoraLinear
 
     if not isinstance(layer, LoraLinear):
@@ -91,18 +92,15 @@ def compare_layer(layer, x: torch.Tensor, grad_y: Optional[torch.Tensor] = None,
     dtype = x.dtype
     x = x.detach().requires_grad_(True)
     mask = None
-    hook = None
-    if layer.training and isinstance(layer.lora_dropout, torch.nn.Dropout):
-        p = layer.lora_dropout.p
-        gen = torch.Generator().manual_seed(seed + 1)
-        keep = ((torch.rand(x.shape, generator=gen, dtype=torch.float64) >= p) / (1.0 - p)).to(dtype)
-        mask = keep.to(torch.float64).numpy()
-        hook = layer.lora_dropout.register_forward_hook(lambda m, inp, out: inp[0] * keep)
+    previous_seed = layer.dropout_seed
+    if layer.training and layer.dropout > 0:
+        layer.dropout_seed = seed + 1
+        backend = resolve_backend(x, layer.weight, layer.lora_A, layer.backend)
+        mask = backend.dropout_mask(seed + 1, x.shape, layer.dropout, x.device).to(torch.float64).cpu().numpy()
     try:
         y = layer(x)
     finally:
-        if hook is not None:
-            hook.remove()
+        layer.dropout_seed = previous_seed
     if grad_y is None:
         gen = torch.Generator().manual_seed(seed)
         grad_y = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype)

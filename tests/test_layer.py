@@ -124,10 +124,25 @@ def test_dropout_only_on_the_lora_branch():
         assert torch.equal(layer(x), layer(x)), "dropout must be off in eval mode"
 
 
-def test_dropout_draws_a_fresh_mask_each_step():
+def test_dropout_draws_a_fresh_mask_each_step_unless_seeded():
     layer = random_layer(32, 8, 4, torch.float32, dropout=0.5).train()
     x = torch.randn(16, 32)
     assert not torch.equal(layer(x), layer(x))
+    layer.dropout_seed = 7
+    assert torch.equal(layer(x), layer(x))
+    torch.manual_seed(3)
+    layer.dropout_seed = None
+    first = layer(x)
+    torch.manual_seed(3)
+    assert torch.equal(layer(x), first), "unseeded masks follow torch.manual_seed"
+
+
+def test_torch_dropout_mask_keeps_the_expected_share():
+    from lorakern.functional import torch_dropout_mask
+
+    mask = torch_dropout_mask(5, (200, 300), 0.25, "cpu")
+    assert mask.unique().tolist() == pytest.approx([0.0, 1 / 0.75])
+    assert (mask > 0).float().mean().item() == pytest.approx(0.75, abs=0.01)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -285,7 +300,7 @@ def test_triton_backend_request(monkeypatch):
     if "lora_linear" in kernels.BACKENDS:
         assert_matches_reference(compare_layer(layer, x))
     else:
-        with pytest.raises(ValueError, match="no triton kernels installed yet; set LORAKERN_BACKEND=torch"):
+        with pytest.raises(ValueError, match="no triton kernels installed; install triton"):
             layer(x)
 
 
