@@ -4,14 +4,17 @@ This folder is mapped onto ``lorakern.kernels`` by setup.py (``package_dir``) so
 package named ``kernels`` is ever installed: bitsandbytes and transformers import an unrelated
 ``kernels`` package when one is importable.
 
-Kernel files register themselves with ``lorakern.functional.register_backend`` when imported.
-No kernel family has landed yet, so ``BACKENDS`` is empty and ``LORAKERN_BACKEND=triton`` reports
-that clearly instead of running anything.
+Each module named in ``BACKENDS`` registers itself with ``lorakern.functional.register_backend`` when
+imported. On a machine without CUDA the kernels run under the Triton interpreter (on CPU tensors):
+importing them there sets TRITON_INTERPRET=1 unless it is already set, since it must be set before
+``triton.jit`` runs.
 """
 from __future__ import annotations
 
+import os
+
 # Names of the kernel modules in this package that provide a backend, in load order.
-BACKENDS: tuple[str, ...] = ()
+BACKENDS: tuple[str, ...] = ("lora_linear",)
 
 
 def triton_available() -> bool:
@@ -21,3 +24,14 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _default_to_interpreter() -> None:
+    if "TRITON_INTERPRET" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+
+
+_default_to_interpreter()

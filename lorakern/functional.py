@@ -141,6 +141,8 @@ def _load_kernel_backends() -> None:
 
     from lorakern import kernels
 
+    if not kernels.triton_available():
+        return
     for module in kernels.BACKENDS:
         importlib.import_module(f"lorakern.kernels.{module}")
 
