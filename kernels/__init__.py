@@ -26,12 +26,15 @@ def triton_available() -> bool:
     return True
 
 
-def _default_to_interpreter() -> None:
+def _default_to_interpreter() -> bool:
     if "TRITON_INTERPRET" not in os.environ:
         import torch
 
         if not torch.cuda.is_available():
             os.environ["TRITON_INTERPRET"] = "1"
+            return True
+    return False
 
 
-_default_to_interpreter()
+# True when this import turned the interpreter on (tools that compile for a GPU turn it off again).
+INTERPRETER_DEFAULTED = _default_to_interpreter()

@@ -42,6 +42,26 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _load(ptr, rows, cols, stride_rows, stride_cols, n_rows, n_cols):
+    """The (len(rows), len(cols)) tile at ptr[rows, cols], zero outside (n_rows, n_cols)."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(ptr + rows[:, None] * stride_rows + cols[None, :] * stride_cols, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store(ptr, value, rows, cols, stride_rows, stride_cols, n_rows, n_cols):
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tl.store(ptr + rows[:, None] * stride_rows + cols[None, :] * stride_cols, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _atomic_add(ptr, value, rows, cols, n_rows, n_cols):
+    """ptr[rows, cols] += value for a contiguous (n_rows, n_cols) accumulator."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tl.atomic_add(ptr + rows[:, None] * n_cols + cols[None, :], value, mask=mask)
+
+
+@triton.jit
 def _dropout_keep(seed, rows, cols, K, dropout_p):
     """keep[i, j] for x's logical element (rows[i], cols[j]) of an (M, K) input: the same bits in every kernel."""
     offsets = rows[:, None].to(tl.int64) * K + cols[None, :]
@@ -68,6 +88,18 @@ def _tile_ids(pid, num_pid_m, num_pid_inner, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _fwd_epilogue(acc, u_scaled, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, offs_r, M, N, R,
+                  stride_bn, stride_br, stride_ym, stride_yn,
+                  HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    # y = acc + (s u) B^T + b, with the B^T tile (R_PAD, BLOCK_N)
+    acc = _dot(u_scaled, _load(b_ptr, offs_r, offs_n, stride_br, stride_bn, R, N), acc, DOT_PRECISION, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
+    _store(y_ptr, acc, offs_m, offs_n, stride_ym, stride_yn, M, N)
+
+
+@triton.jit
 def _lora_fwd_kernel(
     # pointers
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr,
@@ -85,62 +117,76 @@ def _lora_fwd_kernel(
 ):
     """y = x W^T + b + s u B^T and u = x~ A^T, for BLOCK_M rows and TILES_N tiles of BLOCK_N columns.
 
-    u is accumulated in the K loop of the program's first N tile from the x tiles that loop already
+    u is accumulated in the K loop of the program's first N tile, from the x tiles that loop already
     loads for the base GEMM, then reused for the program's other N tiles; the programs of the first
     column group write it out for the backward.
     """
     pid = tl.program_id(0)
-    keep_scale = _keep_scale(dropout_p)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
     num_tiles_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_g = _tile_ids(pid, num_pid_m, tl.cdiv(num_tiles_n, TILES_N), GROUP_M)
-
+    pid_m, pid_g = _tile_ids(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(num_tiles_n, TILES_N), GROUP_M)
+    keep_scale = _keep_scale(dropout_p)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
-    mask_m = offs_m < M
-    mask_r = offs_r < R
+
+    # First N tile: the base GEMM and u in one K loop.
+    offs_n = pid_g * TILES_N * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     u = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
-    u_scaled = tl.zeros((BLOCK_M, R_PAD), dtype=y_ptr.dtype.element_ty)
-    for t in tl.static_range(TILES_N):
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x_tile = _load(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
+        # acc += x W^T, with the W^T tile (BLOCK_K, BLOCK_N)
+        acc = _dot(x_tile, _load(w_ptr, offs_k, offs_n, stride_wk, stride_wn, K, N), acc, DOT_PRECISION, UPCAST)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, offs_m, offs_k, K, dropout_p)
+            x_tile = tl.where(keep, x_tile.to(ACC_DTYPE) * keep_scale, 0.0).to(x_tile.dtype)
+        # u += x~ A^T, with the A^T tile (BLOCK_K, R_PAD)
+        u = _dot(x_tile, _load(a_ptr, offs_k, offs_r, stride_ak, stride_ar, K, R), u, DOT_PRECISION, UPCAST)
+    if pid_g == 0:
+        _store(u_ptr, u, offs_m, offs_r, stride_um, stride_ur, M, R)
+    u_scaled = (u * scaling).to(y_ptr.dtype.element_ty)
+    _fwd_epilogue(acc, u_scaled, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, offs_r, M, N, R,
+                  stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, ACC_DTYPE, DOT_PRECISION, UPCAST)
+
+    # The program's other N tiles: the base GEMM alone, then the same epilogue.
+    for t in tl.static_range(1, TILES_N):
         tile_n = pid_g * TILES_N + t
         if tile_n < num_tiles_n:
             offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < N
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < K
-                x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                                 mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                # W^T tile, (BLOCK_K, BLOCK_N)
-                w_tile = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                                 mask=mask_n[None, :] & mask_k[:, None], other=0.0)
-                # acc += x W^T
-                acc = _dot(x_tile, w_tile, acc, DOT_PRECISION, UPCAST)
-                if t == 0:
-                    x_lora = x_tile
-                    if HAS_DROPOUT:
-                        keep = _dropout_keep(seed, offs_m, offs_k, K, dropout_p)
-                        x_lora = tl.where(keep, x_tile.to(ACC_DTYPE) * keep_scale, 0.0).to(x_tile.dtype)
-                    # A^T tile, (BLOCK_K, R_PAD)
-                    a_tile = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-                                     mask=mask_r[None, :] & mask_k[:, None], other=0.0)
-                    # u += x~ A^T
-                    u = _dot(x_lora, a_tile, u, DOT_PRECISION, UPCAST)
-            if t == 0:
-                u_scaled = (u * scaling).to(y_ptr.dtype.element_ty)
-                if pid_g == 0:
-                    tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur,
-                             u.to(u_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
-            # B^T tile, (R_PAD, BLOCK_N)
-            b_tile = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
-                             mask=mask_n[None, :] & mask_r[:, None], other=0.0)
-            # acc += (s u) B^T
-            acc = _dot(u_scaled, b_tile, acc, DOT_PRECISION, UPCAST)
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
-            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-                     acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+                acc = _dot(_load(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K),
+                           _load(w_ptr, offs_k, offs_n, stride_wk, stride_wn, K, N), acc, DOT_PRECISION, UPCAST)
+            _fwd_epilogue(acc, u_scaled, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, offs_r, M, N, R,
+                          stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, ACC_DTYPE, DOT_PRECISION, UPCAST)
+
+
+@triton.jit
+def _bwd_epilogue(acc, gb_scaled, a_ptr, x_ptr, dx_ptr, da_ptr, offs_m, offs_k, offs_r, M, K, R,
+                  stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk,
+                  dropout_p, seed, keep_scale,
+                  HAS_DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr,
+                  ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, offs_m, offs_k, K, dropout_p)
+    if NEED_DX:
+        # dx = g W + ((s gB) A) * keep / (1 - p), with the A tile (R_PAD, BLOCK_K)
+        a_tile = _load(a_ptr, offs_r, offs_k, stride_ar, stride_ak, R, K)
+        if HAS_DROPOUT:
+            lora = _dot(gb_scaled, a_tile, tl.zeros(acc.shape, dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
+            acc += tl.where(keep, lora * keep_scale, 0.0)
+        else:
+            acc = _dot(gb_scaled, a_tile, acc, DOT_PRECISION, UPCAST)
+        _store(dx_ptr, acc, offs_m, offs_k, stride_dxm, stride_dxk, M, K)
+    if NEED_DA:
+        x_tile = _load(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
+        if HAS_DROPOUT:
+            x_tile = tl.where(keep, x_tile.to(ACC_DTYPE) * keep_scale, 0.0).to(x_tile.dtype)
+        # dA += (s gB)^T x~
+        part = _dot(tl.trans(gb_scaled), x_tile, tl.zeros((gb_scaled.shape[1], x_tile.shape[1]), dtype=ACC_DTYPE),
+                    DOT_PRECISION, UPCAST)
+        _atomic_add(da_ptr, part, offs_r, offs_k, R, K)
 
 
 @triton.jit
@@ -149,7 +195,7 @@ def _lora_bwd_kernel(
     g_ptr, w_ptr, a_ptr, b_ptr, x_ptr, u_ptr, dx_ptr, da_ptr, db_ptr, dbias_ptr,
     # sizes
     M, N, K, R,
-    # strides (dA and dB are contiguous fp32 accumulators)
+    # strides (dA, dB and dbias are contiguous accumulators)
     stride_gm, stride_gn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_xm, stride_xk, stride_um, stride_ur, stride_dxm, stride_dxk,
     # scalars
@@ -163,86 +209,66 @@ def _lora_bwd_kernel(
     """For BLOCK_M rows and TILES_K tiles of BLOCK_K columns of x:
 
         gB  = g B                     (BLOCK_M, R_PAD), in the first tile's N loop, from the g tiles
-                                      that loop already loads for g W
+                                      that loop already loads for g W; never written to memory
         dx  = g W + ((s gB) A) * keep / (1 - p)
-        dA += (s gB)^T x~             atomically, fp32
-    and in the programs of the first column group, from the same g tiles:
-        dB += s g^T u,  dbias += sum_rows g      atomically, fp32
+        dA += (s gB)^T x~             atomically
+    and, in the programs of the first column group, a second pass over the same g rows:
+        dB += s g^T u,  dbias += sum_rows g      atomically
     """
     pid = tl.program_id(0)
-    keep_scale = _keep_scale(dropout_p)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
     num_tiles_k = tl.cdiv(K, BLOCK_K)
-    pid_m, pid_g = _tile_ids(pid, num_pid_m, tl.cdiv(num_tiles_k, TILES_K), GROUP_M)
-
+    pid_m, pid_g = _tile_ids(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(num_tiles_k, TILES_K), GROUP_M)
+    keep_scale = _keep_scale(dropout_p)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
-    mask_m = offs_m < M
-    mask_r = offs_r < R
+
+    # First K tile: g W and gB = g B in one N loop.
+    offs_k = pid_g * TILES_K * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
     gb = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
-    gb_scaled = tl.zeros((BLOCK_M, R_PAD), dtype=g_ptr.dtype.element_ty)
-    first_group = pid_g == 0
-    if NEED_DB:
-        u_tile = tl.load(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur,
-                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-    for t in tl.static_range(TILES_K):
-        tile_k = pid_g * TILES_K + t
-        if tile_k < num_tiles_k:
-            offs_k = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
-            if NEED_DX or t == 0:
-                for n0 in range(0, N, BLOCK_N):
-                    offs_n = n0 + tl.arange(0, BLOCK_N)
-                    mask_n = offs_n < N
-                    g_tile = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
-                                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-                    if NEED_DX:
-                        # W tile, (BLOCK_N, BLOCK_K); acc += g W
-                        w_tile = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                                         mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-                        acc = _dot(g_tile, w_tile, acc, DOT_PRECISION, UPCAST)
-                    if t == 0:
-                        # B tile, (BLOCK_N, R_PAD); gB += g B
-                        b_tile = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                                         mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-                        gb = _dot(g_tile, b_tile, gb, DOT_PRECISION, UPCAST)
-                        if first_group:
-                            if NEED_DB:
-                                # dB += s g^T u
-                                part = _dot(tl.trans(g_tile), u_tile, tl.zeros((BLOCK_N, R_PAD), dtype=ACC_DTYPE),
-                                            DOT_PRECISION, UPCAST)
-                                tl.atomic_add(db_ptr + offs_n[:, None] * R + offs_r[None, :], part * scaling,
-                                              mask=mask_n[:, None] & mask_r[None, :])
-                            if NEED_DBIAS:
-                                # dbias += sum_rows g
-                                tl.atomic_add(dbias_ptr + offs_n, tl.sum(g_tile.to(ACC_DTYPE), axis=0), mask=mask_n)
-            if t == 0:
-                gb_scaled = (gb * scaling).to(g_ptr.dtype.element_ty)
-            if HAS_DROPOUT:
-                keep = _dropout_keep(seed, offs_m, offs_k, K, dropout_p)
-            if NEED_DX:
-                # A tile, (R_PAD, BLOCK_K); dx = g W + ((s gB) A) * keep / (1 - p)
-                a_tile = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                                 mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-                if HAS_DROPOUT:
-                    lora = _dot(gb_scaled, a_tile, tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE),
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        g_tile = _load(g_ptr, offs_m, offs_n, stride_gm, stride_gn, M, N)
+        if NEED_DX:
+            # acc += g W, with the W tile (BLOCK_N, BLOCK_K)
+            acc = _dot(g_tile, _load(w_ptr, offs_n, offs_k, stride_wn, stride_wk, N, K), acc, DOT_PRECISION, UPCAST)
+        # gB += g B, with the B tile (BLOCK_N, R_PAD)
+        gb = _dot(g_tile, _load(b_ptr, offs_n, offs_r, stride_bn, stride_br, N, R), gb, DOT_PRECISION, UPCAST)
+    gb_scaled = (gb * scaling).to(g_ptr.dtype.element_ty)
+    _bwd_epilogue(acc, gb_scaled, a_ptr, x_ptr, dx_ptr, da_ptr, offs_m, offs_k, offs_r, M, K, R,
+                  stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk, dropout_p, seed, keep_scale,
+                  HAS_DROPOUT, NEED_DX, NEED_DA, ACC_DTYPE, DOT_PRECISION, UPCAST)
+
+    if NEED_DB or NEED_DBIAS:
+        if pid_g == 0:
+            u_tile = _load(u_ptr, offs_m, offs_r, stride_um, stride_ur, M, R)
+            for n0 in range(0, N, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                g_tile = _load(g_ptr, offs_m, offs_n, stride_gm, stride_gn, M, N)
+                if NEED_DB:
+                    # dB += s g^T u
+                    part = _dot(tl.trans(g_tile), u_tile, tl.zeros((BLOCK_N, R_PAD), dtype=ACC_DTYPE),
                                 DOT_PRECISION, UPCAST)
-                    acc += tl.where(keep, lora * keep_scale, 0.0)
-                else:
-                    acc = _dot(gb_scaled, a_tile, acc, DOT_PRECISION, UPCAST)
-                tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
-                         acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
-            if NEED_DA:
-                x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                                 mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                if HAS_DROPOUT:
-                    x_tile = tl.where(keep, x_tile.to(ACC_DTYPE) * keep_scale, 0.0).to(x_tile.dtype)
-                # dA += (s gB)^T x~
-                part = _dot(tl.trans(gb_scaled), x_tile, tl.zeros((R_PAD, BLOCK_K), dtype=ACC_DTYPE),
-                            DOT_PRECISION, UPCAST)
-                tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], part,
-                              mask=mask_r[:, None] & mask_k[None, :])
+                    _atomic_add(db_ptr, part * scaling, offs_n, offs_r, N, R)
+                if NEED_DBIAS:
+                    # dbias += sum_rows g
+                    tl.atomic_add(dbias_ptr + offs_n, tl.sum(g_tile.to(ACC_DTYPE), axis=0), mask=offs_n < N)
+
+    # The program's other K tiles: g W alone, then the same epilogue.
+    if NEED_DX or NEED_DA:
+        for t in tl.static_range(1, TILES_K):
+            tile_k = pid_g * TILES_K + t
+            if tile_k < num_tiles_k:
+                offs_k = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
+                acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
+                if NEED_DX:
+                    for n0 in range(0, N, BLOCK_N):
+                        offs_n = n0 + tl.arange(0, BLOCK_N)
+                        acc = _dot(_load(g_ptr, offs_m, offs_n, stride_gm, stride_gn, M, N),
+                                   _load(w_ptr, offs_n, offs_k, stride_wn, stride_wk, N, K), acc, DOT_PRECISION, UPCAST)
+                _bwd_epilogue(acc, gb_scaled, a_ptr, x_ptr, dx_ptr, da_ptr, offs_m, offs_k, offs_r, M, K, R,
+                              stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk, dropout_p, seed,
+                              keep_scale, HAS_DROPOUT, NEED_DX, NEED_DA, ACC_DTYPE, DOT_PRECISION, UPCAST)
 
 
 @triton.jit
@@ -251,47 +277,58 @@ def _dropout_mask_kernel(out_ptr, M, K, dropout_p, seed, BLOCK_M: tl.constexpr, 
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     keep = _dropout_keep(seed, offs_m, offs_k, K, dropout_p)
-    tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], tl.where(keep, _keep_scale(dropout_p), 0.0),
-             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+    _store(out_ptr, tl.where(keep, _keep_scale(dropout_p), 0.0), offs_m, offs_k, K, 1, M, K)
 
 
 # --------------------------------------------------------------------------------------------------
 # Configurations
 # --------------------------------------------------------------------------------------------------
-def get_autotune_config(kind: str, dtype: torch.dtype) -> list[triton.Config]:
-    """Configs for ``kind`` ("fwd": TILES_N, or "bwd": TILES_K) and input dtype.
+# (BLOCK_M, BLOCK_N, BLOCK_K, tiles per program, warps, stages) per kernel, input width and padded rank.
+# Each entry compiles for sm_80 and sm_90 with its R_PAD without register spills and within the card's
+# shared memory, with dropout and every gradient on (tests/test_kernels_compiled.py checks it; a config
+# that fails there is removed here). fp32 dots run as exact fp32 FMA (no TF32), hence smaller tiles.
+_CONFIGS = {
+    ("fwd", 16, 16): [(128, 128, 32, 2, 8, 4), (128, 128, 64, 1, 8, 3), (128, 64, 64, 2, 8, 3), (64, 64, 64, 4, 4, 4)],
+    ("fwd", 16, 32): [(128, 128, 32, 2, 8, 4), (128, 128, 64, 1, 8, 3), (128, 64, 64, 2, 8, 3), (64, 64, 64, 4, 4, 4)],
+    ("fwd", 16, 64): [(128, 128, 32, 2, 8, 4), (64, 64, 64, 4, 4, 4)],
+    ("bwd", 16, 16): [(128, 64, 32, 1, 8, 4), (128, 128, 32, 1, 8, 3), (128, 64, 64, 1, 8, 4), (64, 64, 64, 1, 4, 3)],
+    ("bwd", 16, 32): [(128, 64, 32, 1, 8, 4), (128, 128, 32, 1, 8, 3), (128, 64, 64, 1, 8, 4), (64, 64, 64, 1, 4, 3)],
+    ("bwd", 16, 64): [(128, 64, 32, 1, 8, 4), (128, 128, 32, 1, 8, 3), (128, 64, 64, 1, 8, 4), (64, 64, 64, 1, 4, 3)],
+    ("fwd", 32, 16): [(32, 32, 32, 2, 4, 2), (32, 64, 32, 1, 4, 2), (16, 64, 32, 2, 4, 2)],
+    ("fwd", 32, 32): [(16, 32, 32, 2, 4, 2), (32, 32, 16, 1, 4, 2)],
+    ("fwd", 32, 64): [(16, 32, 32, 2, 4, 2), (32, 32, 16, 1, 4, 2)],
+    ("bwd", 32, 16): [(32, 32, 32, 1, 4, 2), (16, 64, 32, 1, 4, 2), (32, 64, 32, 1, 4, 2)],
+    ("bwd", 32, 32): [(16, 64, 32, 1, 4, 2)],
+    ("bwd", 32, 64): [(16, 64, 32, 1, 4, 2)],
+}
+RANK_PADS = (16, 32, 64)
 
-    Every config here compiles for sm_80 and sm_90 without register spills and within shared memory
-    (tests/test_kernels_compiled.py); a config that fails that check is removed from this list.
-    """
+
+def rank_pad(r: int) -> int:
+    """r padded to the smallest width tl.dot takes (16) or the next power of two."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def get_autotune_config(kind: str, dtype: torch.dtype, r_pad: int) -> list[triton.Config]:
+    """Configs for ``kind`` ("fwd": TILES_N, or "bwd": TILES_K), input dtype and padded rank."""
     tiles = "TILES_N" if kind == "fwd" else "TILES_K"
     if INTERPRETED:  # one small config: the interpreter is slow, and autotuning it measures nothing
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, tiles: 2, "GROUP_M": 2})]
-    if dtype == torch.float32:  # fp32 dots run as exact fp32 FMA (no TF32), so the tiles stay small
-        shapes = [(64, 64, 32, 2, 4, 2), (32, 64, 32, 2, 4, 2)]
-    else:
-        shapes = [
-            # BLOCK_M, BLOCK_N, BLOCK_K, tiles per program, warps, stages
-            (128, 128, 64, 2, 8, 3),
-            (128, 256, 64, 1, 8, 3),
-            (128, 128, 64, 4, 8, 3),
-            (64, 128, 64, 2, 4, 4),
-            (64, 64, 64, 4, 4, 4),
-        ]
+    width = 32 if dtype == torch.float32 else 16
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, tiles: t, "GROUP_M": 8},
-                      num_warps=w, num_stages=s)
-        for bm, bn, bk, t, w, s in shapes
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, tiles: t, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, t, w, s in _CONFIGS[(kind, width, r_pad)]
     ]
 
 
-def _autotuned(kernel, kind: str, dtype: torch.dtype):
+def _autotuned(kernel, kind: str, dtype: torch.dtype, r_pad: int):
+    """(kernel to launch, meta-parameters to pass): an autotuner per (kind, dtype, R_PAD) when compiled."""
     if INTERPRETED:
-        return kernel, get_autotune_config(kind, dtype)[0].kwargs
-    key = (kind, dtype)
+        return kernel, get_autotune_config(kind, dtype, r_pad)[0].kwargs
+    key = (kind, dtype, r_pad)
     if key not in _AUTOTUNED:
         reset = ["da_ptr", "db_ptr", "dbias_ptr"] if kind == "bwd" else None
-        _AUTOTUNED[key] = triton.autotune(get_autotune_config(kind, dtype), key=["M", "N", "K", "R"],
+        _AUTOTUNED[key] = triton.autotune(get_autotune_config(kind, dtype, r_pad), key=["M", "N", "K", "R"],
                                           reset_to_zero=reset)(kernel)
     return _AUTOTUNED[key], {}
 
@@ -302,7 +339,7 @@ _AUTOTUNED: dict = {}
 def _meta(dtype: torch.dtype, r: int) -> dict:
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRETED
     return {
-        "R_PAD": max(16, triton.next_power_of_2(r)),
+        "R_PAD": rank_pad(r),
         "DOT_PRECISION": "tf32" if tf32 else "ieee",
         "UPCAST": INTERPRETED and dtype == torch.bfloat16,
         "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32,
@@ -355,7 +392,7 @@ def lora_forward(x2, weight, bias, lora_A, lora_B, scaling: float, dropout_p: fl
     u = torch.empty((M, r), device=x2.device, dtype=x2.dtype)
     if M == 0:
         return y, u
-    kernel, fixed = _autotuned(_lora_fwd_kernel, "fwd", x2.dtype)
+    kernel, fixed = _autotuned(_lora_fwd_kernel, "fwd", x2.dtype, rank_pad(r))
 
     def grid(meta):
         groups = triton.cdiv(triton.cdiv(N, meta["BLOCK_N"]), meta["TILES_N"])
@@ -389,7 +426,7 @@ def lora_backward(g, x2, u, weight, lora_A, lora_B, scaling: float, dropout_p: f
     dB = torch.zeros((N, r), device=g.device, dtype=acc_dtype) if need_dB else None
     dbias = torch.zeros((N,), device=g.device, dtype=acc_dtype) if need_dbias else None
     if M > 0 and (need_dx or need_dA or need_dB or need_dbias):
-        kernel, fixed = _autotuned(_lora_bwd_kernel, "bwd", g.dtype)
+        kernel, fixed = _autotuned(_lora_bwd_kernel, "bwd", g.dtype, rank_pad(r))
         dummy = g
 
         def grid(meta):

@@ -1,0 +1,209 @@
+"""Compile every kernel and autotune config for real GPUs on a machine without one.
+
+    python -m lorakern.kernels.compile_check --arch 80 --arch 90 [--json report.json]
+
+For each (kernel, dtype, config, arch, padded rank) this builds PTX and a cubin with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, reads registers and spill bytes
+from the ``ptxas -v`` shipped inside the triton package (the compiled kernel's n_regs stays empty
+until it is loaded on a device), the shared memory from the metadata, and whether the PTX uses wgmma.
+It must run with TRITON_INTERPRET=0: interpreted kernels cannot be compiled.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+# Largest dynamic shared memory one block may use: A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+DTYPES = ("bfloat16", "float16", "float32")
+_PTR = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
+
+
+@dataclass
+class Report:
+    kernel: str
+    dtype: str
+    arch: int
+    r_pad: int
+    config: str
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    shared_limit: int
+    wgmma: bool
+    tensor_cores_expected: bool
+
+    @property
+    def problems(self) -> list[str]:
+        out = []
+        if self.spill_bytes:
+            out.append(f"spills {self.spill_bytes} bytes")
+        if self.shared_bytes > self.shared_limit:
+            out.append(f"shared memory {self.shared_bytes} > {self.shared_limit}")
+        if self.arch >= 90 and self.tensor_cores_expected and not self.wgmma:
+            out.append("no wgmma on sm_90")
+        return out
+
+
+def _ptxas() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def _signature(kind: str, dtype: str, r_pad: int, meta: dict):
+    """(signature, constexprs, attrs) of a typical launch, specialised as Triton's JIT would specialise it:
+    contiguous inner strides (== 1), 16-byte aligned pointers, and strides, N and K multiples of 16
+    (true of every real model's layers; M, the token count, is left free)."""
+    import triton.language as tl
+
+    from lorakern.kernels import lora_linear as ll
+
+    kernel = ll._lora_fwd_kernel if kind == "fwd" else ll._lora_bwd_kernel
+    ptr = _PTR[dtype]
+    constexprs = dict(meta)
+    constexprs.update(R_PAD=r_pad, DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
+                      UPCAST=False, ACC_DTYPE=tl.float32)
+    if kind == "fwd":
+        constexprs.update(HAS_BIAS=True, HAS_DROPOUT=True)
+        inner_strides = {"stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_yn", "stride_ur"}
+        fp32_ptrs = set()
+    else:
+        constexprs.update(HAS_DROPOUT=True, NEED_DX=True, NEED_DA=True, NEED_DB=True, NEED_DBIAS=True)
+        inner_strides = {"stride_gn", "stride_wk", "stride_ak", "stride_br", "stride_xk", "stride_ur", "stride_dxk"}
+        fp32_ptrs = {"da_ptr", "db_ptr", "dbias_ptr"}
+    for name in inner_strides:
+        constexprs[name] = 1
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in fp32_ptrs else ptr
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name in ("scaling", "dropout_p"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name.startswith("stride") or name in ("N", "K"):
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return kernel, signature, constexprs, attrs
+
+
+def compile_one(kind: str, dtype: str, arch: int, r_pad: int, config_index: int) -> Report:
+    import torch
+
+    from lorakern.kernels import lora_linear as ll
+
+    return compile_config(kind, dtype, arch, r_pad, ll.get_autotune_config(kind, getattr(torch, dtype), r_pad)[config_index])
+
+
+def compile_config(kind: str, dtype: str, arch: int, r_pad: int, config) -> Report:
+    """Compile one triton.Config of one kernel for sm_<arch> and report on it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel, signature, constexprs, attrs = _signature(kind, dtype, r_pad, config.kwargs)
+    target = GPUTarget("cuda", arch, 32)
+    backend = triton.compiler.make_backend(target)
+    options = backend.parse_options({"num_warps": config.num_warps, "num_stages": config.num_stages})
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                              options=options.__dict__)
+    ptx = compiled.asm["ptx"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as handle:
+            handle.write(ptx)
+        arch_flag = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        done = subprocess.run([_ptxas(), f"-arch={arch_flag}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+                              capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"ptxas failed for {kind} {dtype} sm_{arch} {config}: {done.stderr[-2000:]}")
+    log = done.stdout + done.stderr
+    registers = max((int(n) for n in re.findall(r"Used (\d+) registers", log)), default=-1)
+    spills = sum(int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log))
+    config_text = ", ".join(f"{k}={v}" for k, v in config.kwargs.items())
+    config_text += f", warps={config.num_warps}, stages={config.num_stages}"
+    return Report(
+        kernel=kind, dtype=dtype, arch=arch, r_pad=r_pad, config=config_text, registers=registers,
+        spill_bytes=spills, shared_bytes=int(compiled.metadata.shared), shared_limit=SHARED_LIMIT[arch],
+        wgmma="wgmma.mma_async" in ptx,
+        tensor_cores_expected=dtype != "float32" and config.kwargs["BLOCK_M"] >= 64 and config.num_warps >= 4,
+    )
+
+
+def all_jobs(archs=(80, 90), dtypes=DTYPES) -> list[tuple]:
+    import torch
+
+    from lorakern.kernels import lora_linear as ll
+
+    jobs = []
+    for kind in ("fwd", "bwd"):
+        for dtype in dtypes:
+            for r_pad in ll.RANK_PADS:
+                for index in range(len(ll.get_autotune_config(kind, getattr(torch, dtype), r_pad))):
+                    for arch in archs:
+                        jobs.append((kind, dtype, arch, r_pad, index))
+    return jobs
+
+
+def _run(job):
+    return compile_one(*job)
+
+
+def run(archs=(80, 90), dtypes=DTYPES, workers: int = 2) -> list[Report]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise ValueError("compile checks need compiled kernels: run with TRITON_INTERPRET=0")
+    jobs = all_jobs(archs, dtypes)
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_run, jobs))
+
+
+def markdown(reports: list[Report]) -> str:
+    rows = ["| kernel | dtype | arch | R_PAD | config | regs | spill B | shared B | wgmma | ok |",
+            "|---|---|---|---|---|---:|---:|---:|---|---|"]
+    for r in reports:
+        rows.append(f"| {r.kernel} | {r.dtype} | sm_{r.arch} | {r.r_pad} | {r.config} | {r.registers} | "
+                    f"{r.spill_bytes} | {r.shared_bytes} | {'yes' if r.wgmma else 'no'} | "
+                    f"{'; '.join(r.problems) or 'ok'} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT))
+    parser.add_argument("--dtype", action="append", choices=DTYPES)
+    parser.add_argument("--json", help="also write the reports as JSON here")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    reports = run(tuple(args.arch or (80, 90)), tuple(args.dtype or DTYPES), workers=args.workers)
+    print(markdown(reports))
+    if args.json:
+        from lorakern._io import atomic_write_bytes
+
+        payload = [dict(asdict(r), problems=r.problems) for r in reports]
+        atomic_write_bytes(args.json, json.dumps(payload, indent=2).encode())
+    bad = [r for r in reports if r.problems]
+    print(f"{len(reports)} compiled, {len(bad)} with problems")
+    return 1 if bad else 0
+
+
+def _compiled_mode() -> None:
+    """Undo the interpreter default that importing lorakern.kernels applies on machines without CUDA."""
+    from lorakern import kernels
+
+    if kernels.INTERPRETER_DEFAULTED and "lorakern.kernels.lora_linear" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "0"
+
+
+if __name__ == "__main__":
+    _compiled_mode()
+    sys.exit(main())
