@@ -17,6 +17,11 @@ BACKEND_CHOICES = ("auto", "torch", "triton")
 
 
 
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * (a @ b) in one GEMM call (beta = 0 ignores the uninitialised input)."""
+    return torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0, alpha=alpha)
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """y = x W^T + b + s u B^T with u = x~ A^T, never forming B A.
 
@@ -77,15 +82,16 @@ class LoraLinearFunction(torch.autograd.Function):
             if not ctx.lora_separate:
                 dx.addmm_(gB, lora_A, alpha=s)
             dx = dx.reshape(ctx.x_shape)
+        # The scale s rides in the GEMM's alpha: applied before the result is rounded to a half dtype.
         if need_xl:
             # dx~ = s (g B) A
-            dxl = torch.mm(gB, lora_A).mul_(s).reshape(ctx.x_shape)
+            dxl = _scaled_mm(gB, lora_A, s).reshape(ctx.x_shape)
         if need_A:
             # dA = s (g B)^T x~
-            dA = torch.mm(gB.t(), x_lora).mul_(s)
+            dA = _scaled_mm(gB.t(), x_lora, s)
         if need_B:
             # dB = s g^T u
-            dB = torch.mm(g.t(), u).mul_(s)
+            dB = _scaled_mm(g.t(), u, s)
         if need_b and ctx.has_bias:
             db = g.sum(dim=0)
         if need_W:

@@ -2,7 +2,8 @@
 
 Errors are measured element by element against the float64 reference computed from the very same
 low-precision inputs, relative to the magnitude of the terms that make up each element (the same
-computation on absolute values: |x| |W|^T + |b| + s (|x| |A|^T) |B|^T for y, likewise for every gradient).
+computation on absolute values: |x| |W|^T + |b| + s (|x| |A|^T) |B|^T for y, likewise for every gradient,
+see ``magnitudes``).
 That is the scale floating-point error is proportional to, so cancellation cannot fake a failure. The
 error is bounded by one table:
 
@@ -40,8 +41,13 @@ def bound(dtype: torch.dtype, reduction_length: int) -> float:
     return STORE_ULPS * store + math.sqrt(max(reduction_length, 1)) * accumulate
 
 
-def rel_error(actual: torch.Tensor, expected: np.ndarray, magnitude: np.ndarray) -> tuple[float, str]:
-    """(max over elements of |a - e| / magnitude, a description of the worst element)."""
+def rel_error(actual: torch.Tensor, expected: np.ndarray, magnitude: np.ndarray, dtype: torch.dtype = torch.float64
+              ) -> tuple[float, str]:
+    """(max over elements of |a - e| / (magnitude + tiny), a description of the worst element).
+
+    ``tiny``, the dtype's smallest normal number, floors the scale: below it the dtype is subnormal and
+    rounds to a fixed spacing (tiny * eps), not to a fraction of the value.
+    """
     a = actual.detach().to(torch.float64).cpu().numpy()
     if a.shape != expected.shape:
         return math.inf, f"shape {a.shape} != reference {expected.shape}"
@@ -51,10 +57,34 @@ def rel_error(actual: torch.Tensor, expected: np.ndarray, magnitude: np.ndarray)
         return math.inf, f"non-finite values at {np.argwhere(~np.isfinite(a))[:3].tolist()}"
     diff = np.abs(a - expected)
     with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(diff == 0, 0.0, diff / magnitude)
+        rel = np.where(diff == 0, 0.0, diff / (magnitude + torch.finfo(dtype).tiny))
     worst = np.unravel_index(int(rel.argmax()), rel.shape)
     return float(rel[worst]), (f"worst at {tuple(int(i) for i in worst)}: got {a[worst]:.6g}, "
                                f"reference {expected[worst]:.6g}, term magnitude {magnitude[worst]:.3g}")
+
+
+def magnitudes(x, W, A, B, b, dy, s, mask, tiny: float) -> dict[str, np.ndarray]:
+    """The scale of each element's rounding error: the computation on absolute values.
+
+    The rank-r intermediates u = x~ A^T and g B are stored in the low-precision dtype; where they fall
+    below its smallest normal number ``tiny`` they round to a fixed spacing, so they enter as |.| + tiny.
+    """
+    K, N = W.shape[1], W.shape[0]
+    x2, g = abs(x.reshape(-1, K)), abs(dy.reshape(-1, N))
+    keep = np.ones_like(x2) if mask is None else abs(mask.reshape(-1, K))
+    x_lora = x2 * keep
+    W, A, B, s = abs(W), abs(A), abs(B), abs(s)
+    u = x_lora @ A.T + tiny
+    gB = g @ B + tiny
+    y = x2 @ W.T + s * (u @ B.T) + (0.0 if b is None else abs(b))
+    dx = g @ W + s * (gB @ A) * keep
+    return {
+        "y": y.reshape(dy.shape),
+        "dx": dx.reshape(x.shape),
+        "dA": s * (gB.T @ x_lora),
+        "dB": s * (g.T @ u),
+        "db": g.sum(axis=0),
+    }
 
 
 @dataclass
@@ -117,19 +147,18 @@ def compare_layer(layer, x: torch.Tensor, grad_y: Optional[torch.Tensor] = None,
     dy = f64(grad_y)
     s = layer.scaling
     y_ref = core.forward(xs, W, A, B, b, s, dropout_mask=mask)
-    y_mag = core.forward(abs(xs), abs(W), abs(A), abs(B), None if b is None else abs(b), abs(s), dropout_mask=mask)
     g = core.backward(xs, W, A, B, dy, s, dropout_mask=mask)
-    g_mag = core.backward(abs(xs), abs(W), abs(A), abs(B), abs(dy), abs(s), dropout_mask=mask)
-    results = {"y": (y, y_ref, y_mag), "dx": (grad_of["x"], g["dx"], g_mag["dx"])}
+    mag = magnitudes(xs, W, A, B, b, dy, s, mask, torch.finfo(dtype).tiny)
+    results = {"y": (y, y_ref, mag["y"]), "dx": (grad_of["x"], g["dx"], mag["dx"])}
     if layer.lora_A.requires_grad:
-        results["dA"] = (grad_of[id(layer.lora_A)], g["dA"], g_mag["dA"])
+        results["dA"] = (grad_of[id(layer.lora_A)], g["dA"], mag["dA"])
     if layer.lora_B.requires_grad:
-        results["dB"] = (grad_of[id(layer.lora_B)], g["dB"], g_mag["dB"])
+        results["dB"] = (grad_of[id(layer.lora_B)], g["dB"], mag["dB"])
     if layer.bias is not None and layer.bias.requires_grad:
-        results["db"] = (grad_of[id(layer.bias)], g["db"], g_mag["db"])
+        results["db"] = (grad_of[id(layer.bias)], g["db"], mag["db"])
     errors, details = {}, {}
     for name, (actual, expected, magnitude) in results.items():
-        errors[name], details[name] = rel_error(actual, expected, magnitude)
+        errors[name], details[name] = rel_error(actual, expected, magnitude, dtype)
     M = int(np.prod(x.shape[:-1])) if x.dim() > 1 else 1
     length = max(M, layer.in_features, layer.out_features)
     return Comparison(dtype, tuple(x.shape), errors, details, bound(dtype, length))

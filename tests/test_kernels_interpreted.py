@@ -1,0 +1,189 @@
+"""The Triton kernels against lorakern.core: under TRITON_INTERPRET=1 on CPU (set by conftest when
+there is no CUDA), compiled on a CUDA machine. Shapes stay small: the interpreter is slow."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lorakern.kernels import lora_linear as kl
+from lorakern.testing import TOLERANCE, compare_layer, random_layer
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16] + ([torch.float64] if kl.INTERPRETED else [])
+assert set(KERNEL_DTYPES) <= set(TOLERANCE)
+
+
+def triton_layer(*args, **kwargs):
+    layer = random_layer(*args, device=DEVICE, **kwargs)
+    layer.backend = "triton"
+    return layer
+
+
+def assert_matches_reference(comparison):
+    assert comparison.passed, f"{comparison.dtype} x{comparison.shape}: {comparison.report()}"
+
+
+@settings(max_examples=40)
+@given(
+    lead=st.lists(st.integers(1, 7), min_size=0, max_size=2).filter(lambda s: len(s) < 2 or s[0] * s[1] <= 70),
+    in_features=st.integers(1, 200),
+    out_features=st.integers(1, 200),
+    r=st.integers(1, 64),
+    dtype=st.sampled_from(KERNEL_DTYPES),
+    dropout=st.sampled_from([0.0, 0.1, 0.5]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_reference(lead, in_features, out_features, r, dtype, dropout, bias, seed):
+    layer = triton_layer(in_features, out_features, r, dtype, bias=bias, dropout=dropout, seed=seed).train()
+    x = torch.randn(*lead, in_features, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    assert_matches_reference(compare_layer(layer, x.to(device=DEVICE, dtype=dtype), seed=seed))
+
+
+@settings(max_examples=20)
+@given(M=st.integers(1, 70), K=st.integers(2, 120), N=st.integers(1, 120), r=st.integers(1, 40),
+       dtype=st.sampled_from(KERNEL_DTYPES), layout=st.sampled_from(["transposed", "strided", "3-D permuted"]))
+def test_non_contiguous_inputs(M, K, N, r, dtype, layout):
+    layer = triton_layer(K, N, r, dtype, dropout=0.1, seed=M).train()
+    base = torch.randn(2 * K, 2 * M, generator=torch.Generator().manual_seed(N), dtype=torch.float64)
+    x = {
+        "transposed": base[:K, :M].t(),
+        "strided": base.t()[::2, ::2],
+        "3-D permuted": base[:K, : (M // 2 + 1) * 2].reshape(K, M // 2 + 1, 2).permute(2, 1, 0),
+    }[layout].to(device=DEVICE, dtype=dtype)
+    assert_matches_reference(compare_layer(layer, x, seed=M))
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape", [(6, 42, 123, 5), (70, 200, 33, 64), (1, 431, 6, 16), (123, 6, 42, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_weird_shapes(dtype, shape):
+    M, K, N, r = shape
+    layer = triton_layer(K, N, r, dtype, dropout=0.1, seed=M).train()
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(K), dtype=torch.float64).to(device=DEVICE, dtype=dtype)
+    assert_matches_reference(compare_layer(layer, x))
+
+
+GRADCHECK = """
+import torch
+from lorakern.kernels import lora_linear as kl
+assert kl.INTERPRETED
+gen = torch.Generator().manual_seed(0)
+make = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_(True)
+x, W, b, A, B = make(3, 2, 5), make(4, 5), make(4), make(3, 5), make(4, 3)
+assert torch.autograd.gradcheck(kl.LoraLinearTritonFunction.apply, (x, W, b, A, B, 0.7, 0.0, 0))
+# With dropout the mask is fixed by the seed, so the function is smooth in its inputs and gradcheck applies.
+assert torch.autograd.gradcheck(kl.LoraLinearTritonFunction.apply, (x, W, b, A, B, 1.3, 0.4, 11))
+assert torch.autograd.gradcheck(kl.LoraLinearTritonFunction.apply, (x, W, None, A, B, 2.0, 0.0, 0))
+print("gradcheck ok")
+"""
+
+
+def test_gradcheck_float64_under_the_interpreter():
+    """float64 gradcheck of the Function, run under TRITON_INTERPRET=1 on any machine."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", GRADCHECK], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "gradcheck ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_dropout_mask_is_shared_by_forward_and_backward_and_follows_the_seed():
+    mask = kl.dropout_mask(5, (3, 40, 50), 0.25, DEVICE)
+    assert mask.shape == (3, 40, 50)
+    assert mask.unique().tolist() == pytest.approx([0.0, 1 / 0.75])
+    assert (mask > 0).float().mean().item() == pytest.approx(0.75, abs=0.03)
+    assert torch.equal(mask, kl.dropout_mask(5, (3, 40, 50), 0.25, DEVICE))
+    assert not torch.equal(mask, kl.dropout_mask(6, (3, 40, 50), 0.25, DEVICE))
+    # The forward's u = x~ A^T is written out: with A = I it is the dropped-out x itself.
+    x = torch.randn(120, 16, device=DEVICE)
+    eye = torch.eye(16, device=DEVICE)
+    _, u = kl.lora_forward(x, torch.zeros(8, 16, device=DEVICE), None, eye, torch.zeros(8, 16, device=DEVICE),
+                           1.0, dropout_p=0.25, seed=9)
+    torch.testing.assert_close(u, x * kl.dropout_mask(9, x.shape, 0.25, DEVICE))
+
+
+def test_partial_gradients_and_trainable_base():
+    layer = triton_layer(37, 29, 6, torch.float32, seed=3)
+    layer.lora_A.requires_grad_(False)
+    x = torch.randn(11, 37, device=DEVICE)
+    y = layer(x)
+    y.sum().backward()  # an expanded (stride 0) gradient
+    assert layer.lora_A.grad is None and layer.lora_B.grad is not None
+    layer.weight.requires_grad_(True)
+    layer.lora_A.requires_grad_(True)
+    x.requires_grad_(True)
+    out = layer(x)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    torch.testing.assert_close(layer.weight.grad, grad.t() @ x.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch():
+    layer = triton_layer(8, 4, 2, torch.float32)
+    x = torch.randn(0, 8, device=DEVICE, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 4)
+    y.sum().backward()
+    assert x.grad.shape == (0, 8) and torch.equal(layer.lora_B.grad, torch.zeros_like(layer.lora_B))
+
+
+def test_bad_operands_give_clear_errors():
+    W = torch.randn(4, 8, device=DEVICE)
+    A, B = torch.randn(2, 8, device=DEVICE), torch.randn(4, 2, device=DEVICE)
+    with pytest.raises(ValueError, match=r"shapes do not fit: x \(3, 7\)"):
+        kl.lora_forward(torch.randn(3, 7, device=DEVICE), W, None, A, B, 1.0)
+    with pytest.raises(ValueError, match="must share one dtype"):
+        kl.lora_forward(torch.randn(3, 8, device=DEVICE, dtype=torch.float16), W, None, A, B, 1.0)
+    with pytest.raises(ValueError, match=r"r=65 \(the kernels take r <= 64\)"):
+        kl.lora_forward(torch.randn(3, 8, device=DEVICE), W, None, torch.randn(65, 8, device=DEVICE),
+                        torch.randn(4, 65, device=DEVICE), 1.0)
+    with pytest.raises(ValueError, match="must be 2-D"):
+        kl.lora_forward(torch.randn(2, 3, 8, device=DEVICE), W, None, A, B, 1.0)
+
+
+def test_layer_errors_match_the_torch_path():
+    layer = triton_layer(8, 4, 2, torch.float32)
+    with pytest.raises(ValueError, match=r"input has shape \(3, 7\) but this layer takes in_features=8"):
+        layer(torch.randn(3, 7, device=DEVICE))
+    with pytest.raises(ValueError, match="input dtype torch.float16 does not match"):
+        layer(torch.randn(3, 8, device=DEVICE, dtype=torch.float16))
+    big = random_layer(8, 80, 70, torch.float32, device=DEVICE)
+    big.backend = "triton"
+    with pytest.raises(ValueError, match=r"the triton backend cannot run this layer: r=70.*LORAKERN_BACKEND=torch"):
+        big(torch.randn(3, 8, device=DEVICE))
+
+
+def test_autocast_on_the_kernel_path():
+    layer = triton_layer(24, 12, 4, torch.float32)
+    x = torch.randn(5, 24, device=DEVICE, requires_grad=True)
+    dtype = torch.bfloat16
+    with torch.autocast(DEVICE, dtype=dtype):
+        y = layer(x)
+    assert y.dtype == dtype
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.lora_A.grad.dtype == torch.float32
+    layer.backend = "torch"
+    with torch.autocast(DEVICE, dtype=dtype):
+        reference = layer(x.detach())
+    torch.testing.assert_close(y, reference, **dict(zip(("rtol", "atol"), (2 * TOLERANCE[dtype][0],) * 2)))
+
+
+def test_kernels_never_form_BA():
+    """Only y (M x N) and u (M x r) are allocated in forward; dx and the r-sized accumulators in backward."""
+    from test_layer import _RecordShapes
+
+    M, K, N, r = 11, 13, 17, 3
+    layer = triton_layer(K, N, r, torch.float32)
+    x = torch.randn(M, K, device=DEVICE, requires_grad=True)
+    grad = torch.randn(M, N, device=DEVICE)
+    with _RecordShapes() as forward:
+        y = layer(x)
+    with _RecordShapes() as backward:
+        y.backward(grad)
+    for shapes in (forward.shapes, backward.shapes):
+        assert (N, K) not in shapes and (K, N) not in shapes, "B @ A (or its transpose) was formed"
+    assert forward.shapes.count((M, N)) == 1 and (M, r) in forward.shapes
+    assert (M, N) not in backward.shapes
