@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# On a CUDA machine: the kernel tests compiled (not interpreted), `lorakern check` on CUDA, then the
+# kernel benchmark. Writes its logs and tables to $OUT (default: ./device_out). Budget: <= 8 minutes.
+#
+#   OUT=/some/dir bash benchmarks/device_check.sh
+#
+# The lent H200 has python3 with torch, triton, pytest, hypothesis, transformers and peft, and no network:
+# lorakern installs without dependencies and without build isolation.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-device_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+PY=${PYTHON:-python3}
+status=0
+
+{
+  date -u +%Y-%m-%dT%H:%M:%SZ
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUT/machine.txt"
+
+$PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
+
+# 1. Kernels compiled on the GPU against the float64 reference (3 minutes at most).
+timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_interpreted.py tests/test_layer.py \
+  -x 2>&1 | tee "$OUT/tests.txt" || status=1
+
+# 2. Every path on CUDA against the reference.
+timeout 60 lorakern check --device cuda 2>&1 | tee "$OUT/check.txt" || status=1
+
+# 3. The kernel benchmark: bf16 at the issue's target shapes (4 minutes at most).
+timeout 240 $PY benchmarks/bench_lora_linear.py --device cuda --dtype bfloat16 --out "$OUT" --plot \
+  2>&1 | tee "$OUT/bench.txt" || status=1
+
+exit $status
