@@ -356,6 +356,9 @@ def unsupported(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> 
         return f"dtype {x.dtype} (the kernels take {', '.join(str(d) for d in dtypes)})"
     if lora_A.shape[0] > MAX_RANK:
         return f"r={lora_A.shape[0]} (the kernels take r <= {MAX_RANK})"
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows * max(x.shape[-1], weight.shape[0]) >= 2**31:
+        return f"{rows} rows of width {max(x.shape[-1], weight.shape[0])} (the kernels index with 32-bit offsets)"
     if INTERPRETED and x.device.type != "cpu":
         return f"TRITON_INTERPRET=1 runs the kernels on CPU tensors, got a {x.device.type} tensor"
     if not INTERPRETED and x.device.type != "cuda":
