@@ -1,4 +1,5 @@
-"""lorakern.core: the float64 NumPy reference. Importing it never imports torch."""
+"""lorakern.core: the float64 NumPy reference and the NF4 codec. Importing it never imports torch."""
+from .nf4 import BLOCKSIZES, NF4_CODE, NF4State, nf4_dequantize, nf4_quantize
 from .lora import (
     INITS,
     backward,
@@ -13,6 +14,11 @@ from .lora import (
 )
 
 __all__ = [
+    "BLOCKSIZES",
+    "NF4State",
+    "NF4_CODE",
+    "nf4_dequantize",
+    "nf4_quantize",
     "INITS",
     "backward",
     "delta_weight",
