@@ -217,6 +217,7 @@ def nf4_quantize(w, blocksize: int = 64, double_quant: bool = True, offset: Opti
     """
     check_blocksize(blocksize)
     array = np.asarray(w)
+    _as_float32(array)
     name = dtype or str(array.dtype)
     if name not in DTYPES:
         raise ValueError(f"dtype {name!r} cannot be recorded; use one of {DTYPES}")
