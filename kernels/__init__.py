@@ -6,8 +6,10 @@ package named ``kernels`` is ever installed: bitsandbytes and transformers impor
 
 Each module named in ``BACKENDS`` registers itself with ``lorakern.functional.register_backend`` when
 imported. On a machine without CUDA the kernels run under the Triton interpreter (on CPU tensors):
-importing them there sets TRITON_INTERPRET=1 unless it is already set, since it must be set before
-``triton.jit`` runs.
+importing them there sets TRITON_INTERPRET=1 unless it is already set. It must be set before triton
+itself is first imported (triton decorates its own library functions then): when another package
+imported triton earlier, set TRITON_INTERPRET=1 yourself before importing it; until then the kernels
+report themselves unavailable and the torch path serves.
 """
 from __future__ import annotations
 

@@ -21,6 +21,9 @@ import triton.language as tl
 from lorakern.functional import Backend, register_backend
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# triton's own jit library functions (tl.cdiv, tl.rand) follow TRITON_INTERPRET as it was when triton
+# was first imported; kernels interpreted now cannot call library functions compiled then.
+_MIXED_MODE = INTERPRETED and type(tl.cdiv).__name__ != "InterpretedFunction"
 MAX_RANK = 64
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
               torch.float64: tl.float64}
@@ -351,6 +354,10 @@ def _meta(dtype: torch.dtype, r: int) -> dict:
 # --------------------------------------------------------------------------------------------------
 def unsupported(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> Optional[str]:
     """None when these kernels can run on the operands, else the reason."""
+    if _MIXED_MODE:
+        return ("triton was imported before TRITON_INTERPRET=1 was set (by another package), so its library "
+                "functions are compiled while these kernels are interpreted; set TRITON_INTERPRET=1 before the "
+                "first import of triton")
     dtypes = (torch.float16, torch.bfloat16, torch.float32) + ((torch.float64,) if INTERPRETED else ())
     if x.dtype not in dtypes:
         return f"dtype {x.dtype} (the kernels take {', '.join(str(d) for d in dtypes)})"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -276,23 +277,48 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
+def merge_and_unload(model: nn.Module, safe: bool = True, requantize: bool = False) -> nn.Module:
     """Fold every LoRA update into its weight and put plain Linear (or Conv1D) layers back.
 
-    With ``safe`` every merge is checked for non-finite values before any weight changes.
+    With ``safe`` every merge is checked for non-finite values before any weight changes. A 4-bit
+    (NF4) LoRA layer becomes a full-precision nn.Linear holding its decoded weight plus the update;
+    with ``requantize=True`` it goes back to NF4 instead, and the error that adds is reported (a
+    warning, and ``model.requantize_errors``: per layer max abs, RMS and max relative error).
     """
+    from lorakern.quant import LoraLinearNF4
+    from lorakern.quant import requantize as requantize_linear
+
     layers = lora_layers(model)
     if safe:
         for name, layer in layers.items():
-            if not layer.merged and not torch.isfinite(layer.weight + layer.delta_weight()).all():
+            merged = layer.merged_weight() if isinstance(layer, LoraLinearNF4) else (
+                None if layer.merged else layer.weight + layer.delta_weight())
+            if merged is not None and not torch.isfinite(merged).all():
                 raise ValueError(
                     f"NaNs or infs detected in the merged weight of {name!r}; no layer was changed. "
                     f"Check that layer's lora_A and lora_B for non-finite values"
                 )
+    errors = {}
     for name, layer in layers.items():
-        if not layer.merged:
-            layer.merge(safe=False)
-        set_submodule(model, name, layer.unload())
+        if isinstance(layer, LoraLinearNF4):
+            replacement = layer.to_linear()
+            if requantize:
+                replacement, errors[name] = requantize_linear(replacement, layer.nf4.blocksize, layer.nf4.double_quant,
+                                                              layer.compute_dtype)
+        else:
+            if not layer.merged:
+                layer.merge(safe=False)
+            replacement = layer.unload()
+        set_submodule(model, name, replacement)
+    if errors:
+        worst = max(errors, key=lambda n: errors[n]["max_rel"])
+        model.requantize_errors = errors
+        warnings.warn(
+            f"requantizing {len(errors)} merged layers to NF4 changed their weights: worst {worst!r} max abs error "
+            f"{errors[worst]['max_abs']:.3g} ({100 * errors[worst]['max_rel']:.2f}% of its max |w|), RMS "
+            f"{errors[worst]['rms']:.3g}; see model.requantize_errors",
+            stacklevel=2,
+        )
     if hasattr(model, "lorakern_config"):
         del model.lorakern_config
     return model

@@ -8,6 +8,7 @@ from typing import Iterator, Optional, Union
 
 from torch import nn
 
+from lorakern.core.nf4 import BLOCKSIZES
 from lorakern.layer import LoraLinear, _check_hyperparameters, is_linear_like
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -39,6 +40,13 @@ class LoraConfig:
     use_rslora: bool = False
     init: str = "kaiming"
     task_type: Optional[str] = None
+    # QLoRA: store the frozen Linear weights in NF4 (targets, and the other Linear layers but those in
+    # quantize_skip and modules_to_save, which stay in full precision like the seed's trainable heads).
+    quantize: Optional[str] = None
+    quantize_skip: list[str] = field(default_factory=list)
+    quantize_blocksize: int = 64
+    quantize_double: bool = True
+    compute_dtype: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check_hyperparameters(self.r, self.alpha, self.dropout, self.init)
@@ -73,6 +81,16 @@ class LoraConfig:
         for key, alpha in self.alpha_pattern.items():
             if not isinstance(alpha, (int, float)) or alpha <= 0:
                 raise ValueError(f"alpha_pattern[{key!r}] must be a positive number, got {alpha!r}")
+        if self.quantize not in (None, "nf4"):
+            raise ValueError(f"quantize={self.quantize!r} is not a known quant type; use 'nf4' (or None for no quantization)")
+        if self.quantize_blocksize not in BLOCKSIZES:
+            raise ValueError(f"quantize_blocksize={self.quantize_blocksize!r} is not allowed; use one of {BLOCKSIZES}")
+        if self.compute_dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ValueError(f"compute_dtype={self.compute_dtype!r} is not supported; use 'bfloat16', 'float16', "
+                             f"'float32' or None (the weight's own dtype)")
+        if isinstance(self.quantize_skip, str) or not all(isinstance(v, str) and v for v in self.quantize_skip):
+            raise TypeError(f"quantize_skip must be a list of module names, got {self.quantize_skip!r}")
+        self.quantize_skip = list(self.quantize_skip)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,12 +110,21 @@ class LoraConfig:
 
     def in_modules_to_save(self, name: str) -> bool:
         """True for a module to save or anything inside one (PEFT never puts LoRA there)."""
-        return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in self.modules_to_save or ())
+        return _within(self.modules_to_save or (), name)
+
+    def keeps_full_precision(self, name: str) -> bool:
+        """With quantize: layers named in quantize_skip or modules_to_save (or inside them) stay unquantized."""
+        return _within(self.quantize_skip, name) or self.in_modules_to_save(name)
 
     def rank_and_alpha(self, name: str) -> tuple[int, Optional[float]]:
         r = _pattern_value(self.rank_pattern, name, self.r)
         alpha = _pattern_value(self.alpha_pattern, name, self.alpha)
         return r, alpha
+
+
+def _within(entries, name: str) -> bool:
+    """True when ``name`` is one of ``entries`` (by name component) or lies inside one."""
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in entries)
 
 
 def _list_match(entries: list[str], name: str) -> bool:
@@ -179,11 +206,28 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
             f"Its linear layers are: {', '.join(seen) or '(none)'}. Use full names or their last "
             f"components, e.g. {sorted({n.rsplit('.', 1)[-1] for n in seen})[:6]}"
         )
+    quantized = {}
+    if config.quantize:
+        import torch
+
+        compute_dtype = None if config.compute_dtype is None else getattr(torch, config.compute_dtype)
+        quantized = {"quantize": config.quantize, "blocksize": config.quantize_blocksize,
+                     "double_quant": config.quantize_double, "compute_dtype": compute_dtype}
+        output = _output_layer_names(model, config)
+        for name, module in list(model.named_modules()):
+            if (name and name not in targets and is_linear_like(module) and name not in output
+                    and not config.keeps_full_precision(name)):
+                from lorakern.quant import LinearNF4
+
+                set_submodule(model, name, LinearNF4.from_linear(module, config.quantize_blocksize,
+                                                                 config.quantize_double, compute_dtype))
     for name in targets:
         r, alpha = config.rank_and_alpha(name)
+        module = model.get_submodule(name)
+        layer_quantize = quantized if quantized and not config.keeps_full_precision(name) else {}
         layer = LoraLinear.from_linear(
-            model.get_submodule(name), r=r, alpha=alpha, dropout=config.dropout,
-            use_rslora=config.use_rslora, init=config.init,
+            module, r=r, alpha=alpha, dropout=config.dropout, use_rslora=config.use_rslora, init=config.init,
+            **layer_quantize,
         )
         set_submodule(model, name, layer)
     mark_trainable(model, config)

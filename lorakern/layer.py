@@ -89,8 +89,21 @@ class LoraLinear(nn.Module):
         self.reset_lora_parameters()
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, **lora_kwargs) -> "LoraLinear":
-        """Wrap an nn.Linear (or GPT-2 Conv1D), sharing its weight and bias tensors, frozen."""
+    def from_linear(cls, linear: nn.Module, quantize: Optional[str] = None, **lora_kwargs) -> "LoraLinear":
+        """Wrap an nn.Linear (or GPT-2 Conv1D), sharing its weight and bias tensors, frozen.
+
+        ``quantize="nf4"`` stores the frozen weight in NF4 instead (QLoRA; takes ``blocksize``,
+        ``double_quant``, ``compute_dtype`` and ``lora_dtype`` too) and returns a LoraLinearNF4.
+        """
+        if quantize is not None:
+            if quantize != "nf4":
+                raise ValueError(f"quantize={quantize!r} is not a known quant type; use quantize='nf4' or None")
+            from lorakern.quant import LoraLinearNF4
+
+            return LoraLinearNF4.from_linear(linear, **lora_kwargs)
+        for name in ("blocksize", "double_quant", "compute_dtype", "lora_dtype"):
+            if name in lora_kwargs:
+                raise ValueError(f"{name}= applies to a quantized base only; pass quantize='nf4' with it")
         if not is_linear_like(linear):
             raise TypeError(
                 f"from_linear takes an nn.Linear or transformers Conv1D, got {type(linear).__name__}; "
@@ -146,6 +159,13 @@ class LoraLinear(nn.Module):
         return lora_linear(x, self.weight_out_in, self.bias, self.lora_A, self.lora_B, self.scaling,
                            dropout_p=self.dropout if self.training else 0.0, seed=self.dropout_seed,
                            backend=self.backend)
+
+    def dropout_mask(self, seed: int, x: torch.Tensor) -> torch.Tensor:
+        """The float32 mask (kept / (1 - p), else 0) this layer's dropout draws for ``seed`` on input ``x``."""
+        from lorakern.functional import resolve_backend
+
+        backend = resolve_backend(x, self.weight_out_in, self.lora_A, self.backend)
+        return backend.dropout_mask(seed, x.shape, self.dropout, x.device)
 
     def delta_weight(self) -> torch.Tensor:
         """s B A in the stored weight's layout and dtype (computed in fp32 at least)."""

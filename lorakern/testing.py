@@ -114,7 +114,6 @@ def compare_layer(layer, x: torch.Tensor, grad_y: Optional[torch.Tensor] = None,
     With dropout active the layer runs with a fixed dropout seed, and the reference uses the mask the
     chosen backend draws for that seed (``Backend.dropout_mask``).
     """
-    from lorakern.functional import resolve_backend
     from lorakern.layer import LoraLinear
 
     if not isinstance(layer, LoraLinear):
@@ -125,8 +124,7 @@ def compare_layer(layer, x: torch.Tensor, grad_y: Optional[torch.Tensor] = None,
     previous_seed = layer.dropout_seed
     if layer.training and layer.dropout > 0:
         layer.dropout_seed = seed + 1
-        backend = resolve_backend(x, layer.weight, layer.lora_A, layer.backend)
-        mask = backend.dropout_mask(seed + 1, x.shape, layer.dropout, x.device).to(torch.float64).cpu().numpy()
+        mask = layer.dropout_mask(seed + 1, x).to(torch.float64).cpu().numpy()
     try:
         y = layer(x)
     finally:

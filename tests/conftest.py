@@ -1,6 +1,15 @@
 import os
 import sys
 
+# Without CUDA the Triton kernels run under the interpreter, and TRITON_INTERPRET must be set before
+# triton itself is first imported (by lorakern.kernels, or by bitsandbytes and transformers): triton's
+# own library functions (tl.cdiv, tl.rand) are decorated at that moment.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 from hypothesis import HealthCheck, settings
 
 # CI runs a fixed, derandomized set of examples; set LORAKERN_HYPOTHESIS=thorough for a longer hunt.

@@ -1,0 +1,235 @@
+"""QLoRA: NF4 base weights in torch, against lorakern.core and bitsandbytes, and a training run."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from conftest import tiny_roberta_classifier
+from lorakern import LoraConfig, LoraLinear, inject, lora_layers, merge_and_unload
+from lorakern import quant
+from lorakern.core import nf4
+from lorakern.testing import compare_layer
+
+
+def bnb_module():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import bitsandbytes
+
+    return bitsandbytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double"])
+def test_torch_quantizer_is_bit_identical_to_core(dtype, double_quant):
+    gen = torch.Generator().manual_seed(0)
+    for shape, blocksize in [((96, 130), 64), ((7, 33), 32), ((300, 257), 128), ((5,), 4096)]:
+        w = torch.randn(shape, generator=gen).to(dtype)
+        w.view(-1)[:3] = torch.tensor([0.0, float(nf4.NF4_MIDPOINTS[7]), -1.0]).to(dtype)
+        state = quant.quantize_nf4(w, blocksize, double_quant)
+        ref = nf4.nf4_quantize(w.float().numpy(), blocksize, double_quant,
+                               offset=float(state["offset"]) if double_quant else None)
+        assert np.array_equal(state["packed"].numpy(), ref.packed)
+        if double_quant:
+            assert np.array_equal(state["absmax"].numpy(), ref.absmax_codes)
+            assert np.array_equal(state["nested_absmax"].numpy(), ref.nested_absmax)
+        else:
+            assert np.array_equal(state["absmax"].numpy(), ref.absmax)
+        decoded = quant.NF4Storage(state).dequantize(torch.float32)
+        assert np.array_equal(decoded.numpy(), nf4.nf4_dequantize(ref))
+
+
+@settings(max_examples=25)
+@given(
+    lead=st.lists(st.integers(1, 5), min_size=0, max_size=2),
+    in_features=st.integers(1, 150), out_features=st.integers(1, 150), r=st.integers(1, 32),
+    blocksize=st.sampled_from([32, 64, 256]), double_quant=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]), dropout=st.sampled_from([0.0, 0.2]),
+    chunk=st.sampled_from([None, 37]), seed=st.integers(0, 2**16),
+)
+def test_lora_on_nf4_base_matches_reference(lead, in_features, out_features, r, blocksize, double_quant, dtype,
+                                            dropout, chunk, seed):
+    """Output and every gradient against lorakern.core on the decoded weight (chunked decoding too)."""
+    gen = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(in_features, out_features)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer = LoraLinear.from_linear(linear, quantize="nf4", blocksize=blocksize, double_quant=double_quant,
+                                       compute_dtype=dtype, lora_dtype=dtype, r=r, dropout=dropout)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) / r ** 0.5)
+        layer.bias.copy_(torch.randn(out_features, generator=gen))
+    layer.bias.requires_grad_(True)
+    layer.train()
+    x = torch.randn(*lead, in_features, generator=gen).to(dtype)
+    old_chunk = quant.CHUNK_ELEMENTS
+    quant.CHUNK_ELEMENTS = chunk or old_chunk
+    try:
+        comparison = compare_layer(layer, x, seed=seed)
+    finally:
+        quant.CHUNK_ELEMENTS = old_chunk
+    assert comparison.passed, comparison.report()
+
+
+def test_buffers_move_with_to_and_ignore_dtype_casts():
+    layer = LoraLinear.from_linear(nn.Linear(64, 32), quantize="nf4", r=4)
+    before = {k: v.clone() for k, v in layer.state_dict().items() if k.startswith("weight")}
+    layer.to(torch.float16)
+    after = layer.state_dict()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+    assert layer.lora_A.dtype == torch.float16
+    layer.to("meta")
+    assert layer.nf4.packed.is_meta and layer.nf4.absmax.is_meta
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double"])
+def test_bytes_per_weight(double_quant):
+    layer = LoraLinear.from_linear(nn.Linear(1024, 1024), quantize="nf4", double_quant=double_quant, r=8)
+    expected = 0.516 if double_quant else 0.5625
+    assert quant.quantized_bytes_per_weight(layer) == pytest.approx(expected, abs=0.0005)
+    stored = sum(v.numel() * v.element_size() for k, v in layer.state_dict().items()
+                 if k in ("weight", "weight.absmax", "weight.nested_absmax"))
+    assert stored / (1024 * 1024) == pytest.approx(expected, abs=0.0005)
+
+
+def bnb_linear4bit(linear, blocksize=64, quant_type="nf4", double_quant=True):
+    bnb = bnb_module()
+    module = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                               compute_dtype=torch.float32, quant_type=quant_type, compress_statistics=double_quant)
+    module.load_state_dict(linear.state_dict())
+    module.weight.blocksize = blocksize  # Params4bit quantizes on the move to a device, at this blocksize
+    return module.to("cpu")
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double"])
+def test_bitsandbytes_state_dict_loads_and_is_written_back(double_quant):
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 64)
+    theirs = bnb_linear4bit(linear, double_quant=double_quant)
+    state = theirs.state_dict()
+    ours = quant.LinearNF4.from_linear(nn.Linear(128, 64), double_quant=double_quant)
+    ours.load_state_dict(state)
+    x = torch.randn(5, 128)
+    packed = theirs.weight.data.numpy()
+    qs = theirs.weight.quant_state
+    absmax = qs.absmax.float() if not double_quant else \
+        qs.state2.code[qs.absmax.long()] * qs.state2.absmax.repeat_interleave(256)[: qs.absmax.numel()] + qs.offset
+    by_hand = torch.from_numpy(nf4.NF4_CODE)[torch.from_numpy(nf4.unpack(packed, 64 * 128).astype(np.int64))]
+    by_hand = (by_hand * absmax.repeat_interleave(64)).reshape(64, 128)
+    assert torch.equal(ours.nf4.dequantize(torch.float32), by_hand)
+    torch.testing.assert_close(ours(x), x @ by_hand.t() + linear.bias)
+    written = ours.state_dict()
+    assert set(written) == set(state) and all(torch.equal(written[k], state[k]) for k in state)
+    # ... and bitsandbytes loads what lorakern wrote the way transformers does (Params4bit.from_prequantized).
+    bnb = bnb_module()
+    back = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.float32, quant_type="nf4")
+    stats = {k[len("weight."):]: v for k, v in written.items() if k.startswith("weight.")}
+    back.weight = bnb.nn.Params4bit.from_prequantized(written["weight"], stats, device="cpu", module=back)
+    back.bias = nn.Parameter(written["bias"])
+    torch.testing.assert_close(back(x), ours(x))
+
+
+def test_lora_layer_state_dict_has_bitsandbytes_keys():
+    layer = LoraLinear.from_linear(nn.Linear(64, 32), quantize="nf4", r=2)
+    assert set(layer.state_dict()) == {"weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+                                       "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4",
+                                       "bias", "lora_A", "lora_B"}
+
+
+def test_fp4_or_other_blocksize_state_is_refused():
+    linear = nn.Linear(128, 64)
+    fp4 = bnb_linear4bit(linear, quant_type="fp4").state_dict()
+    ours = quant.LinearNF4.from_linear(nn.Linear(128, 64))
+    with pytest.raises(RuntimeError, match="found quant_type 'fp4' where NF4 was asked for"):
+        ours.load_state_dict(fp4)
+    other = bnb_linear4bit(linear, blocksize=128).state_dict()
+    with pytest.raises(RuntimeError, match=r"found blocksize 128 and shape \(64, 128\), the layer holds blocksize 64"):
+        ours.load_state_dict(other)
+
+
+@pytest.mark.parametrize(
+    "call,error,message",
+    [
+        (lambda: quant.quantize_nf4(torch.ones(64), blocksize=100), ValueError, "blocksize 100 is not allowed"),
+        (lambda: quant.quantize_nf4(torch.ones(64, dtype=torch.int32)), TypeError, "floating-point weights, got"),
+        (lambda: LoraLinear.from_linear(nn.Linear(4, 4), quantize="fp4"), ValueError, "quantize='fp4' is not a known"),
+        (lambda: LoraConfig(target_modules=["q"], quantize="int8"), ValueError, "quantize='int8' is not a known quant"),
+        (lambda: LoraConfig(target_modules=["q"], quantize="nf4", quantize_blocksize=48), ValueError,
+         "quantize_blocksize=48 is not allowed"),
+        (lambda: LoraLinear.from_linear(nn.Linear(4, 4), blocksize=64), ValueError, "applies to a quantized base only"),
+    ],
+    ids=["blocksize", "non-float", "layer-type", "config-type", "config-blocksize", "blocksize-without-quantize"],
+)
+def test_bad_input(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_4bit_layer_refuses_in_place_merge():
+    layer = LoraLinear.from_linear(nn.Linear(8, 8), quantize="nf4", r=2)
+    with pytest.raises(ValueError, match="cannot absorb the update without requantizing"):
+        layer.merge()
+
+
+QLORA = dict(r=4, alpha=8, target_modules=["query", "key", "value", "intermediate.dense", "output.dense"],
+             bias="all", modules_to_save=["LayerNorm", "classifier"], quantize="nf4", quantize_skip=["classifier"])
+
+
+def test_inject_quantizes_frozen_linears_but_the_head():
+    model = inject(tiny_roberta_classifier(), LoraConfig(**QLORA))
+    layers = lora_layers(model)
+    assert len(layers) == 2 * 6 and all(isinstance(l, quant.LoraLinearNF4) for l in layers.values())
+    assert type(model.classifier.dense) is nn.Linear and type(model.classifier.out_proj) is nn.Linear
+    assert isinstance(model.roberta.encoder.layer[0].attention.output.dense, quant.LoraLinearNF4)
+
+
+def test_qlora_training_run(batch):
+    torch.manual_seed(0)
+    model = inject(tiny_roberta_classifier(num_labels=2), LoraConfig(**QLORA)).train()
+    packed = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("weight") and v.dtype == torch.uint8}
+    assert packed
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    labels = torch.tensor([0, 1, 1])
+    bnb = bnb_module()
+    losses = []
+    for optimizer in (torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3),
+                      bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=3e-3)):
+        for _ in range(12):
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(**batch).logits, labels)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[-12], losses
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in packed.items()), "the packed NF4 weights changed"
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    changed = {n for n, p in model.named_parameters() if n in trainable and not torch.equal(p, trainable[n])}
+    assert {n for n in changed if "lora_" in n} and {n for n in changed if "classifier" in n}
+    assert changed <= set(trainable)
+
+
+def test_merge_and_unload_gives_full_precision_and_requantize_reports(batch):
+    model = inject(tiny_roberta_classifier(), LoraConfig(**QLORA)).eval()
+    for layer in lora_layers(model).values():
+        nn.init.normal_(layer.lora_B, std=0.05)
+    expected = model(**batch).logits.detach()
+    merged = merge_and_unload(model)
+    assert not lora_layers(merged)
+    query = merged.roberta.encoder.layer[0].attention.self.query
+    assert type(query) is nn.Linear and query.weight.dtype == torch.float32
+    torch.testing.assert_close(merged(**batch).logits.detach(), expected, rtol=1e-4, atol=1e-4)
+
+    model = inject(tiny_roberta_classifier(), LoraConfig(**QLORA)).eval()
+    for layer in lora_layers(model).values():
+        nn.init.normal_(layer.lora_B, std=0.05)
+    with pytest.warns(UserWarning, match=r"requantizing 12 merged layers to NF4 changed their weights: worst"):
+        requantized = merge_and_unload(model, requantize=True)
+    assert isinstance(requantized.roberta.encoder.layer[0].attention.self.query, quant.LinearNF4)
+    errors = requantized.requantize_errors
+    assert len(errors) == 12 and all(0 < e["max_abs"] and 0 < e["max_rel"] < 0.2 for e in errors.values())
