@@ -23,12 +23,14 @@ from dataclasses import asdict, dataclass
 # Largest dynamic shared memory one block may use: A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = ("bfloat16", "float16", "float32")
+WEIGHTS = ("dense", "nf4")
 _PTR = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
 
 
 @dataclass
 class Report:
     kernel: str
+    weight: str
     dtype: str
     arch: int
     r_pad: int
@@ -58,7 +60,7 @@ def _ptxas() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
-def _signature(kind: str, dtype: str, r_pad: int, meta: dict):
+def _signature(kind: str, dtype: str, r_pad: int, meta: dict, weight: str = "dense"):
     """(signature, constexprs, attrs) of a typical launch, specialised as Triton's JIT would specialise it:
     contiguous inner strides (== 1), 16-byte aligned pointers, and strides, N and K multiples of 16
     (true of every real model's layers; M, the token count, is left free)."""
@@ -71,13 +73,18 @@ def _signature(kind: str, dtype: str, r_pad: int, meta: dict):
     constexprs = dict(meta)
     constexprs.update(R_PAD=r_pad, DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
                       UPCAST=False, ACC_DTYPE=tl.float32)
+    nf4 = weight == "nf4"
+    constexprs.update(W_NF4=nf4, W_NESTED=nf4)
+    if not nf4:
+        constexprs["wq_blocksize"] = 1  # dense launches pass 1, which the JIT specialises as a constant
     if kind == "fwd":
         constexprs.update(HAS_BIAS=True, HAS_DROPOUT=True)
-        inner_strides = {"stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_yn", "stride_ur"}
+        inner_strides = {"stride_xk", "stride_ak", "stride_br", "stride_yn", "stride_ur"} | ({"stride_wk"} if not nf4 else set())
         fp32_ptrs = set()
     else:
         constexprs.update(HAS_DROPOUT=True, NEED_DX=True, NEED_DA=True, NEED_DB=True, NEED_DBIAS=True)
-        inner_strides = {"stride_gn", "stride_wk", "stride_ak", "stride_br", "stride_xk", "stride_ur", "stride_dxk"}
+        inner_strides = {"stride_gn", "stride_ak", "stride_br", "stride_xk", "stride_ur", "stride_dxk"} | (
+            {"stride_wk"} if not nf4 else set())
         fp32_ptrs = {"da_ptr", "db_ptr", "dbias_ptr"}
     for name in inner_strides:
         constexprs[name] = 1
@@ -86,32 +93,38 @@ def _signature(kind: str, dtype: str, r_pad: int, meta: dict):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in fp32_ptrs else ptr
+            if nf4 and name in ("w_ptr", "wq_absmax_ptr"):
+                signature[name] = "*u8"
+            elif nf4 and name.startswith("wq_"):
+                signature[name] = "*fp32"
+            else:
+                signature[name] = "*fp32" if name in fp32_ptrs else ptr
             attrs[(index,)] = [["tt.divisibility", 16]]
-        elif name in ("scaling", "dropout_p"):
+        elif name in ("scaling", "dropout_p", "wq_offset"):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-            if name.startswith("stride") or name in ("N", "K"):
+            if name.startswith("stride") or name in ("N", "K", "wq_blocksize"):
                 attrs[(index,)] = [["tt.divisibility", 16]]
     return kernel, signature, constexprs, attrs
 
 
-def compile_one(kind: str, dtype: str, arch: int, r_pad: int, config_index: int) -> Report:
+def compile_one(kind: str, dtype: str, arch: int, r_pad: int, config_index: int, weight: str = "dense") -> Report:
     import torch
 
     from lorakern.kernels import lora_linear as ll
 
-    return compile_config(kind, dtype, arch, r_pad, ll.get_autotune_config(kind, getattr(torch, dtype), r_pad)[config_index])
+    config = ll.get_autotune_config(kind, getattr(torch, dtype), r_pad, weight)[config_index]
+    return compile_config(kind, dtype, arch, r_pad, config, weight)
 
 
-def compile_config(kind: str, dtype: str, arch: int, r_pad: int, config) -> Report:
+def compile_config(kind: str, dtype: str, arch: int, r_pad: int, config, weight: str = "dense") -> Report:
     """Compile one triton.Config of one kernel for sm_<arch> and report on it."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel, signature, constexprs, attrs = _signature(kind, dtype, r_pad, config.kwargs)
+    kernel, signature, constexprs, attrs = _signature(kind, dtype, r_pad, config.kwargs, weight)
     target = GPUTarget("cuda", arch, 32)
     backend = triton.compiler.make_backend(target)
     options = backend.parse_options({"num_warps": config.num_warps, "num_stages": config.num_stages})
@@ -133,25 +146,26 @@ def compile_config(kind: str, dtype: str, arch: int, r_pad: int, config) -> Repo
     config_text = ", ".join(f"{k}={v}" for k, v in config.kwargs.items())
     config_text += f", warps={config.num_warps}, stages={config.num_stages}"
     return Report(
-        kernel=kind, dtype=dtype, arch=arch, r_pad=r_pad, config=config_text, registers=registers,
+        kernel=kind, weight=weight, dtype=dtype, arch=arch, r_pad=r_pad, config=config_text, registers=registers,
         spill_bytes=spills, shared_bytes=int(compiled.metadata.shared), shared_limit=SHARED_LIMIT[arch],
         wgmma="wgmma.mma_async" in ptx,
         tensor_cores_expected=dtype != "float32" and config.kwargs["BLOCK_M"] >= 64 and config.num_warps >= 4,
     )
 
 
-def all_jobs(archs=(80, 90), dtypes=DTYPES) -> list[tuple]:
+def all_jobs(archs=(80, 90), dtypes=DTYPES, weights=WEIGHTS) -> list[tuple]:
     import torch
 
     from lorakern.kernels import lora_linear as ll
 
     jobs = []
     for kind in ("fwd", "bwd"):
-        for dtype in dtypes:
-            for r_pad in ll.RANK_PADS:
-                for index in range(len(ll.get_autotune_config(kind, getattr(torch, dtype), r_pad))):
-                    for arch in archs:
-                        jobs.append((kind, dtype, arch, r_pad, index))
+        for weight in weights:
+            for dtype in dtypes:
+                for r_pad in ll.RANK_PADS:
+                    for index in range(len(ll.get_autotune_config(kind, getattr(torch, dtype), r_pad, weight))):
+                        for arch in archs:
+                            jobs.append((kind, dtype, arch, r_pad, index, weight))
     return jobs
 
 
@@ -159,19 +173,19 @@ def _run(job):
     return compile_one(*job)
 
 
-def run(archs=(80, 90), dtypes=DTYPES, workers: int = 2) -> list[Report]:
+def run(archs=(80, 90), dtypes=DTYPES, weights=WEIGHTS, workers: int = 2) -> list[Report]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise ValueError("compile checks need compiled kernels: run with TRITON_INTERPRET=0")
-    jobs = all_jobs(archs, dtypes)
+    jobs = all_jobs(archs, dtypes, weights)
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(_run, jobs))
 
 
 def markdown(reports: list[Report]) -> str:
-    rows = ["| kernel | dtype | arch | R_PAD | config | regs | spill B | shared B | wgmma | ok |",
-            "|---|---|---|---|---|---:|---:|---:|---|---|"]
+    rows = ["| kernel | weight | dtype | arch | R_PAD | config | regs | spill B | shared B | wgmma | ok |",
+            "|---|---|---|---|---|---|---:|---:|---:|---|---|"]
     for r in reports:
-        rows.append(f"| {r.kernel} | {r.dtype} | sm_{r.arch} | {r.r_pad} | {r.config} | {r.registers} | "
+        rows.append(f"| {r.kernel} | {r.weight} | {r.dtype} | sm_{r.arch} | {r.r_pad} | {r.config} | {r.registers} | "
                     f"{r.spill_bytes} | {r.shared_bytes} | {'yes' if r.wgmma else 'no'} | "
                     f"{'; '.join(r.problems) or 'ok'} |")
     return "\n".join(rows)
@@ -181,10 +195,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT))
     parser.add_argument("--dtype", action="append", choices=DTYPES)
+    parser.add_argument("--weight", action="append", choices=WEIGHTS, help="dense W or the NF4 (QLoRA) base")
     parser.add_argument("--json", help="also write the reports as JSON here")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
-    reports = run(tuple(args.arch or (80, 90)), tuple(args.dtype or DTYPES), workers=args.workers)
+    reports = run(tuple(args.arch or (80, 90)), tuple(args.dtype or DTYPES), tuple(args.weight or WEIGHTS),
+                  workers=args.workers)
     print(markdown(reports))
     if args.json:
         from lorakern._io import atomic_write_bytes

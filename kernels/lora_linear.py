@@ -65,6 +65,38 @@ def _atomic_add(ptr, value, rows, cols, n_rows, n_cols):
 
 
 @triton.jit
+def _load_weight(w_ptr, absmax_ptr, map_ptr, nested_absmax_ptr, nested_map_ptr, offset, blocksize,
+                 offs_n, offs_k, stride_wn, stride_wk, N, K,
+                 TRANSPOSED: tl.constexpr, W_NF4: tl.constexpr, W_NESTED: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """The W tile (len(offs_n), len(offs_k)), or W^T's (len(offs_k), len(offs_n)) when TRANSPOSED; zero
+    outside (N, K). With W_NF4 the tile is decoded from bitsandbytes' layout where it is loaded: element
+    f = n K + k sits in byte f // 2 (high nibble first), its absmax is block f // blocksize's (decoded from
+    the 8-bit double quantization with W_NESTED), and w = NF4[code] * absmax in fp32, rounded once."""
+    if TRANSPOSED:
+        n = offs_n[None, :]
+        k = offs_k[:, None]
+    else:
+        n = offs_n[:, None]
+        k = offs_k[None, :]
+    mask = (n < N) & (k < K)
+    if W_NF4:
+        f = n.to(tl.int64) * K + k
+        byte = tl.load(w_ptr + f // 2, mask=mask, other=0).to(tl.int32)
+        code = (byte >> (((f + 1) % 2) * 4).to(tl.int32)) & 15
+        block = f // blocksize
+        if W_NESTED:
+            q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+            absmax = (tl.load(nested_map_ptr + q) * tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
+                      + offset)
+        else:
+            absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        tile = tl.where(mask, tl.load(map_ptr + code) * absmax, 0.0).to(OUT_DTYPE)
+    else:
+        tile = tl.load(w_ptr + n * stride_wn + k * stride_wk, mask=mask, other=0.0)
+    return tile
+
+
+@triton.jit
 def _dropout_keep(seed, rows, cols, K, dropout_p):
     """keep[i, j] for x's logical element (rows[i], cols[j]) of an (M, K) input: the same bits in every kernel."""
     offsets = rows[:, None].to(tl.int64) * K + cols[None, :]
@@ -104,17 +136,19 @@ def _fwd_epilogue(acc, u_scaled, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, offs_r,
 
 @triton.jit
 def _lora_fwd_kernel(
-    # pointers
+    # pointers (w_ptr: dense W, or NF4 packed bytes with the wq_* statistics)
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr,
+    wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr,
     # sizes
     M, N, K, R,
     # strides
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_ym, stride_yn, stride_um, stride_ur,
     # scalars
-    scaling, dropout_p, seed,
+    scaling, dropout_p, seed, wq_offset, wq_blocksize,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, W_NF4: tl.constexpr, W_NESTED: tl.constexpr,
+    R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES_N: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -139,7 +173,10 @@ def _lora_fwd_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_tile = _load(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
         # acc += x W^T, with the W^T tile (BLOCK_K, BLOCK_N)
-        acc = _dot(x_tile, _load(w_ptr, offs_k, offs_n, stride_wk, stride_wn, K, N), acc, DOT_PRECISION, UPCAST)
+        w_tile = _load_weight(w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr, wq_offset,
+                              wq_blocksize, offs_n, offs_k, stride_wn, stride_wk, N, K, True, W_NF4, W_NESTED,
+                              y_ptr.dtype.element_ty)
+        acc = _dot(x_tile, w_tile, acc, DOT_PRECISION, UPCAST)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, offs_m, offs_k, K, dropout_p)
             x_tile = tl.where(keep, x_tile.to(ACC_DTYPE) * keep_scale, 0.0).to(x_tile.dtype)
@@ -159,8 +196,10 @@ def _lora_fwd_kernel(
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
-                acc = _dot(_load(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K),
-                           _load(w_ptr, offs_k, offs_n, stride_wk, stride_wn, K, N), acc, DOT_PRECISION, UPCAST)
+                w_tile = _load_weight(w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr,
+                                      wq_offset, wq_blocksize, offs_n, offs_k, stride_wn, stride_wk, N, K, True,
+                                      W_NF4, W_NESTED, y_ptr.dtype.element_ty)
+                acc = _dot(_load(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K), w_tile, acc, DOT_PRECISION, UPCAST)
             _fwd_epilogue(acc, u_scaled, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, offs_r, M, N, R,
                           stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, ACC_DTYPE, DOT_PRECISION, UPCAST)
 
@@ -194,18 +233,19 @@ def _bwd_epilogue(acc, gb_scaled, a_ptr, x_ptr, dx_ptr, da_ptr, offs_m, offs_k, 
 
 @triton.jit
 def _lora_bwd_kernel(
-    # pointers
+    # pointers (w_ptr: dense W, or NF4 packed bytes with the wq_* statistics)
     g_ptr, w_ptr, a_ptr, b_ptr, x_ptr, u_ptr, dx_ptr, da_ptr, db_ptr, dbias_ptr,
+    wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr,
     # sizes
     M, N, K, R,
     # strides (dA, dB and dbias are contiguous accumulators)
     stride_gm, stride_gn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_xm, stride_xk, stride_um, stride_ur, stride_dxm, stride_dxk,
     # scalars
-    scaling, dropout_p, seed,
+    scaling, dropout_p, seed, wq_offset, wq_blocksize,
     # meta-parameters
     HAS_DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, NEED_DB: tl.constexpr,
-    NEED_DBIAS: tl.constexpr, R_PAD: tl.constexpr,
+    NEED_DBIAS: tl.constexpr, W_NF4: tl.constexpr, W_NESTED: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES_K: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -234,7 +274,10 @@ def _lora_bwd_kernel(
         g_tile = _load(g_ptr, offs_m, offs_n, stride_gm, stride_gn, M, N)
         if NEED_DX:
             # acc += g W, with the W tile (BLOCK_N, BLOCK_K)
-            acc = _dot(g_tile, _load(w_ptr, offs_n, offs_k, stride_wn, stride_wk, N, K), acc, DOT_PRECISION, UPCAST)
+            w_tile = _load_weight(w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr, wq_offset,
+                                  wq_blocksize, offs_n, offs_k, stride_wn, stride_wk, N, K, False, W_NF4, W_NESTED,
+                                  g_ptr.dtype.element_ty)
+            acc = _dot(g_tile, w_tile, acc, DOT_PRECISION, UPCAST)
         # gB += g B, with the B tile (BLOCK_N, R_PAD)
         gb = _dot(g_tile, _load(b_ptr, offs_n, offs_r, stride_bn, stride_br, N, R), gb, DOT_PRECISION, UPCAST)
     gb_scaled = (gb * scaling).to(g_ptr.dtype.element_ty)
@@ -267,8 +310,11 @@ def _lora_bwd_kernel(
                 if NEED_DX:
                     for n0 in range(0, N, BLOCK_N):
                         offs_n = n0 + tl.arange(0, BLOCK_N)
-                        acc = _dot(_load(g_ptr, offs_m, offs_n, stride_gm, stride_gn, M, N),
-                                   _load(w_ptr, offs_n, offs_k, stride_wn, stride_wk, N, K), acc, DOT_PRECISION, UPCAST)
+                        w_tile = _load_weight(w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr,
+                                              wq_offset, wq_blocksize, offs_n, offs_k, stride_wn, stride_wk, N, K,
+                                              False, W_NF4, W_NESTED, g_ptr.dtype.element_ty)
+                        acc = _dot(_load(g_ptr, offs_m, offs_n, stride_gm, stride_gn, M, N), w_tile, acc,
+                                   DOT_PRECISION, UPCAST)
                 _bwd_epilogue(acc, gb_scaled, a_ptr, x_ptr, dx_ptr, da_ptr, offs_m, offs_k, offs_r, M, K, R,
                               stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk, dropout_p, seed,
                               keep_scale, HAS_DROPOUT, NEED_DX, NEED_DA, ACC_DTYPE, DOT_PRECISION, UPCAST)
@@ -293,7 +339,7 @@ def _dropout_mask_kernel(out_ptr, M, K, dropout_p, seed, BLOCK_M: tl.constexpr, 
 _CONFIGS = {
     ("fwd", 16, 16): [(128, 128, 32, 2, 8, 4), (128, 128, 64, 1, 8, 3), (128, 64, 64, 2, 8, 3), (64, 64, 64, 4, 4, 4)],
     ("fwd", 16, 32): [(128, 128, 32, 2, 8, 4), (128, 128, 64, 1, 8, 3), (128, 64, 64, 2, 8, 3), (64, 64, 64, 4, 4, 4)],
-    ("fwd", 16, 64): [(128, 128, 32, 2, 8, 4), (64, 64, 64, 4, 4, 4)],
+    ("fwd", 16, 64): [(128, 128, 32, 2, 8, 4)],
     ("bwd", 16, 16): [(128, 64, 32, 1, 8, 4), (128, 128, 32, 1, 8, 3), (128, 64, 64, 1, 8, 4), (64, 64, 64, 1, 4, 3)],
     ("bwd", 16, 32): [(128, 64, 32, 1, 8, 4), (128, 128, 32, 1, 8, 3), (128, 64, 64, 1, 8, 4), (64, 64, 64, 1, 4, 3)],
     ("bwd", 16, 64): [(128, 64, 32, 1, 8, 4), (128, 128, 32, 1, 8, 3), (128, 64, 64, 1, 8, 4), (64, 64, 64, 1, 4, 3)],
@@ -304,6 +350,22 @@ _CONFIGS = {
     ("bwd", 32, 32): [(16, 64, 32, 1, 4, 2)],
     ("bwd", 32, 64): [(16, 64, 32, 1, 4, 2)],
 }
+# The NF4 base decodes W where it loads it: more registers, and gathers the pipeliner stages through
+# shared memory, hence tiles of their own (same checks as above).
+_CONFIGS_NF4 = {
+    ("fwd", 16, 16): [(128, 128, 32, 1, 8, 2), (128, 64, 32, 1, 8, 2), (64, 128, 32, 1, 4, 2), (64, 64, 32, 1, 4, 2)],
+    ("fwd", 16, 32): [(128, 128, 32, 1, 8, 2), (128, 64, 32, 1, 8, 2), (64, 128, 32, 1, 4, 2), (64, 64, 32, 1, 4, 2)],
+    ("fwd", 16, 64): [(128, 128, 32, 1, 8, 2), (128, 64, 32, 1, 8, 2), (64, 128, 32, 1, 4, 2), (64, 64, 32, 1, 4, 2)],
+    ("bwd", 16, 16): [(128, 128, 32, 1, 8, 2), (128, 64, 32, 1, 8, 2), (64, 64, 64, 1, 4, 2), (64, 64, 32, 1, 4, 2)],
+    ("bwd", 16, 32): [(128, 128, 32, 1, 8, 2), (128, 64, 32, 1, 8, 2), (64, 64, 64, 1, 4, 2), (64, 64, 32, 1, 4, 2)],
+    ("bwd", 16, 64): [(128, 64, 32, 1, 8, 2), (64, 64, 32, 1, 4, 2)],
+    ("fwd", 32, 16): [(16, 32, 32, 1, 4, 1), (16, 32, 16, 1, 4, 2)],
+    ("fwd", 32, 32): [(16, 32, 32, 1, 4, 1), (16, 32, 16, 1, 4, 2)],
+    ("fwd", 32, 64): [(16, 32, 32, 1, 4, 1), (16, 32, 16, 1, 4, 2)],
+    ("bwd", 32, 16): [(16, 32, 32, 1, 4, 1), (32, 32, 16, 1, 4, 1)],
+    ("bwd", 32, 32): [(16, 32, 32, 1, 4, 1), (32, 32, 16, 1, 4, 1)],
+    ("bwd", 32, 64): [(16, 32, 32, 1, 4, 1), (32, 32, 16, 1, 4, 1)],
+}
 RANK_PADS = (16, 32, 64)
 
 
@@ -312,27 +374,31 @@ def rank_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def get_autotune_config(kind: str, dtype: torch.dtype, r_pad: int) -> list[triton.Config]:
-    """Configs for ``kind`` ("fwd": TILES_N, or "bwd": TILES_K), input dtype and padded rank."""
+def get_autotune_config(kind: str, dtype: torch.dtype, r_pad: int, weight: str = "dense") -> list[triton.Config]:
+    """Configs for ``kind`` ("fwd": TILES_N, or "bwd": TILES_K), input dtype, padded rank and weight format."""
     tiles = "TILES_N" if kind == "fwd" else "TILES_K"
     if INTERPRETED:  # one small config: the interpreter is slow, and autotuning it measures nothing
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, tiles: 2, "GROUP_M": 2})]
     width = 32 if dtype == torch.float32 else 16
+    table = _CONFIGS if weight == "dense" else _CONFIGS_NF4
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, tiles: t, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, t, w, s in _CONFIGS[(kind, width, r_pad)]
+        for bm, bn, bk, t, w, s in table.get((kind, width, r_pad), [])
     ]
 
 
-def _autotuned(kernel, kind: str, dtype: torch.dtype, r_pad: int):
-    """(kernel to launch, meta-parameters to pass): an autotuner per (kind, dtype, R_PAD) when compiled."""
+def _autotuned(kernel, kind: str, dtype: torch.dtype, r_pad: int, weight: str):
+    """(kernel to launch, meta-parameters to pass): an autotuner per (kind, dtype, R_PAD, weight) when compiled."""
     if INTERPRETED:
-        return kernel, get_autotune_config(kind, dtype, r_pad)[0].kwargs
-    key = (kind, dtype, r_pad)
+        return kernel, get_autotune_config(kind, dtype, r_pad, weight)[0].kwargs
+    key = (kind, dtype, r_pad, weight)
     if key not in _AUTOTUNED:
+        configs = get_autotune_config(kind, dtype, r_pad, weight)
+        if not configs:
+            raise ValueError(f"no {kind} config of the {weight} kernels has passed the compile checks for {dtype} at "
+                             f"R_PAD={r_pad}; set LORAKERN_BACKEND=torch")
         reset = ["da_ptr", "db_ptr", "dbias_ptr"] if kind == "bwd" else None
-        _AUTOTUNED[key] = triton.autotune(get_autotune_config(kind, dtype, r_pad), key=["M", "N", "K", "R"],
-                                          reset_to_zero=reset)(kernel)
+        _AUTOTUNED[key] = triton.autotune(configs, key=["M", "N", "K", "R"], reset_to_zero=reset)(kernel)
     return _AUTOTUNED[key], {}
 
 
@@ -352,7 +418,7 @@ def _meta(dtype: torch.dtype, r: int) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------
-def unsupported(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> Optional[str]:
+def unsupported(x: torch.Tensor, weight, lora_A: torch.Tensor) -> Optional[str]:
     """None when these kernels can run on the operands, else the reason."""
     if _MIXED_MODE:
         return ("triton was imported before TRITON_INTERPRET=1 was set (by another package), so its library "
@@ -370,10 +436,30 @@ def unsupported(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> 
         return f"TRITON_INTERPRET=1 runs the kernels on CPU tensors, got a {x.device.type} tensor"
     if not INTERPRETED and x.device.type != "cuda":
         return f"tensors on {x.device.type}; compiled kernels need CUDA tensors (TRITON_INTERPRET=1 runs them on CPU)"
+    if not get_autotune_config("fwd", x.dtype, rank_pad(lora_A.shape[0]), "nf4" if _is_nf4(weight) else "dense"):
+        return (f"{'an NF4' if _is_nf4(weight) else 'a dense'} base in {x.dtype} at r={lora_A.shape[0]} (no kernel "
+                f"config for it has passed the sm_80/sm_90 compile checks yet)")
     return None
 
 
-def _check(x2: torch.Tensor, weight: torch.Tensor, bias, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+def _is_nf4(weight) -> bool:
+    """An NF4 base weight (lorakern.quant.NF4Storage) rather than a dense tensor."""
+    return hasattr(weight, "packed") and hasattr(weight, "quant_map")
+
+
+def _weight_args(weight, dummy: torch.Tensor) -> tuple[list, list, dict]:
+    """(pointers, [stride_wn, stride_wk], scalars and constexprs) for a dense or NF4 weight."""
+    if not _is_nf4(weight):
+        return ([weight, dummy, dummy, dummy, dummy], [weight.stride(0), weight.stride(1)],
+                {"wq_offset": 0.0, "wq_blocksize": 1, "W_NF4": False, "W_NESTED": False})
+    nested = weight.double_quant
+    pointers = [weight.packed, weight.absmax, weight.quant_map, weight.nested_absmax if nested else dummy,
+                weight.nested_map if nested else dummy]
+    return (pointers, [0, 0], {"wq_offset": float(weight.offset) if nested else 0.0,
+                               "wq_blocksize": weight.blocksize, "W_NF4": True, "W_NESTED": nested})
+
+
+def _check(x2: torch.Tensor, weight, bias, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
     if x2.dim() != 2:
         raise ValueError(f"x must be 2-D (M, K) here, got shape {tuple(x2.shape)}; the Function flattens it")
     N, K = weight.shape
@@ -384,7 +470,7 @@ def _check(x2: torch.Tensor, weight: torch.Tensor, bias, lora_A: torch.Tensor, l
             f"B {tuple(lora_B.shape)}, bias {None if bias is None else tuple(bias.shape)}; expected x (M, {K}), "
             f"A ({r}, {K}), B ({N}, {r}), bias ({N},)"
         )
-    tensors = [t for t in (x2, weight, bias, lora_A, lora_B) if t is not None]
+    tensors = [t for t in (x2, None if _is_nf4(weight) else weight, bias, lora_A, lora_B) if t is not None]
     if len({t.dtype for t in tensors}) != 1:
         raise ValueError(f"x, W, bias, A and B must share one dtype, got {[str(t.dtype) for t in tensors]}; "
                          f"cast them (lorakern.lora_linear does this for you)")
@@ -402,19 +488,20 @@ def lora_forward(x2, weight, bias, lora_A, lora_B, scaling: float, dropout_p: fl
     u = torch.empty((M, r), device=x2.device, dtype=x2.dtype)
     if M == 0:
         return y, u
-    kernel, fixed = _autotuned(_lora_fwd_kernel, "fwd", x2.dtype, rank_pad(r))
+    kernel, fixed = _autotuned(_lora_fwd_kernel, "fwd", x2.dtype, rank_pad(r), "nf4" if _is_nf4(weight) else "dense")
 
     def grid(meta):
         groups = triton.cdiv(triton.cdiv(N, meta["BLOCK_N"]), meta["TILES_N"])
         return (triton.cdiv(M, meta["BLOCK_M"]) * groups,)
 
+    (w, *wq), w_strides, wq_scalars = _weight_args(weight, y)
     kernel[grid](
-        x2, weight, bias if bias is not None else y, lora_A, lora_B, y, u,
+        x2, w, bias if bias is not None else y, lora_A, lora_B, y, u, *wq,
         M, N, K, r,
-        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+        x2.stride(0), x2.stride(1), *w_strides, lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), u.stride(0), u.stride(1),
-        float(scaling), float(dropout_p), int(seed),
-        HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, **_meta(x2.dtype, r), **fixed,
+        float(scaling), float(dropout_p), int(seed), wq_scalars.pop("wq_offset"), wq_scalars.pop("wq_blocksize"),
+        HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, **wq_scalars, **_meta(x2.dtype, r), **fixed,
     )
     return y, u
 
@@ -436,24 +523,25 @@ def lora_backward(g, x2, u, weight, lora_A, lora_B, scaling: float, dropout_p: f
     dB = torch.zeros((N, r), device=g.device, dtype=acc_dtype) if need_dB else None
     dbias = torch.zeros((N,), device=g.device, dtype=acc_dtype) if need_dbias else None
     if M > 0 and (need_dx or need_dA or need_dB or need_dbias):
-        kernel, fixed = _autotuned(_lora_bwd_kernel, "bwd", g.dtype, rank_pad(r))
+        kernel, fixed = _autotuned(_lora_bwd_kernel, "bwd", g.dtype, rank_pad(r), "nf4" if _is_nf4(weight) else "dense")
         dummy = g
 
         def grid(meta):
             groups = triton.cdiv(triton.cdiv(K, meta["BLOCK_K"]), meta["TILES_K"])
             return (triton.cdiv(M, meta["BLOCK_M"]) * groups,)
 
+        (w, *wq), w_strides, wq_scalars = _weight_args(weight, dummy)
         kernel[grid](
-            g, weight, lora_A, lora_B, x2, u,
+            g, w, lora_A, lora_B, x2, u,
             dx if dx is not None else dummy, dA if dA is not None else dummy,
-            dB if dB is not None else dummy, dbias if dbias is not None else dummy,
+            dB if dB is not None else dummy, dbias if dbias is not None else dummy, *wq,
             M, N, K, r,
-            g.stride(0), g.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+            g.stride(0), g.stride(1), *w_strides, lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), x2.stride(0), x2.stride(1), u.stride(0), u.stride(1),
             dx.stride(0) if dx is not None else 0, dx.stride(1) if dx is not None else 0,
-            float(scaling), float(dropout_p), int(seed),
+            float(scaling), float(dropout_p), int(seed), wq_scalars.pop("wq_offset"), wq_scalars.pop("wq_blocksize"),
             HAS_DROPOUT=dropout_p > 0, NEED_DX=need_dx, NEED_DA=need_dA, NEED_DB=need_dB, NEED_DBIAS=need_dbias,
-            **_meta(g.dtype, r), **fixed,
+            **wq_scalars, **_meta(g.dtype, r), **fixed,
         )
     elif need_dx:
         dx.zero_()
@@ -495,18 +583,22 @@ class LoraLinearTritonFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
+        """``weight``: the dense (N, K) W, or an NF4 storage (lorakern.quant.NF4Storage) decoded in-kernel."""
+        N = weight.shape[0]
         in_features = x.shape[-1]
         x2 = x.reshape(-1, in_features)
         y, u = lora_forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        ctx.save_for_backward(x2, u, weight, lora_A, lora_B)
+        ctx.nf4_weight = weight if _is_nf4(weight) else None
+        ctx.save_for_backward(x2, u, None if _is_nf4(weight) else weight, lora_A, lora_B)
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
         ctx.x_shape = x.shape
         ctx.has_bias = bias is not None
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        return y.reshape(*x.shape[:-1], N)
 
     @staticmethod
     def backward(ctx, grad_y):
         x2, u, weight, lora_A, lora_B = ctx.saved_tensors
+        weight = ctx.nf4_weight if ctx.nf4_weight is not None else weight
         need_x, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         g = grad_y.reshape(-1, weight.shape[0])
         dx, dA, dB, db = lora_backward(

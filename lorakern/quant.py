@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lorakern.core import nf4 as nf4_core
-from lorakern.functional import torch_dropout_mask
+from lorakern.functional import resolve_backend, torch_dropout_mask
 from lorakern.layer import LoraLinear, is_conv1d, is_linear_like
 
 QUANT_TYPES = ("nf4",)
@@ -140,10 +140,25 @@ class NF4Storage(nn.Module):
                         ) -> torch.Tensor:
         """Elements [start, stop) of the flattened weight: NF4[q] * absmax in fp32, rounded once to dtype."""
         absmax = self.absmax_values() if absmax is None else absmax
+        bs = self.blocksize
+        if start % bs == 0 and start % 2 == 0:
+            # Whole blocks from an even element: one table lookup per byte (both nibbles), then a broadcast
+            # multiply by the block's absmax; no per-element index arithmetic.
+            index = torch.arange(256, device=self.packed.device)
+            pair_table = torch.stack([self.quant_map[index >> 4], self.quant_map[index & 15]], dim=1)
+            packed = self.packed[start // 2:(stop + 1) // 2, 0]
+            values = nn.functional.embedding(packed.to(torch.int32), pair_table).reshape(-1)[: stop - start]
+            blocks = absmax[start // bs: -(-stop // bs)]
+            full = (stop - start) // bs * bs
+            out = torch.empty(stop - start, dtype=torch.float32, device=packed.device)
+            torch.mul(values[:full].view(-1, bs), blocks[: full // bs, None], out=out[:full].view(-1, bs))
+            if full < stop - start:
+                torch.mul(values[full:], blocks[-1], out=out[full:])
+            return out.to(dtype)
         first, last = start // 2, (stop + 1) // 2
         packed = self.packed[first:last, 0]
         codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[start - 2 * first: start - 2 * first + stop - start]
-        index = torch.arange(start, stop, device=packed.device) // self.blocksize
+        index = torch.arange(start, stop, device=packed.device) // bs
         return (self.quant_map[codes.long()] * absmax[index]).to(dtype)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -154,7 +169,9 @@ class NF4Storage(nn.Module):
     def row_chunks(self, dtype: torch.dtype):
         """Yield (first row, rows of the (out, in) weight dequantized to dtype), CHUNK_ELEMENTS at a time."""
         rows, cols = self.shape
-        step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+        # Chunks that start on a block boundary and an even element take the fast decoding.
+        align = math.lcm(self.blocksize, 2) // math.gcd(math.lcm(self.blocksize, 2), cols)
+        step = max(align, CHUNK_ELEMENTS // max(cols, 1) // align * align)
         absmax = self.absmax_values()
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
@@ -347,8 +364,12 @@ class NF4LinearFunction(torch.autograd.Function):
 
 def nf4_linear(x: torch.Tensor, storage: NF4Storage, bias: Optional[torch.Tensor], lora_A: Optional[torch.Tensor],
                lora_B: Optional[torch.Tensor], scaling: float, compute_dtype: Optional[torch.dtype] = None,
-               dropout_p: float = 0.0, seed: Optional[int] = None) -> torch.Tensor:
-    """x W^T + b (+ s (x~ A^T) B^T) with W in NF4, computed in ``compute_dtype``, returned in x's dtype."""
+               dropout_p: float = 0.0, seed: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """x W^T + b (+ s (x~ A^T) B^T) with W in NF4, computed in ``compute_dtype``, returned in x's dtype.
+
+    With LoRA, the backend switch applies as for LoraLinear: the Triton kernels decode W tile by tile
+    inside the GEMM (auto on CUDA); the torch path decodes it in chunks of rows.
+    """
     out_features, in_features = storage.shape
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"input has shape {tuple(x.shape)} but this layer takes in_features={in_features} in the "
@@ -362,13 +383,20 @@ def nf4_linear(x: torch.Tensor, storage: NF4Storage, bias: Optional[torch.Tensor
                               else x.dtype)
     with torch.autocast(x.device.type, enabled=False):
         xc = x.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        if lora_A is not None:
+            lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
+            if dropout_p > 0 and seed is None:
+                seed = int(torch.randint(0, 2**31 - 1, ()).item())
+            if resolve_backend(xc, storage, lora_A, backend).name == "triton":
+                from lorakern.kernels.lora_linear import LoraLinearTritonFunction
+
+                y = LoraLinearTritonFunction.apply(xc, storage, bias, lora_A, lora_B, scaling, dropout_p, seed or 0)
+                return y.to(x.dtype) if compute_dtype is not None else y
         x_lora = None
         if lora_A is not None and dropout_p > 0:
-            seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
             x_lora = xc * torch_dropout_mask(seed, x.shape, dropout_p, x.device).to(dtype)
-        y = NF4LinearFunction.apply(
-            xc, x_lora, storage, None if bias is None else bias.to(dtype),
-            None if lora_A is None else lora_A.to(dtype), None if lora_B is None else lora_B.to(dtype), scaling)
+        y = NF4LinearFunction.apply(xc, x_lora, storage, bias, lora_A, lora_B, scaling)
     return y.to(x.dtype) if compute_dtype is not None else y
 
 
@@ -409,10 +437,13 @@ class LoraLinearNF4(_NF4Module, LoraLinear):
         if self.disabled:
             return nf4_linear(x, self.nf4, self.bias, None, None, 0.0, self.compute_dtype)
         return nf4_linear(x, self.nf4, self.bias, self.lora_A, self.lora_B, self.scaling, self.compute_dtype,
-                          dropout_p=self.dropout if self.training else 0.0, seed=self.dropout_seed)
+                          dropout_p=self.dropout if self.training else 0.0, seed=self.dropout_seed,
+                          backend=self.backend)
 
     def dropout_mask(self, seed: int, x: torch.Tensor) -> torch.Tensor:
-        return torch_dropout_mask(seed, x.shape, self.dropout, x.device)
+        xc = x.to(self.compute_dtype or x.dtype)
+        backend = resolve_backend(xc, self.nf4, self.lora_A.to(xc.dtype), self.backend)
+        return backend.dropout_mask(seed, x.shape, self.dropout, x.device)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling

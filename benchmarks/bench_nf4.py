@@ -1,0 +1,36 @@
+"""NF4 against bitsandbytes: quantize, dequantize and a 4-bit layer's forward, side by side.
+
+    python benchmarks/bench_nf4.py [--device cpu] [--rows 4096 --cols 4096 --tokens 256] [--out DIR]
+"""
+import argparse
+import json
+import os
+
+import torch
+
+from lorakern import bench
+from lorakern._io import atomic_write_bytes
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--cols", type=int, default=4096)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    rows = bench.measure_nf4(args.rows, args.cols, args.tokens, args.device, args.rounds)
+    table = bench.nf4_markdown(rows)
+    print(table)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        payload = {"machine": bench.machine(), "device": args.device, "rows": rows}
+        atomic_write_bytes(os.path.join(args.out, "nf4.json"), json.dumps(payload, indent=2).encode())
+        atomic_write_bytes(os.path.join(args.out, "nf4.md"), (table + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
