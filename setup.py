@@ -13,8 +13,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["lorakern", "lorakern.core", "lorakern.kernels"],
+    packages=["lorakern", "lorakern.core", "lorakern.kernels", "lorakern.harness"],
     package_dir={"lorakern.kernels": "kernels"},
+    # The harness's fixture sets (GLUE TSVs, SQuAD JSON) and their generator ship with the package.
+    package_data={"lorakern.harness": ["fixtures/*.py", "fixtures/glue/*/*.tsv", "fixtures/squad/*.json"]},
     install_requires=[
         "numpy>=1.24",
         # Install torch first, pinned (see README): a looser requirement here must be satisfied
@@ -33,7 +35,12 @@ setup(
             "loralib>=0.1.2",
             "safetensors>=0.4",
             "matplotlib>=3.5",
+            "scikit-learn>=1.2",
+            "scipy>=1.10",
+            "tqdm>=4.60",
         ],
+        "harness": ["transformers>=4.40", "tokenizers>=0.15", "matplotlib>=3.5", "scikit-learn>=1.2", "scipy>=1.10",
+                    "tqdm>=4.60"],
         "bench": ["matplotlib>=3.5"],
         "triton": ["triton==3.8.0"],
     },
