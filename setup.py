@@ -13,10 +13,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["lorakern", "lorakern.core", "lorakern.kernels", "lorakern.harness"],
+    packages=["lorakern", "lorakern.core", "lorakern.kernels", "lorakern.harness", "lorakern.native"],
     package_dir={"lorakern.kernels": "kernels"},
     # The harness's fixture sets (GLUE TSVs, SQuAD JSON) and their generator ship with the package.
-    package_data={"lorakern.harness": ["fixtures/*.py", "fixtures/glue/*/*.tsv", "fixtures/squad/*.json"]},
+    package_data={"lorakern.harness": ["fixtures/*.py", "fixtures/glue/*/*.tsv", "fixtures/squad/*.json"],
+                  # the CPU NF4 codec's C source, compiled on first use (lorakern/native/__init__.py)
+                  "lorakern.native": ["*.c"]},
     install_requires=[
         "numpy>=1.24",
         # Install torch first, pinned (see README): a looser requirement here must be satisfied

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from lorakern import native
 from lorakern.core import nf4 as nf4_core
 from lorakern.functional import resolve_backend, torch_dropout_mask
 from lorakern.layer import LoraLinear, is_conv1d, is_linear_like
@@ -36,9 +37,22 @@ def _dtype_name(dtype: torch.dtype) -> str:
     raise ValueError(f"NF4 base weights are float32, float16 or bfloat16, got {dtype}; cast the layer first")
 
 
-def _blockwise(flat: torch.Tensor, blocksize: int, midpoints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """lorakern.core.nf4._blockwise_codes in torch: (uint8 codes, fp32 absmax per block)."""
+def _blockwise(flat: torch.Tensor, blocksize: int, midpoints: torch.Tensor, pack: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """lorakern.core.nf4._blockwise_codes in torch: (uint8 codes, or NF4-packed bytes, and fp32 absmax per block).
+
+    On CPU the compiled codec (lorakern.native) does the same arithmetic in one pass when it is available.
+    """
     n = flat.numel()
+    library = native.library() if flat.device.type == "cpu" else None
+    if library is not None:
+        flat = flat.contiguous()
+        midpoints = midpoints.contiguous()
+        out = torch.empty((n + 1) // 2 if pack else n, dtype=torch.uint8)
+        absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+        library.blockwise_quantize_f32(flat.data_ptr(), n, blocksize, midpoints.data_ptr(), midpoints.numel(),
+                                       int(pack), out.data_ptr(), absmax.data_ptr())
+        return (out.reshape(-1, 1) if pack else out), absmax
     full = n - n % blocksize
     tiny = torch.tensor(1e-38, dtype=torch.float32, device=flat.device)
     scaled = torch.empty_like(flat)
@@ -51,7 +65,12 @@ def _blockwise(flat: torch.Tensor, blocksize: int, midpoints: torch.Tensor) -> t
         scaled[full:] = flat[full:] / last
         absmax = torch.cat([absmax, last.reshape(1)])
     scaled.clamp_(-1.0, 1.0)
-    return torch.bucketize(scaled, midpoints, out_int32=True).to(torch.uint8), absmax
+    codes = torch.bucketize(scaled, midpoints, out_int32=True).to(torch.uint8)
+    if not pack:
+        return codes, absmax
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_full((1,), 7)])
+    return ((codes[0::2] << 4) | codes[1::2]).reshape(-1, 1), absmax
 
 
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> dict:
@@ -63,10 +82,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         raise ValueError(f"cannot quantize an empty weight of shape {tuple(weight.shape)}")
     device = weight.device
     flat = weight.detach().reshape(-1).to(torch.float32)
-    codes, absmax = _blockwise(flat, blocksize, torch.from_numpy(nf4_core.NF4_MIDPOINTS).to(device))
-    if codes.numel() % 2:
-        codes = torch.cat([codes, codes.new_full((1,), 7)])
-    packed = ((codes[0::2] << 4) | codes[1::2]).reshape(-1, 1)
+    packed, absmax = _blockwise(flat, blocksize, torch.from_numpy(nf4_core.NF4_MIDPOINTS).to(device), pack=True)
     state = {"packed": packed, "shape": tuple(weight.shape), "dtype": _dtype_name(weight.dtype),
              "blocksize": blocksize, "quant_map": torch.from_numpy(nf4_core.NF4_CODE.copy()).to(device)}
     if not double_quant:
@@ -75,7 +91,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     offset = absmax.mean()
     nested_map = torch.from_numpy(nf4_core.NESTED_MAP.copy()).to(device)
     nested_midpoints = (nested_map[:-1] + nested_map[1:]) / 2
-    absmax_codes, nested_absmax = _blockwise(absmax - offset, nf4_core.NESTED_BLOCKSIZE, nested_midpoints)
+    absmax_codes, nested_absmax = _blockwise(absmax - offset, nf4_core.NESTED_BLOCKSIZE, nested_midpoints, pack=False)
     state.update(absmax=absmax_codes, nested_absmax=nested_absmax, nested_map=nested_map, offset=offset)
     return state
 
@@ -141,6 +157,13 @@ class NF4Storage(nn.Module):
         """Elements [start, stop) of the flattened weight: NF4[q] * absmax in fp32, rounded once to dtype."""
         absmax = self.absmax_values() if absmax is None else absmax
         bs = self.blocksize
+        library = native.library() if self.packed.device.type == "cpu" and start % 2 == 0 else None
+        if library is not None:
+            out = torch.empty(stop - start, dtype=torch.float32)
+            absmax = absmax.contiguous()
+            library.nf4_decode_f32(self.packed.data_ptr(), start, stop - start, bs, absmax.data_ptr(),
+                                   self.quant_map.contiguous().data_ptr(), out.data_ptr())
+            return out.to(dtype)
         if start % bs == 0 and start % 2 == 0:
             # Whole blocks from an even element: one table lookup per byte (both nibbles), then a broadcast
             # multiply by the block's absmax; no per-element index arithmetic.
