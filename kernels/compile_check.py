@@ -68,7 +68,7 @@ def _signature(kind: str, dtype: str, r_pad: int, meta: dict, weight: str = "den
 
     from lorakern.kernels import lora_linear as ll
 
-    kernel = ll._lora_fwd_kernel if kind == "fwd" else ll._lora_bwd_kernel
+    kernel = {"fwd": ll._lora_fwd_kernel, "bwd": ll._lora_bwd_kernel, "small": ll._lora_small_m_kernel}[kind]
     ptr = _PTR[dtype]
     constexprs = dict(meta)
     constexprs.update(R_PAD=r_pad, DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
@@ -77,7 +77,11 @@ def _signature(kind: str, dtype: str, r_pad: int, meta: dict, weight: str = "den
     constexprs.update(W_NF4=nf4, W_NESTED=nf4)
     if not nf4:
         constexprs["wq_blocksize"] = 1  # dense launches pass 1, which the JIT specialises as a constant
-    if kind == "fwd":
+    if kind == "small":
+        constexprs.update(HAS_BIAS=True, HAS_DROPOUT=True)
+        inner_strides = {"stride_xk", "stride_ak", "stride_br"} | ({"stride_wk"} if not nf4 else set())
+        fp32_ptrs = {"y_ptr", "u_ptr"}
+    elif kind == "fwd":
         constexprs.update(HAS_BIAS=True, HAS_DROPOUT=True)
         inner_strides = {"stride_xk", "stride_ak", "stride_br", "stride_yn", "stride_ur"} | ({"stride_wk"} if not nf4 else set())
         fp32_ptrs = set()
@@ -114,8 +118,17 @@ def compile_one(kind: str, dtype: str, arch: int, r_pad: int, config_index: int,
 
     from lorakern.kernels import lora_linear as ll
 
-    config = ll.get_autotune_config(kind, getattr(torch, dtype), r_pad, weight)[config_index]
-    return compile_config(kind, dtype, arch, r_pad, config, weight)
+    return compile_config(kind, dtype, arch, r_pad, _configs(kind, dtype, r_pad, weight)[config_index], weight)
+
+
+def _configs(kind: str, dtype: str, r_pad: int, weight: str) -> list:
+    import torch
+
+    from lorakern.kernels import lora_linear as ll
+
+    if kind == "small":
+        return ll._small_m_configs(getattr(torch, dtype), weight)
+    return ll.get_autotune_config(kind, getattr(torch, dtype), r_pad, weight)
 
 
 def compile_config(kind: str, dtype: str, arch: int, r_pad: int, config, weight: str = "dense") -> Report:
@@ -149,7 +162,8 @@ def compile_config(kind: str, dtype: str, arch: int, r_pad: int, config, weight:
         kernel=kind, weight=weight, dtype=dtype, arch=arch, r_pad=r_pad, config=config_text, registers=registers,
         spill_bytes=spills, shared_bytes=int(compiled.metadata.shared), shared_limit=SHARED_LIMIT[arch],
         wgmma="wgmma.mma_async" in ptx,
-        tensor_cores_expected=dtype != "float32" and config.kwargs["BLOCK_M"] >= 64 and config.num_warps >= 4,
+        tensor_cores_expected=(kind != "small" and dtype != "float32" and config.kwargs["BLOCK_M"] >= 64
+                               and config.num_warps >= 4),
     )
 
 
@@ -159,11 +173,11 @@ def all_jobs(archs=(80, 90), dtypes=DTYPES, weights=WEIGHTS) -> list[tuple]:
     from lorakern.kernels import lora_linear as ll
 
     jobs = []
-    for kind in ("fwd", "bwd"):
+    for kind in ("fwd", "bwd", "small"):
         for weight in weights:
             for dtype in dtypes:
                 for r_pad in ll.RANK_PADS:
-                    for index in range(len(ll.get_autotune_config(kind, getattr(torch, dtype), r_pad, weight))):
+                    for index in range(len(_configs(kind, dtype, r_pad, weight))):
                         for arch in archs:
                             jobs.append((kind, dtype, arch, r_pad, index, weight))
     return jobs

@@ -321,6 +321,63 @@ def _lora_bwd_kernel(
 
 
 @triton.jit
+def _lora_small_m_kernel(
+    # pointers (y_ptr and u_ptr: zeroed fp32 accumulators)
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr,
+    wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr,
+    # sizes
+    M, N, K, R,
+    # strides
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    # scalars
+    scaling, dropout_p, seed, wq_offset, wq_blocksize,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, W_NF4: tl.constexpr, W_NESTED: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Decoding (M <= BLOCK_M = 16): split-K, so a few rows still keep every SM busy.
+
+    Program (n tile, k split) reads its slice of W exactly once (the whole weight is streamed once) and
+    adds, atomically in fp32, its share of y = x W^T + s (x~ A^T) B^T: the LoRA term is linear in the
+    K-partial u_k = x~[:, k] A^T[k], so each split adds s u_k B^T for its own k. The splits of the first
+    n tile also add u_k to u; the first split adds the bias.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    keep_scale = _keep_scale(dropout_p)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    u = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
+    for k0 in range(k_start, min(K, k_start + k_per_split), BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x_tile = _load(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
+        w_tile = _load_weight(w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr, wq_offset,
+                              wq_blocksize, offs_n, offs_k, stride_wn, stride_wk, N, K, True, W_NF4, W_NESTED,
+                              x_ptr.dtype.element_ty)
+        # acc += x W^T
+        acc = _dot(x_tile, w_tile, acc, DOT_PRECISION, UPCAST)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, offs_m, offs_k, K, dropout_p)
+            x_tile = tl.where(keep, x_tile.to(ACC_DTYPE) * keep_scale, 0.0).to(x_tile.dtype)
+        # u_k += x~ A^T
+        u = _dot(x_tile, _load(a_ptr, offs_k, offs_r, stride_ak, stride_ar, K, R), u, DOT_PRECISION, UPCAST)
+    # acc += (s u_k) B^T
+    acc = _dot((u * scaling).to(x_ptr.dtype.element_ty), _load(b_ptr, offs_r, offs_n, stride_br, stride_bn, R, N), acc,
+               DOT_PRECISION, UPCAST)
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
+    _atomic_add(y_ptr, acc, offs_m, offs_n, M, N)
+    if pid_n == 0:
+        _atomic_add(u_ptr, u, offs_m, offs_r, M, R)
+
+
+@triton.jit
 def _dropout_mask_kernel(out_ptr, M, K, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """out (M, K) fp32 = keep / (1 - p): the mask the fused kernels draw for ``seed``."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -367,6 +424,15 @@ _CONFIGS_NF4 = {
     ("bwd", 32, 64): [(16, 32, 32, 1, 4, 1), (32, 32, 16, 1, 4, 1)],
 }
 RANK_PADS = (16, 32, 64)
+# The decoding kernel (M <= SMALL_M): (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) per weight format and input
+# width, under the same compile checks.
+SMALL_M = 16
+_CONFIGS_SMALL = {
+    ("dense", 16): [(128, 64, 2, 4, 3), (32, 128, 8, 4, 3)],
+    ("dense", 32): [(32, 32, 4, 4, 2), (64, 32, 2, 4, 2)],
+    ("nf4", 16): [(32, 64, 4, 4, 2), (64, 64, 2, 4, 2), (64, 32, 4, 4, 2)],
+    ("nf4", 32): [(32, 32, 4, 4, 2)],
+}
 
 
 def rank_pad(r: int) -> int:
@@ -403,6 +469,13 @@ def _autotuned(kernel, kind: str, dtype: torch.dtype, r_pad: int, weight: str):
 
 
 _AUTOTUNED: dict = {}
+
+
+def _small_m_configs(dtype: torch.dtype, weight: str = "dense") -> list[triton.Config]:
+    if INTERPRETED:
+        return [triton.Config({"BLOCK_M": SMALL_M, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2})]
+    return [triton.Config({"BLOCK_M": SMALL_M, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=s)
+            for bn, bk, sk, w, s in _CONFIGS_SMALL[(weight, 32 if dtype == torch.float32 else 16)]]
 
 
 def _meta(dtype: torch.dtype, r: int) -> dict:
@@ -488,6 +561,8 @@ def lora_forward(x2, weight, bias, lora_A, lora_B, scaling: float, dropout_p: fl
     u = torch.empty((M, r), device=x2.device, dtype=x2.dtype)
     if M == 0:
         return y, u
+    if M <= SMALL_M:
+        return _forward_small_m(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     kernel, fixed = _autotuned(_lora_fwd_kernel, "fwd", x2.dtype, rank_pad(r), "nf4" if _is_nf4(weight) else "dense")
 
     def grid(meta):
@@ -504,6 +579,36 @@ def lora_forward(x2, weight, bias, lora_A, lora_B, scaling: float, dropout_p: fl
         HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, **wq_scalars, **_meta(x2.dtype, r), **fixed,
     )
     return y, u
+
+
+def _forward_small_m(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    """lora_forward for M <= SMALL_M: the split-K decoding kernel, accumulating in fp32."""
+    M, K = x2.shape
+    N, r = lora_B.shape
+    acc_dtype = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    y = torch.zeros((M, N), device=x2.device, dtype=acc_dtype)
+    u = torch.zeros((M, r), device=x2.device, dtype=acc_dtype)
+    if INTERPRETED:
+        kernel, fixed = _lora_small_m_kernel, _small_m_configs(x2.dtype)[0].kwargs
+    else:
+        key = ("small", x2.dtype, rank_pad(r), "nf4" if _is_nf4(weight) else "dense")
+        if key not in _AUTOTUNED:
+            _AUTOTUNED[key] = triton.autotune(_small_m_configs(x2.dtype, key[3]), key=["N", "K", "R"],
+                                              reset_to_zero=["y_ptr", "u_ptr"])(_lora_small_m_kernel)
+        kernel, fixed = _AUTOTUNED[key], {}
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+    (w, *wq), w_strides, wq_scalars = _weight_args(weight, y)
+    kernel[grid](
+        x2, w, bias if bias is not None else y, lora_A, lora_B, y, u, *wq,
+        M, N, K, r,
+        x2.stride(0), x2.stride(1), *w_strides, lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
+        float(scaling), float(dropout_p), int(seed), wq_scalars.pop("wq_offset"), wq_scalars.pop("wq_blocksize"),
+        HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, **wq_scalars, **_meta(x2.dtype, r), **fixed,
+    )
+    return y.to(x2.dtype), u.to(x2.dtype)
 
 
 def lora_backward(g, x2, u, weight, lora_A, lora_B, scaling: float, dropout_p: float, seed: int,

@@ -38,7 +38,7 @@ def test_every_kernel_arch_dtype_and_rank_is_covered(reports):
 
     results, _ = reports
     seen = {(r["kernel"], r["weight"], r["dtype"], r["arch"], r["r_pad"]) for r in results}
-    expected = {(k, w, d, a, p) for k in ("fwd", "bwd") for w in ("dense", "nf4") for d in ("bfloat16", "float32")
+    expected = {(k, w, d, a, p) for k in ("fwd", "bwd", "small") for w in ("dense", "nf4") for d in ("bfloat16", "float32")
                 for a in (80, 90) for p in kl.RANK_PADS}
     assert seen == expected
     assert all(r["registers"] > 0 and r["shared_bytes"] > 0 for r in results)
