@@ -29,8 +29,12 @@ timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_interpreted.
 # 2. Every path on CUDA against the reference.
 timeout 60 lorakern check --device cuda 2>&1 | tee "$OUT/check.txt" || status=1
 
-# 3. The kernel benchmark: bf16 at the target shapes (4 minutes at most).
-timeout 240 $PY benchmarks/bench_lora_linear.py --device cuda --dtype bfloat16 --out "$OUT" --plot \
+# 3. The kernel benchmark: bf16 at the target shapes (3 minutes at most).
+timeout 180 $PY benchmarks/bench_lora_linear.py --device cuda --dtype bfloat16 --out "$OUT" --plot \
   2>&1 | tee "$OUT/bench.txt" || status=1
+
+# 4. QLoRA: NF4 forward at M = 1, 16, 4096, 8192 and a training step (bitsandbytes and PEFT rows appear
+#    where they are installed; carry their wheels, see the device tool's README). 90 seconds at most.
+timeout 90 $PY benchmarks/bench_qlora.py --device cuda --rounds 5 --out "$OUT" 2>&1 | tee "$OUT/qlora.txt" || status=1
 
 exit $status

@@ -233,3 +233,20 @@ def test_merge_and_unload_gives_full_precision_and_requantize_reports(batch):
     assert isinstance(requantized.roberta.encoder.layer[0].attention.self.query, quant.LinearNF4)
     errors = requantized.requantize_errors
     assert len(errors) == 12 and all(0 < e["max_abs"] and 0 < e["max_rel"] < 0.2 for e in errors.values())
+
+
+def test_qlora_benchmark_quick_mode_runs(tmp_path):
+    """The QLoRA benchmark end to end on tiny shapes (no timing assertions: ratios live in the benchmark)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "bench_qlora.py")
+    done = subprocess.run([sys.executable, script, "--quick", "--device", "cpu", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "qlora.json").read_text())["rows"]
+    references = {r["reference"] for r in rows}
+    assert {"dequantize + matmul", "bitsandbytes Linear4bit", "PEFT + bitsandbytes"} <= references
+    assert all(r["lorakern_ms"] > 0 and r["reference_ms"] > 0 for r in rows)
