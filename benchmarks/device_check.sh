@@ -22,8 +22,8 @@ status=0
 
 $PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
 
-# 1. Kernels compiled on the GPU against the float64 reference (3 minutes at most).
-timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_interpreted.py tests/test_layer.py \
+# 1. Kernels compiled on the GPU against the float64 reference (150 seconds at most).
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_interpreted.py tests/test_layer.py \
   -x 2>&1 | tee "$OUT/tests.txt" || status=1
 
 # 2. Every path on CUDA against the reference.
