@@ -108,6 +108,11 @@ class Comparison:
         return "; ".join(f"{k}: {self.errors[k]:.3g} ({self.details[k]})" for k in self.errors) + f"; bound {self.bound:.3g}"
 
 
+def assert_matches_reference(comparison: Comparison) -> None:
+    """Fail with every tensor's worst element when a comparison is outside its bound."""
+    assert comparison.passed, f"{comparison.dtype} x{comparison.shape}: {comparison.report()}"
+
+
 def compare_layer(layer, x: torch.Tensor, grad_y: Optional[torch.Tensor] = None, seed: int = 0) -> Comparison:
     """Run ``layer`` (a LoraLinear in training mode or not) on x, backprop grad_y, compare with core.
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lorakern.kernels import lora_linear as kl
-from lorakern.testing import TOLERANCE, compare_layer, random_layer
+from lorakern.testing import TOLERANCE, assert_matches_reference, compare_layer, random_layer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16] + ([torch.float64] if kl.INTERPRETED else [])
@@ -17,10 +17,6 @@ def triton_layer(*args, **kwargs):
     layer = random_layer(*args, device=DEVICE, **kwargs)
     layer.backend = "triton"
     return layer
-
-
-def assert_matches_reference(comparison):
-    assert comparison.passed, f"{comparison.dtype} x{comparison.shape}: {comparison.report()}"
 
 
 @settings(max_examples=40)

@@ -10,14 +10,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lorakern import LoraLinear, LoraLinearFunction
-from lorakern.testing import TOLERANCE, compare_layer, random_layer
+from lorakern.testing import TOLERANCE, assert_matches_reference, compare_layer, random_layer
 
 DTYPES = list(TOLERANCE)
 DTYPE_IDS = [str(d).replace("torch.", "") for d in DTYPES]
-
-
-def assert_matches_reference(comparison):
-    assert comparison.passed, f"{comparison.dtype} x{comparison.shape}: {comparison.report()}"
 
 
 @given(

@@ -12,7 +12,7 @@ from conftest import tiny_roberta_classifier
 from lorakern import LoraConfig, LoraLinear, inject, lora_layers, merge_and_unload
 from lorakern import quant
 from lorakern.core import nf4
-from lorakern.testing import compare_layer
+from lorakern.testing import assert_matches_reference, compare_layer
 
 
 def bnb_module():
@@ -72,7 +72,7 @@ def test_lora_on_nf4_base_matches_reference(lead, in_features, out_features, r, 
         comparison = compare_layer(layer, x, seed=seed)
     finally:
         quant.CHUNK_ELEMENTS = old_chunk
-    assert comparison.passed, comparison.report()
+    assert_matches_reference(comparison)
 
 
 def test_buffers_move_with_to_and_ignore_dtype_casts():
