@@ -30,8 +30,9 @@ timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_interpreted.
 timeout 60 lorakern check --device cuda 2>&1 | tee "$OUT/check.txt" || status=1
 
 # 3. The kernel benchmark: bf16 at the target shapes (3 minutes at most).
-timeout 180 $PY benchmarks/bench_lora_linear.py --device cuda --dtype bfloat16 --out "$OUT" --plot \
-  2>&1 | tee "$OUT/bench.txt" || status=1
+#    M = 8192 tokens; 4096 x 4096 and 768 x 768 at r = 8 and 16; every provider installed there.
+timeout 180 lorakern bench --device cuda --dtype bfloat16 --shapes 4096x4096,768x768 --ranks 8,16 --tokens 8192 \
+  --rounds 5 --out "$OUT" --plot 2>&1 | tee "$OUT/bench.txt" || status=1
 
 # 4. QLoRA: NF4 forward at M = 1, 16, 4096, 8192 and a training step (bitsandbytes and PEFT rows appear
 #    where they are installed; carry their wheels, see the device tool's README). 90 seconds at most.

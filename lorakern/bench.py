@@ -1,17 +1,34 @@
-"""Side-by-side timing of a LoRA linear layer against its frozen base layer and other formulations.
+"""Side-by-side timing and peak memory of a LoRA linear layer against its frozen base layer and its peers.
 
-Providers run interleaved, round by round, on the same tensors; each round times every provider once
-(a batch of calls), so a noisy machine slows all of them alike. Reported: min and median per call, and
-each provider's ratio to the frozen nn.Linear of the same mode (fwd: forward; fwd+bwd: forward and
-backward, the frozen layer computing dx only). On CUDA also achieved TFLOP/s and the roofline bound.
+Providers (each used when importable): the frozen ``nn.Linear`` (the floor), the seed's naive formulation
+(forms B @ A on every call), lorakern's torch path (and its Triton path on CUDA), PEFT's
+``peft.tuners.lora.Linear`` and loralib's ``loralib.Linear``, all holding the same W, b, A, B and scale.
+
+How it measures, and why:
+- Interleaved: every round times every provider once (a sample of one or more calls), so a noisy or
+  shared machine slows all providers alike; several rounds, min and median reported, each as a ratio to
+  the frozen layer's min and median in the same mode.
+- Modes: ``fwd`` (a training forward: autograd records the graph), ``bwd`` (the backward call alone: the
+  forward runs untimed before each sample and the timed calls back-propagate through it with
+  ``retain_graph=True``), ``fwd+bwd`` (a training step of the layer). The frozen layer's backward
+  computes dx only; the LoRA providers compute dx, dA and dB.
+- Peak memory, measured in a separate untimed pass. CUDA: ``torch.cuda.max_memory_allocated`` minus the
+  memory allocated before the step. CPU has no allocator statistics, so ``AllocationTracker`` (a
+  TorchDispatchMode) adds up the bytes of every storage an ATen op creates and subtracts them when the
+  storage is freed; the peak of that sum over the step is reported. It counts every tensor, outputs,
+  saved activations and temporaries, but not scratch memory private to a BLAS call (MKL packing
+  buffers), which is the same for every provider's base GEMM.
+- On CUDA also TFLOP/s, GB/s (compulsory traffic over time) and the roofline bound for the card.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -19,9 +36,15 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from lorakern._io import atomic_write_bytes
 from lorakern.functional import lora_linear
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+FROZEN = "frozen nn.Linear"
 
 
 @dataclass(frozen=True)
@@ -33,12 +56,43 @@ class Shape:
     r: int
 
 
-SHAPES_CPU = [Shape("roberta-base 768x768", 4096, 768, 768, 8), Shape("llama 4096x4096", 1024, 4096, 4096, 16)]
-SHAPES_GPU = [Shape("llama 4096x4096", 8192, 4096, 4096, 16), Shape("roberta-base 768x768", 8192, 768, 768, 8)]
+# Layers of real models (in_features K, out_features N). Token counts M: sized for 2 CPU cores (a
+# training step of the largest shape stays under a second) and real batch sizes on a GPU.
+LAYERS = {
+    "768x768": ("roberta-base attention", 768, 768),
+    "768x3072": ("roberta-base FFN up", 768, 3072),
+    "4096x4096": ("LLaMA-style 4096", 4096, 4096),
+}
+TOKENS_CPU = {"768x768": 4096, "768x3072": 4096, "4096x4096": 1024}
+TOKENS_GPU = {"768x768": 8192, "768x3072": 8192, "4096x4096": 8192}
+RANKS = (8, 16, 64)
+
+
+def shape_grid(layers=tuple(LAYERS), ranks=RANKS, device: str = "cpu", tokens: Optional[int] = None) -> list[Shape]:
+    """Every layer in ``layers`` at every rank in ``ranks``; M from ``tokens`` or the device's default."""
+    out = []
+    for key in layers:
+        if key not in LAYERS:
+            raise ValueError(f"unknown layer {key!r}; choose from {', '.join(LAYERS)} (e.g. --shapes 768x768,4096x4096)")
+        name, K, N = LAYERS[key]
+        M = tokens or (TOKENS_GPU if device == "cuda" else TOKENS_CPU)[key]
+        for r in ranks:
+            if not isinstance(r, int) or r <= 0:
+                raise ValueError(f"rank must be a positive integer, got {r!r}; pass e.g. --ranks 8,16,64")
+            out.append(Shape(f"{name} {key}", M, K, N, r))
+    return out
+
+
+SHAPES_CPU = shape_grid(device="cpu")
+SHAPES_GPU = shape_grid(device="cuda")
 SHAPES_QUICK = [Shape("quick 96x80", 64, 96, 80, 4)]
 
-# Dense peak (FLOP/s) for 16-bit tensor-core math and HBM bandwidth (B/s), by card name.
-PEAKS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12)}
+# Dense peaks by card: FLOP/s per dtype (16-bit tensor cores, TF32, plain fp32) and HBM bytes/s.
+PEAKS = {
+    "H200": ({"float16": 989e12, "bfloat16": 989e12, "tf32": 494e12, "float32": 67e12}, 4.8e12),
+    "H100": ({"float16": 989e12, "bfloat16": 989e12, "tf32": 494e12, "float32": 67e12}, 3.35e12),
+    "A100": ({"float16": 312e12, "bfloat16": 312e12, "tf32": 156e12, "float32": 19.5e12}, 2.0e12),
+}
 
 
 @dataclass
@@ -66,62 +120,107 @@ def make_operands(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0) 
     )
 
 
-# A provider computes y from the operands, with autograd; its backward is whatever autograd runs.
-def _frozen(o: Operands) -> torch.Tensor:
-    return F.linear(o.x, o.W, o.b)
+@dataclass
+class Built:
+    """A provider bound to operands: ``forward()`` computes y from o.x; ``params`` are the tensors whose
+    gradients a training step needs, in the order (x, A, B) (just (x,) for the frozen layer)."""
+
+    forward: Callable[[], torch.Tensor]
+    params: list
 
 
-def _naive(o: Operands) -> torch.Tensor:
+def _frozen(o: Operands) -> Built:
+    return Built(lambda: F.linear(o.x, o.W, o.b), [o.x])
+
+
+def _naive(o: Operands) -> Built:
     # The seed's formulation: forms B @ A on every call.
-    return F.linear(o.x, o.W + o.s * (o.B @ o.A), o.b)
+    return Built(lambda: F.linear(o.x, o.W + o.s * (o.B @ o.A), o.b), [o.x, o.A, o.B])
 
 
-def _peft_ops(o: Operands) -> torch.Tensor:
-    # PEFT's Linear.forward: base(x) + lora_B(lora_A(dropout(x))) * scaling.
-    return F.linear(o.x, o.W, o.b) + F.linear(F.linear(o.x, o.A), o.B) * o.s
+def _lorakern(backend: str) -> Callable[[Operands], Built]:
+    def build(o: Operands) -> Built:
+        return Built(lambda: lora_linear(o.x, o.W, o.b, o.A, o.B, o.s, backend=backend), [o.x, o.A, o.B])
+
+    return build
 
 
-def _addmm_form(o: Operands) -> torch.Tensor:
-    # Unsloth's form: the base GEMM, then the low-rank product added through addmm's alpha.
-    return torch.addmm(torch.addmm(o.b, o.x, o.W.t()), o.x @ o.A.t(), o.B.t(), alpha=o.s)
+def _base_linear(o: Operands) -> torch.nn.Linear:
+    N, K = o.W.shape
+    base = torch.nn.Linear(K, N, device=o.W.device, dtype=o.W.dtype)
+    with torch.no_grad():
+        base.weight.copy_(o.W)
+        base.bias.copy_(o.b)
+    base.requires_grad_(False)
+    return base
 
 
-def _lorakern(backend: str) -> Callable[[Operands], torch.Tensor]:
-    def run(o: Operands) -> torch.Tensor:
-        return lora_linear(o.x, o.W, o.b, o.A, o.B, o.s, backend=backend)
+def _peft(o: Operands) -> Built:
+    """PEFT's LoRA Linear wrapping an nn.Linear that holds W and b; A, B and the scale copied in."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear
 
-    return run
+    r = o.A.shape[0]
+    layer = Linear(_base_linear(o), "default", config=LoraConfig(r=r, lora_alpha=o.s * r), r=r, lora_alpha=o.s * r)
+    lora_A, lora_B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        lora_A.copy_(o.A)
+        lora_B.copy_(o.B)
+    layer.scaling["default"] = o.s
+    layer.to(device=o.W.device, dtype=o.W.dtype).train()
+    return Built(lambda: layer(o.x), [o.x, lora_A, lora_B])
 
 
-def providers(device: str) -> dict[str, Callable[[Operands], torch.Tensor]]:
-    out = {
-        "frozen nn.Linear": _frozen,
-        "naive (forms B@A)": _naive,
-        "PEFT ops (unfused)": _peft_ops,
-        "addmm form (Unsloth)": _addmm_form,
-        "lorakern torch": _lorakern("torch"),
-    }
+def _loralib(o: Operands) -> Built:
+    """loralib's Linear with the same weights (merge_weights=False, so it never folds B A into W)."""
+    import loralib
+
+    N, K = o.W.shape
+    r = o.A.shape[0]
+    layer = loralib.Linear(K, N, r=r, lora_alpha=o.s * r, merge_weights=False)
+    with torch.no_grad():
+        layer.weight.copy_(o.W)
+        layer.bias.copy_(o.b)
+        layer.lora_A.copy_(o.A)
+        layer.lora_B.copy_(o.B)
+    layer.bias.requires_grad_(False)
+    layer.scaling = o.s
+    layer.to(device=o.W.device, dtype=o.W.dtype).train()
+    return Built(lambda: layer(o.x), [o.x, layer.lora_A, layer.lora_B])
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def providers(device: str) -> dict[str, Callable[[Operands], Built]]:
+    """Every provider available here, by name: peers only when their package is installed."""
+    out = {FROZEN: _frozen, "naive (forms B@A)": _naive, "lorakern torch": _lorakern("torch")}
     if device == "cuda":
         out["lorakern triton"] = _lorakern("triton")
+    if _importable("peft"):
+        out["PEFT lora.Linear"] = _peft
+    if _importable("loralib"):
+        out["loralib Linear"] = _loralib
     return out
 
 
 def flops(shape: Shape, mode: str, lora: bool) -> float:
     M, K, N, r = shape.M, shape.K, shape.N, shape.r
     forward = 2 * M * N * K + (2 * M * K * r + 2 * M * N * r if lora else 0)
-    if mode == "fwd":
-        return forward
+    # backward: dx = g W (+ (g B) A), g B, dA = (g B)^T x, dB = g^T u
     backward = 2 * M * N * K + (2 * M * N * r + 2 * M * r * K + 2 * M * r * K + 2 * M * N * r if lora else 0)
-    return forward + backward
+    return {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}[mode]
 
 
 def min_bytes(shape: Shape, mode: str, itemsize: int) -> float:
     """Compulsory traffic: each operand read once, each result written once."""
     M, K, N, r = shape.M, shape.K, shape.N, shape.r
     forward = (M * K + N * K + M * N + r * (K + N) + M * r) * itemsize
-    if mode == "fwd":
-        return forward
-    return forward + (M * N + N * K + M * K + M * K + M * r + r * (K + N) * 2) * itemsize
+    backward = (M * N + N * K + M * K + M * K + M * r + r * (K + N) * 2) * itemsize
+    return {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}[mode]
 
 
 @dataclass
@@ -138,14 +237,56 @@ class Row:
     median_ms: float
     ratio_min: float = math.nan
     ratio_median: float = math.nan
+    peak_bytes: Optional[int] = None
+    extra_peak_over_Mr: Optional[float] = None
     tflops: Optional[float] = None
+    gbps: Optional[float] = None
     roofline_ms: Optional[float] = None
     samples: list = field(default_factory=list)
 
 
+class AllocationTracker(TorchDispatchMode):
+    """Live bytes of the storages ATen ops create while active, and their peak.
+
+    A storage counts from the op that creates it until it is freed (seen at the next op after it dies;
+    no op can allocate in between, so the peak is exact at op granularity). Views and in-place ops
+    create no storage and count nothing. Does not see scratch memory private to a BLAS call.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _sweep(self) -> None:
+        for key, (ref, nbytes) in list(self.live.items()):
+            if ref.expired():
+                del self.live[key]
+                self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self._sweep()
+        known = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key not in known and key not in self.live and storage.nbytes() > 0:
+                    self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+                    self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+
 def _timer(device: str):
+    """timed(fn, calls, setup) -> ms per call of fn; setup (untimed) runs once before the calls."""
     if device == "cuda":
-        def timed(fn, calls):
+        def timed(fn, calls, setup=None):
+            if setup is not None:
+                setup()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
             start.record()
@@ -155,7 +296,9 @@ def _timer(device: str):
             torch.cuda.synchronize()
             return start.elapsed_time(end) / calls
     else:
-        def timed(fn, calls):
+        def timed(fn, calls, setup=None):
+            if setup is not None:
+                setup()
             begin = time.perf_counter()
             for _ in range(calls):
                 fn()
@@ -163,52 +306,109 @@ def _timer(device: str):
     return timed
 
 
-def _step(provider, o: Operands, mode: str) -> Callable[[], None]:
-    if mode == "fwd":
-        def run():
-            provider(o)
-    else:
-        params = [o.x] if provider is _frozen else [o.x, o.A, o.B]
+@dataclass
+class _Step:
+    """What one sample runs: ``setup`` untimed, then ``run`` timed ``calls`` times."""
 
-        def run():
-            torch.autograd.grad(provider(o), params, o.grad)
-    return run
+    run: Callable[[], None]
+    setup: Optional[Callable[[], None]] = None
+
+
+def _step(built: Built, grad: torch.Tensor, mode: str) -> _Step:
+    if mode == "fwd":
+        return _Step(lambda: built.forward())
+    if mode == "fwd+bwd":
+        return _Step(lambda: torch.autograd.grad(built.forward(), built.params, grad))
+    if mode != "bwd":
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    graph = {}
+
+    def setup():
+        graph["y"] = built.forward()
+
+    def run():
+        torch.autograd.grad(graph["y"], built.params, grad, retain_graph=True)
+
+    return _Step(run, setup)
+
+
+def peak_memory(built: Built, grad: torch.Tensor, mode: str, device: str) -> int:
+    """Peak bytes allocated during one ``mode`` step above what was allocated before it (see module doc)."""
+    y = built.forward() if mode == "bwd" else None
+    if mode == "bwd":
+        work = lambda: torch.autograd.grad(y, built.params, grad)
+    elif mode == "fwd":
+        work = lambda: built.forward()
+    else:
+        work = lambda: torch.autograd.grad(built.forward(), built.params, grad)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = work()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        with AllocationTracker() as tracker:
+            result = work()
+        peak = tracker.peak
+    del result
+    return int(peak)
 
 
 def measure(shape: Shape, dtype: torch.dtype, device: str, rounds: int = 7, calls: int = 0,
-            modes=("fwd", "fwd+bwd"), only: Optional[list[str]] = None) -> list[Row]:
-    """Time every provider on ``shape``, interleaved round by round."""
+            modes=MODES, only: Optional[list[str]] = None, memory: bool = True) -> list[Row]:
+    """Time (and measure the peak memory of) every provider on ``shape``, interleaved round by round."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}; pass --rounds 7 (or more on a noisy machine)")
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     o = make_operands(shape, dtype, device)
-    chosen = {k: v for k, v in providers(device).items() if only is None or k in only or k == "frozen nn.Linear"}
+    available = providers(device)
+    if only is not None:
+        unknown = [name for name in only if name not in available]
+        if unknown:
+            raise ValueError(f"unknown or unavailable provider(s) {unknown}; available here: {list(available)}")
+    built = {name: make(o) for name, make in available.items() if only is None or name in only or name == FROZEN}
     timed = _timer(device)
     rows = []
     for mode in modes:
-        steps = {name: _step(fn, o, mode) for name, fn in chosen.items()}
+        steps = {name: _step(b, o.grad, mode) for name, b in built.items()}
         for step in steps.values():  # warm-up: compile, autotune, allocate
-            step()
-            step()
+            for _ in range(2):
+                timed(step.run, 1, step.setup)
         # Enough calls per sample that one sample lasts ~20 ms (timer resolution and launch jitter).
         if calls <= 0:
-            probe = timed(steps["frozen nn.Linear"], 3)
+            probe = timed(steps[FROZEN].run, 3, steps[FROZEN].setup)
             n_calls = max(1, min(200, int(20.0 / max(probe, 1e-3))))
         else:
             n_calls = calls
         samples = {name: [] for name in steps}
         for _ in range(rounds):
             for name, step in steps.items():
-                samples[name].append(timed(step, n_calls))
-        base = samples["frozen nn.Linear"]
+                samples[name].append(timed(step.run, n_calls, step.setup))
+        peaks = {name: peak_memory(b, o.grad, mode, device) for name, b in built.items()} if memory else {}
+        base = samples[FROZEN]
+        lora_activation = shape.M * shape.r * o.x.element_size()
         for name, values in samples.items():
             row = Row(shape.name, shape.M, shape.K, shape.N, shape.r, str(dtype).replace("torch.", ""), mode, name,
                       min(values), statistics.median(values), samples=values)
             row.ratio_min = row.min_ms / min(base)
             row.ratio_median = row.median_ms / statistics.median(base)
+            if memory:
+                row.peak_bytes = peaks[name]
+                row.extra_peak_over_Mr = (peaks[name] - peaks[FROZEN]) / lora_activation
             if device == "cuda":
-                row.tflops = flops(shape, mode, name != "frozen nn.Linear") / (row.min_ms * 1e-3) / 1e12
-                peak = PEAKS.get(_card_family())
-                if peak is not None and dtype in (torch.float16, torch.bfloat16):
-                    row.roofline_ms = 1e3 * max(flops(shape, mode, name != "frozen nn.Linear") / peak[0],
-                                                min_bytes(shape, mode, o.x.element_size()) / peak[1])
+                lora = name != FROZEN
+                row.tflops = flops(shape, mode, lora) / (row.min_ms * 1e-3) / 1e12
+                row.gbps = min_bytes(shape, mode, o.x.element_size()) / (row.min_ms * 1e-3) / 1e9
+                peak = PEAKS.get(_card_family() or "")
+                if peak is not None:
+                    key = "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else row.dtype
+                    if key in peak[0]:
+                        row.roofline_ms = 1e3 * max(flops(shape, mode, lora) / peak[0][key],
+                                                    min_bytes(shape, mode, o.x.element_size()) / peak[1])
             rows.append(row)
     return rows
 
@@ -220,22 +420,40 @@ def _card_family() -> Optional[str]:
     return next((family for family in PEAKS if family in name), None)
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module: str) -> Optional[str]:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:  # not installed, or installed without metadata
+        return None
+
+
 def machine() -> dict:
     info = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "lorakern": _version("lorakern"),
     }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
+    for package in ("triton", "peft", "loralib", "bitsandbytes"):
+        info[package] = _version(package)
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -243,62 +461,110 @@ def machine() -> dict:
 
 def markdown(rows: list[Row]) -> str:
     cuda = any(r.tflops is not None for r in rows)
+    memory = any(r.peak_bytes is not None for r in rows)
     head = "| shape (M, K, N, r) | dtype | mode | provider | min ms | median ms | × frozen (min) | × frozen (median) |"
     rule = "|---|---|---|---|---:|---:|---:|---:|"
-    if cuda:
-        head += " TFLOP/s | roofline ms |"
+    if memory:
+        head += " peak MiB | extra peak / (M·r) |"
         rule += "---:|---:|"
+    if cuda:
+        head += " TFLOP/s | GB/s | roofline ms |"
+        rule += "---:|---:|---:|"
     lines = [head, rule]
     for r in rows:
         line = (f"| {r.shape} ({r.M}, {r.K}, {r.N}, {r.r}) | {r.dtype} | {r.mode} | {r.provider} | {r.min_ms:.3f} | "
                 f"{r.median_ms:.3f} | {r.ratio_min:.3f} | {r.ratio_median:.3f} |")
+        if memory:
+            line += (f" {r.peak_bytes / 2**20:.1f} | {r.extra_peak_over_Mr:.1f} |" if r.peak_bytes is not None
+                     else " n/a | n/a |")
         if cuda:
-            line += f" {r.tflops:.1f} | " + (f"{r.roofline_ms:.3f} |" if r.roofline_ms else "n/a |")
+            line += f" {r.tflops:.1f} | {r.gbps:.0f} | " + (f"{r.roofline_ms:.3f} |" if r.roofline_ms else "n/a |")
         lines.append(line)
     return "\n".join(lines)
 
 
-def plot(rows: list[Row], path: str) -> None:
+def summary(rows: list[Row]) -> str:
+    """The compact table for the README: median ratio to the frozen layer per shape, provider and mode."""
+    shapes = list(dict.fromkeys((r.shape, r.M, r.K, r.N, r.r) for r in rows))
+    names = list(dict.fromkeys(r.provider for r in rows if r.provider != FROZEN))
+    modes = [m for m in MODES if any(r.mode == m for r in rows)]
+    lines = ["| shape (M, K, N, r) | provider | " + " | ".join(f"{m} ×" for m in modes) + " |",
+             "|---|---|" + "---:|" * len(modes)]
+    for key in shapes:
+        for name in names:
+            cells = []
+            for mode in modes:
+                row = next((r for r in rows if (r.shape, r.M, r.K, r.N, r.r) == key and r.provider == name
+                            and r.mode == mode), None)
+                cells.append("n/a" if row is None else f"{row.ratio_median:.2f}")
+            lines.append(f"| {key[0]} ({key[1]}, {key[2]}, {key[3]}, {key[4]}) | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_png(rows: list[Row]) -> bytes:
+    """A bar chart of each provider's median ratio to the frozen layer, per shape and mode, as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r.shape, r.mode) for r in rows})
-    names = list(dict.fromkeys(r.provider for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
+    groups = list(dict.fromkeys((r.shape, r.r, r.mode) for r in rows))
+    names = [n for n in dict.fromkeys(r.provider for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups)), 4.5))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
-        values = [next((r.ratio_median for r in rows if (r.shape, r.mode) == g and r.provider == name), math.nan)
+        values = [next((r.ratio_median for r in rows if (r.shape, r.r, r.mode) == g and r.provider == name), math.nan)
                   for g in groups]
         ax.bar([j + i * width for j in range(len(groups))], values, width, label=name)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
-    ax.set_xticklabels([f"{s}\n{m}" for s, m in groups], fontsize=8)
+    ax.set_xticklabels([f"{s}\nr={r} {m}" for s, r, m in groups], fontsize=6, rotation=90)
     ax.set_ylabel("time / frozen nn.Linear (median)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
+    return buffer.getvalue()
+
+
+def plot(rows: list[Row], path: str) -> None:
+    """Write ``plot_png(rows)`` to ``path`` atomically."""
+    atomic_write_bytes(path, plot_png(rows))
 
 
 def run(shapes: list[Shape], dtype: torch.dtype, device: str, out_dir: Optional[str], rounds: int = 7,
-        draw: bool = False, only: Optional[list[str]] = None) -> list[Row]:
+        draw: bool = False, only: Optional[list[str]] = None, nf4: Optional[tuple[int, int, int]] = None,
+        echo: bool = True) -> list[Row]:
+    """Measure ``shapes``; print the table; write lora_linear.{json,md} (and .png with ``draw``) to ``out_dir``.
+
+    ``nf4`` = (rows, cols, tokens) adds the NF4-vs-bitsandbytes table (nf4.* files) when bitsandbytes is
+    installed.
+    """
     rows = []
-    for shape in shapes:
+    for i, shape in enumerate(shapes):
+        if echo:  # progress on stderr: a default CPU run takes minutes
+            print(f"[{i + 1}/{len(shapes)}] {shape.name} M={shape.M} r={shape.r}", file=sys.stderr, flush=True)
         rows.extend(measure(shape, dtype, device, rounds=rounds, only=only))
+    info = machine()
+    title = f"{info['date']} on {info.get('gpu') or info['processor']} ({device}, {dtype}, {info['torch_threads']} threads, {rounds} rounds)"
     table = markdown(rows)
-    print(table)
+    nf4_rows = None
+    if nf4 is not None and _importable("bitsandbytes"):
+        nf4_rows = measure_nf4(*nf4, device, rounds=rounds)
+    if echo:
+        print(title + "\n\n" + table + "\n\n" + summary(rows))
+        if nf4_rows is not None:
+            print("\nNF4, lorakern vs bitsandbytes\n\n" + nf4_markdown(nf4_rows))
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        payload = {"machine": machine(), "dtype": str(dtype), "device": device, "rounds": rounds,
-                   "rows": [asdict(r) for r in rows]}
+        payload = {"machine": info, "dtype": str(dtype), "device": device, "rounds": rounds,
+                   "rows": [asdict(r) for r in rows], "nf4": nf4_rows}
         atomic_write_bytes(os.path.join(out_dir, "lora_linear.json"), json.dumps(payload, indent=2).encode())
-        atomic_write_bytes(os.path.join(out_dir, "lora_linear.md"),
-                           (f"{payload['machine']['date']} on {payload['machine'].get('gpu') or payload['machine']['processor']}"
-                            f" ({device}, {dtype})\n\n{table}\n").encode())
+        text = f"{title}\n\n{table}\n\n{summary(rows)}\n"
+        if nf4_rows is not None:
+            text += f"\nNF4, lorakern vs bitsandbytes\n\n{nf4_markdown(nf4_rows)}\n"
+        atomic_write_bytes(os.path.join(out_dir, "lora_linear.md"), text.encode())
         if draw:
             plot(rows, os.path.join(out_dir, "lora_linear.png"))
     return rows

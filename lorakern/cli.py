@@ -6,11 +6,60 @@ import sys
 from typing import Optional
 
 
+def add_bench_command(sub) -> None:
+    """``lorakern bench``: the side-by-side benchmark of lorakern.bench (see its module docstring)."""
+    bench = sub.add_parser("bench", help="time and peak memory of a LoRA layer vs its frozen base and its peers")
+    bench.add_argument("--quick", action="store_true",
+                       help="one tiny shape, 2 rounds, every provider and NF4: proves the pipeline in seconds")
+    bench.add_argument("--out", default=None, help="folder for lora_linear.{json,md,png} (default: print only)")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    bench.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+    bench.add_argument("--plot", action="store_true", help="also write lora_linear.png (needs --out)")
+    bench.add_argument("--nf4", action="store_true", help="also time NF4 against bitsandbytes (when installed)")
+    bench.add_argument("--shapes", default=None, help="comma-separated layers, KxN: 768x768,768x3072,4096x4096 (default: all)")
+    bench.add_argument("--ranks", default=None, help="comma-separated ranks (default: 8,16,64)")
+    bench.add_argument("--tokens", type=int, default=None, help="tokens M per shape (default: sized for the device)")
+    bench.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
+
+
+def run_bench(args) -> int:
+    """Turn ``lorakern bench`` flags into a lorakern.bench.run call; bad values raise ValueError with the fix."""
+    import torch
+
+    from lorakern import bench
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    dtype_name = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    if dtype_name not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"--dtype must be float32, float16 or bfloat16, got {dtype_name!r}")
+    if args.plot and not args.out:
+        raise ValueError("--plot writes lora_linear.png into --out; pass --out DIR as well")
+    if args.tokens is not None and args.tokens <= 0:
+        raise ValueError(f"--tokens must be a positive integer, got {args.tokens}")
+    if args.quick:
+        shapes, rounds, nf4 = bench.SHAPES_QUICK, 2, (128, 128, 16)
+    else:
+        layers = tuple(s.strip() for s in args.shapes.split(",")) if args.shapes else tuple(bench.LAYERS)
+        try:
+            ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else bench.RANKS
+        except ValueError:
+            raise ValueError(f"--ranks must be comma-separated integers, got {args.ranks!r}; e.g. --ranks 8,16,64") from None
+        shapes, rounds = bench.shape_grid(layers, ranks, device, args.tokens), args.rounds
+        nf4 = (4096, 4096, 256) if args.nf4 else None
+    bench.run(shapes, getattr(torch, dtype_name), device, args.out, rounds=rounds, draw=args.plot, nf4=nf4)
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="lorakern", description="LoRA layers with fused kernels")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="compare every available path against the float64 reference")
     check.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_bench_command(sub)
     from lorakern.harness.cli import add_commands, main_error
 
     add_commands(sub)
@@ -19,6 +68,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         from lorakern.check import run_check
 
         return 0 if run_check(args.device) else 1
+    if args.command == "bench":
+        try:
+            return run_bench(args)
+        except ValueError as exc:
+            return main_error(exc)
     try:
         return args.handler(args)
     except ValueError as exc:  # bad input: the message names the value and the fix

@@ -16,12 +16,6 @@ BACKEND_ENV = "LORAKERN_BACKEND"
 BACKEND_CHOICES = ("auto", "torch", "triton")
 
 
-
-def _scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    """alpha * (a @ b) in one GEMM call (beta = 0 ignores the uninitialised input)."""
-    return torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0, alpha=alpha)
-
-
 class LoraLinearFunction(torch.autograd.Function):
     """y = x W^T + b + s u B^T with u = x~ A^T, never forming B A.
 
@@ -29,11 +23,21 @@ class LoraLinearFunction(torch.autograd.Function):
         dL/dx~ = s (g B) A        since y depends on x~ only through u = x~ A^T and s u B^T
         dL/dx  = g W  (+ dL/dx~ when x~ is x itself)
         dL/dA  = s (g B)^T x~     the r x K gradient: (g B) is M x r, computed once
-        dL/dB  = s g^T u          u saved from the forward, never recomputed
+        dL/dB  = s g^T u = s (u^T g)^T   u saved from the forward, never recomputed
         dL/db  = sum_rows g
         dL/dW  = g^T x            only when the base weight is trainable
     Saved for backward: x~ (x when there is no dropout) and u (M x r); x itself only when W trains.
     The only M x N tensor is y itself.
+
+    Why it is written this way (CPU, measured with ``lorakern bench``): the rank-r GEMMs are memory bound
+    and the big GEMM is not, so every rank-r term that lands in an M x N (or M x K) result is written
+    first and the big GEMM then accumulates onto it (beta = 1): y starts as b + s u B^T, which replaces
+    the bias broadcast the base GEMM would do anyway, and dx starts as s (g B) A. That leaves no separate
+    pass over y or dx for the low-rank term. s rides in the GEMMs' alpha (no scaled copy of any operand,
+    and s is applied before rounding to a half dtype); B is used as a contiguous r x N copy and dB is
+    computed as u^T g (an r x N result), the layouts MKL runs fastest for these thin products. Walking the
+    rows in cache-sized chunks was measured too and lost: the base GEMM runs slower on row chunks than
+    the thin GEMMs gain, since at these sizes x and dY already sit in the last-level cache.
 
     ``x_lora`` is None when the LoRA branch sees x unchanged; otherwise it is dropout(x), and autograd
     carries its gradient back through the dropout.
@@ -42,14 +46,20 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling: float):
         in_features = x.shape[-1]
+        out_features = weight.shape[0]
         x2 = x.reshape(-1, in_features)
         xl2 = x2 if x_lora is None else x_lora.reshape(-1, in_features)
-        # y = x W^T + b
-        y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
         # u = x~ A^T
         u = xl2 @ lora_A.t()
-        # y += s u B^T, in place: no second M x N temporary
-        y.addmm_(u, lora_B.t(), alpha=scaling)
+        B_t = lora_B.t().contiguous()  # r x N: a few KB
+        # y = b + s u B^T: the rank-r term initialises y where the bias broadcast would
+        if bias is None:
+            y = x2.new_empty(x2.shape[0], out_features)
+            y.addmm_(u, B_t, beta=0.0, alpha=scaling)  # beta = 0 ignores the uninitialised memory
+        else:
+            y = torch.addmm(bias, u, B_t, alpha=scaling)
+        # y += x W^T: the base GEMM accumulates onto it, in place (no second M x N temporary)
+        y.addmm_(x2, weight.t())
 
         ctx.scaling = scaling
         ctx.x_shape = x.shape
@@ -63,35 +73,43 @@ class LoraLinearFunction(torch.autograd.Function):
             lora_A,
             lora_B,
         )
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        return y.reshape(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, grad_y):
         x_lora, u, x, weight, lora_A, lora_B = ctx.saved_tensors
         s = ctx.scaling
         need_x, need_xl, need_W, need_b, need_A, need_B, _ = ctx.needs_input_grad
-        g = grad_y.reshape(-1, weight.shape[0])
+        N, K = weight.shape
+        g = grad_y.reshape(-1, N)
         dx = dxl = dW = db = dA = dB = None
 
         need_gB = need_A or need_xl or (need_x and not ctx.lora_separate)
         # (g B): M x r, computed once for dA and dx
-        gB = g @ lora_B if need_gB else None
+        gB = g @ lora_B.t().contiguous().t() if need_gB else None
         if need_x:
-            # dx = g W + s (g B) A
-            dx = g @ weight
-            if not ctx.lora_separate:
-                dx.addmm_(gB, lora_A, alpha=s)
+            if ctx.lora_separate:
+                dx = g @ weight
+            else:
+                # dx = s (g B) A + g W: the rank-r term first, then the base GEMM accumulates onto it
+                dx = g.new_empty(g.shape[0], K)
+                dx.addmm_(gB, lora_A, beta=0.0, alpha=s)
+                dx.addmm_(g, weight)
             dx = dx.reshape(ctx.x_shape)
-        # The scale s rides in the GEMM's alpha: applied before the result is rounded to a half dtype.
         if need_xl:
             # dx~ = s (g B) A
-            dxl = _scaled_mm(gB, lora_A, s).reshape(ctx.x_shape)
+            dxl = g.new_empty(g.shape[0], K)
+            dxl.addmm_(gB, lora_A, beta=0.0, alpha=s)
+            dxl = dxl.reshape(ctx.x_shape)
         if need_A:
             # dA = s (g B)^T x~
-            dA = _scaled_mm(gB.t(), x_lora, s)
+            dA = lora_A.new_empty(lora_A.shape)
+            dA.addmm_(gB.t(), x_lora, beta=0.0, alpha=s)
         if need_B:
-            # dB = s g^T u
-            dB = _scaled_mm(g.t(), u, s)
+            # dB = s (u^T g)^T: computed r x N, handed back as its N x r transpose (a view)
+            dB_t = lora_B.new_empty(lora_B.shape[1], N)
+            dB_t.addmm_(u.t(), g, beta=0.0, alpha=s)
+            dB = dB_t.t()
         if need_b and ctx.has_bias:
             db = g.sum(dim=0)
         if need_W:

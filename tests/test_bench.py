@@ -1,4 +1,5 @@
-"""The benchmark's providers compute the same layer, and its quick mode runs end to end (no timing asserts)."""
+"""The benchmark's providers compute the same layer, its memory tracker counts honestly, and its quick
+mode runs end to end through the CLI (no timing assertions)."""
 import json
 
 import numpy as np
@@ -6,37 +7,134 @@ import pytest
 import torch
 
 from lorakern import bench, core
+from lorakern.cli import main
+
+PROVIDERS = list(bench.providers("cpu"))
 
 
-@pytest.mark.parametrize("name", list(bench.providers("cpu")))
-def test_every_provider_computes_the_reference(name):
+def test_peers_are_installed_here():
+    # The test environment has PEFT and loralib: their wrappers below must not be silently skipped.
+    assert {"PEFT lora.Linear", "loralib Linear", "lorakern torch", "naive (forms B@A)"} <= set(PROVIDERS)
+
+
+@pytest.mark.parametrize("name", PROVIDERS)
+def test_every_provider_computes_the_reference_output_and_gradients(name):
     shape = bench.Shape("t", 7, 19, 11, 3)
     o = bench.make_operands(shape, torch.float64, "cpu")
-    y = bench.providers("cpu")[name](o)
+    built = bench.providers("cpu")[name](o)
+    y = built.forward()
+    grads = torch.autograd.grad(y, built.params, o.grad)
     f64 = lambda t: t.detach().numpy()
-    if name == "frozen nn.Linear":
-        expected = f64(o.x) @ f64(o.W).T + f64(o.b)
+    x, W, A, B, b, g = map(f64, (o.x, o.W, o.A, o.B, o.b, o.grad))
+    if name == bench.FROZEN:
+        expected_y, expected_grads = x @ W.T + b, [g @ W]
     else:
-        expected = core.forward(f64(o.x), f64(o.W), f64(o.A), f64(o.B), f64(o.b), o.s)
-    np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-12, atol=1e-12)
+        expected_y = core.forward(x, W, A, B, b, o.s)
+        ref = core.backward(x, W, A, B, g, o.s)
+        expected_grads = [ref["dx"], ref["dA"], ref["dB"]]
+    np.testing.assert_allclose(f64(y), expected_y, rtol=1e-12, atol=1e-12)
+    assert len(grads) == len(expected_grads)
+    for got, want in zip(grads, expected_grads):
+        np.testing.assert_allclose(f64(got), want, rtol=1e-12, atol=1e-12)
 
 
-def test_quick_run_writes_json_markdown_and_plot(tmp_path):
-    rows = bench.run(bench.SHAPES_QUICK, torch.float32, "cpu", str(tmp_path), rounds=2, draw=True)
-    providers = {r.provider for r in rows}
-    assert {"frozen nn.Linear", "lorakern torch"} <= providers
-    assert {r.mode for r in rows} == {"fwd", "fwd+bwd"}
-    assert all(r.ratio_median > 0 and len(r.samples) == 2 for r in rows)
-    assert all(r.ratio_min == 1.0 for r in rows if r.provider == "frozen nn.Linear")
+def test_every_mode_steps_and_the_backward_alone_reuses_one_forward():
+    o = bench.make_operands(bench.Shape("t", 5, 6, 4, 2), torch.float64, "cpu")
+    forwards = []
+    built = bench.providers("cpu")["lorakern torch"](o)
+    counted = bench.Built(lambda: forwards.append(1) or built.forward(), built.params)
+    step = bench._step(counted, o.grad, "bwd")
+    step.setup()
+    for _ in range(3):
+        step.run()  # retain_graph: three backward calls through one forward
+    assert len(forwards) == 1
+    with pytest.raises(ValueError, match="mode must be one of"):
+        bench._step(counted, o.grad, "sideways")
+
+
+def test_allocation_tracker_counts_live_bytes_and_frees():
+    x = torch.ones(10, 10)
+    with bench.AllocationTracker() as tracker:
+        a = x * 2  # 400 B
+        b = a + 1  # 400 B
+        del a
+        c = b * 3  # a is freed before c: the peak stays at 800 B
+        view = c[:5]  # views allocate nothing
+        c.mul_(2)  # nor do in-place ops
+    assert tracker.peak == 800 and tracker.current == 800
+    assert view.shape == (5, 10)
+
+
+def test_lorakern_training_step_peak_memory_is_the_frozen_layers_plus_rank_r_activations():
+    shape = bench.Shape("t", 512, 96, 80, 4)
+    o = bench.make_operands(shape, torch.float32, "cpu")
+    available = bench.providers("cpu")
+    frozen = bench.peak_memory(available[bench.FROZEN](o), o.grad, "fwd+bwd", "cpu")
+    ours = bench.peak_memory(available["lorakern torch"](o), o.grad, "fwd+bwd", "cpu")
+    peft = bench.peak_memory(available["PEFT lora.Linear"](o), o.grad, "fwd+bwd", "cpu")
+    size = o.x.element_size()
+    activations = 2 * shape.M * shape.r * size  # u (saved) and g B (transient), both M x r
+    parameter_sized = 4 * shape.r * (shape.K + shape.N) * size  # dA, dB and r x N layout copies of B
+    assert frozen >= shape.M * (shape.N + shape.K) * size  # y and dx
+    assert ours - frozen <= activations + parameter_sized, (ours, frozen)
+    assert peft - frozen > shape.M * shape.N * size, "PEFT keeps an M x N temporary: the tracker must see it"
+
+
+def test_quick_cli_run_writes_json_markdown_and_plot(tmp_path, capsys):
+    assert main(["bench", "--quick", "--out", str(tmp_path), "--plot"]) == 0
+    printed = capsys.readouterr().out
     data = json.loads((tmp_path / "lora_linear.json").read_text())
-    assert data["machine"]["torch"] == torch.__version__ and len(data["rows"]) == len(rows)
-    assert "| frozen nn.Linear |" in (tmp_path / "lora_linear.md").read_text()
+    rows = data["rows"]
+    assert data["machine"]["torch"] == torch.__version__ and data["machine"]["date"]
+    assert data["machine"]["peft"] and data["machine"]["loralib"] and data["machine"]["processor"]
+    assert {r["provider"] for r in rows} == set(PROVIDERS)
+    assert {r["mode"] for r in rows} == set(bench.MODES)
+    assert len(rows) == len(PROVIDERS) * len(bench.MODES)
+    assert all(r["ratio_median"] > 0 and len(r["samples"]) == 2 and r["peak_bytes"] > 0 for r in rows)
+    assert all(r["ratio_min"] == 1.0 for r in rows if r["provider"] == bench.FROZEN)
+    assert {r["operation"] for r in data["nf4"]} == {"quantize", "dequantize", "forward (4-bit layer)"}
+    markdown = (tmp_path / "lora_linear.md").read_text()
+    assert "| frozen nn.Linear |" in markdown and "| PEFT lora.Linear |" in markdown and "bitsandbytes" in markdown
+    assert "| lorakern torch |" in printed
     assert (tmp_path / "lora_linear.png").read_bytes()[:4] == b"\x89PNG"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--dtype", "int8"], "--dtype must be float32, float16 or bfloat16, got 'int8'"),
+        (["--shapes", "1x1"], "unknown layer '1x1'; choose from 768x768"),
+        (["--ranks", "8,x"], "--ranks must be comma-separated integers"),
+        (["--ranks", "0"], "rank must be a positive integer, got 0"),
+        (["--plot"], "pass --out DIR as well"),
+        (["--device", "tpu"], "--device must be cpu or cuda"),
+        (["--tokens", "0"], "--tokens must be a positive integer"),
+    ],
+)
+def test_bad_bench_flags_name_the_value_and_the_fix(argv, message, capsys):
+    assert main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_measure_rejects_bad_rounds_and_providers():
+    shape = bench.SHAPES_QUICK[0]
+    with pytest.raises(ValueError, match="rounds must be at least 1, got 0"):
+        bench.measure(shape, torch.float32, "cpu", rounds=0)
+    with pytest.raises(ValueError, match=r"unknown or unavailable provider\(s\) \['nope'\]"):
+        bench.measure(shape, torch.float32, "cpu", only=["nope"])
+
+
+def test_default_grid_covers_the_real_layers_and_ranks():
+    grid = {(s.K, s.N, s.r) for s in bench.SHAPES_CPU}
+    assert grid == {(K, N, r) for K, N in ((768, 768), (768, 3072), (4096, 4096)) for r in (8, 16, 64)}
+    assert all(s.M == 8192 for s in bench.SHAPES_GPU)
 
 
 def test_flop_and_byte_counts():
     shape = bench.Shape("t", 8, 4, 2, 1)
     assert bench.flops(shape, "fwd", lora=False) == 2 * 8 * 2 * 4
     assert bench.flops(shape, "fwd", lora=True) == 2 * 8 * 2 * 4 + 2 * 8 * 4 + 2 * 8 * 2
-    assert bench.flops(shape, "fwd+bwd", lora=False) == 2 * bench.flops(shape, "fwd", lora=False)
+    assert bench.flops(shape, "bwd", lora=False) == bench.flops(shape, "fwd", lora=False)
+    assert bench.flops(shape, "fwd+bwd", lora=True) == bench.flops(shape, "fwd", True) + bench.flops(shape, "bwd", True)
     assert bench.min_bytes(shape, "fwd", 2) == (8 * 4 + 2 * 4 + 8 * 2 + 1 * (4 + 2) + 8) * 2
