@@ -22,6 +22,8 @@ _LAZY = {
     "merge_and_unload": "lorakern.adapters",
     "lora_linear": "lorakern.functional",
     "LoraLinearFunction": "lorakern.functional",
+    "LoraLinearNF4": "lorakern.quant",
+    "LinearNF4": "lorakern.quant",
 }
 
 __all__ = ["__version__", *_LAZY]
