@@ -142,7 +142,14 @@ def torch_dropout_mask(seed: int, shape, p: float, device) -> torch.Tensor:
 
 
 def _torch_apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    x_lora = None if dropout_p == 0 else x * torch_dropout_mask(seed, x.shape, dropout_p, x.device).to(x.dtype)
+    if dropout_p == 0:
+        x_lora = None
+    elif seed is None:
+        # torch's own dropout: draws from the global generator, traces under torch.compile, and is redrawn
+        # identically when activation checkpointing replays the forward (it restores the RNG state)
+        x_lora = torch.nn.functional.dropout(x, dropout_p, training=True)
+    else:
+        x_lora = x * torch_dropout_mask(seed, x.shape, dropout_p, x.device).to(x.dtype)
     return LoraLinearFunction.apply(x, x_lora, weight, bias, lora_A, lora_B, scaling)
 
 
@@ -245,7 +252,8 @@ def lora_linear(
 ) -> torch.Tensor:
     """y = x W^T + b + s (x~ A^T) B^T with x~ = dropout(x, dropout_p) (inverted dropout, LoRA branch only).
 
-    ``seed`` fixes the dropout mask (drawn from torch's global generator when None). Computes in x's
+    ``seed`` fixes the dropout mask (``Backend.dropout_mask`` rebuilds it); with None the mask follows
+    torch's global generator (torch.manual_seed). Computes in x's
     dtype (or the autocast dtype): lora_A and lora_B are cast to it when they differ, and their
     gradients come back in their own dtypes. Under autocast every operand is cast to the autocast
     dtype, as for nn.Linear.
@@ -253,18 +261,24 @@ def lora_linear(
     check_operands(x, weight, bias, lora_A, lora_B)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if dropout_p > 0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x, weight, bias, lora_A, lora_B = (None if t is None else t.to(dtype) for t in (x, weight, bias, lora_A, lora_B))
         with torch.autocast(device_type, enabled=False):
             chosen = resolve_backend(x, weight, lora_A, backend)
-            return chosen.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+            return chosen.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _seed_for(chosen, dropout_p, seed))
     dtype = x.dtype
     if bias is not None and bias.dtype != dtype:
         bias = bias.to(dtype)
     lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
     chosen = resolve_backend(x, weight, lora_A, backend)
-    return chosen.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return chosen.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _seed_for(chosen, dropout_p, seed))
+
+
+def _seed_for(backend: Backend, dropout_p: float, seed: Optional[int]) -> Optional[int]:
+    """A kernel that draws its own mask needs a seed: one from torch's generator when none was fixed.
+    The torch path takes None (torch's dropout)."""
+    if dropout_p > 0 and seed is None and backend.name != "torch":
+        return int(torch.randint(0, 2**31 - 1, ()).item())
+    return seed
