@@ -1,5 +1,5 @@
 """lorakern inside PyTorch's and Hugging Face's own machinery: torch.compile, activation checkpointing,
-transformers.Trainer (issue 7's first parts; DDP and FSDP2 follow)."""
+transformers.Trainer, DDP under torchrun (FSDP2 and the Triton path as custom ops are still to come)."""
 import copy
 
 import pytest
@@ -99,3 +99,77 @@ def test_hugging_face_trainer(tmp_path, batch):
     with torch.no_grad():
         torch.testing.assert_close(ours(**batch).logits, expected, rtol=0, atol=0)
         torch.testing.assert_close(peft_model(**batch).logits, expected, rtol=1e-5, atol=1e-6)
+
+
+DDP_SCRIPT = r'''
+import json, os, sys
+import torch, torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from lorakern import LoraConfig, inject, lora_layers
+
+def model_and_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+    inject(model, LoraConfig(r=4, target_modules=["0", "2"], bias="lora_only"))
+    for layer in lora_layers(model).values():
+        nn.init.normal_(layer.lora_B, std=0.1)
+    gen = torch.Generator().manual_seed(1)
+    return model, torch.randn(5, 16, 32, generator=gen), torch.randn(5, 16, 16, generator=gen)
+
+def train(model, xs, ys, rank=0, world=1):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for x, y in zip(xs, ys):
+        x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        total = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(total)
+        losses.append(total.item() / world)
+    return losses
+
+out = sys.argv[1]
+if "RANK" in os.environ:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, xs, ys = model_and_data()
+    ddp = DistributedDataParallel(model)
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    reduced = ddp._get_ddp_logging_data()["total_parameter_size_bytes"]
+    losses = train(ddp, xs, ys, rank, world)
+    if rank == 0:
+        json.dump({"losses": losses, "trainable_bytes": trainable, "reduced_bytes": reduced}, open(out, "w"))
+    dist.destroy_process_group()
+else:
+    model, xs, ys = model_and_data()
+    json.dump({"losses": train(model, xs, ys)}, open(out, "w"))
+'''
+
+
+def test_ddp_two_ranks_match_one_process(tmp_path):
+    """torchrun --nproc_per_node 2 on gloo: the same loss curve as one process on the global batch, and
+    only the trainable (LoRA) parameters are all-reduced."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = subprocess.run([sys.executable, str(script), str(tmp_path / "single.json")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            str(script), str(tmp_path / "ddp.json")], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    one = json.loads((tmp_path / "single.json").read_text())
+    two = json.loads((tmp_path / "ddp.json").read_text())
+    assert two["reduced_bytes"] == two["trainable_bytes"] > 0
+    assert one["losses"][-1] < one["losses"][0]
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
