@@ -137,12 +137,23 @@ def _peft_config_dict(model: nn.Module, config: LoraConfig, weights_sha256: str)
     }
 
 
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP2/DTensor shard (a collective), or the tensor itself."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else tensor
+
+
 def save_adapter(model: nn.Module, directory: str) -> None:
-    """Write the adapter of ``model`` to ``directory`` in PEFT's format (each file atomically)."""
+    """Write the adapter of ``model`` to ``directory`` in PEFT's format (each file atomically).
+
+    Under torch.distributed every rank calls it: sharded (FSDP2) tensors are gathered, rank 0 writes.
+    """
     from safetensors.torch import save as safetensors_bytes
 
     config = _config_of(model)
-    tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in adapter_tensors(model).items()}
+    tensors = {k: _full(t).detach().to("cpu", copy=True).contiguous() for k, t in adapter_tensors(model).items()}
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return  # every rank gathered its shards above (a collective); rank 0 writes
     weights = safetensors_bytes(tensors, metadata={"format": "pt"})
     peft_config = _peft_config_dict(model, config, hashlib.sha256(weights).hexdigest())
     os.makedirs(directory, exist_ok=True)

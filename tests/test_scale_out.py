@@ -1,5 +1,6 @@
 """lorakern inside PyTorch's and Hugging Face's own machinery: torch.compile, activation checkpointing,
-transformers.Trainer, DDP under torchrun (FSDP2 and the Triton path as custom ops are still to come)."""
+transformers.Trainer, DDP and FSDP2 under torchrun (QLoRA under FSDP2 and the Triton path as custom ops are
+still to come)."""
 import copy
 
 import pytest
@@ -173,3 +174,90 @@ def test_ddp_two_ranks_match_one_process(tmp_path):
     assert two["reduced_bytes"] == two["trainable_bytes"] > 0
     assert one["losses"][-1] < one["losses"][0]
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
+
+
+FSDP_SCRIPT = r'''
+import json, os, sys
+import torch, torch.distributed as dist
+from torch import nn
+from lorakern import LoraConfig, inject, lora_layers, save_adapter
+
+def model_and_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+    inject(model, LoraConfig(r=4, target_modules=["0", "2"]))
+    for layer in lora_layers(model).values():
+        nn.init.normal_(layer.lora_B, std=0.1)
+    gen = torch.Generator().manual_seed(1)
+    return model, torch.randn(5, 16, 32, generator=gen), torch.randn(5, 16, 16, generator=gen)
+
+def train(model, xs, ys, rank=0, world=1):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for x, y in zip(xs, ys):
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x.chunk(world)[rank]), y.chunk(world)[rank])
+        loss.backward()
+        optimizer.step()
+        total = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(total)
+        losses.append(total.item() / world)
+    return losses
+
+out = sys.argv[1]
+if "RANK" in os.environ:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, xs, ys = model_and_data()
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    sharded = all(type(layer.lora_A).__name__ == "DTensor" for layer in lora_layers(model).values())
+    losses = train(model, xs, ys, rank, world)
+    save_adapter(model, os.path.join(os.path.dirname(out), "adapter"))
+    if rank == 0:
+        json.dump({"losses": losses, "sharded": sharded}, open(out, "w"))
+    dist.destroy_process_group()
+else:
+    model, xs, ys = model_and_data()
+    json.dump({"losses": train(model, xs, ys)}, open(out, "w"))
+    torch.save(model.state_dict(), os.path.join(os.path.dirname(out), "single.pt"))
+'''
+
+
+def test_fsdp2_two_ranks_match_one_process_and_the_adapter_loads_alone(tmp_path):
+    """fully_shard on CPU (gloo): the single-process loss curve, and the adapter saved from the sharded
+    model (every rank calls save_adapter, rank 0 writes) loads into a plain model with the same outputs."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "fsdp.py"
+    script.write_text(FSDP_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = subprocess.run([sys.executable, str(script), str(tmp_path / "single.json")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            str(script), str(tmp_path / "fsdp.json")], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    one = json.loads((tmp_path / "single.json").read_text())
+    two = json.loads((tmp_path / "fsdp.json").read_text())
+    assert two["sharded"]
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
+
+    torch.manual_seed(0)
+    fresh = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+    load_adapter(fresh, str(tmp_path / "adapter"))
+    trained = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+    inject(trained, LoraConfig(r=4, target_modules=["0", "2"]))
+    trained.load_state_dict(torch.load(tmp_path / "single.pt"))
+    probe = torch.randn(4, 32)
+    torch.testing.assert_close(fresh(probe), trained(probe), rtol=1e-5, atol=1e-6)
