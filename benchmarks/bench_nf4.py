@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 
-import torch
 
 from lorakern import bench
 from lorakern._io import atomic_write_bytes

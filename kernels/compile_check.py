@@ -114,10 +114,6 @@ def _signature(kind: str, dtype: str, r_pad: int, meta: dict, weight: str = "den
 
 
 def compile_one(kind: str, dtype: str, arch: int, r_pad: int, config_index: int, weight: str = "dense") -> Report:
-    import torch
-
-    from lorakern.kernels import lora_linear as ll
-
     return compile_config(kind, dtype, arch, r_pad, _configs(kind, dtype, r_pad, weight)[config_index], weight)
 
 
@@ -168,7 +164,6 @@ def compile_config(kind: str, dtype: str, arch: int, r_pad: int, config, weight:
 
 
 def all_jobs(archs=(80, 90), dtypes=DTYPES, weights=WEIGHTS) -> list[tuple]:
-    import torch
 
     from lorakern.kernels import lora_linear as ll
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_roberta_classifier, tiny_roberta_config
-from lorakern import LoraConfig, LoraLinear, count_parameters, inject, lora_layers, parameter_table
+from lorakern import LoraConfig, count_parameters, inject, lora_layers, parameter_table
 from lorakern.heads import SeedClassifier
 from lorakern.injection import find_targets
 
