@@ -164,7 +164,6 @@ def compile_config(kind: str, dtype: str, arch: int, r_pad: int, config, weight:
 
 
 def all_jobs(archs=(80, 90), dtypes=DTYPES, weights=WEIGHTS) -> list[tuple]:
-
     from lorakern.kernels import lora_linear as ll
 
     jobs = []
