@@ -143,11 +143,19 @@ if "RANK" in os.environ:
     reduced = ddp._get_ddp_logging_data()["total_parameter_size_bytes"]
     losses = train(ddp, xs, ys, rank, world)
     if rank == 0:
-        json.dump({"losses": losses, "trainable_bytes": trainable, "reduced_bytes": reduced}, open(out, "w"))
+        with open(out, "w") as handle:
+            json.dump({"losses": losses, "trainable_bytes": trainable, "reduced_bytes": reduced}, handle)
+    # DDP's reducer holds the process group: release it first. Even so, gloo's threads can abort the
+    # interpreter's teardown ("terminate called without an active exception") once in a few runs: the
+    # results are written, so leave without running destructors.
+    del ddp, model
+    dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)
 else:
     model, xs, ys = model_and_data()
-    json.dump({"losses": train(model, xs, ys)}, open(out, "w"))
+    with open(out, "w") as handle:
+        json.dump({"losses": train(model, xs, ys)}, handle)
 '''
 
 
@@ -221,11 +229,16 @@ if "RANK" in os.environ:
     losses = train(model, xs, ys, rank, world)
     save_adapter(model, os.path.join(os.path.dirname(out), "adapter"))
     if rank == 0:
-        json.dump({"losses": losses, "sharded": sharded}, open(out, "w"))
+        with open(out, "w") as handle:
+            json.dump({"losses": losses, "sharded": sharded}, handle)
+    del model
+    dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)  # see the DDP script: gloo's threads can abort the interpreter's teardown
 else:
     model, xs, ys = model_and_data()
-    json.dump({"losses": train(model, xs, ys)}, open(out, "w"))
+    with open(out, "w") as handle:
+        json.dump({"losses": train(model, xs, ys)}, handle)
     torch.save(model.state_dict(), os.path.join(os.path.dirname(out), "single.pt"))
 '''
 
