@@ -3,6 +3,9 @@
  * Built on first use by lorakern/native/__init__.py with -ffp-contract=off (no fused multiply-adds). */
 #include <math.h>
 #include <stdint.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 /* Index of the code whose midpoint interval holds v: the number of midpoints strictly below v
  * (a value exactly on a midpoint takes the lower code), as numpy.searchsorted(..., side="left"). */
@@ -86,7 +89,23 @@ void nf4_decode_f32(const uint8_t *packed, int64_t start, int64_t count, int64_t
         float *ob = out + (lo - start);
         const uint8_t *pb = packed + lo / 2;  /* lo is even: block starts and start are */
         int64_t pairs = (hi - lo) / 2;
-        for (int64_t k = 0; k < pairs; ++k) {
+        int64_t k = 0;
+#ifdef __AVX512F__
+        /* 16 bytes -> 32 values: nibbles interleaved in order, looked up in the 16-entry code with a permute,
+         * scaled by one fp32 multiply each (the same operation as the scalar loop below) */
+        __m512 lut = _mm512_loadu_ps(code), vscale = _mm512_set1_ps(scale);
+        __m128i low_mask = _mm_set1_epi8(0x0F);
+        for (; k + 16 <= pairs; k += 16) {
+            __m128i bytes = _mm_loadu_si128((const __m128i *)(pb + k));
+            __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_mask);
+            __m128i low = _mm_and_si128(bytes, low_mask);
+            __m512i first = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(high, low));
+            __m512i second = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(high, low));
+            _mm512_storeu_ps(ob + 2 * k, _mm512_mul_ps(_mm512_permutexvar_ps(first, lut), vscale));
+            _mm512_storeu_ps(ob + 2 * k + 16, _mm512_mul_ps(_mm512_permutexvar_ps(second, lut), vscale));
+        }
+#endif
+        for (; k < pairs; ++k) {
             const float *p = pair[pb[k]];
             ob[2 * k] = p[0] * scale;
             ob[2 * k + 1] = p[1] * scale;
