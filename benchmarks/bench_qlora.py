@@ -44,7 +44,6 @@ def forward_rows(width: int, tokens: list[int], device: str, dtype: torch.dtype,
         theirs = bnb.nn.Linear4bit(width, width, bias=False, compute_dtype=dtype, quant_type="nf4")
         theirs.load_state_dict({"weight": weight.float().cpu()})
         theirs = theirs.to(device)
-    timed = bench._timer(device)
     out = []
     with torch.no_grad():
         for m in tokens:
@@ -56,12 +55,7 @@ def forward_rows(width: int, tokens: list[int], device: str, dtype: torch.dtype,
             }
             if theirs is not None:
                 candidates["bitsandbytes Linear4bit"] = lambda: theirs(x)
-            for fn in candidates.values():
-                fn()
-            samples = {name: [] for name in candidates}
-            for _ in range(rounds):
-                for name, fn in candidates.items():
-                    samples[name].append(timed(fn, 3))
+            samples = bench.interleaved(candidates, rounds, device, calls=3)
             mine = min(samples["lorakern NF4 + LoRA"])
             for name, values in samples.items():
                 if name != "lorakern NF4 + LoRA":
@@ -92,21 +86,13 @@ def training_rows(width: int, layers: int, tokens: int, device: str, dtype: torc
                 quantized, LoraConfig(r=16, lora_alpha=16, target_modules=[str(i) for i in range(layers)]))
         except ImportError:
             pass
-    timed = bench._timer(device)
-
     def step(model):
         def run():
             y = model(x)
             torch.autograd.grad(y.float().pow(2).mean(), [x] + [p for p in model.parameters() if p.requires_grad])
         return run
 
-    steps = {name: step(model) for name, model in candidates.items()}
-    for fn in steps.values():
-        fn()
-    samples = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, fn in steps.items():
-            samples[name].append(timed(fn, 1))
+    samples = bench.interleaved({name: step(model) for name, model in candidates.items()}, rounds, device)
     mine = min(samples["lorakern QLoRA"])
     return [{"benchmark": f"training step, {layers} x {width}^2, M={tokens}", "reference": name, "lorakern_ms": mine,
              "reference_ms": min(values), "ratio": mine / min(values)}

@@ -314,6 +314,20 @@ class _Step:
     setup: Optional[Callable[[], None]] = None
 
 
+def interleaved(candidates: dict[str, Callable[[], object]], rounds: int, device: str, calls: int = 1
+                ) -> dict[str, list[float]]:
+    """ms per call of each candidate, one sample per round, the candidates taking turns within each round
+    (after one warm-up call each), so that a noisy machine slows them alike."""
+    timed = _timer(device)
+    for fn in candidates.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            samples[name].append(timed(fn, calls))
+    return samples
+
+
 def _step(built: Built, grad: torch.Tensor, mode: str) -> _Step:
     if mode == "fwd":
         return _Step(lambda: built.forward())
@@ -606,15 +620,10 @@ def measure_nf4(rows: int, cols: int, tokens: int, device: str, rounds: int = 5)
     same = {"quantize": bool(torch.equal(ours.packed.reshape(-1), packed.reshape(-1))
                              and torch.equal(ours.absmax, state.absmax)),
             "dequantize": None, "forward (4-bit layer)": None}
-    timed = _timer(device)
     out = []
     with torch.no_grad():
         for name, (mine, theirs) in pairs.items():
-            mine(), theirs()
-            samples = {"lorakern": [], "bitsandbytes": []}
-            for _ in range(rounds):
-                samples["lorakern"].append(timed(mine, 1))
-                samples["bitsandbytes"].append(timed(theirs, 1))
+            samples = interleaved({"lorakern": mine, "bitsandbytes": theirs}, rounds, device)
             out.append({"operation": name, "shape": f"{rows}x{cols}", "tokens": tokens if "forward" in name else None,
                         "lorakern_ms": min(samples["lorakern"]), "bitsandbytes_ms": min(samples["bitsandbytes"]),
                         "ratio": min(samples["lorakern"]) / min(samples["bitsandbytes"]),

@@ -22,14 +22,7 @@ DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def available_paths(device: torch.device) -> list[str]:
-    paths = ["torch"]
-    probe = torch.zeros(1, 1, device=device)
-    try:
-        resolve_backend(probe, probe, probe, "triton")
-        paths.append("triton")
-    except ValueError:
-        pass
-    return paths
+    return ["torch"] + (["triton"] if _unsupported("triton", device, torch.float32) is None else [])
 
 
 def _path_label(path: str) -> str:

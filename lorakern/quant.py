@@ -200,13 +200,13 @@ class NF4Storage(nn.Module):
             r1 = min(rows, r0 + step)
             yield r0, self.dequantize_flat(r0 * cols, r1 * cols, dtype, absmax).reshape(r1 - r0, cols)
 
-    # The owning layer writes and reads these buffers under bitsandbytes' keys (state_entries).
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        pass
+        """Nothing under this module's own prefix: the owning layer writes these buffers under
+        bitsandbytes' keys (state_entries)."""
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        pass
+        """Nothing to read here: the owning layer reads bitsandbytes' keys and rebuilds this storage."""
 
     # ---- bitsandbytes' keys -----------------------------------------------------------------------
     def state_entries(self) -> dict[str, torch.Tensor]:

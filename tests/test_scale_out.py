@@ -102,89 +102,9 @@ def test_hugging_face_trainer(tmp_path, batch):
         torch.testing.assert_close(peft_model(**batch).logits, expected, rtol=1e-5, atol=1e-6)
 
 
-DDP_SCRIPT = r'''
-import json, os, sys
-import torch, torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from lorakern import LoraConfig, inject, lora_layers
-
-def model_and_data():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
-    inject(model, LoraConfig(r=4, target_modules=["0", "2"], bias="lora_only"))
-    for layer in lora_layers(model).values():
-        nn.init.normal_(layer.lora_B, std=0.1)
-    gen = torch.Generator().manual_seed(1)
-    return model, torch.randn(5, 16, 32, generator=gen), torch.randn(5, 16, 16, generator=gen)
-
-def train(model, xs, ys, rank=0, world=1):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for x, y in zip(xs, ys):
-        x, y = x.chunk(world)[rank], y.chunk(world)[rank]
-        optimizer.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        optimizer.step()
-        total = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(total)
-        losses.append(total.item() / world)
-    return losses
-
-out = sys.argv[1]
-if "RANK" in os.environ:
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    model, xs, ys = model_and_data()
-    ddp = DistributedDataParallel(model)
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    reduced = ddp._get_ddp_logging_data()["total_parameter_size_bytes"]
-    losses = train(ddp, xs, ys, rank, world)
-    if rank == 0:
-        with open(out, "w") as handle:
-            json.dump({"losses": losses, "trainable_bytes": trainable, "reduced_bytes": reduced}, handle)
-    # DDP's reducer holds the process group: release it first. Even so, gloo's threads can abort the
-    # interpreter's teardown ("terminate called without an active exception") once in a few runs: the
-    # results are written, so leave without running destructors.
-    del ddp, model
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
-else:
-    model, xs, ys = model_and_data()
-    with open(out, "w") as handle:
-        json.dump({"losses": train(model, xs, ys)}, handle)
-'''
-
-
-def test_ddp_two_ranks_match_one_process(tmp_path):
-    """torchrun --nproc_per_node 2 on gloo: the same loss curve as one process on the global batch, and
-    only the trainable (LoRA) parameters are all-reduced."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    single = subprocess.run([sys.executable, str(script), str(tmp_path / "single.json")], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
-    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            str(script), str(tmp_path / "ddp.json")], env=env, capture_output=True, text=True,
-                           timeout=300)
-    assert ranks.returncode == 0, ranks.stderr[-3000:]
-    one = json.loads((tmp_path / "single.json").read_text())
-    two = json.loads((tmp_path / "ddp.json").read_text())
-    assert two["reduced_bytes"] == two["trainable_bytes"] > 0
-    assert one["losses"][-1] < one["losses"][0]
-    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
-
-
-FSDP_SCRIPT = r'''
+WORKER = r'''
+# One process of the distributed tests: `worker.py OUT MODE`, MODE ddp or fsdp; without torchrun's
+# RANK it trains alone on the global batch (the reference curve).
 import json, os, sys
 import torch, torch.distributed as dist
 from torch import nn
@@ -193,7 +113,7 @@ from lorakern import LoraConfig, inject, lora_layers, save_adapter
 def model_and_data():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
-    inject(model, LoraConfig(r=4, target_modules=["0", "2"]))
+    inject(model, LoraConfig(r=4, target_modules=["0", "2"], bias="lora_only"))
     for layer in lora_layers(model).values():
         nn.init.normal_(layer.lora_B, std=0.1)
     gen = torch.Generator().manual_seed(1)
@@ -213,56 +133,78 @@ def train(model, xs, ys, rank=0, world=1):
         losses.append(total.item() / world)
     return losses
 
-out = sys.argv[1]
-if "RANK" in os.environ:
+out, mode = sys.argv[1], sys.argv[2]
+model, xs, ys = model_and_data()
+if "RANK" not in os.environ:
+    with open(out, "w") as handle:
+        json.dump({"losses": train(model, xs, ys)}, handle)
+    torch.save(model.state_dict(), os.path.join(os.path.dirname(out), "single.pt"))
+    sys.exit(0)
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+result = {}
+if mode == "ddp":
+    from torch.nn.parallel import DistributedDataParallel
+    wrapped = DistributedDataParallel(model)
+    result["trainable_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    result["reduced_bytes"] = wrapped._get_ddp_logging_data()["total_parameter_size_bytes"]
+else:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    model, xs, ys = model_and_data()
     mesh = init_device_mesh("cpu", (world,))
     for layer in model:
         if any(True for _ in layer.parameters()):
             fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    sharded = all(type(layer.lora_A).__name__ == "DTensor" for layer in lora_layers(model).values())
-    losses = train(model, xs, ys, rank, world)
-    save_adapter(model, os.path.join(os.path.dirname(out), "adapter"))
-    if rank == 0:
-        with open(out, "w") as handle:
-            json.dump({"losses": losses, "sharded": sharded}, handle)
-    del model
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)  # see the DDP script: gloo's threads can abort the interpreter's teardown
-else:
-    model, xs, ys = model_and_data()
+    wrapped = fully_shard(model, mesh=mesh)
+    result["sharded"] = all(type(layer.lora_A).__name__ == "DTensor" for layer in lora_layers(model).values())
+result["losses"] = train(wrapped, xs, ys, rank, world)
+save_adapter(model, os.path.join(os.path.dirname(out), "adapter"))  # every rank: shards are gathered
+if rank == 0:
     with open(out, "w") as handle:
-        json.dump({"losses": train(model, xs, ys)}, handle)
-    torch.save(model.state_dict(), os.path.join(os.path.dirname(out), "single.pt"))
+        json.dump(result, handle)
+# DDP's reducer holds the process group: release it first. Even so, gloo's threads can abort the
+# interpreter's teardown ("terminate called without an active exception") once in a few runs: the
+# results are written, so leave without running destructors.
+del wrapped, model
+dist.barrier()
+dist.destroy_process_group()
+os._exit(0)
 '''
 
 
-def test_fsdp2_two_ranks_match_one_process_and_the_adapter_loads_alone(tmp_path):
-    """fully_shard on CPU (gloo): the single-process loss curve, and the adapter saved from the sharded
-    model (every rank calls save_adapter, rank 0 writes) loads into a plain model with the same outputs."""
+def _single_and_two_ranks(tmp_path, mode: str) -> tuple[dict, dict]:
+    # (the single-process result, rank 0's result of the 2-rank torchrun run)
     import json
     import os
     import subprocess
     import sys
 
-    script = tmp_path / "fsdp.py"
-    script.write_text(FSDP_SCRIPT)
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    single = subprocess.run([sys.executable, str(script), str(tmp_path / "single.json")], env=env,
+    single = subprocess.run([sys.executable, str(script), str(tmp_path / "single.json"), mode], env=env,
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            str(script), str(tmp_path / "fsdp.json")], env=env, capture_output=True, text=True,
-                           timeout=300)
+                            str(script), str(tmp_path / "ranks.json"), mode], env=env, capture_output=True,
+                           text=True, timeout=300)
     assert ranks.returncode == 0, ranks.stderr[-3000:]
-    one = json.loads((tmp_path / "single.json").read_text())
-    two = json.loads((tmp_path / "fsdp.json").read_text())
+    return json.loads((tmp_path / "single.json").read_text()), json.loads((tmp_path / "ranks.json").read_text())
+
+
+def test_ddp_two_ranks_match_one_process(tmp_path):
+    """torchrun --nproc_per_node 2 on gloo: the same loss curve as one process on the global batch, and
+    only the trainable (LoRA) parameters are all-reduced."""
+    one, two = _single_and_two_ranks(tmp_path, "ddp")
+    assert two["reduced_bytes"] == two["trainable_bytes"] > 0
+    assert one["losses"][-1] < one["losses"][0]
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_two_ranks_match_one_process_and_the_adapter_loads_alone(tmp_path):
+    """fully_shard on CPU (gloo): the single-process loss curve, and the adapter saved from the sharded
+    model (every rank calls save_adapter, rank 0 writes) loads into a plain model with the same outputs."""
+    one, two = _single_and_two_ranks(tmp_path, "fsdp")
     assert two["sharded"]
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
 
@@ -270,7 +212,7 @@ def test_fsdp2_two_ranks_match_one_process_and_the_adapter_loads_alone(tmp_path)
     fresh = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
     load_adapter(fresh, str(tmp_path / "adapter"))
     trained = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
-    inject(trained, LoraConfig(r=4, target_modules=["0", "2"]))
+    inject(trained, LoraConfig(r=4, target_modules=["0", "2"], bias="lora_only"))
     trained.load_state_dict(torch.load(tmp_path / "single.pt"))
     probe = torch.randn(4, 32)
     torch.testing.assert_close(fresh(probe), trained(probe), rtol=1e-5, atol=1e-6)
