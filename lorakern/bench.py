@@ -145,6 +145,17 @@ def _lorakern(backend: str) -> Callable[[Operands], Built]:
     return build
 
 
+def _lorakern_without_c(o: Operands) -> Built:
+    """The torch path with lorakern.native switched off: what the C kernels for the rank-r products buy."""
+    from lorakern import native
+
+    def forward() -> torch.Tensor:
+        with native.disabled():  # the backward follows the forward's choice
+            return lora_linear(o.x, o.W, o.b, o.A, o.B, o.s, backend="torch")
+
+    return Built(forward, [o.x, o.A, o.B])
+
+
 def _base_linear(o: Operands) -> torch.nn.Linear:
     N, K = o.W.shape
     base = torch.nn.Linear(K, N, device=o.W.device, dtype=o.W.dtype)
@@ -200,6 +211,8 @@ def providers(device: str) -> dict[str, Callable[[Operands], Built]]:
     out = {FROZEN: _frozen, "naive (forms B@A)": _naive, "lorakern torch": _lorakern("torch")}
     if device == "cuda":
         out["lorakern triton"] = _lorakern("triton")
+    else:
+        out["lorakern torch, no C"] = _lorakern_without_c
     if _importable("peft"):
         out["PEFT lora.Linear"] = _peft
     if _importable("loralib"):

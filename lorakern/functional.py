@@ -39,6 +39,13 @@ class LoraLinearFunction(torch.autograd.Function):
     rows in cache-sized chunks was measured too and lost: the base GEMM runs slower on row chunks than
     the thin GEMMs gain, since at these sizes x and dY already sit in the last-level cache.
 
+    fp32 on the CPU goes further (``lorakern.native.lora_library``, lorakern/native/lora_cpu.c): BLAS runs
+    the thin products far below the memory bandwidth, so the C kernels compute u and the rank-r term of y
+    in one pass over x~, and gB, s gB A, dA and dB in one pass over the rows of g and x~ (four rows at a
+    time, gB never stored); the big GEMMs stay with BLAS and accumulate onto those results as above.
+    Other dtypes, torch.compile's tracing and LORAKERN_NATIVE=0 keep the plain-torch formulation; the
+    backward follows the forward's choice.
+
     ``x_lora`` is None when the LoRA branch sees x unchanged; otherwise it is dropout(x), and autograd
     carries its gradient back through the dropout.
     """
@@ -49,18 +56,32 @@ class LoraLinearFunction(torch.autograd.Function):
         out_features = weight.shape[0]
         x2 = x.reshape(-1, in_features)
         xl2 = x2 if x_lora is None else x_lora.reshape(-1, in_features)
-        # u = x~ A^T
-        u = xl2 @ lora_A.t()
         B_t = lora_B.t().contiguous()  # r x N: a few KB
-        # y = b + s u B^T: the rank-r term initialises y where the bias broadcast would
-        if bias is None:
-            y = x2.new_empty(x2.shape[0], out_features)
-            y.addmm_(u, B_t, beta=0.0, alpha=scaling)  # beta = 0 ignores the uninitialised memory
+        rows = x2.shape[0]
+        library = _native_library(xl2, weight, bias, lora_A)
+        if library is not None:
+            # u = x~ A^T and y = b + s u B^T in one pass over x~ (lorakern/native/lora_cpu.c)
+            xl2, A = xl2.contiguous(), lora_A.contiguous()  # named: the copies outlive the call
+            b = None if bias is None else bias.contiguous()
+            u = xl2.new_empty(rows, lora_A.shape[0])
+            y = x2.new_empty(rows, out_features)
+            library.lora_forward_f32(
+                _ptr(xl2), _ptr(A), _ptr(B_t), _ptr(b), scaling,
+                rows, in_features, out_features, lora_A.shape[0], _ptr(u), _ptr(y), torch.get_num_threads(),
+            )
         else:
-            y = torch.addmm(bias, u, B_t, alpha=scaling)
+            # u = x~ A^T
+            u = xl2 @ lora_A.t()
+            # y = b + s u B^T: the rank-r term initialises y where the bias broadcast would
+            if bias is None:
+                y = x2.new_empty(rows, out_features)
+                y.addmm_(u, B_t, beta=0.0, alpha=scaling)  # beta = 0 ignores the uninitialised memory
+            else:
+                y = torch.addmm(bias, u, B_t, alpha=scaling)
         # y += x W^T: the base GEMM accumulates onto it, in place (no second M x N temporary)
         y.addmm_(x2, weight.t())
 
+        ctx.native = library is not None
         ctx.scaling = scaling
         ctx.x_shape = x.shape
         ctx.lora_separate = x_lora is not None
@@ -83,6 +104,10 @@ class LoraLinearFunction(torch.autograd.Function):
         N, K = weight.shape
         g = grad_y.reshape(-1, N)
         dx = dxl = dW = db = dA = dB = None
+
+        library = _native_library(g, weight, None, lora_A) if ctx.native else None
+        if library is not None:
+            return LoraLinearFunction._native_backward(ctx, library, g, x_lora, u, x, weight, lora_A, lora_B)
 
         need_gB = need_A or need_xl or (need_x and not ctx.lora_separate)
         # (g B): M x r, computed once for dA and dx
@@ -117,12 +142,78 @@ class LoraLinearFunction(torch.autograd.Function):
             dW = g.t() @ x
         return dx, dxl, dW, db, dA, dB, None
 
+    @staticmethod
+    def _native_backward(ctx, library, g, x_lora, u, x, weight, lora_A, lora_B):
+        """The same gradients, the rank-r ones from one pass over the rows of g and x~ in C:
+        gB = g B four rows at a time (never stored), dx~ = s gB A, dA = s gB^T x~, dB^T = s u^T g."""
+        s = ctx.scaling
+        need_x, need_xl, need_W, need_b, need_A, need_B, _ = ctx.needs_input_grad
+        N, K = weight.shape
+        r = lora_A.shape[0]
+        g = g.contiguous()  # an expanded gradient (from .sum()) has stride 0
+        rows = g.shape[0]
+        threads = torch.get_num_threads()
+        want_dxl = need_xl or (need_x and not ctx.lora_separate)
+        dxl = g.new_empty(rows, K) if want_dxl else None
+        dA = lora_A.new_empty(r, K) if need_A else None
+        dB_t = lora_B.new_empty(r, N) if need_B else None
+        scratch = g.new_empty(library.lora_backward_scratch(K, N, r, threads) if need_A or need_B else 0)
+        # named, so that every contiguous copy outlives the call that reads it
+        x_lora = x_lora.contiguous() if need_A else None
+        A, B_t = lora_A.contiguous(), lora_B.t().contiguous()
+        library.lora_backward_f32(
+            _ptr(g), _ptr(x_lora), _ptr(u if need_B else None), _ptr(A), _ptr(B_t), s, rows, K, N, r,
+            _ptr(dxl), _ptr(dA), _ptr(dB_t), _ptr(scratch), threads,
+        )
+        dx = dW = db = None
+        if need_x:
+            if ctx.lora_separate:
+                dx = g @ weight
+            else:
+                # dx = s (g B) A + g W: the base GEMM accumulates onto the rank-r term
+                dx, dxl = dxl.addmm_(g, weight), None
+            dx = dx.reshape(ctx.x_shape)
+        if dxl is not None:
+            dxl = dxl.reshape(ctx.x_shape)
+        if need_b and ctx.has_bias:
+            db = g.sum(dim=0)
+        if need_W:
+            dW = g.t() @ x
+        return dx, dxl, dW, db, dA, None if dB_t is None else dB_t.t(), None
+
+
+NATIVE_MAX_RANK = 256  # lora_cpu.c keeps four rows' r coefficients on the stack
+
+
+def _native_library(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor):
+    """lorakern.native's LoRA kernels when they can take these operands: fp32 on the CPU, outside
+    torch.compile's tracing (which keeps the plain-torch formulation), at least one row, r <= 256."""
+    if (
+        rows.device.type != "cpu"
+        or rows.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or lora_A.dtype != torch.float32
+        or (bias is not None and bias.dtype != torch.float32)
+        or rows.shape[0] == 0
+        or lora_A.shape[0] > NATIVE_MAX_RANK
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    from lorakern import native
+
+    return native.lora_library()
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
 
 @dataclass(frozen=True)
 class Backend:
     """One implementation of lora_linear.
 
-    apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> y, all operands in one dtype.
+    apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> y, all operands in one dtype;
+        seed is None, an int, or a 0-d int64 tensor (drawn for a kernel that needs one).
     dropout_mask(seed, shape, p, device) -> the float32 mask (kept / (1 - p), else 0) that ``apply``
         uses for that seed, indexed by the logical element of x: how tests rebuild the reference.
     unsupported(x, weight, lora_A) -> None, or why this backend cannot take these operands.

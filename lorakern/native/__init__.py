@@ -1,12 +1,15 @@
-"""A small C library for the NF4 codec on CPU, compiled on first use; torch code serves without it.
+"""Small C libraries for the CPU, compiled on first use; torch code serves without them.
 
-It is compiled with the system C compiler (``cc``, override with $CC) into a cache folder
+``library()``: the NF4 codec (nf4_cpu.c, bit-identical to the torch path, so no fused multiply-adds).
+``lora_library()``: the rank-r products of a LoRA layer (lora_cpu.c, fp32, fused multiply-adds allowed).
+Each is compiled with the system C compiler (``cc``, override with $CC) into a cache folder
 ($LORAKERN_CACHE, default ~/.cache/lorakern) under a name that hashes the source and flags, written
 atomically, and loaded with ctypes. Without a compiler (or with LORAKERN_NATIVE=0) ``library()`` is None
 and callers use their torch path; both give the same bits (tests/test_native.py).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -14,46 +17,83 @@ import subprocess
 import tempfile
 from typing import Optional
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nf4_cpu.c")
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
-_LIBRARY: Optional[ctypes.CDLL] = None
-_TRIED = False
+HERE = os.path.dirname(os.path.abspath(__file__))
+_POINTER, _I64, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+# name -> (compiler flags, {function: argument types})
+_LIBRARIES = {
+    "nf4_cpu": (
+        ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"],
+        {
+            "blockwise_quantize_f32": [_POINTER, _I64, _I64, _POINTER, _I64, _INT, _POINTER, _POINTER],
+            "nf4_decode_f32": [_POINTER, _I64, _I64, _I64, _POINTER, _POINTER, _POINTER],
+        },
+    ),
+    "lora_cpu": (
+        ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"],
+        {
+            "lora_forward_f32": [_POINTER] * 4 + [_FLOAT] + [_I64] * 4 + [_POINTER] * 2 + [_INT],
+            "lora_backward_f32": [_POINTER] * 5 + [_FLOAT] + [_I64] * 4 + [_POINTER] * 4 + [_INT],
+            "lora_backward_scratch": [_I64, _I64, _I64, _INT],
+        },
+    ),
+}
+_LOADED: dict[str, Optional[ctypes.CDLL]] = {}
+_DISABLED = 0
 
 
-def _build() -> Optional[ctypes.CDLL]:
+@contextlib.contextmanager
+def disabled():
+    """Within the block every caller takes its torch path, as with LORAKERN_NATIVE=0 (benchmarks compare
+    the two side by side). A layer's backward follows the path its forward took."""
+    global _DISABLED
+    _DISABLED += 1
+    try:
+        yield
+    finally:
+        _DISABLED -= 1
+
+
+def _build(name: str) -> ctypes.CDLL:
+    flags, functions = _LIBRARIES[name]
+    source = os.path.join(HERE, f"{name}.c")
     compiler = os.environ.get("CC", "cc")
-    with open(SOURCE, "rb") as handle:
-        digest = hashlib.sha256(handle.read() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    with open(source, "rb") as handle:
+        digest = hashlib.sha256(handle.read() + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
     folder = os.environ.get("LORAKERN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lorakern"))
-    target = os.path.join(folder, f"nf4_cpu-{digest}.so")
+    target = os.path.join(folder, f"{name}-{digest}.so")
     if not os.path.exists(target):
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".nf4_cpu-", suffix=".so", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=folder)
         os.close(fd)
         try:
-            subprocess.run([compiler, *FLAGS, SOURCE, "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
+            subprocess.run([compiler, *flags, source, "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    library = ctypes.CDLL(target)
-    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    library.blockwise_quantize_f32.argtypes = [pointer, i64, i64, pointer, i64, ctypes.c_int, pointer, pointer]
-    library.blockwise_quantize_f32.restype = None
-    library.nf4_decode_f32.argtypes = [pointer, i64, i64, i64, pointer, pointer, pointer]
-    library.nf4_decode_f32.restype = None
-    return library
+    loaded = ctypes.CDLL(target)
+    for function, argtypes in functions.items():
+        getattr(loaded, function).argtypes = argtypes
+        getattr(loaded, function).restype = _I64 if function.endswith("_scratch") else None
+    return loaded
+
+
+def _get(name: str) -> Optional[ctypes.CDLL]:
+    if _DISABLED or os.environ.get("LORAKERN_NATIVE", "1") == "0":
+        return None
+    if name not in _LOADED:
+        try:
+            _LOADED[name] = _build(name)
+        except (OSError, subprocess.SubprocessError):
+            _LOADED[name] = None
+    return _LOADED[name]
 
 
 def library() -> Optional[ctypes.CDLL]:
-    """The compiled library, or None where it cannot be built (or LORAKERN_NATIVE=0, read on every call)."""
-    global _LIBRARY, _TRIED
-    if os.environ.get("LORAKERN_NATIVE", "1") == "0":
-        return None
-    if not _TRIED:
-        _TRIED = True
-        try:
-            _LIBRARY = _build()
-        except (OSError, subprocess.SubprocessError):
-            _LIBRARY = None
-    return _LIBRARY
+    """The NF4 codec, or None where it cannot be built (or LORAKERN_NATIVE=0, read on every call)."""
+    return _get("nf4_cpu")
+
+
+def lora_library() -> Optional[ctypes.CDLL]:
+    """The LoRA rank-r products, or None where they cannot be built (or LORAKERN_NATIVE=0, read on every call)."""
+    return _get("lora_cpu")
