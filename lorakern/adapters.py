@@ -315,7 +315,7 @@ def merge_and_unload(model: nn.Module, safe: bool = True, requantize: bool = Fal
             replacement = layer.to_linear()
             if requantize:
                 replacement, errors[name] = requantize_linear(replacement, layer.nf4.blocksize, layer.nf4.double_quant,
-                                                              layer.compute_dtype)
+                                                              layer.compute_dtype, layer.nf4.quant_storage)
         else:
             if not layer.merged:
                 layer.merge(safe=False)

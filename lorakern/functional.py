@@ -257,16 +257,25 @@ def register_backend(backend: Backend) -> None:
 register_backend(Backend("torch", _torch_apply, torch_dropout_mask))
 
 
-def _load_kernel_backends() -> None:
-    """Import the kernel modules listed by lorakern.kernels; each registers its backend."""
+@torch.compiler.assume_constant_result
+def _load_kernel_backends() -> bool:
+    """Import the kernel modules listed by lorakern.kernels, once; each registers its backend. True when
+    they are loaded.
+
+    torch.compile runs this at trace time, outside the graph (an import traced there would break it), and
+    reads the registry only after it: a registry read before the import would stay stale in the trace.
+    """
+    if "triton" in _BACKENDS:
+        return True
     import importlib
 
     from lorakern import kernels
 
     if not kernels.triton_available():
-        return
+        return False
     for module in kernels.BACKENDS:
         importlib.import_module(f"lorakern.kernels.{module}")
+    return True
 
 
 def resolve_backend(
@@ -283,7 +292,7 @@ def resolve_backend(
             f"{BACKEND_ENV}={choice!r} is not a backend; set it to one of {', '.join(BACKEND_CHOICES)} "
             f"(or unset it for auto)"
         )
-    if "triton" not in _BACKENDS and (choice == "triton" or x.device.type == "cuda"):
+    if choice == "triton" or x.device.type == "cuda":
         _load_kernel_backends()
     if choice == "auto":
         triton = _BACKENDS.get("triton")
@@ -367,9 +376,10 @@ def lora_linear(
     return chosen.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _seed_for(chosen, dropout_p, seed))
 
 
-def _seed_for(backend: Backend, dropout_p: float, seed: Optional[int]) -> Optional[int]:
-    """A kernel that draws its own mask needs a seed: one from torch's generator when none was fixed.
+def _seed_for(backend: Backend, dropout_p: float, seed: Optional[int]) -> Optional[int | torch.Tensor]:
+    """A kernel that draws its own mask needs a seed: one from torch's generator when none was fixed,
+    kept as a 0-d tensor so torch.compile traces the draw (.item() would break the graph).
     The torch path takes None (torch's dropout)."""
     if dropout_p > 0 and seed is None and backend.name != "torch":
-        return int(torch.randint(0, 2**31 - 1, ()).item())
+        return torch.randint(0, 2**31 - 1, ())
     return seed

@@ -47,6 +47,10 @@ class LoraConfig:
     quantize_blocksize: int = 64
     quantize_double: bool = True
     compute_dtype: Optional[str] = None
+    # What holds the packed NF4 bytes (bitsandbytes' quant_storage): "uint8", a buffer, replicated by
+    # FSDP; "bfloat16" / "float16" / "float32", a frozen Parameter holding the same bytes, which FSDP2's
+    # fully_shard shards. Under a MixedPrecisionPolicy it must equal param_dtype (FSDP would cast it).
+    quant_storage: str = "uint8"
 
     def __post_init__(self) -> None:
         _check_hyperparameters(self.r, self.alpha, self.dropout, self.init)
@@ -88,6 +92,13 @@ class LoraConfig:
         if self.compute_dtype not in (None, "float32", "float16", "bfloat16"):
             raise ValueError(f"compute_dtype={self.compute_dtype!r} is not supported; use 'bfloat16', 'float16', "
                              f"'float32' or None (the weight's own dtype)")
+        if self.quant_storage != "uint8":
+            from lorakern.quant import quant_storage_name
+
+            self.quant_storage = quant_storage_name(self.quant_storage)  # torch dtypes too, stored as the name
+            if self.quantize is None and self.quant_storage != "uint8":
+                raise ValueError(f"quant_storage={self.quant_storage!r} applies to quantized base weights only; pass "
+                                 f"quantize='nf4' with it, or leave quant_storage at 'uint8'")
         if isinstance(self.quantize_skip, str) or not all(isinstance(v, str) and v for v in self.quantize_skip):
             raise TypeError(f"quantize_skip must be a list of module names, got {self.quantize_skip!r}")
         self.quantize_skip = list(self.quantize_skip)
@@ -212,7 +223,8 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
 
         compute_dtype = None if config.compute_dtype is None else getattr(torch, config.compute_dtype)
         quantized = {"quantize": config.quantize, "blocksize": config.quantize_blocksize,
-                     "double_quant": config.quantize_double, "compute_dtype": compute_dtype}
+                     "double_quant": config.quantize_double, "compute_dtype": compute_dtype,
+                     "quant_storage": config.quant_storage}
         output = _output_layer_names(model, config)
         for name, module in list(model.named_modules()):
             if (name and name not in targets and is_linear_like(module) and name not in output
@@ -220,7 +232,8 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
                 from lorakern.quant import LinearNF4
 
                 set_submodule(model, name, LinearNF4.from_linear(module, config.quantize_blocksize,
-                                                                 config.quantize_double, compute_dtype))
+                                                                 config.quantize_double, compute_dtype,
+                                                                 config.quant_storage))
     for name in targets:
         r, alpha = config.rank_and_alpha(name)
         module = model.get_submodule(name)

@@ -93,7 +93,7 @@ class LoraLinear(nn.Module):
         """Wrap an nn.Linear (or GPT-2 Conv1D), sharing its weight and bias tensors, frozen.
 
         ``quantize="nf4"`` stores the frozen weight in NF4 instead (QLoRA; takes ``blocksize``,
-        ``double_quant``, ``compute_dtype`` and ``lora_dtype`` too) and returns a LoraLinearNF4.
+        ``double_quant``, ``compute_dtype``, ``lora_dtype`` and ``quant_storage`` too) and returns a LoraLinearNF4.
         """
         if quantize is not None:
             if quantize != "nf4":
@@ -101,7 +101,7 @@ class LoraLinear(nn.Module):
             from lorakern.quant import LoraLinearNF4
 
             return LoraLinearNF4.from_linear(linear, **lora_kwargs)
-        for name in ("blocksize", "double_quant", "compute_dtype", "lora_dtype"):
+        for name in ("blocksize", "double_quant", "compute_dtype", "lora_dtype", "quant_storage"):
             if name in lora_kwargs:
                 raise ValueError(f"{name}= applies to a quantized base only; pass quantize='nf4' with it")
         if not is_linear_like(linear):

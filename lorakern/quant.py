@@ -1,7 +1,10 @@
 """NF4 storage for torch: 4-bit frozen base weights for LoraLinear (QLoRA) and plain frozen layers.
 
 The packed weight and its statistics are buffers (they move with ``.to()`` and live in ``state_dict``)
-in bitsandbytes' layout; ``state_dict`` uses the keys transformers + bitsandbytes write for a
+in bitsandbytes' layout. With ``quant_storage`` set to a float dtype (bitsandbytes' option of that name)
+the packed bytes are instead held, bit for bit, in a frozen float Parameter, so that FSDP2's
+``fully_shard`` shards them like any weight; ``NF4Storage.packed`` always reads them back as uint8.
+``state_dict`` uses the keys transformers + bitsandbytes write for a
 ``Params4bit`` (``weight``, ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``,
 ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``), so either side loads the other.
 
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -28,6 +31,37 @@ STATE_KEY = "quant_state.bitsandbytes__nf4"
 # Rows of a weight dequantized at once on the torch path: at most this many elements per chunk.
 CHUNK_ELEMENTS = 1 << 24
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# What holds the packed bytes: "uint8" a buffer (replicated by DDP and FSDP), a float dtype a frozen
+# Parameter holding the same bytes reinterpreted (FSDP2 shards Parameters only, along dim 0).
+QUANT_STORAGES = {"uint8": torch.uint8, **_DTYPES}
+
+
+def quant_storage_name(value: Union[str, torch.dtype]) -> str:
+    """The name in QUANT_STORAGES of ``value`` (a name or a torch dtype, as bitsandbytes takes it)."""
+    for name, dtype in QUANT_STORAGES.items():
+        if value == name or value == dtype:
+            return name
+    raise ValueError(f"quant_storage={value!r} is not supported; use 'uint8' (a buffer, replicated under FSDP) or "
+                     f"'bfloat16', 'float16', 'float32' (a frozen Parameter FSDP2 shards; under a "
+                     f"MixedPrecisionPolicy pick its param_dtype)")
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    # A DTensor here is an FSDP2 shard (FSDP2's sharded Parameter is a DTensor instance). Checked by name:
+    # this runs on every decode, and torch.distributed may be absent.
+    return type(tensor).__name__ == "DTensor"
+
+
+def _bytes_as(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The bytes of ``packed`` reinterpreted as ``dtype`` (shape (m, 1), as bitsandbytes' quant_storage).
+
+    A bit copy, never a value conversion: zero bytes pad the end to a whole number of elements.
+    """
+    size = torch.empty(0, dtype=dtype).element_size()
+    flat = packed.reshape(-1)
+    padded = torch.zeros(-(-flat.numel() // size) * size, dtype=torch.uint8, device=packed.device)
+    padded[: flat.numel()] = flat
+    return padded.view(dtype).reshape(-1, 1)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -97,20 +131,35 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
 
 
 class NF4Storage(nn.Module):
-    """The buffers of one NF4 weight, its decoding, and bitsandbytes' state-dict keys.
+    """The tensors of one NF4 weight, its decoding, and bitsandbytes' state-dict keys.
 
-    Buffers: ``packed`` (uint8, (ceil(n/2), 1)), ``quant_map`` (16 fp32), ``absmax`` (fp32 per block,
-    or uint8 codes with double quantization) and, with double quantization, ``nested_absmax``,
-    ``nested_map`` and ``offset``.
+    ``packed_storage`` holds the packed codes: a uint8 buffer of shape (ceil(n/2), 1), or with a float
+    ``quant_storage`` a frozen Parameter of shape (ceil(ceil(n/2) / itemsize), 1) holding the same bytes
+    (zero-padded to whole elements); read them through ``packed``, always uint8 (ceil(n/2), 1).
+    Buffers: ``quant_map`` (16 fp32), ``absmax`` (fp32 per block, or uint8 codes with double
+    quantization) and, with double quantization, ``nested_absmax``, ``nested_map`` and ``offset``. They
+    stay buffers under every quant_storage: 1/32 of the packed bytes or less, FSDP2 replicates them.
     """
 
-    def __init__(self, state: dict) -> None:
+    def __init__(self, state: dict, quant_storage: Union[str, torch.dtype] = "uint8") -> None:
         super().__init__()
         self.shape = tuple(state["shape"])
         self.dtype_name = state["dtype"]
         self.blocksize = int(state["blocksize"])
         self.double_quant = "nested_absmax" in state
-        self.register_buffer("packed", state["packed"])
+        self.quant_storage = quant_storage_name(quant_storage)
+        packed = state["packed"]
+        if packed.dtype != torch.uint8:
+            raise ValueError(f"the NF4 state's packed codes are {packed.dtype}, expected uint8; view them with "
+                             f".view(torch.uint8) (quant_storage applies when building the storage)")
+        if self.quant_storage == "uint8":
+            self.register_buffer("packed_storage", packed)
+        else:
+            if packed.numel() != (self.numel + 1) // 2:
+                raise ValueError(f"NF4 state does not fit a {self.shape} weight: packed has {packed.numel()} bytes, "
+                                 f"expected {(self.numel + 1) // 2}; it belongs to another weight")
+            self.packed_storage = nn.Parameter(_bytes_as(packed, QUANT_STORAGES[self.quant_storage]),
+                                               requires_grad=False)
         self.register_buffer("quant_map", state["quant_map"])
         self.register_buffer("absmax", state["absmax"])
         if self.double_quant:
@@ -123,12 +172,52 @@ class NF4Storage(nn.Module):
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def packed(self) -> torch.Tensor:
+        """The packed codes as uint8 of shape (ceil(n/2), 1): a view of ``packed_storage``, never a copy.
+
+        Under FSDP2 this is valid while the module's parameters are unsharded (in its forward and backward).
+        """
+        stored = self.packed_storage
+        if stored.dtype == torch.uint8:
+            return stored
+        expected = QUANT_STORAGES[self.quant_storage]
+        if stored.dtype != expected:
+            # FSDP2's MixedPrecisionPolicy casts floating parameters to its param_dtype on all-gather; that
+            # converts values and destroys the bytes (bf16 rounding, NaN canonicalisation).
+            raise ValueError(f"the packed NF4 bytes were cast from {expected} to {stored.dtype} (a MixedPrecisionPolicy "
+                             f"param_dtype, or a .to() that bypassed NF4Storage); build the model with "
+                             f"quant_storage={str(stored.dtype).replace('torch.', '')!r} to match param_dtype")
+        if _is_dtensor(stored):
+            raise ValueError(f"the packed NF4 bytes of this {self.shape} weight are sharded by FSDP2 (a DTensor of "
+                             f"{stored.shape[0]} x {expected} rows); they are whole only inside the sharded module's "
+                             f"forward and backward. Read them there, or gather them first: full_packed() on every rank")
+        return stored.reshape(-1).view(torch.uint8)[: (self.numel + 1) // 2].reshape(-1, 1)
+
+    def full_packed(self) -> torch.Tensor:
+        """``packed``, gathered first when FSDP2 has sharded it: a collective that every rank must call."""
+        stored = self.packed_storage
+        if not _is_dtensor(stored):
+            return self.packed
+        full = stored.full_tensor()
+        return full.reshape(-1).view(torch.uint8)[: (self.numel + 1) // 2].reshape(-1, 1)
+
     def _apply(self, fn, recurse=True):
-        """Follow device moves only: ``.to(dtype)``/``.half()`` on a model must not touch codes or absmaxes."""
-        for name, buffer in self._buffers.items():
-            if buffer is not None:
-                target = fn(torch.empty(0, dtype=buffer.dtype, device=buffer.device))
-                self._buffers[name] = buffer.to(device=target.device)
+        """Follow device moves only: ``.to(dtype)``/``.half()`` on a model must not touch codes or absmaxes.
+
+        A float ``quant_storage`` is a floating Parameter, which ``model.to(torch.bfloat16)`` would
+        otherwise convert by value; this keeps its dtype (and its bytes) whatever the cast.
+        """
+        for tensors in (self._parameters, self._buffers):
+            for name, tensor in tensors.items():
+                if tensor is None:
+                    continue
+                target = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device)).device
+                if target == tensor.device:
+                    continue
+                moved = tensor.detach().to(device=target)
+                tensors[name] = nn.Parameter(moved, requires_grad=tensor.requires_grad) \
+                    if isinstance(tensor, nn.Parameter) else moved
         return self
 
     def _check(self) -> None:
@@ -143,8 +232,10 @@ class NF4Storage(nn.Module):
                                  f"has shape {found}, expected {shape}; it belongs to another weight or blocksize")
 
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name != "quant_map"
-                   and name != "nested_map")
+        """Bytes of the packed codes and the block statistics (the code tables, shared by all, excluded)."""
+        stats = sum(b.numel() * b.element_size() for name, b in self.named_buffers()
+                    if name not in ("quant_map", "nested_map", "packed_storage"))
+        return (self.numel + 1) // 2 + stats
 
     def absmax_values(self) -> torch.Tensor:
         if not self.double_quant:
@@ -157,19 +248,21 @@ class NF4Storage(nn.Module):
         """Elements [start, stop) of the flattened weight: NF4[q] * absmax in fp32, rounded once to dtype."""
         absmax = self.absmax_values() if absmax is None else absmax
         bs = self.blocksize
-        library = native.library() if self.packed.device.type == "cpu" and start % 2 == 0 else None
+        # One reference for the whole call: the native decoder reads through a raw pointer.
+        whole = self.packed
+        library = native.library() if whole.device.type == "cpu" and start % 2 == 0 else None
         if library is not None:
             out = torch.empty(stop - start, dtype=torch.float32)
             absmax = absmax.contiguous()
-            library.nf4_decode_f32(self.packed.data_ptr(), start, stop - start, bs, absmax.data_ptr(),
+            library.nf4_decode_f32(whole.data_ptr(), start, stop - start, bs, absmax.data_ptr(),
                                    self.quant_map.contiguous().data_ptr(), out.data_ptr())
             return out.to(dtype)
         if start % bs == 0 and start % 2 == 0:
             # Whole blocks from an even element: one table lookup per byte (both nibbles), then a broadcast
             # multiply by the block's absmax; no per-element index arithmetic.
-            index = torch.arange(256, device=self.packed.device)
+            index = torch.arange(256, device=whole.device)
             pair_table = torch.stack([self.quant_map[index >> 4], self.quant_map[index & 15]], dim=1)
-            packed = self.packed[start // 2:(stop + 1) // 2, 0]
+            packed = whole[start // 2:(stop + 1) // 2, 0]
             values = nn.functional.embedding(packed.to(torch.int32), pair_table).reshape(-1)[: stop - start]
             blocks = absmax[start // bs: -(-stop // bs)]
             full = (stop - start) // bs * bs
@@ -179,7 +272,7 @@ class NF4Storage(nn.Module):
                 torch.mul(values[full:], blocks[-1], out=out[full:])
             return out.to(dtype)
         first, last = start // 2, (stop + 1) // 2
-        packed = self.packed[first:last, 0]
+        packed = whole[first:last, 0]
         codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[start - 2 * first: start - 2 * first + stop - start]
         index = torch.arange(start, stop, device=packed.device) // bs
         return (self.quant_map[codes.long()] * absmax[index]).to(dtype)
@@ -210,8 +303,12 @@ class NF4Storage(nn.Module):
 
     # ---- bitsandbytes' keys -----------------------------------------------------------------------
     def state_entries(self) -> dict[str, torch.Tensor]:
-        """{suffix after "weight": tensor}, as bitsandbytes' Params4bit serialises its quant state."""
-        entries = {"": self.packed, ".absmax": self.absmax, ".quant_map": self.quant_map}
+        """{suffix after "weight": tensor}, as bitsandbytes' Params4bit serialises its quant state.
+
+        The weight is always the uint8 bytes, whatever quant_storage holds them. When FSDP2 has sharded
+        them, they are gathered here: ``state_dict()`` is then a collective that every rank calls.
+        """
+        entries = {"": self.full_packed(), ".absmax": self.absmax, ".quant_map": self.quant_map}
         meta = {"quant_type": "nf4", "blocksize": self.blocksize, "dtype": self.dtype_name, "shape": list(self.shape)}
         if self.double_quant:
             entries[".nested_absmax"] = self.nested_absmax
@@ -271,8 +368,12 @@ class _NF4Module:
                 raise ValueError(f"{prefix}weight: found blocksize {state['blocksize']} and shape {state['shape']}, "
                                  f"the layer holds blocksize {self.nf4.blocksize} and shape {self.nf4.shape}; "
                                  f"build the layer with the state's blocksize")
-            device = self.nf4.packed.device
-            self.nf4 = NF4Storage({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in state.items()})
+            if _is_dtensor(self.nf4.packed_storage):
+                raise ValueError(f"{prefix}weight: the packed NF4 bytes are sharded by FSDP2; load the state dict "
+                                 f"into the model before fully_shard")
+            device = self.nf4.packed_storage.device
+            self.nf4 = NF4Storage({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in state.items()},
+                                  self.nf4.quant_storage)
         except ValueError as exc:
             error_msgs.append(str(exc))
 
@@ -290,12 +391,13 @@ class LinearNF4(_NF4Module, nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, blocksize: int = 64, double_quant: bool = True,
-                    compute_dtype: Optional[torch.dtype] = None) -> "LinearNF4":
+                    compute_dtype: Optional[torch.dtype] = None, quant_storage: Union[str, torch.dtype] = "uint8"
+                    ) -> "LinearNF4":
         if not is_linear_like(linear):
             raise TypeError(f"from_linear takes an nn.Linear or transformers Conv1D, got {type(linear).__name__}")
         weight = linear.weight.t() if is_conv1d(linear) else linear.weight
         bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        return cls(NF4Storage(quantize_nf4(weight, blocksize, double_quant)), bias, compute_dtype)
+        return cls(NF4Storage(quantize_nf4(weight, blocksize, double_quant), quant_storage), bias, compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nf4_linear(x, self.nf4, self.bias, None, None, 0.0, self.compute_dtype)
@@ -337,16 +439,18 @@ class NF4LinearFunction(torch.autograd.Function):
         in_features = x.shape[-1]
         x2 = x.reshape(-1, in_features)
         out_features = storage.shape[0]
-        y = None
+        # Allocated in the output's shape and filled through a 2-D view: a returned view (y.reshape) would
+        # make FSDP2 warn that an in-place op on the output skips its pre-backward all-gather.
+        out = x2.new_empty(*x.shape[:-1], out_features)
+        y = out.view(-1, out_features)
         for r0, chunk in storage.row_chunks(x2.dtype):
             rows = slice(r0, r0 + chunk.shape[0])
+            target = y if chunk.shape[0] == out_features else y[:, rows]
             # y[:, rows] = x W[rows]^T (+ b[rows])
-            part = x2 @ chunk.t() if bias is None else torch.addmm(bias[rows], x2, chunk.t())
-            if chunk.shape[0] == out_features:
-                y = part
+            if bias is None:
+                torch.mm(x2, chunk.t(), out=target)
             else:
-                y = x2.new_empty(x2.shape[0], out_features) if y is None else y
-                y[:, rows] = part
+                torch.addmm(bias[rows], x2, chunk.t(), out=target)
         u = None
         has_lora = lora_A is not None
         if has_lora:
@@ -356,7 +460,7 @@ class NF4LinearFunction(torch.autograd.Function):
         ctx.storage, ctx.scaling, ctx.x_shape = storage, scaling, x.shape
         ctx.has_lora, ctx.lora_separate, ctx.has_bias = has_lora, x_lora is not None, bias is not None
         ctx.save_for_backward((xl2 if has_lora else None), u, lora_A, lora_B)
-        return y.reshape(*x.shape[:-1], out_features)
+        return out
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -409,12 +513,15 @@ def nf4_linear(x: torch.Tensor, storage: NF4Storage, bias: Optional[torch.Tensor
         bias = None if bias is None else bias.to(dtype)
         if lora_A is not None:
             lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
+            triton = resolve_backend(xc, storage, lora_A, backend).name == "triton"
             if dropout_p > 0 and seed is None:
-                seed = int(torch.randint(0, 2**31 - 1, ()).item())
-            if resolve_backend(xc, storage, lora_A, backend).name == "triton":
-                from lorakern.kernels.lora_linear import LoraLinearTritonFunction
+                # the kernels take the seed as a 0-d tensor, which torch.compile traces (.item() breaks the graph)
+                seed = torch.randint(0, 2**31 - 1, ())
+                seed = seed if triton else int(seed.item())
+            if triton:
+                from lorakern.kernels.lora_linear import lora_linear_triton
 
-                y = LoraLinearTritonFunction.apply(xc, storage, bias, lora_A, lora_B, scaling, dropout_p, seed or 0)
+                y = lora_linear_triton(xc, storage, bias, lora_A, lora_B, scaling, dropout_p, 0 if seed is None else seed)
                 return y.to(x.dtype) if compute_dtype is not None else y
         x_lora = None
         if lora_A is not None and dropout_p > 0:
@@ -432,7 +539,7 @@ class LoraLinearNF4(_NF4Module, LoraLinear):
     @classmethod
     def from_linear(cls, linear: nn.Module, blocksize: int = 64, double_quant: bool = True,
                     compute_dtype: Optional[torch.dtype] = None, lora_dtype: torch.dtype = torch.float32,
-                    **lora_kwargs) -> "LoraLinearNF4":
+                    quant_storage: Union[str, torch.dtype] = "uint8", **lora_kwargs) -> "LoraLinearNF4":
         if not is_linear_like(linear):
             raise TypeError(f"from_linear takes an nn.Linear or transformers Conv1D, got {type(linear).__name__}")
         conv = is_conv1d(linear)
@@ -441,7 +548,7 @@ class LoraLinearNF4(_NF4Module, LoraLinear):
         with torch.device("meta"):
             layer = cls(in_features, out_features, bias=linear.bias is not None, dtype=lora_dtype, **lora_kwargs)
         del layer.weight
-        layer.nf4 = NF4Storage(quantize_nf4(weight, blocksize, double_quant))
+        layer.nf4 = NF4Storage(quantize_nf4(weight, blocksize, double_quant), quant_storage)
         layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         device = weight.device
         layer.lora_A = nn.Parameter(torch.empty(layer.lora_A.shape, dtype=lora_dtype, device=device))
@@ -512,9 +619,10 @@ class LoraLinearNF4(_NF4Module, LoraLinear):
 
 
 def requantize(linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
-               compute_dtype: Optional[torch.dtype] = None) -> tuple[LinearNF4, dict]:
+               compute_dtype: Optional[torch.dtype] = None, quant_storage: Union[str, torch.dtype] = "uint8"
+               ) -> tuple[LinearNF4, dict]:
     """(a LinearNF4 of ``linear``, the error that quantization added: max abs and RMS, absolute and relative)."""
-    layer = LinearNF4.from_linear(linear, blocksize, double_quant, compute_dtype)
+    layer = LinearNF4.from_linear(linear, blocksize, double_quant, compute_dtype, quant_storage)
     error = layer.nf4.dequantize(torch.float32) - linear.weight.detach().float()
     scale = linear.weight.detach().float().abs().max().clamp_min(1e-30)
     report = {"max_abs": float(error.abs().max()), "rms": float(error.pow(2).mean().sqrt()),
@@ -530,5 +638,5 @@ def quantized_bytes_per_weight(module: nn.Module) -> float:
     return sum(s.nbytes() for s in storages) / sum(s.numel for s in storages)
 
 
-__all__ = ["LinearNF4", "LoraLinearNF4", "NF4Storage", "nf4_linear", "quantize_nf4", "quantized_bytes_per_weight",
-           "requantize"]
+__all__ = ["LinearNF4", "LoraLinearNF4", "NF4Storage", "QUANT_STORAGES", "nf4_linear", "quant_storage_name",
+           "quantize_nf4", "quantized_bytes_per_weight", "requantize"]

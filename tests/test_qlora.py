@@ -86,6 +86,130 @@ def test_buffers_move_with_to_and_ignore_dtype_casts():
     assert layer.nf4.packed.is_meta and layer.nf4.absmax.is_meta
 
 
+# fp32 words whose bytes read as signalling / quiet NaNs, -NaN, inf and subnormals in fp32, and as such in
+# their bf16 / fp16 halves: any value conversion of the storage (a cast, a NaN-canonicalising copy) changes them.
+SPECIAL_WORDS = [0x7F817F81, 0xFF80FF81, 0x7FC07C01, 0x7F800001, 0x00010001, 0x7C017F80]
+
+
+def nf4_pair(quant_storage, shape=(63, 37), blocksize=64, double_quant=True, seed=0):
+    """The same LoRA layer on an NF4 base twice, uint8 storage and ``quant_storage``, with packed bytes
+    that are random (every byte is a valid pair of codes) and led by SPECIAL_WORDS."""
+    gen = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(shape[1], shape[0])
+    layers = [LoraLinear.from_linear(linear, quantize="nf4", blocksize=blocksize, double_quant=double_quant, r=3,
+                                     quant_storage=storage) for storage in ("uint8", quant_storage)]
+    special = torch.tensor(SPECIAL_WORDS, dtype=torch.int64).to(torch.int32).view(torch.uint8)
+    codes = torch.randint(0, 256, (layers[0].nf4.packed.numel(),), generator=gen, dtype=torch.uint8)
+    codes[: special.numel()] = special[: codes.numel()]
+    lora_B = torch.randn(layers[0].lora_B.shape, generator=gen)
+    for layer in layers:
+        layer.nf4.packed.copy_(codes.reshape(-1, 1))  # through the uint8 view: writes the storage's bytes
+        with torch.no_grad():
+            layer.lora_B.copy_(lora_B)
+            layer.lora_A.copy_(layers[0].lora_A)
+        layer.bias.requires_grad_(True)
+    return layers[0], layers[1], codes.reshape(-1, 1)
+
+
+def _output_and_grads(layer, x):
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    y.pow(2).sum().backward()
+    grads = [x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.bias.grad]
+    layer.zero_grad()
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("quant_storage", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("shape,blocksize,double_quant", [((63, 37), 64, True), ((5, 13), 32, False)],
+                         ids=["63x37-double", "5x13-plain"])
+def test_float_quant_storage_holds_the_same_bytes(quant_storage, shape, blocksize, double_quant):
+    """A float quant_storage is a frozen Parameter holding the uint8 bytes bit for bit: outputs and every
+    gradient are identical, the state dict is the uint8 one, and dtype casts leave the bytes alone."""
+    plain, stored, codes = nf4_pair(quant_storage, shape, blocksize, double_quant)
+    dtype = getattr(torch, quant_storage)
+    param = stored.nf4.packed_storage
+    itemsize = dtype.itemsize
+    assert isinstance(param, nn.Parameter) and not param.requires_grad and param.dtype == dtype
+    assert param.shape == (-(-codes.numel() // itemsize), 1)
+    assert "nf4.packed_storage" in dict(stored.named_parameters())
+    assert torch.equal(stored.nf4.packed, codes) and stored.nf4.packed.dtype == torch.uint8
+    assert torch.isnan(param).any() or quant_storage == "float16" and torch.isinf(param).any()
+
+    x = torch.randn(4, shape[1], generator=torch.Generator().manual_seed(1))
+    expected, expected_grads = _output_and_grads(plain, x)
+    got, grads = _output_and_grads(stored, x)
+    assert torch.equal(got, expected)
+    assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads))
+
+    state = stored.state_dict()
+    assert state["weight"].dtype == torch.uint8 and torch.equal(state["weight"], codes)
+    assert set(state) == set(plain.state_dict()) and all(torch.equal(v, plain.state_dict()[k]) for k, v in state.items())
+    fresh = LoraLinear.from_linear(nn.Linear(shape[1], shape[0]), quantize="nf4", blocksize=blocksize,
+                                   double_quant=double_quant, r=3, quant_storage=quant_storage)
+    fresh.load_state_dict(state)
+    assert fresh.nf4.packed_storage.dtype == dtype and torch.equal(fresh.nf4.packed, codes)
+    assert torch.equal(fresh(x), expected)
+
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double(), lambda m: m.float()):
+        cast(stored)
+        assert stored.nf4.packed_storage.dtype == dtype and torch.equal(stored.nf4.packed, codes)
+    assert stored.lora_A.dtype == torch.float32
+    stored.to("meta")
+    assert stored.nf4.packed_storage.is_meta and stored.nf4.packed_storage.dtype == dtype
+
+
+def test_float_quant_storage_reads_bitsandbytes_float_storage():
+    """bitsandbytes' own quant_storage=torch.float32 state dict loads bit for bit; ours writes the bytes as uint8."""
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 64)
+    bnb = bnb_module()
+    theirs = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.float32, quant_type="nf4", quant_storage=torch.float32)
+    theirs.load_state_dict(linear.state_dict())
+    state = theirs.to("cpu").state_dict()
+    assert state["weight"].dtype == torch.float32
+    ours = quant.LinearNF4.from_linear(nn.Linear(128, 64), quant_storage="float32")
+    ours.load_state_dict(state)
+    assert torch.equal(ours.nf4.packed_storage.view(torch.int32), state["weight"].view(torch.int32))  # NaNs too
+    assert torch.equal(ours.state_dict()["weight"], state["weight"].reshape(-1).view(torch.uint8).reshape(-1, 1))
+    x = torch.randn(3, 128)
+    plain = quant.LinearNF4.from_linear(nn.Linear(128, 64))
+    plain.load_state_dict(state)
+    assert torch.equal(ours(x), plain(x))
+
+
+def test_float_quant_storage_through_inject_merge_and_requantize(batch):
+    """LoraConfig(quant_storage=...) reaches every NF4 layer; merging gives what the uint8 model gives,
+    and requantizing keeps the storage."""
+    import copy
+
+    models = {}
+    for storage in ("uint8", "bfloat16"):
+        model = inject(tiny_roberta_classifier(), LoraConfig(**QLORA, quant_storage=storage)).eval()
+        for i, layer in enumerate(lora_layers(model).values()):
+            nn.init.normal_(layer.lora_B, std=0.05, generator=torch.Generator().manual_seed(i))
+        models[storage] = model
+    storages = [m for m in models["bfloat16"].modules() if isinstance(m, quant.NF4Storage)]
+    assert len(storages) == sum(isinstance(m, quant.NF4Storage) for m in models["uint8"].modules()) >= 12
+    assert all(s.quant_storage == "bfloat16" and s.packed_storage.dtype == torch.bfloat16 for s in storages)
+    assert quant.quantized_bytes_per_weight(models["bfloat16"]) == quant.quantized_bytes_per_weight(models["uint8"])
+    assert torch.equal(models["bfloat16"](**batch).logits, models["uint8"](**batch).logits)
+    merged = {k: merge_and_unload(copy.deepcopy(m))(**batch).logits for k, m in models.items()}
+    assert torch.equal(merged["bfloat16"], merged["uint8"])
+    with pytest.warns(UserWarning, match="requantizing 12 merged layers"):
+        requantized = merge_and_unload(models["bfloat16"], requantize=True)
+    query = requantized.roberta.encoder.layer[0].attention.self.query
+    assert isinstance(query, quant.LinearNF4) and query.nf4.quant_storage == "bfloat16"
+
+
+def test_a_cast_float_quant_storage_is_refused():
+    """FSDP2's MixedPrecisionPolicy(param_dtype=...) would cast the storage by value on all-gather."""
+    _, layer, _ = nf4_pair("float32")
+    layer.nf4.packed_storage = nn.Parameter(layer.nf4.packed_storage.to(torch.bfloat16), requires_grad=False)
+    with pytest.raises(ValueError, match=r"cast from torch.float32 to torch.bfloat16 .*quant_storage='bfloat16'"):
+        layer(torch.randn(2, 37))
+
+
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double"])
 def test_bytes_per_weight(double_quant):
     layer = LoraLinear.from_linear(nn.Linear(1024, 1024), quantize="nf4", double_quant=double_quant, r=8)
@@ -161,8 +285,17 @@ def test_fp4_or_other_blocksize_state_is_refused():
         (lambda: LoraConfig(target_modules=["q"], quantize="nf4", quantize_blocksize=48), ValueError,
          "quantize_blocksize=48 is not allowed"),
         (lambda: LoraLinear.from_linear(nn.Linear(4, 4), blocksize=64), ValueError, "applies to a quantized base only"),
+        (lambda: LoraConfig(target_modules=["q"], quantize="nf4", quant_storage="int4"), ValueError,
+         r"quant_storage='int4' is not supported; use 'uint8' .* or 'bfloat16', 'float16', 'float32'"),
+        (lambda: LoraConfig(target_modules=["q"], quant_storage="bfloat16"), ValueError,
+         "quant_storage='bfloat16' applies to quantized base weights only; pass quantize='nf4'"),
+        (lambda: LoraLinear.from_linear(nn.Linear(4, 4), quantize="nf4", quant_storage=torch.int8), ValueError,
+         "quant_storage=torch.int8 is not supported"),
+        (lambda: LoraLinear.from_linear(nn.Linear(4, 4), quant_storage="float32"), ValueError,
+         "quant_storage= applies to a quantized base only"),
     ],
-    ids=["blocksize", "non-float", "layer-type", "config-type", "config-blocksize", "blocksize-without-quantize"],
+    ids=["blocksize", "non-float", "layer-type", "config-type", "config-blocksize", "blocksize-without-quantize",
+         "config-storage", "config-storage-without-quantize", "layer-storage", "layer-storage-without-quantize"],
 )
 def test_bad_input(call, error, message):
     with pytest.raises(error, match=message):
