@@ -24,6 +24,7 @@ _LAZY = {
     "LoraLinearFunction": "lorakern.functional",
     "LoraLinearNF4": "lorakern.quant",
     "LinearNF4": "lorakern.quant",
+    "SaveAdapterCallback": "lorakern.integrations",  # needs transformers
 }
 
 __all__ = ["__version__", *_LAZY]

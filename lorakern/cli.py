@@ -74,9 +74,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         except ValueError as exc:
             return main_error(exc)
     try:
-        return args.handler(args)
+        code = args.handler(args)
     except ValueError as exc:  # bad input: the message names the value and the fix
-        return main_error(exc)
+        code = main_error(exc)
+    from lorakern.harness.distributed import leave
+
+    return leave(code)  # under torchrun: skip the teardown gloo can abort
 
 
 if __name__ == "__main__":

@@ -111,6 +111,8 @@ def run_options(args: argparse.Namespace):
 
 
 def _print_summary(summary: dict) -> bool:
+    if summary.get("rank", 0) != 0:  # under torchrun rank 0 prints (and writes) for all
+        return summary["reload_agrees"]
     print(f"\n{summary['task']}: {summary['out']}")
     print(summary["table"])
     print(f"reload check: {'same metrics' if summary['reload_agrees'] else 'DIFFERENT metrics'}; "

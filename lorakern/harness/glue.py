@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
+from lorakern.harness import distributed
 from lorakern.harness.data import GLUE_TASKS, HF, GlueTask, PairExample, corpus_texts, glue_task, load_glue
 from lorakern.harness.metrics import glue_metrics
 from lorakern.harness.models import TINY, Backbone, forward_logits
@@ -62,15 +63,22 @@ def run_glue(task: str, options: Optional[RunOptions] = None, **overrides) -> di
     """Fine-tune on one GLUE task (or "all", each into its own folder) and return the run summary.
 
     ``overrides`` set RunOptions fields (model=, data=, out=, recipe=, head=, lora=, train=, lr=, ...).
-    For "all" the summary maps each task to its own summary.
+    For "all" the summary maps each task to its own summary. Under torchrun it runs on every rank
+    (lorakern.harness.distributed); rank 0's summary is the full one.
     """
     options = dataclasses.replace(options or RunOptions(), **overrides)
+    with distributed.session(options.resolved_train().resolved_device()):
+        return _run_glue(task, options)
+
+
+def _run_glue(task: str, options: RunOptions) -> dict:
     if task == "all":
         root = options.out or os.path.join("runs", "glue-all")
         if options.resume:
             raise ValueError("--resume continues one run; resume each task with --task NAME --resume FOLDER")
         summaries = {name: run_glue(name, options, out=os.path.join(root, name)) for name in GLUE_TASKS}
-        _write_summary(root, summaries)
+        if distributed.current().is_main:
+            _write_summary(root, summaries)
         return summaries
     spec = glue_task(task)
     splits = load_glue(spec, options.data, options.skip_bad_rows)

@@ -201,4 +201,12 @@ def forward_logits(model: nn.Module, batch: dict) -> torch.Tensor:
     if hasattr(out, "start_logits"):
         return torch.stack([out.start_logits, out.end_logits], dim=-1)
     logits = out.logits
-    return logits.squeeze(-1) if getattr(model.config, "problem_type", None) == "regression" else logits
+    config = getattr(_unwrap(model), "config", None)
+    return logits.squeeze(-1) if getattr(config, "problem_type", None) == "regression" else logits
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (which has no ``config``), or the model."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model

@@ -17,7 +17,7 @@ import torch
 from lorakern._io import atomic_write_bytes
 from lorakern.adapters import load_adapter, save_adapter
 from lorakern.injection import LoraConfig, count_parameters, parameter_table
-from lorakern.harness import report
+from lorakern.harness import distributed, report
 from lorakern.harness.models import TINY, Backbone, build_model, recipe_config
 from lorakern.harness.train import CHECKPOINT_DIR, TrainConfig, train, write_history
 
@@ -129,9 +129,11 @@ def run_plan(plan: TaskPlan, backbone: Backbone, options: RunOptions, data_label
 
 
 def _run_plan(plan: TaskPlan, backbone: Backbone, options: RunOptions, data_label: str) -> dict:
+    context = distributed.current()
     config = options.resolved_train()
-    out_dir = _out_dir(options, plan.name)
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = distributed.broadcast_from_main(lambda: _out_dir(options, plan.name))  # one timestamp for all
+    if context.is_main:
+        os.makedirs(out_dir, exist_ok=True)
     lora = options.lora_config(plan.kind)
     torch.manual_seed(config.seed)  # LoRA's A init draws from the global generator
     model = build_model(backbone, plan.kind, plan.num_labels, options.head, lora)
@@ -143,15 +145,19 @@ def _run_plan(plan: TaskPlan, backbone: Backbone, options: RunOptions, data_labe
     final = {k: v for k, v in history[-1].items() if "/" in k}
 
     adapter_dir = os.path.join(out_dir, "adapter")
-    save_adapter(model, adapter_dir)
-    if backbone.tokenizer is not None and options.model == TINY:
+    save_adapter(model, adapter_dir)  # under torchrun: rank 0 writes
+    if context.is_main and backbone.tokenizer is not None and options.model == TINY:
         atomic_write_bytes(os.path.join(out_dir, "tokenizer.json"), backbone.tokenizer.backend_tokenizer.to_str().encode())
     fresh = build_model(backbone, plan.kind, plan.num_labels, options.head, lora=None)
-    load_adapter(fresh, adapter_dir)
+    with distributed.folder_from_main(adapter_dir) as readable:
+        load_adapter(fresh, readable)
     reloaded = plan.evaluate(fresh.to(config.resolved_device()), config)
     difference = max(abs(final[k] - reloaded[k]) for k in final)
     agree = difference <= 1e-9
     plan.artifacts(model, config, out_dir)
+    if not context.is_main:  # the numbers are every rank's; the files and the report are rank 0's
+        return {"task": plan.name, "final": final, "reloaded": reloaded, "reload_agrees": agree, "out": out_dir,
+                "rank": context.rank}
 
     trainable, total = count_parameters(model)
     size = report.adapter_size(adapter_dir)
@@ -159,7 +165,10 @@ def _run_plan(plan: TaskPlan, backbone: Backbone, options: RunOptions, data_labe
     settings = {"model": backbone.name, "data": data_label, "recipe": options.recipe, "head": options.head,
                 "LoRA": _lora_line(lora), "lr": f"{config.lr:g}",
                 "schedule": f"{config.warmup_epochs} warm-up + {config.decay_epochs} decay epochs, per step",
-                "batch": f"{config.batch_size} (accumulation {config.grad_accum})",
+                "batch": f"{config.batch_size} (accumulation {config.grad_accum})" + (
+                    f", global: {context.world_size} processes take about {config.batch_size // context.world_size}"
+                    f" each" if context.enabled else ""),
+                "processes": context.describe(),
                 "AdamW": f"betas {config.betas}, eps {config.eps:g}, weight decay {config.weight_decay:g}",
                 "precision": _precision_line(config), "seed": config.seed, **plan.settings,
                 "trainable parameters": f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"}

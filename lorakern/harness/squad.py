@@ -24,6 +24,7 @@ import torch
 from torch.nn import functional as F
 
 from lorakern._io import atomic_write_bytes
+from lorakern.harness import distributed
 from lorakern.harness.data import HF, QAExample, corpus_texts, load_squad, squad_version
 from lorakern.harness.metrics import squad_v1_metrics, squad_v2_metrics
 from lorakern.harness.models import TINY, Backbone, forward_logits
@@ -167,7 +168,9 @@ def make_plan(version: str, splits: dict[str, list[QAExample]], backbone: Backbo
 
     def artifacts(model, config, out_dir):
         """predictions.json (the official scripts' input, no-answer applied) and na_probs.json for v2.0."""
-        predictions, na_probs = answers(model, config)
+        predictions, na_probs = answers(model, config)  # every rank: the evaluation is sharded
+        if not distributed.current().is_main:
+            return
         final = {q: ("" if na_probs[q] > threshold else text) for q, text in predictions.items()}
         atomic_write_bytes(os.path.join(out_dir, "predictions.json"), (json.dumps(final, indent=1) + "\n").encode())
         if version == "2.0":
@@ -194,6 +197,11 @@ def run_squad(version: str = "1.1", options: Optional[RunOptions] = None, squad:
     version = squad_version(version)
     options = dataclasses.replace(options or RunOptions(), **overrides)
     squad = squad or SquadOptions()
+    with distributed.session(options.resolved_train().resolved_device()):
+        return _run_squad(version, options, squad)
+
+
+def _run_squad(version: str, options: RunOptions, squad: SquadOptions) -> dict:
     splits = load_squad(version, options.data)
     if options.max_length:
         max_length = options.max_length

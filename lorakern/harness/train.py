@@ -8,10 +8,28 @@ uninterrupted one:
 - a checkpoint is written at the end of each epoch, after evaluation, with the trainable tensors, the
   optimiser, the scheduler, the gradient scaler, the RNG states and the history so far, so resuming
   continues exactly where the uninterrupted run would.
+
+Under torchrun (distributed.py) the same code runs on every rank:
+- ``batch_size`` is the global batch. Every rank draws the same batch order; rank r takes items r, r + N,
+  r + 2N, ... of each global (micro-)batch (DistributedSampler's interleaving, but per batch and without
+  its padding by repeated examples, which would change the last batch) and scales its mean loss by
+  ``len(its share) * N / len(global batch)``; DDP averages the gradients over the N ranks, so each step
+  applies the gradient of the global batch's mean loss, as one process does. A rank whose share is empty
+  (a last batch smaller than N) runs one example with weight 0, because every rank must join each
+  all-reduce. Only trainable tensors are all-reduced; ``find_unused_parameters`` is set only when a
+  trainable tensor gets no gradient (the seed recipe's pooler bias: the seed head reads ``<s>`` directly).
+- dropout draws from torch's global generator seeded with ``seed + rank``: ranks get different masks, and
+  rank 0 the masks of a single process. Without dropout a run on N processes gives one process's curve
+  to fp32 rounding (the ranks pad their shares to their own longest sequence, and the all-reduce adds in
+  another order).
+- rank 0 writes the checkpoints, with every rank's RNG state; a resumed run on the same number of
+  processes continues exactly, on another number with the same global batches (the other ranks reseed).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import inspect
 import io
 import json
 import math
@@ -27,6 +45,7 @@ import torch
 from torch import nn
 
 from lorakern._io import atomic_write_bytes
+from lorakern.harness import distributed
 
 CHECKPOINT_DIR = "checkpoints"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -38,7 +57,8 @@ class TrainConfig:
 
     lr: 4e-5 is what the published code used (its saved weights confirm it); the post says 5e-4.
     Epochs = warmup_epochs + decay_epochs: linear warm-up from 0, then linear decay to 0, stepped per
-    optimiser step. batch_size is per optimiser step; with grad_accum=k it is split into k micro-batches.
+    optimiser step. batch_size is per optimiser step (the global batch under torchrun, shared by the
+    ranks); with grad_accum=k it is split into k micro-batches.
     precision: "auto" is fp16 autocast on CUDA (the seed) and fp32 on CPU.
     """
 
@@ -173,15 +193,23 @@ def _batches(n: int, batch_size: int, generator: Optional[torch.Generator]) -> l
 
 def predict(model: nn.Module, features: list, collate: Callable, forward: Callable, config: TrainConfig,
             device: torch.device) -> list[torch.Tensor]:
-    """Outputs of ``forward(model, batch)`` for every feature, in order, as float32 CPU tensors per batch."""
+    """Outputs of ``forward(model, batch)`` for every feature, in order, as float32 CPU tensors per batch.
+
+    Under torchrun every rank must call it: rank r computes batches r, r + N, ... and the outputs are
+    all-gathered, so every rank returns what one process returns (the same batches, padded the same way).
+    """
+    context = distributed.current()
     model.eval()
     dtype = config.autocast_dtype(device)
-    outputs = []
+    batches = _batches(len(features), config.eval_batch_size, None)
+    outputs = {}
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        for indices in _batches(len(features), config.eval_batch_size, None):
-            batch = {k: v.to(device) for k, v in collate([features[i] for i in indices]).items()}
-            outputs.append(forward(model, batch).float().cpu())
-    return outputs
+        for number in range(context.rank, len(batches), context.world_size):
+            batch = {k: v.to(device) for k, v in collate([features[i] for i in batches[number]]).items()}
+            outputs[number] = forward(model, batch).float().cpu()
+    if context.enabled:
+        outputs = {number: out for shard in distributed.all_gather_objects(outputs) for number, out in shard.items()}
+    return [outputs[number] for number in range(len(batches))]
 
 
 def write_history(out_dir: str, history: list[dict], extra: Optional[dict] = None) -> None:
@@ -196,6 +224,59 @@ def write_history(out_dir: str, history: list[dict], extra: Optional[dict] = Non
     atomic_write_bytes(os.path.join(out_dir, "metrics.csv"), text.getvalue().encode())
 
 
+def _parameters_reached(loss: torch.Tensor) -> set[int]:
+    """ids of the leaf tensors whose gradient ``loss.backward()`` would fill (a walk of the autograd graph)."""
+    reached, seen, stack = set(), set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # AccumulateGrad: the leaf it accumulates into
+        if variable is not None:
+            reached.add(id(variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return reached
+
+
+def _wrap_ddp(model: nn.Module, probe: Callable[[], torch.Tensor], device: torch.device) -> nn.Module:
+    """DistributedDataParallel over the trainable tensors; find_unused_parameters only when needed.
+
+    ``probe()`` is one training forward (loss, no backward, under a forked RNG): trainable tensors it does
+    not reach would leave DDP waiting for their gradients, so their presence on any rank turns
+    find_unused_parameters on (it costs a graph walk per step, so it stays off otherwise).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
+        loss = probe()
+    reached = _parameters_reached(loss)
+    del loss
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in reached]
+    find_unused = any(distributed.all_gather_objects(bool(unused)))
+    if distributed.current().is_main and unused:
+        print(f"DDP: find_unused_parameters=True; {len(unused)} trainable tensor(s) get no gradient: "
+              f"{', '.join(unused[:4])}{' ...' if len(unused) > 4 else ''}")
+    # The harness's buffers (position ids) never change: no broadcast of them before every forward.
+    # (torch >= 2.13 renames broadcast_buffers to forward_sync_buffers.)
+    buffers = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+        DistributedDataParallel.__init__).parameters else "broadcast_buffers"
+    return DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused, **{buffers: False})
+
+
+def _restore_rng(state: dict, context: distributed.Context, seed: int) -> None:
+    """The RNG state of this rank at the checkpoint; on another number of ranks rank 0 takes the saved
+    rank 0 state and the others reseed (their dropout masks then differ from the uninterrupted run's)."""
+    ranks = state.get("rng_ranks")
+    if context.enabled and ranks is not None and len(ranks) == context.world_size:
+        _set_rng_state(ranks[context.rank])
+    elif context.is_main:
+        _set_rng_state(state["rng"])
+    else:
+        seed_everything(seed + context.rank)
+
+
 def train(model: nn.Module, features: list, collate: Callable, loss_fn: Callable, evaluate: Callable,
           config: TrainConfig, out_dir: str, fingerprint: dict, resume: Optional[str] = None) -> list[dict]:
     """Train ``model`` (its trainable parameters) and return the per-epoch history.
@@ -203,9 +284,13 @@ def train(model: nn.Module, features: list, collate: Callable, loss_fn: Callable
     collate(features) -> batch of tensors; loss_fn(model, batch) -> scalar loss; evaluate(model) -> flat
     {"split/metric": value}. Writes metrics.json/.csv and checkpoints/epoch-N.pt into ``out_dir`` after every
     epoch. ``resume``: a checkpoint (or run folder) of a run with the same ``fingerprint``.
+    Under torchrun every rank calls it (see the module docstring); rank 0 writes the files, and
+    ``evaluate`` gets the plain model (not the DDP wrapper) on every rank.
     """
     from tqdm.auto import tqdm
 
+    context = distributed.current()
+    rank, world = context.rank, context.world_size
     device = config.resolved_device()
     dtype = config.autocast_dtype(device)
     model.to(device)
@@ -223,7 +308,7 @@ def train(model: nn.Module, features: list, collate: Callable, loss_fn: Callable
     history: list[dict] = []
     start_epoch = 1
     if resume:
-        state = load_checkpoint(resume, fingerprint)
+        state = distributed.broadcast_from_main(lambda: load_checkpoint(resume, fingerprint))
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         if set(state["model"]) != names:
             raise ValueError(f"{state['path']} holds other trainable tensors than this model; resume with the "
@@ -235,47 +320,70 @@ def train(model: nn.Module, features: list, collate: Callable, loss_fn: Callable
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
+        _restore_rng(state, context, config.seed)
         history = list(state["history"])
         start_epoch = state["epoch"] + 1
     else:
-        seed_everything(config.seed)
-    os.makedirs(os.path.join(out_dir, CHECKPOINT_DIR), exist_ok=True)
+        seed_everything(config.seed + rank)
+    if context.is_main:
+        os.makedirs(os.path.join(out_dir, CHECKPOINT_DIR), exist_ok=True)
+
+    def forward_loss(net: nn.Module, indices: list[int]) -> torch.Tensor:
+        batch = {k: v.to(device) for k, v in collate([features[i] for i in indices]).items()}
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return loss_fn(net, batch)
+
+    net = model  # what training calls: the model, or DDP around it
+    if context.enabled and start_epoch <= config.epochs:
+        probe = list(range(min(len(features), micro)))[rank::world] or [0]
+        net = _wrap_ddp(model.train(), lambda: forward_loss(model, probe), device)
     for epoch in range(start_epoch, config.epochs + 1):
         model.train()
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        groups = _batches(len(features), micro, generator)
+        groups = _batches(len(features), micro, generator)  # global micro-batches, the same on every rank
         total_loss, seen = 0.0, 0
         bar = tqdm(range(0, len(groups), config.grad_accum), desc=f"epoch {epoch}/{config.epochs}",
-                   disable=not config.progress, leave=False)
+                   disable=not (config.progress and context.is_main), leave=False)
         for first in bar:
             step_groups = groups[first:first + config.grad_accum]
             step_size = sum(len(g) for g in step_groups)
-            for indices in step_groups:
-                batch = {k: v.to(device) for k, v in collate([features[i] for i in indices]).items()}
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    loss = loss_fn(model, batch)
-                scaler.scale(loss * (len(indices) / step_size)).backward()
-                total_loss += loss.item() * len(indices)
-                seen += len(indices)
+            for number, indices in enumerate(step_groups):
+                share = indices[rank::world]
+                # DDP averages over the ranks: this weight makes the sum over ranks the global batch's mean
+                weight = len(share) * world / step_size
+                last = number == len(step_groups) - 1
+                with net.no_sync() if net is not model and not last else contextlib.nullcontext():
+                    loss = forward_loss(net, share or indices[:1])
+                    scaler.scale(loss * weight).backward()
+                total_loss += loss.item() * len(share)
+                seen += len(share)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+            bar.set_postfix(loss=f"{total_loss / max(seen, 1):.4f}")
         bar.close()
+        if context.enabled:
+            shares = distributed.all_gather_objects((total_loss, seen))
+            total_loss, seen = sum(t for t, _ in shares), sum(n for _, n in shares)
         row = {"epoch": epoch, "train_loss": total_loss / max(seen, 1), "lr": scheduler.get_last_lr()[0],
                "train_seconds": round(time.perf_counter() - started, 3)}
         row.update(evaluate(model))
         history.append(row)
+        rng_states = distributed.all_gather_objects(_rng_state())
+        if not context.is_main:
+            continue
         if config.progress:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "train_seconds", "lr"))
             tqdm.write(f"epoch {epoch}/{config.epochs}: {shown}")
         trainable = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-        save_torch({"epoch": epoch, "model": trainable, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
-                    "history": history, "fingerprint": fingerprint},
-                   os.path.join(out_dir, CHECKPOINT_DIR, f"epoch-{epoch}.pt"))
+        checkpoint = {"epoch": epoch, "model": trainable, "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states[0],
+                      "history": history, "fingerprint": fingerprint}
+        if context.enabled:
+            checkpoint["rng_ranks"] = rng_states
+        save_torch(checkpoint, os.path.join(out_dir, CHECKPOINT_DIR, f"epoch-{epoch}.pt"))
         write_history(out_dir, history)
+    del net  # the DDP wrapper (its reducer holds the process group)
     return history
