@@ -250,6 +250,9 @@ class Row:
     median_ms: float
     ratio_min: float = math.nan
     ratio_median: float = math.nan
+    # median over rounds of (this provider's sample / the frozen layer's sample of the same round): the two
+    # ran back to back, so a slow patch of the machine moves both; steadier than the ratio of medians
+    ratio_paired: float = math.nan
     peak_bytes: Optional[int] = None
     extra_peak_over_Mr: Optional[float] = None
     tflops: Optional[float] = None
@@ -423,6 +426,7 @@ def measure(shape: Shape, dtype: torch.dtype, device: str, rounds: int = 7, call
                       min(values), statistics.median(values), samples=values)
             row.ratio_min = row.min_ms / min(base)
             row.ratio_median = row.median_ms / statistics.median(base)
+            row.ratio_paired = statistics.median(v / b for v, b in zip(values, base))
             if memory:
                 row.peak_bytes = peaks[name]
                 row.extra_peak_over_Mr = (peaks[name] - peaks[FROZEN]) / lora_activation
@@ -489,8 +493,9 @@ def machine() -> dict:
 def markdown(rows: list[Row]) -> str:
     cuda = any(r.tflops is not None for r in rows)
     memory = any(r.peak_bytes is not None for r in rows)
-    head = "| shape (M, K, N, r) | dtype | mode | provider | min ms | median ms | × frozen (min) | × frozen (median) |"
-    rule = "|---|---|---|---|---:|---:|---:|---:|"
+    head = ("| shape (M, K, N, r) | dtype | mode | provider | min ms | median ms | × frozen (min) | × frozen (median) "
+            "| × frozen (paired) |")
+    rule = "|---|---|---|---|---:|---:|---:|---:|---:|"
     if memory:
         head += " peak MiB | extra peak / (M·r) |"
         rule += "---:|---:|"
@@ -500,7 +505,7 @@ def markdown(rows: list[Row]) -> str:
     lines = [head, rule]
     for r in rows:
         line = (f"| {r.shape} ({r.M}, {r.K}, {r.N}, {r.r}) | {r.dtype} | {r.mode} | {r.provider} | {r.min_ms:.3f} | "
-                f"{r.median_ms:.3f} | {r.ratio_min:.3f} | {r.ratio_median:.3f} |")
+                f"{r.median_ms:.3f} | {r.ratio_min:.3f} | {r.ratio_median:.3f} | {r.ratio_paired:.3f} |")
         if memory:
             line += (f" {r.peak_bytes / 2**20:.1f} | {r.extra_peak_over_Mr:.1f} |" if r.peak_bytes is not None
                      else " n/a | n/a |")

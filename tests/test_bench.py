@@ -91,7 +91,8 @@ def test_quick_cli_run_writes_json_markdown_and_plot(tmp_path, capsys):
     assert {r["mode"] for r in rows} == set(bench.MODES)
     assert len(rows) == len(PROVIDERS) * len(bench.MODES)
     assert all(r["ratio_median"] > 0 and len(r["samples"]) == 2 and r["peak_bytes"] > 0 for r in rows)
-    assert all(r["ratio_min"] == 1.0 for r in rows if r["provider"] == bench.FROZEN)
+    assert all(r["ratio_min"] == r["ratio_paired"] == 1.0 for r in rows if r["provider"] == bench.FROZEN)
+    assert all(r["ratio_paired"] > 0 for r in rows)
     assert {r["operation"] for r in data["nf4"]} == {"quantize", "dequantize", "forward (4-bit layer)"}
     markdown = (tmp_path / "lora_linear.md").read_text()
     assert "| frozen nn.Linear |" in markdown and "| PEFT lora.Linear |" in markdown and "bitsandbytes" in markdown
