@@ -110,3 +110,17 @@ def test_native_library_is_chosen_only_for_float32_cpu():
     assert functional._native_library(x.double(), w.double(), None, a.double()) is None
     assert functional._native_library(x, w, torch.zeros(5, dtype=torch.float64), a) is None
     assert functional._native_library(x[:0], w, None, a) is None
+
+
+def test_the_build_cache_is_keyed_by_the_cpu(monkeypatch, tmp_path):
+    """-march=native code from one CPU must not load on another that shares the cache folder."""
+    monkeypatch.setenv("LORAKERN_CACHE", str(tmp_path))
+    monkeypatch.setenv("LORAKERN_NATIVE", "1")
+    monkeypatch.setattr(native, "_LOADED", {})
+    built = []
+    for cpu in ("cpu-a", "cpu-b", "cpu-a"):
+        monkeypatch.setattr(native, "_cpu_signature", lambda cpu=cpu: cpu)
+        native._LOADED.clear()
+        assert native.lora_library() is not None
+        built.append(sorted(p.name for p in tmp_path.iterdir()))
+    assert len(built[0]) == 1 and len(built[1]) == 2 and built[2] == built[1], built

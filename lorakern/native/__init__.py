@@ -3,8 +3,8 @@
 ``library()``: the NF4 codec (nf4_cpu.c, bit-identical to the torch path, so no fused multiply-adds).
 ``lora_library()``: the rank-r products of a LoRA layer (lora_cpu.c, fp32, fused multiply-adds allowed).
 Each is compiled with the system C compiler (``cc``, override with $CC) into a cache folder
-($LORAKERN_CACHE, default ~/.cache/lorakern) under a name that hashes the source and flags, written
-atomically, and loaded with ctypes. Without a compiler (or with LORAKERN_NATIVE=0) ``library()`` is None
+($LORAKERN_CACHE, default ~/.cache/lorakern) under a name that hashes the source, the flags and the CPU
+(-march=native builds for this CPU), written atomically, and loaded with ctypes. Without a compiler (or with LORAKERN_NATIVE=0) ``library()`` is None
 and callers use their torch path; both give the same bits (tests/test_native.py).
 """
 from __future__ import annotations
@@ -53,12 +53,27 @@ def disabled():
         _DISABLED -= 1
 
 
+def _cpu_signature() -> str:
+    """What -march=native compiles for: a cache folder shared by machines with other CPUs (a home directory
+    on NFS) must not hand one machine's AVX-512 build to another without it."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as handle:
+            lines = handle.read().split("\n\n")[0].splitlines()
+        return "|".join(line for line in lines if line.split(":")[0].strip() in ("vendor_id", "model name", "flags",
+                                                                                  "Features", "CPU part"))
+    except OSError:
+        return f"{platform.machine()}|{platform.processor()}"
+
+
 def _build(name: str) -> ctypes.CDLL:
     flags, functions = _LIBRARIES[name]
     source = os.path.join(HERE, f"{name}.c")
     compiler = os.environ.get("CC", "cc")
     with open(source, "rb") as handle:
-        digest = hashlib.sha256(handle.read() + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+        key = handle.read() + " ".join([compiler, *flags, _cpu_signature()]).encode()
+    digest = hashlib.sha256(key).hexdigest()[:16]
     folder = os.environ.get("LORAKERN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lorakern"))
     target = os.path.join(folder, f"{name}-{digest}.so")
     if not os.path.exists(target):
