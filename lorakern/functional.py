@@ -12,6 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
+from lorakern import native
+
 BACKEND_ENV = "LORAKERN_BACKEND"
 BACKEND_CHOICES = ("auto", "torch", "triton")
 
@@ -99,87 +101,66 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x_lora, u, x, weight, lora_A, lora_B = ctx.saved_tensors
-        s = ctx.scaling
         need_x, need_xl, need_W, need_b, need_A, need_B, _ = ctx.needs_input_grad
-        N, K = weight.shape
-        g = grad_y.reshape(-1, N)
-        dx = dxl = dW = db = dA = dB = None
-
+        g = grad_y.reshape(-1, weight.shape[0])
+        # the rank-r term s (g B) A of dx~: dx~'s own gradient, or the start of dx when x~ is x
+        want_term = need_xl or (need_x and not ctx.lora_separate)
         library = _native_library(g, weight, None, lora_A) if ctx.native else None
-        if library is not None:
-            return LoraLinearFunction._native_backward(ctx, library, g, x_lora, u, x, weight, lora_A, lora_B)
-
-        need_gB = need_A or need_xl or (need_x and not ctx.lora_separate)
-        # (g B): M x r, computed once for dA and dx
-        gB = g @ lora_B.t().contiguous().t() if need_gB else None
+        rank_r = _rank_r_grads_native if library is not None else _rank_r_grads_torch
+        term, dA, dB = rank_r(library, g, x_lora, u, lora_A, lora_B, ctx.scaling, want_term, need_A, need_B)
+        dx = dxl = None
         if need_x:
             if ctx.lora_separate:
                 dx = g @ weight
+                dxl = term
             else:
-                # dx = s (g B) A + g W: the rank-r term first, then the base GEMM accumulates onto it
-                dx = g.new_empty(g.shape[0], K)
-                dx.addmm_(gB, lora_A, beta=0.0, alpha=s)
-                dx.addmm_(g, weight)
+                # dx = s (g B) A + g W: the base GEMM accumulates onto the rank-r term, in place
+                dx = term.addmm_(g, weight)
             dx = dx.reshape(ctx.x_shape)
-        if need_xl:
-            # dx~ = s (g B) A
-            dxl = g.new_empty(g.shape[0], K)
-            dxl.addmm_(gB, lora_A, beta=0.0, alpha=s)
-            dxl = dxl.reshape(ctx.x_shape)
-        if need_A:
-            # dA = s (g B)^T x~
-            dA = lora_A.new_empty(lora_A.shape)
-            dA.addmm_(gB.t(), x_lora, beta=0.0, alpha=s)
-        if need_B:
-            # dB = s (u^T g)^T: computed r x N, handed back as its N x r transpose (a view)
-            dB_t = lora_B.new_empty(lora_B.shape[1], N)
-            dB_t.addmm_(u.t(), g, beta=0.0, alpha=s)
-            dB = dB_t.t()
-        if need_b and ctx.has_bias:
-            db = g.sum(dim=0)
-        if need_W:
-            # dW = g^T x
-            dW = g.t() @ x
-        return dx, dxl, dW, db, dA, dB, None
-
-    @staticmethod
-    def _native_backward(ctx, library, g, x_lora, u, x, weight, lora_A, lora_B):
-        """The same gradients, the rank-r ones from one pass over the rows of g and x~ in C:
-        gB = g B four rows at a time (never stored), dx~ = s gB A, dA = s gB^T x~, dB^T = s u^T g."""
-        s = ctx.scaling
-        need_x, need_xl, need_W, need_b, need_A, need_B, _ = ctx.needs_input_grad
-        N, K = weight.shape
-        r = lora_A.shape[0]
-        g = g.contiguous()  # an expanded gradient (from .sum()) has stride 0
-        rows = g.shape[0]
-        threads = torch.get_num_threads()
-        want_dxl = need_xl or (need_x and not ctx.lora_separate)
-        dxl = g.new_empty(rows, K) if want_dxl else None
-        dA = lora_A.new_empty(r, K) if need_A else None
-        dB_t = lora_B.new_empty(r, N) if need_B else None
-        scratch = g.new_empty(library.lora_backward_scratch(K, N, r, threads) if need_A or need_B else 0)
-        # named, so that every contiguous copy outlives the call that reads it
-        x_lora = x_lora.contiguous() if need_A else None
-        A, B_t = lora_A.contiguous(), lora_B.t().contiguous()
-        library.lora_backward_f32(
-            _ptr(g), _ptr(x_lora), _ptr(u if need_B else None), _ptr(A), _ptr(B_t), s, rows, K, N, r,
-            _ptr(dxl), _ptr(dA), _ptr(dB_t), _ptr(scratch), threads,
-        )
-        dx = dW = db = None
-        if need_x:
-            if ctx.lora_separate:
-                dx = g @ weight
-            else:
-                # dx = s (g B) A + g W: the base GEMM accumulates onto the rank-r term
-                dx, dxl = dxl.addmm_(g, weight), None
-            dx = dx.reshape(ctx.x_shape)
+        elif need_xl:
+            dxl = term
         if dxl is not None:
             dxl = dxl.reshape(ctx.x_shape)
-        if need_b and ctx.has_bias:
-            db = g.sum(dim=0)
-        if need_W:
-            dW = g.t() @ x
-        return dx, dxl, dW, db, dA, None if dB_t is None else dB_t.t(), None
+        db = g.sum(dim=0) if need_b and ctx.has_bias else None
+        dW = g.t() @ x if need_W else None  # only when the base weight trains
+        return dx, dxl, dW, db, dA, dB, None
+
+
+def _rank_r_grads_torch(library, g, x_lora, u, lora_A, lora_B, s, want_term, need_A, need_B):
+    """(s (g B) A or None, dA or None, dB or None) with torch: (g B) is M x r, computed once for both."""
+    gB = g @ lora_B.t().contiguous().t() if want_term or need_A else None
+    term = dA = dB = None
+    if want_term:
+        # s (g B) A
+        term = g.new_empty(g.shape[0], lora_A.shape[1]).addmm_(gB, lora_A, beta=0.0, alpha=s)
+    if need_A:
+        # dA = s (g B)^T x~
+        dA = lora_A.new_empty(lora_A.shape).addmm_(gB.t(), x_lora, beta=0.0, alpha=s)
+    if need_B:
+        # dB = s (u^T g)^T: computed r x N, handed back as its N x r transpose (a view)
+        dB = lora_B.new_empty(lora_B.shape[1], g.shape[1]).addmm_(u.t(), g, beta=0.0, alpha=s).t()
+    return term, dA, dB
+
+
+def _rank_r_grads_native(library, g, x_lora, u, lora_A, lora_B, s, want_term, need_A, need_B):
+    """The same from one pass over the rows of g and x~ in C (lorakern/native/lora_cpu.c): g B four rows at
+    a time (never stored), s (g B) A, dA = s (g B)^T x~, dB^T = s u^T g."""
+    (r, K), N = lora_A.shape, g.shape[1]
+    g = g.contiguous()  # an expanded gradient (from .sum()) has stride 0
+    rows = g.shape[0]
+    threads = torch.get_num_threads()
+    term = g.new_empty(rows, K) if want_term else None
+    dA = lora_A.new_empty(r, K) if need_A else None
+    dB_t = lora_B.new_empty(r, N) if need_B else None
+    scratch = g.new_empty(library.lora_backward_scratch(K, N, r, threads) if need_A or need_B else 0)
+    # named, so that every contiguous copy outlives the call that reads it
+    x_lora = x_lora.contiguous() if need_A else None
+    A, B_t = lora_A.contiguous(), lora_B.t().contiguous()
+    library.lora_backward_f32(
+        _ptr(g), _ptr(x_lora), _ptr(u if need_B else None), _ptr(A), _ptr(B_t), s, rows, K, N, r,
+        _ptr(term), _ptr(dA), _ptr(dB_t), _ptr(scratch), threads,
+    )
+    return term, dA, None if dB_t is None else dB_t.t()
 
 
 NATIVE_MAX_RANK = 256  # lora_cpu.c keeps four rows' r coefficients on the stack
@@ -199,8 +180,6 @@ def _native_library(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         or torch.compiler.is_compiling()
     ):
         return None
-    from lorakern import native
-
     return native.lora_library()
 
 
