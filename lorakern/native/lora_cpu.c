@@ -18,6 +18,9 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define ROWS 4
 #define LANES 16
@@ -27,6 +30,9 @@
 typedef float vf __attribute__((vector_size(LANES * sizeof(float)), aligned(4)));
 
 static inline vf load(const float *p) { return *(const vf *)p; }
+static inline void store(float *p, vf v) { *(vf *)p = v; }
+static inline vf splat(float v) { return (vf){v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v}; }
+
 /* A vector used several times: GCC would fold each use into a memory operand and load it again (four loads
  * of one B row per four multiply-adds); an empty asm that "changes" it pins it in a register instead. */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -34,8 +40,7 @@ static inline vf load(const float *p) { return *(const vf *)p; }
 #else
 #define IN_REGISTER(v) ((void)0)
 #endif
-static inline void store(float *p, vf v) { *(vf *)p = v; }
-static inline vf splat(float v) { return (vf){v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v}; }
+
 /* Halves added in registers (eight of these end every dots4 step): a sum through memory costs a store
  * and sixteen reloads per call. __builtin_shufflevector: GCC 12+ and Clang; older compilers use the
  * lane-by-lane tree. */
@@ -213,6 +218,19 @@ int64_t lora_backward_scratch(int64_t K, int64_t N, int64_t r, int threads) {
     return (int64_t)threads * r * (padded(K) + padded(N));
 }
 
+/* out (rows x len) = scaling * the sum over the team's partials (rows x ld each, `stride` floats apart).
+ * Called inside the parallel region: the `omp for` splits the elements among its threads. */
+static void reduce_partials(float *out, const float *partial, int64_t stride, int64_t ld, int team, int64_t rows,
+                            int64_t len, float scaling) {
+    #pragma omp for schedule(static) collapse(2)
+    for (int64_t j = 0; j < rows; ++j)
+        for (int64_t n = 0; n < len; ++n) {
+            float sum = 0.0f;
+            for (int t = 0; t < team; ++t) sum += partial[t * stride + j * ld + n];
+            out[j * len + n] = scaling * sum;
+        }
+}
+
 /* Backward. g (M x N); x_lora (M x K, needed for dA); u (M x r, needed for dB); outputs that are NULL are
  * skipped: dx (M x K) = s gB A, dA (r x K) = s gB^T x~, dBt (r x N) = s u^T g. `partial` holds
  * lora_backward_scratch(K, N, r, threads) floats for the per-thread sums. r <= 256. */
@@ -226,8 +244,6 @@ void lora_backward_f32(const float *g, const float *x_lora, const float *u, cons
     {
         int tid = 0, team = 1;
 #ifdef _OPENMP
-        extern int omp_get_thread_num(void);
-        extern int omp_get_num_threads(void);
         tid = omp_get_thread_num();
         team = omp_get_num_threads();
 #endif
@@ -265,23 +281,7 @@ void lora_backward_f32(const float *g, const float *x_lora, const float *u, cons
         stream_fence();  /* this thread's streamed rows are visible before the region ends */
         free(spare);
         /* the implicit barrier of `omp for` above: every partial is complete; reduce them column-wise */
-        if (dA) {
-            #pragma omp for schedule(static) collapse(2)
-            for (int64_t j = 0; j < r; ++j)
-                for (int64_t k = 0; k < K; ++k) {
-                    float sum = 0.0f;
-                    for (int t = 0; t < team; ++t) sum += partial[t * per_thread + j * ldK + k];
-                    dA[j * K + k] = scaling * sum;
-                }
-        }
-        if (dBt) {
-            #pragma omp for schedule(static) collapse(2)
-            for (int64_t j = 0; j < r; ++j)
-                for (int64_t n = 0; n < N; ++n) {
-                    float sum = 0.0f;
-                    for (int t = 0; t < team; ++t) sum += partial[t * per_thread + r * ldK + j * ldN + n];
-                    dBt[j * N + n] = scaling * sum;
-                }
-        }
+        if (dA) reduce_partials(dA, partial, per_thread, ldK, team, r, K, scaling);
+        if (dBt) reduce_partials(dBt, partial + r * ldK, per_thread, ldN, team, r, N, scaling);
     }
 }
