@@ -453,14 +453,9 @@ def _card_family() -> Optional[str]:
 
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from lorakern.native import cpu_info
+
+    return cpu_info().get("model name") or platform.processor() or platform.machine()
 
 
 def _version(module: str) -> Optional[str]:

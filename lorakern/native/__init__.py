@@ -4,8 +4,9 @@
 ``lora_library()``: the rank-r products of a LoRA layer (lora_cpu.c, fp32, fused multiply-adds allowed).
 Each is compiled with the system C compiler (``cc``, override with $CC) into a cache folder
 ($LORAKERN_CACHE, default ~/.cache/lorakern) under a name that hashes the source, the flags and the CPU
-(-march=native builds for this CPU), written atomically, and loaded with ctypes. Without a compiler (or with LORAKERN_NATIVE=0) ``library()`` is None
-and callers use their torch path; both give the same bits (tests/test_native.py).
+(-march=native builds for this CPU), written atomically, and loaded with ctypes. Without a compiler (or
+with LORAKERN_NATIVE=0) each is None and callers use their torch path (tests/test_native.py,
+tests/test_native_lora.py).
 """
 from __future__ import annotations
 
@@ -19,21 +20,21 @@ from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _POINTER, _I64, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-# name -> (compiler flags, {function: argument types})
+# name -> (compiler flags, {function: (result type, argument types)})
 _LIBRARIES = {
     "nf4_cpu": (
         ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"],
         {
-            "blockwise_quantize_f32": [_POINTER, _I64, _I64, _POINTER, _I64, _INT, _POINTER, _POINTER],
-            "nf4_decode_f32": [_POINTER, _I64, _I64, _I64, _POINTER, _POINTER, _POINTER],
+            "blockwise_quantize_f32": (None, [_POINTER, _I64, _I64, _POINTER, _I64, _INT, _POINTER, _POINTER]),
+            "nf4_decode_f32": (None, [_POINTER, _I64, _I64, _I64, _POINTER, _POINTER, _POINTER]),
         },
     ),
     "lora_cpu": (
         ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"],
         {
-            "lora_forward_f32": [_POINTER] * 4 + [_FLOAT] + [_I64] * 4 + [_POINTER] * 2 + [_INT],
-            "lora_backward_f32": [_POINTER] * 5 + [_FLOAT] + [_I64] * 4 + [_POINTER] * 4 + [_INT],
-            "lora_backward_scratch": [_I64, _I64, _I64, _INT],
+            "lora_forward_f32": (None, [_POINTER] * 4 + [_FLOAT] + [_I64] * 4 + [_POINTER] * 2 + [_INT]),
+            "lora_backward_f32": (None, [_POINTER] * 5 + [_FLOAT] + [_I64] * 4 + [_POINTER] * 4 + [_INT]),
+            "lora_backward_scratch": (_I64, [_I64, _I64, _I64, _INT]),
         },
     ),
 }
@@ -53,18 +54,24 @@ def disabled():
         _DISABLED -= 1
 
 
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ("model name", "flags", ...); empty where there is none."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            first = handle.read().split("\n\n")[0]
+    except OSError:
+        return {}
+    return {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first.splitlines())}
+
+
 def _cpu_signature() -> str:
     """What -march=native compiles for: a cache folder shared by machines with other CPUs (a home directory
     on NFS) must not hand one machine's AVX-512 build to another without it."""
     import platform
 
-    try:
-        with open("/proc/cpuinfo") as handle:
-            lines = handle.read().split("\n\n")[0].splitlines()
-        return "|".join(line for line in lines if line.split(":")[0].strip() in ("vendor_id", "model name", "flags",
-                                                                                  "Features", "CPU part"))
-    except OSError:
-        return f"{platform.machine()}|{platform.processor()}"
+    info = cpu_info()
+    fields = [info[key] for key in ("vendor_id", "model name", "flags", "Features", "CPU part") if key in info]
+    return "|".join(fields) if fields else f"{platform.machine()}|{platform.processor()}"
 
 
 def _build(name: str) -> ctypes.CDLL:
@@ -87,9 +94,9 @@ def _build(name: str) -> ctypes.CDLL:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     loaded = ctypes.CDLL(target)
-    for function, argtypes in functions.items():
+    for function, (restype, argtypes) in functions.items():
         getattr(loaded, function).argtypes = argtypes
-        getattr(loaded, function).restype = _I64 if function.endswith("_scratch") else None
+        getattr(loaded, function).restype = restype
     return loaded
 
 
