@@ -72,20 +72,18 @@ def training_rows(width: int, layers: int, tokens: int, device: str, dtype: torc
     x = torch.randn(tokens, width, device=device, dtype=dtype, requires_grad=True)
     candidates = {"lorakern QLoRA": ours}
     bnb = _bnb()
-    if bnb is not None:
-        try:
-            from peft import LoraConfig, get_peft_model
+    if bnb is not None and bench._importable("peft"):  # the peer row needs both
+        from peft import LoraConfig, get_peft_model
 
-            quantized = nn.Sequential()
-            for i, l in enumerate(stack):
-                q = bnb.nn.Linear4bit(width, width, bias=True, compute_dtype=dtype, quant_type="nf4")
-                q.load_state_dict({k: v.float().cpu() for k, v in l.state_dict().items()})
-                quantized.add_module(str(i), q)
-            quantized = quantized.to(device)
-            candidates["PEFT + bitsandbytes"] = get_peft_model(
-                quantized, LoraConfig(r=16, lora_alpha=16, target_modules=[str(i) for i in range(layers)]))
-        except ImportError:
-            pass
+        quantized = nn.Sequential()
+        for i, l in enumerate(stack):
+            q = bnb.nn.Linear4bit(width, width, bias=True, compute_dtype=dtype, quant_type="nf4")
+            q.load_state_dict({k: v.float().cpu() for k, v in l.state_dict().items()})
+            quantized.add_module(str(i), q)
+        quantized = quantized.to(device)
+        candidates["PEFT + bitsandbytes"] = get_peft_model(
+            quantized, LoraConfig(r=16, lora_alpha=16, target_modules=[str(i) for i in range(layers)]))
+
     def step(model):
         def run():
             y = model(x)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_roberta_classifier
-from lorakern import LoraConfig, LoraLinear, inject, load_adapter, lora_layers, save_adapter
+from lorakern import LoraConfig, LoraLinear, inject, load_adapter, lora_layers
 
 
 class Mlp(nn.Module):
