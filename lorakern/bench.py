@@ -19,6 +19,12 @@ How it measures, and why:
   saved activations and temporaries, but not scratch memory private to a BLAS call (MKL packing
   buffers), which is the same for every provider's base GEMM.
 - On CUDA also TFLOP/s, GB/s (compulsory traffic over time) and the roofline bound for the card.
+- Freed host memory is kept for reuse (``keep_freed_memory``, the CLI's default ``--malloc keep``). With
+  glibc's defaults a freed 12 MB activation often goes back to the kernel and the next one is faulted in
+  again page by page (measured: ~6,000 page faults per round of the 768x768 M=4096 providers, medians
+  6-10% above their minimum); how often depends on the order of allocations, which differs between
+  providers, so the faults land on some providers and not others. Every provider runs under the same
+  setting; the JSON records it (``machine.malloc``) and each row's minor page faults per call.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -258,6 +265,9 @@ class Row:
     tflops: Optional[float] = None
     gbps: Optional[float] = None
     roofline_ms: Optional[float] = None
+    # minor page faults per timed call (the process's count over this provider's samples): first touches
+    # of memory the allocator got from the kernel, a cost the allocator setting decides (see module doc)
+    faults_per_call: Optional[float] = None
     samples: list = field(default_factory=list)
 
 
@@ -320,6 +330,34 @@ def _timer(device: str):
                 fn()
             return (time.perf_counter() - begin) * 1e3 / calls
     return timed
+
+
+_MALLOC = "default"
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> str:
+    """Make glibc's malloc keep freed memory for the next allocation of this process: no trimming of the
+    heap top, no mmap (and munmap on free) per large buffer. Returns what was set (also reported by
+    ``machine()["malloc"]``). Process-wide and not undone: for a benchmark process, not a library call.
+    Raises ValueError where the C library is not glibc (pass ``--malloc default`` there)."""
+    global _MALLOC
+    import ctypes
+
+    libc_name, _ = platform.libc_ver()
+    libc = ctypes.CDLL(None)
+    if libc_name != "glibc" or not hasattr(libc, "mallopt"):
+        raise ValueError(f"--malloc keep needs glibc's mallopt; this C library is {libc_name or 'unknown'!r}: "
+                         "pass --malloc default")
+    trim, mmap = 2**31 - 1, 2**30
+    if not (libc.mallopt(_M_TRIM_THRESHOLD, trim) and libc.mallopt(_M_MMAP_THRESHOLD, mmap)):
+        raise ValueError("glibc refused mallopt(M_TRIM_THRESHOLD / M_MMAP_THRESHOLD); pass --malloc default")
+    _MALLOC = f"glibc, freed memory kept: mallopt M_TRIM_THRESHOLD={trim}, M_MMAP_THRESHOLD={mmap}"
+    return _MALLOC
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 @dataclass
@@ -415,9 +453,14 @@ def measure(shape: Shape, dtype: torch.dtype, device: str, rounds: int = 7, call
         else:
             n_calls = calls
         samples = {name: [] for name in steps}
+        faults = dict.fromkeys(steps, 0)
         for _ in range(rounds):
             for name, step in steps.items():
-                samples[name].append(timed(step.run, n_calls, step.setup))
+                if step.setup is not None:  # untimed, and its page faults are not the step's
+                    step.setup()
+                before = _minor_faults()
+                samples[name].append(timed(step.run, n_calls))
+                faults[name] += _minor_faults() - before
         peaks = {name: peak_memory(b, o.grad, mode, device) for name, b in built.items()} if memory else {}
         base = samples[FROZEN]
         lora_activation = shape.M * shape.r * o.x.element_size()
@@ -427,6 +470,7 @@ def measure(shape: Shape, dtype: torch.dtype, device: str, rounds: int = 7, call
             row.ratio_min = row.min_ms / min(base)
             row.ratio_median = row.median_ms / statistics.median(base)
             row.ratio_paired = statistics.median(v / b for v, b in zip(values, base))
+            row.faults_per_call = faults[name] / (rounds * n_calls)
             if memory:
                 row.peak_bytes = peaks[name]
                 row.extra_peak_over_Mr = (peaks[name] - peaks[FROZEN]) / lora_activation
@@ -474,6 +518,7 @@ def machine() -> dict:
         "processor": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "malloc": _MALLOC,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "lorakern": _version("lorakern"),
@@ -511,11 +556,12 @@ def markdown(rows: list[Row]) -> str:
 
 
 def summary(rows: list[Row]) -> str:
-    """The compact table for the README: median ratio to the frozen layer per shape, provider and mode."""
+    """The compact table for the README: the paired ratio to the frozen layer (median over rounds of the
+    per-round ratio) per shape, provider and mode."""
     shapes = list(dict.fromkeys((r.shape, r.M, r.K, r.N, r.r) for r in rows))
     names = list(dict.fromkeys(r.provider for r in rows if r.provider != FROZEN))
     modes = [m for m in MODES if any(r.mode == m for r in rows)]
-    lines = ["| shape (M, K, N, r) | provider | " + " | ".join(f"{m} ×" for m in modes) + " |",
+    lines = ["| shape (M, K, N, r) | provider | " + " | ".join(f"{m} × (paired)" for m in modes) + " |",
              "|---|---|" + "---:|" * len(modes)]
     for key in shapes:
         for name in names:
@@ -523,7 +569,7 @@ def summary(rows: list[Row]) -> str:
             for mode in modes:
                 row = next((r for r in rows if (r.shape, r.M, r.K, r.N, r.r) == key and r.provider == name
                             and r.mode == mode), None)
-                cells.append("n/a" if row is None else f"{row.ratio_median:.2f}")
+                cells.append("n/a" if row is None else f"{row.ratio_paired:.2f}")
             lines.append(f"| {key[0]} ({key[1]}, {key[2]}, {key[3]}, {key[4]}) | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -20,6 +20,9 @@ def add_bench_command(sub) -> None:
     bench.add_argument("--ranks", default=None, help="comma-separated ranks (default: 8,16,64)")
     bench.add_argument("--tokens", type=int, default=None, help="tokens M per shape (default: sized for the device)")
     bench.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
+    bench.add_argument("--malloc", default="keep", choices=("keep", "default"),
+                       help="keep: glibc keeps freed memory for reuse, so no provider pays page faults for "
+                            "recycled buffers (default); default: the C library's own behaviour")
 
 
 def run_bench(args) -> int:
@@ -40,6 +43,8 @@ def run_bench(args) -> int:
         raise ValueError("--plot writes lora_linear.png into --out; pass --out DIR as well")
     if args.tokens is not None and args.tokens <= 0:
         raise ValueError(f"--tokens must be a positive integer, got {args.tokens}")
+    if args.malloc == "keep":
+        bench.keep_freed_memory()
     if args.quick:
         shapes, rounds, nf4 = bench.SHAPES_QUICK, 2, (128, 128, 16)
     else:

@@ -1,6 +1,8 @@
 """The benchmark's providers compute the same layer, its memory tracker counts honestly, and its quick
 mode runs end to end through the CLI (no timing assertions)."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -80,8 +82,29 @@ def test_lorakern_training_step_peak_memory_is_the_frozen_layers_plus_rank_r_act
     assert peft - frozen > shape.M * shape.N * size, "PEFT keeps an M x N temporary: the tracker must see it"
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["C kernels", "LORAKERN_NATIVE=0"])
+def test_lorakern_training_step_memory_grows_with_tokens_by_exactly_the_rank_r_activations(native, monkeypatch):
+    """What grows with the token count M beyond the frozen layer's step: u (M x r), and nothing else with
+    the C kernels (g B is never stored); the torch path also holds g B (M x r) for a moment. The rest of
+    the difference (dA, dB, B^T copies, the C kernels' per-thread partial sums) does not depend on M."""
+    if not native:
+        monkeypatch.setenv("LORAKERN_NATIVE", "0")
+    K, N, r = 96, 80, 4
+
+    def extra(M):
+        o = bench.make_operands(bench.Shape("t", M, K, N, r), torch.float32, "cpu")
+        available = bench.providers("cpu")
+        frozen = bench.peak_memory(available[bench.FROZEN](o), o.grad, "fwd+bwd", "cpu")
+        return bench.peak_memory(available["lorakern torch"](o), o.grad, "fwd+bwd", "cpu") - frozen
+
+    small, large = 256, 1024
+    per_token = (extra(large) - extra(small)) / (large - small)
+    assert per_token == (1 if native else 2) * r * 4, (per_token, "bytes per token; r * 4 is one fp32 M x r tensor")
+
+
 def test_quick_cli_run_writes_json_markdown_and_plot(tmp_path, capsys):
-    assert main(["bench", "--quick", "--out", str(tmp_path), "--plot"]) == 0
+    # --malloc default: keep_freed_memory is process-wide (tested in a child process below)
+    assert main(["bench", "--quick", "--out", str(tmp_path), "--plot", "--malloc", "default"]) == 0
     printed = capsys.readouterr().out
     data = json.loads((tmp_path / "lora_linear.json").read_text())
     rows = data["rows"]
@@ -92,13 +115,49 @@ def test_quick_cli_run_writes_json_markdown_and_plot(tmp_path, capsys):
     assert len(rows) == len(PROVIDERS) * len(bench.MODES)
     assert all(r["ratio_median"] > 0 and len(r["samples"]) == 2 and r["peak_bytes"] > 0 for r in rows)
     assert all(r["ratio_min"] == r["ratio_paired"] == 1.0 for r in rows if r["provider"] == bench.FROZEN)
-    assert all(r["ratio_paired"] > 0 for r in rows)
+    assert all(r["ratio_paired"] > 0 and r["faults_per_call"] >= 0 for r in rows)
+    assert data["machine"]["malloc"] == "default"
     assert {r["operation"] for r in data["nf4"]} == {"quantize", "dequantize", "forward (4-bit layer)"}
     markdown = (tmp_path / "lora_linear.md").read_text()
     assert "| frozen nn.Linear |" in markdown and "| PEFT lora.Linear |" in markdown and "bitsandbytes" in markdown
     assert "| lorakern torch |" in printed
     assert (tmp_path / "lora_linear.png").read_bytes()[:4] == b"\x89PNG"
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+_RECYCLE = """
+import resource, sys, torch
+from lorakern import bench
+if sys.argv[1] == "keep":
+    bench.keep_freed_memory()
+counts = []
+for _ in range(12):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    # a 64 MB activation (4096 tokens x 4096 features): above glibc's largest dynamic mmap threshold
+    # (32 MB), so by default each one is mmapped, faulted in page by page and unmapped when freed
+    a = torch.ones(4096, 4096)
+    del a
+    counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sum(counts[6:]), bench.machine()["malloc"])
+"""
+
+
+def test_keep_freed_memory_stops_recycled_buffers_from_faulting_in_again():
+    """glibc's default hands a freed 64 MB buffer back to the kernel, so every round faults its 16,384
+    pages in again (smaller buffers too, depending on the heap's layout: measured ~6,000 faults per round
+    of the 768x768 providers). With ``--malloc keep`` (the bench CLI's default) the rounds after warm-up
+    fault none."""
+    def faults(setting):
+        done = subprocess.run([sys.executable, "-c", _RECYCLE, setting], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        count, malloc = done.stdout.split(maxsplit=1)
+        return int(count), malloc.strip()
+
+    kept, setting = faults("keep")
+    default, default_setting = faults("default")
+    assert kept < 100 and setting.startswith("glibc, freed memory kept"), (kept, setting)
+    assert default >= 6 * 16384, (default, "glibc's default no longer returns freed buffers: drop --malloc keep?")
+    assert default_setting == "default"
 
 
 @pytest.mark.parametrize(
