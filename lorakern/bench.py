@@ -20,8 +20,8 @@ How it measures, and why:
   buffers), which is the same for every provider's base GEMM.
 - On CUDA also TFLOP/s, GB/s (compulsory traffic over time) and the roofline bound for the card.
 - Freed host memory is kept for reuse (``keep_freed_memory``, the CLI's default ``--malloc keep``). With
-  glibc's defaults a freed 12 MB activation often goes back to the kernel and the next one is faulted in
-  again page by page (measured: ~6,000 page faults per round of the 768x768 M=4096 providers, medians
+  glibc's defaults a freed 12 MB activation often goes back to the kernel (the heap top is trimmed) and
+  the next one is faulted in again page by page (measured: ~6,000 page faults per round of the 768x768 M=4096 providers, medians
   6-10% above their minimum); how often depends on the order of allocations, which differs between
   providers, so the faults land on some providers and not others. Every provider runs under the same
   setting; the JSON records it (``machine.malloc``) and each row's minor page faults per call.
@@ -337,10 +337,13 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mal
 
 
 def keep_freed_memory() -> str:
-    """Make glibc's malloc keep freed memory for the next allocation of this process: no trimming of the
-    heap top, no mmap (and munmap on free) per large buffer. Returns what was set (also reported by
-    ``machine()["malloc"]``). Process-wide and not undone: for a benchmark process, not a library call.
-    Raises ValueError where the C library is not glibc (pass ``--malloc default`` there)."""
+    """Make glibc's malloc keep freed memory for the next allocation of this process: the heap top is
+    never trimmed, and buffers up to 32 MiB live on the heap from the first one on (32 MiB is the most
+    glibc's own adaptive threshold reaches; larger ones stay mmapped as by default: with them on the heap
+    too, posix_memalign's slack let the heap grow by a whole buffer per round in a measured loop).
+    Returns what was set (also reported by ``machine()["malloc"]``). Process-wide and not undone: for a
+    benchmark process, not a library call. Raises ValueError where the C library is not glibc (pass
+    ``--malloc default`` there)."""
     global _MALLOC
     import ctypes
 
@@ -349,7 +352,7 @@ def keep_freed_memory() -> str:
     if libc_name != "glibc" or not hasattr(libc, "mallopt"):
         raise ValueError(f"--malloc keep needs glibc's mallopt; this C library is {libc_name or 'unknown'!r}: "
                          "pass --malloc default")
-    trim, mmap = 2**31 - 1, 2**30
+    trim, mmap = 2**31 - 1, 32 * 2**20
     if not (libc.mallopt(_M_TRIM_THRESHOLD, trim) and libc.mallopt(_M_MMAP_THRESHOLD, mmap)):
         raise ValueError("glibc refused mallopt(M_TRIM_THRESHOLD / M_MMAP_THRESHOLD); pass --malloc default")
     _MALLOC = f"glibc, freed memory kept: mallopt M_TRIM_THRESHOLD={trim}, M_MMAP_THRESHOLD={mmap}"
@@ -608,7 +611,7 @@ def plot(rows: list[Row], path: str) -> None:
 
 def run(shapes: list[Shape], dtype: torch.dtype, device: str, out_dir: Optional[str], rounds: int = 7,
         draw: bool = False, only: Optional[list[str]] = None, nf4: Optional[tuple[int, int, int]] = None,
-        echo: bool = True) -> list[Row]:
+        echo: bool = True, modes=MODES) -> list[Row]:
     """Measure ``shapes``; print the table; write lora_linear.{json,md} (and .png with ``draw``) to ``out_dir``.
 
     ``nf4`` = (rows, cols, tokens) adds the NF4-vs-bitsandbytes table (nf4.* files) when bitsandbytes is
@@ -618,7 +621,7 @@ def run(shapes: list[Shape], dtype: torch.dtype, device: str, out_dir: Optional[
     for i, shape in enumerate(shapes):
         if echo:  # progress on stderr: a default CPU run takes minutes
             print(f"[{i + 1}/{len(shapes)}] {shape.name} M={shape.M} r={shape.r}", file=sys.stderr, flush=True)
-        rows.extend(measure(shape, dtype, device, rounds=rounds, only=only))
+        rows.extend(measure(shape, dtype, device, rounds=rounds, only=only, modes=modes))
     info = machine()
     title = f"{info['date']} on {info.get('gpu') or info['processor']} ({device}, {dtype}, {info['torch_threads']} threads, {rounds} rounds)"
     table = markdown(rows)

@@ -20,6 +20,10 @@ def add_bench_command(sub) -> None:
     bench.add_argument("--ranks", default=None, help="comma-separated ranks (default: 8,16,64)")
     bench.add_argument("--tokens", type=int, default=None, help="tokens M per shape (default: sized for the device)")
     bench.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
+    bench.add_argument("--modes", default=None, help="comma-separated: fwd,bwd,fwd+bwd (default: all three)")
+    bench.add_argument("--provider", action="append", default=None,
+                       help="a provider to time beside the frozen layer, e.g. 'lorakern torch'; repeat for more "
+                            "(default: every one installed)")
     bench.add_argument("--malloc", default="keep", choices=("keep", "default"),
                        help="keep: glibc keeps freed memory for reuse, so no provider pays page faults for "
                             "recycled buffers (default); default: the C library's own behaviour")
@@ -43,8 +47,16 @@ def run_bench(args) -> int:
         raise ValueError("--plot writes lora_linear.png into --out; pass --out DIR as well")
     if args.tokens is not None and args.tokens <= 0:
         raise ValueError(f"--tokens must be a positive integer, got {args.tokens}")
-    if args.malloc == "keep":
-        bench.keep_freed_memory()
+    modes = tuple(m.strip() for m in args.modes.split(",")) if args.modes else bench.MODES
+    unknown = [m for m in modes if m not in bench.MODES]
+    if unknown or not modes:
+        raise ValueError(f"--modes takes a comma-separated subset of {','.join(bench.MODES)}, got {args.modes!r}")
+    only = args.provider
+    if only is not None:
+        known = bench.providers(device)
+        unknown = [p for p in only if p not in known]
+        if unknown:
+            raise ValueError(f"--provider: unknown or not installed {unknown}; choose from {list(known)}")
     if args.quick:
         shapes, rounds, nf4 = bench.SHAPES_QUICK, 2, (128, 128, 16)
     else:
@@ -55,7 +67,10 @@ def run_bench(args) -> int:
             raise ValueError(f"--ranks must be comma-separated integers, got {args.ranks!r}; e.g. --ranks 8,16,64") from None
         shapes, rounds = bench.shape_grid(layers, ranks, device, args.tokens), args.rounds
         nf4 = (4096, 4096, 256) if args.nf4 else None
-    bench.run(shapes, getattr(torch, dtype_name), device, args.out, rounds=rounds, draw=args.plot, nf4=nf4)
+    if args.malloc == "keep":  # after every flag is checked: it changes this process's allocator for good
+        bench.keep_freed_memory()
+    bench.run(shapes, getattr(torch, dtype_name), device, args.out, rounds=rounds, draw=args.plot, nf4=nf4,
+              modes=modes, only=only)
     return 0
 
 

@@ -125,6 +125,16 @@ def test_quick_cli_run_writes_json_markdown_and_plot(tmp_path, capsys):
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_cli_times_only_the_asked_providers_and_modes(tmp_path):
+    asked = ["lorakern torch", "lorakern torch, no C"]  # a name with a comma in it
+    argv = ["bench", "--quick", "--provider", asked[0], "--provider", asked[1], "--modes", "fwd,bwd",
+            "--malloc", "default", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "lora_linear.json").read_text())["rows"]
+    assert {(r["provider"], r["mode"]) for r in rows} == {
+        (p, m) for p in (bench.FROZEN, *asked) for m in ("fwd", "bwd")}
+
+
 _RECYCLE = """
 import resource, sys, torch
 from lorakern import bench
@@ -133,31 +143,29 @@ if sys.argv[1] == "keep":
 counts = []
 for _ in range(12):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    # a 64 MB activation (4096 tokens x 4096 features): above glibc's largest dynamic mmap threshold
-    # (32 MB), so by default each one is mmapped, faulted in page by page and unmapped when freed
-    a = torch.ones(4096, 4096)
-    del a
+    # two 12 MB activations and a 4 MB temporary, freed out of order as in a training step
+    a, b, c = torch.ones(4096, 768), torch.ones(4096, 768), torch.ones(1024, 1024)
+    del a, c, b
     counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(sum(counts[6:]), bench.machine()["malloc"])
 """
 
 
 def test_keep_freed_memory_stops_recycled_buffers_from_faulting_in_again():
-    """glibc's default hands a freed 64 MB buffer back to the kernel, so every round faults its 16,384
-    pages in again (smaller buffers too, depending on the heap's layout: measured ~6,000 faults per round
-    of the 768x768 providers). With ``--malloc keep`` (the bench CLI's default) the rounds after warm-up
-    fault none."""
-    def faults(setting):
+    """With ``--malloc keep`` (the bench CLI's default) the rounds after warm-up of a loop that frees and
+    allocates activation-sized buffers fault no pages in. (Under glibc's defaults the same loop faults
+    ~7,000 pages per round in most runs, none in others: it depends on where the heap lands, so only the
+    kept side is asserted.)"""
+    def run(setting):
         done = subprocess.run([sys.executable, "-c", _RECYCLE, setting], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         count, malloc = done.stdout.split(maxsplit=1)
         return int(count), malloc.strip()
 
-    kept, setting = faults("keep")
-    default, default_setting = faults("default")
-    assert kept < 100 and setting.startswith("glibc, freed memory kept"), (kept, setting)
-    assert default >= 6 * 16384, (default, "glibc's default no longer returns freed buffers: drop --malloc keep?")
-    assert default_setting == "default"
+    for _ in range(3):
+        kept, setting = run("keep")
+        assert kept == 0 and setting.startswith("glibc, freed memory kept"), (kept, setting)
+    assert run("default")[1] == "default"
 
 
 @pytest.mark.parametrize(
@@ -170,6 +178,8 @@ def test_keep_freed_memory_stops_recycled_buffers_from_faulting_in_again():
         (["--plot"], "pass --out DIR as well"),
         (["--device", "tpu"], "--device must be cpu or cuda"),
         (["--tokens", "0"], "--tokens must be a positive integer"),
+        (["--provider", "lorakern torch", "--provider", "PEFT"], "--provider: unknown or not installed ['PEFT']; choose from"),
+        (["--modes", "fwd,train"], "--modes takes a comma-separated subset of fwd,bwd,fwd+bwd, got 'fwd,train'"),
     ],
 )
 def test_bad_bench_flags_name_the_value_and_the_fix(argv, message, capsys):
