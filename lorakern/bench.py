@@ -21,10 +21,11 @@ How it measures, and why:
 - On CUDA also TFLOP/s, GB/s (compulsory traffic over time) and the roofline bound for the card.
 - Freed host memory is kept for reuse (``keep_freed_memory``, the CLI's default ``--malloc keep``). With
   glibc's defaults a freed 12 MB activation often goes back to the kernel (the heap top is trimmed) and
-  the next one is faulted in again page by page (measured: ~6,000 page faults per round of the 768x768 M=4096 providers, medians
-  6-10% above their minimum); how often depends on the order of allocations, which differs between
-  providers, so the faults land on some providers and not others. Every provider runs under the same
-  setting; the JSON records it (``machine.malloc``) and each row's minor page faults per call.
+  the next one is faulted in again page by page (measured: ~6,000 page faults per round of the 768x768,
+  M=4096 providers, medians 6-10% above their minimum); how often depends on the order of allocations,
+  which differs between providers, so the faults land on some providers and not others. Buffers over
+  32 MiB stay mmapped, and fault in for every provider, as by default. Every provider runs under the
+  same setting; the JSON records it (``machine.malloc``) and each row's minor page faults per call.
 """
 from __future__ import annotations
 
