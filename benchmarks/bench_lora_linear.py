@@ -23,14 +23,13 @@ def main(argv=None) -> int:
     parser.add_argument("--malloc", default="keep", choices=("keep", "default"),
                         help="keep freed memory for reuse (default), as `lorakern bench --malloc keep`")
     args = parser.parse_args(argv)
-    if args.malloc == "keep":
-        bench.keep_freed_memory()
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     if args.quick:
         shapes, rounds = bench.SHAPES_QUICK, 2
     else:
         shapes, rounds = (bench.SHAPES_GPU if args.device == "cuda" else bench.SHAPES_CPU), args.rounds
-    bench.run(shapes, dtype, args.device, args.out, rounds=rounds, draw=args.plot)
+    bench.run(shapes, dtype, args.device, args.out, rounds=rounds, draw=args.plot,
+              keep_memory=args.malloc == "keep")
     return 0
 
 

@@ -428,20 +428,26 @@ def peak_memory(built: Built, grad: torch.Tensor, mode: str, device: str) -> int
     return int(peak)
 
 
-def measure(shape: Shape, dtype: torch.dtype, device: str, rounds: int = 7, calls: int = 0,
-            modes=MODES, only: Optional[list[str]] = None, memory: bool = True) -> list[Row]:
-    """Time (and measure the peak memory of) every provider on ``shape``, interleaved round by round."""
+def _checked(device: str, rounds: int, modes, only: Optional[list[str]]) -> dict[str, Callable[[Operands], Built]]:
+    """The providers available on ``device``, once ``rounds``, ``modes`` and ``only`` are known to be valid."""
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}; pass --rounds 7 (or more on a noisy machine)")
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    o = make_operands(shape, dtype, device)
     available = providers(device)
     if only is not None:
         unknown = [name for name in only if name not in available]
         if unknown:
             raise ValueError(f"unknown or unavailable provider(s) {unknown}; available here: {list(available)}")
+    return available
+
+
+def measure(shape: Shape, dtype: torch.dtype, device: str, rounds: int = 7, calls: int = 0,
+            modes=MODES, only: Optional[list[str]] = None, memory: bool = True) -> list[Row]:
+    """Time (and measure the peak memory of) every provider on ``shape``, interleaved round by round."""
+    available = _checked(device, rounds, modes, only)
+    o = make_operands(shape, dtype, device)
     built = {name: make(o) for name, make in available.items() if only is None or name in only or name == FROZEN}
     timed = _timer(device)
     rows = []
@@ -612,12 +618,16 @@ def plot(rows: list[Row], path: str) -> None:
 
 def run(shapes: list[Shape], dtype: torch.dtype, device: str, out_dir: Optional[str], rounds: int = 7,
         draw: bool = False, only: Optional[list[str]] = None, nf4: Optional[tuple[int, int, int]] = None,
-        echo: bool = True, modes=MODES) -> list[Row]:
+        echo: bool = True, modes=MODES, keep_memory: bool = False) -> list[Row]:
     """Measure ``shapes``; print the table; write lora_linear.{json,md} (and .png with ``draw``) to ``out_dir``.
 
     ``nf4`` = (rows, cols, tokens) adds the NF4-vs-bitsandbytes table (nf4.* files) when bitsandbytes is
-    installed.
+    installed. ``keep_memory``: ``keep_freed_memory()`` first, once the arguments are checked (it changes
+    the process's allocator for good, so a bad argument must not get that far).
     """
+    _checked(device, rounds, modes, only)
+    if keep_memory:
+        keep_freed_memory()
     rows = []
     for i, shape in enumerate(shapes):
         if echo:  # progress on stderr: a default CPU run takes minutes

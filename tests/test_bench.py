@@ -178,13 +178,15 @@ def test_keep_freed_memory_stops_recycled_buffers_from_faulting_in_again():
         (["--plot"], "pass --out DIR as well"),
         (["--device", "tpu"], "--device must be cpu or cuda"),
         (["--tokens", "0"], "--tokens must be a positive integer"),
-        (["--provider", "lorakern torch", "--provider", "PEFT"], "--provider: unknown or not installed ['PEFT']; choose from"),
-        (["--modes", "fwd,train"], "--modes takes a comma-separated subset of fwd,bwd,fwd+bwd, got 'fwd,train'"),
+        (["--provider", "lorakern torch", "--provider", "PEFT"],
+         "unknown or unavailable provider(s) ['PEFT']; available here: ['frozen nn.Linear'"),
+        (["--modes", "fwd,train"], "mode must be one of ('fwd', 'bwd', 'fwd+bwd'), got 'train'"),
     ],
 )
 def test_bad_bench_flags_name_the_value_and_the_fix(argv, message, capsys):
     assert main(["bench", *argv]) == 2
     assert message in capsys.readouterr().err
+    assert bench.machine()["malloc"] == "default", "a bad flag must fail before the allocator is changed"
 
 
 def test_measure_rejects_bad_rounds_and_providers():
