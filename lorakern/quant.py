@@ -192,15 +192,19 @@ class NF4Storage(nn.Module):
             raise ValueError(f"the packed NF4 bytes of this {self.shape} weight are sharded by FSDP2 (a DTensor of "
                              f"{stored.shape[0]} x {expected} rows); they are whole only inside the sharded module's "
                              f"forward and backward. Read them there, or gather them first: full_packed() on every rank")
-        return stored.reshape(-1).view(torch.uint8)[: (self.numel + 1) // 2].reshape(-1, 1)
+        return self._codes(stored)
 
     def full_packed(self) -> torch.Tensor:
         """``packed``, gathered first when FSDP2 has sharded it: a collective that every rank must call."""
         stored = self.packed_storage
         if not _is_dtensor(stored):
             return self.packed
-        full = stored.full_tensor()
-        return full.reshape(-1).view(torch.uint8)[: (self.numel + 1) // 2].reshape(-1, 1)
+        return self._codes(stored.full_tensor())
+
+    def _codes(self, stored: torch.Tensor) -> torch.Tensor:
+        """The packed codes inside a float ``packed_storage`` (whole, not a shard): its bytes as uint8,
+        the zero padding to whole elements cut off, shape (ceil(n/2), 1)."""
+        return stored.reshape(-1).view(torch.uint8)[: (self.numel + 1) // 2].reshape(-1, 1)
 
     def _apply(self, fn, recurse=True):
         """Follow device moves only: ``.to(dtype)``/``.half()`` on a model must not touch codes or absmaxes.
