@@ -2,9 +2,9 @@
 
 The repository root holds a folder named kernels/ (installed as lorakern.kernels); bitsandbytes and
 transformers import any top-level ``kernels``, so the root is kept off sys.path. Without CUDA the Triton
-kernels would run interpreted, so TRITON_INTERPRET is set before triton's first import. Freed memory is
-kept for reuse as in ``lorakern bench --malloc keep`` (see lorakern.bench); LORAKERN_BENCH_MALLOC=default
-keeps the C library's own behaviour.
+kernels would run interpreted, so TRITON_INTERPRET is set before triton's first import. The allocator is
+left as a user's process has it; LORAKERN_BENCH_MALLOC=keep keeps freed memory for reuse as in
+``lorakern bench --malloc keep`` (see lorakern.bench), a tuned extra.
 """
 import os
 import sys
@@ -18,7 +18,7 @@ if "TRITON_INTERPRET" not in os.environ:
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
-if os.environ.get("LORAKERN_BENCH_MALLOC", "keep") != "default":
+if os.environ.get("LORAKERN_BENCH_MALLOC", "default") == "keep":
     from lorakern import bench
 
     bench.keep_freed_memory()

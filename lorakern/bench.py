@@ -19,7 +19,8 @@ How it measures, and why:
   saved activations and temporaries, but not scratch memory private to a BLAS call (MKL packing
   buffers), which is the same for every provider's base GEMM.
 - On CUDA also TFLOP/s, GB/s (compulsory traffic over time) and the roofline bound for the card.
-- Freed host memory is kept for reuse (``keep_freed_memory``, the CLI's default ``--malloc keep``). With
+- By default the process runs as a user's training loop would, with the C library's allocator as it is.
+  ``--malloc keep`` (``keep_freed_memory``) is a labelled extra that keeps freed host memory for reuse. With
   glibc's defaults a freed 12 MB activation often goes back to the kernel (the heap top is trimmed) and
   the next one is faulted in again page by page (measured: ~6,000 page faults per round of the 768x768,
   M=4096 providers, medians 6-10% above their minimum); how often depends on the order of allocations,
@@ -153,6 +154,21 @@ def _lorakern(backend: str) -> Callable[[Operands], Built]:
     return build
 
 
+def _lorakern_pinned(formulation: str) -> Callable[[Operands], Built]:
+    """lorakern's torch path with the formulation pinned (``functional.choose_formulation`` picks one of
+    these two by cost for the plain provider): what the choice buys, side by side."""
+    from lorakern.functional import pinned_formulation
+
+    def build(o: Operands) -> Built:
+        def forward() -> torch.Tensor:
+            with pinned_formulation(formulation):  # the backward follows the forward's choice
+                return lora_linear(o.x, o.W, o.b, o.A, o.B, o.s, backend="torch")
+
+        return Built(forward, [o.x, o.A, o.B])
+
+    return build
+
+
 def _lorakern_without_c(o: Operands) -> Built:
     """The torch path with lorakern.native switched off: what the C kernels for the rank-r products buy."""
     from lorakern import native
@@ -221,6 +237,8 @@ def providers(device: str) -> dict[str, Callable[[Operands], Built]]:
         out["lorakern triton"] = _lorakern("triton")
     else:
         out["lorakern torch, no C"] = _lorakern_without_c
+    out["lorakern, factored"] = _lorakern_pinned("factored")
+    out["lorakern, merged"] = _lorakern_pinned("merged")
     if _importable("peft"):
         out["PEFT lora.Linear"] = _peft
     if _importable("loralib"):
@@ -269,6 +287,9 @@ class Row:
     # minor page faults per timed call (the process's count over this provider's samples): first touches
     # of memory the allocator got from the kernel, a cost the allocator setting decides (see module doc)
     faults_per_call: Optional[float] = None
+    # the formulation lorakern's torch path took, forward/backward ("merged/factored"; see
+    # functional.choose_formulation); None for the peers and the Triton path
+    formulation: Optional[str] = None
     samples: list = field(default_factory=list)
 
 
@@ -481,6 +502,7 @@ def measure(shape: Shape, dtype: torch.dtype, device: str, rounds: int = 7, call
             row.ratio_median = row.median_ms / statistics.median(base)
             row.ratio_paired = statistics.median(v / b for v, b in zip(values, base))
             row.faults_per_call = faults[name] / (rounds * n_calls)
+            row.formulation = _formulation(name, shape, dtype)
             if memory:
                 row.peak_bytes = peaks[name]
                 row.extra_peak_over_Mr = (peaks[name] - peaks[FROZEN]) / lora_activation
@@ -496,6 +518,17 @@ def measure(shape: Shape, dtype: torch.dtype, device: str, rounds: int = 7, call
                                                     min_bytes(shape, mode, o.x.element_size()) / peak[1])
             rows.append(row)
     return rows
+
+
+def _formulation(provider: str, shape: Shape, dtype: torch.dtype) -> Optional[str]:
+    from lorakern.functional import choose_formulation, pinned_formulation
+
+    pin = {"lorakern, factored": "factored", "lorakern, merged": "merged"}.get(provider)
+    if pin is None and provider not in ("lorakern torch", "lorakern torch, no C"):
+        return None
+    with pinned_formulation(pin or "auto"):
+        chosen = choose_formulation(shape.M, shape.K, shape.N, shape.r, False, dtype)
+    return f"{chosen.forward}/{chosen.backward}"
 
 
 def _card_family() -> Optional[str]:
@@ -543,9 +576,9 @@ def machine() -> dict:
 def markdown(rows: list[Row]) -> str:
     cuda = any(r.tflops is not None for r in rows)
     memory = any(r.peak_bytes is not None for r in rows)
-    head = ("| shape (M, K, N, r) | dtype | mode | provider | min ms | median ms | × frozen (min) | × frozen (median) "
+    head = ("| shape (M, K, N, r) | dtype | mode | provider | form fwd/bwd | min ms | median ms | × frozen (min) | × frozen (median) "
             "| × frozen (paired) |")
-    rule = "|---|---|---|---|---:|---:|---:|---:|---:|"
+    rule = "|---|---|---|---|---|---:|---:|---:|---:|---:|"
     if memory:
         head += " peak MiB | extra peak / (M·r) |"
         rule += "---:|---:|"
@@ -554,7 +587,8 @@ def markdown(rows: list[Row]) -> str:
         rule += "---:|---:|---:|"
     lines = [head, rule]
     for r in rows:
-        line = (f"| {r.shape} ({r.M}, {r.K}, {r.N}, {r.r}) | {r.dtype} | {r.mode} | {r.provider} | {r.min_ms:.3f} | "
+        line = (f"| {r.shape} ({r.M}, {r.K}, {r.N}, {r.r}) | {r.dtype} | {r.mode} | {r.provider} | "
+                f"{r.formulation or '-'} | {r.min_ms:.3f} | "
                 f"{r.median_ms:.3f} | {r.ratio_min:.3f} | {r.ratio_median:.3f} | {r.ratio_paired:.3f} |")
         if memory:
             line += (f" {r.peak_bytes / 2**20:.1f} | {r.extra_peak_over_Mr:.1f} |" if r.peak_bytes is not None
@@ -627,7 +661,8 @@ def run(shapes: list[Shape], dtype: torch.dtype, device: str, out_dir: Optional[
     """
     _checked(device, rounds, modes, only)
     if keep_memory:
-        keep_freed_memory()
+        print(f"lorakern bench: this process's allocator changed ({keep_freed_memory()}); ratios are those of "
+              "a tuned process, not a default one", file=sys.stderr)
     rows = []
     for i, shape in enumerate(shapes):
         if echo:  # progress on stderr: a default CPU run takes minutes

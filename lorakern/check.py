@@ -1,12 +1,14 @@
 """``lorakern check``: every available path against lorakern.core, as a table."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Optional
 
 import torch
 
-from lorakern.functional import resolve_backend
+from lorakern import native
+from lorakern.functional import pinned_formulation, resolve_backend
 from lorakern.testing import compare_layer, random_layer
 
 # (x shape, out_features, r, dropout): odd sizes that hit every edge, 1-D/3-D inputs, r above min(in, out).
@@ -22,52 +24,84 @@ DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def available_paths(device: torch.device) -> list[str]:
-    return ["torch"] + (["triton"] if _unsupported("triton", device, torch.float32) is None else [])
+    """"torch" (plain torch, C kernels off), "c" (the torch path with lorakern/native's C kernels for the
+    rank-r products: fp32 on the CPU) and "triton": every path this device has, built or not (a path that
+    cannot run gets a row saying why)."""
+    return ["torch"] + (["c"] if device.type == "cpu" else []) + ["triton"]
 
 
 def _path_label(path: str) -> str:
+    if path == "c":
+        level, _ = native.build_status()
+        return f"C kernels ({level})" if level else "C kernels"
     if path != "triton":
         return path
-    from lorakern.kernels import lora_linear
-
+    try:
+        from lorakern.kernels import lora_linear
+    except ImportError:
+        return "triton"
     return "triton (interpreted)" if lora_linear.INTERPRETED else "triton (compiled)"
 
 
 def _unsupported(path: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    if path == "c":
+        if dtype != torch.float32:
+            return "fp32 only"
+        _, why = native.build_status()
+        return why
     probe = torch.zeros(1, 1, device=device, dtype=dtype)
     try:
-        resolve_backend(probe, probe, probe, path)
+        resolve_backend(probe, probe, probe, "torch" if path == "torch" else path)
     except ValueError as exc:
         return str(exc)
     return None
+
+
+def _path_context(path: str):
+    """The torch row runs with the C kernels off, so that each row is one implementation."""
+    return native.disabled() if path == "torch" else contextlib.nullcontext()
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def run_check(device: Optional[str] = None, out=sys.stdout) -> bool:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
     for path in available_paths(device):
+        whole_path = _unsupported(path, device, torch.float32 if path == "c" else torch.float64)
+        if whole_path is not None and path != "torch":
+            rows.append((_path_label(path), "all", "-", "-", f"not run: {whole_path}", "n/a"))
+            continue
         for dtype in DTYPES:
-            if _unsupported(path, device, dtype):
-                rows.append((_path_label(path), str(dtype).replace("torch.", ""), "-", "-", "not run by this path", "n/a"))
+            why = _unsupported(path, device, dtype)
+            if why:
+                rows.append((_path_label(path), _name(dtype), "-", "-", f"not run by this path: {why}", "n/a"))
                 continue
             worst_ratio, worst = -1.0, None
-            for case, (shape, out_features, r, dropout) in enumerate(GRID):
-                layer = random_layer(shape[-1], out_features, r, dtype, dropout=dropout, seed=case, device=str(device))
-                layer.train()
-                x = torch.randn(shape, generator=torch.Generator().manual_seed(100 + case), dtype=torch.float64)
-                layer.backend = path
-                comparison = compare_layer(layer, x.to(device=device, dtype=dtype), seed=case)
-                name, error = comparison.worst
-                if error / comparison.bound > worst_ratio:
-                    worst_ratio, worst = error / comparison.bound, (comparison, name, error)
-            comparison, name, error = worst
-            rows.append((_path_label(path), str(dtype).replace("torch.", ""), f"{error:.2e}", f"{comparison.bound:.2e}",
-                         f"{name} @ x{comparison.shape}", "pass" if comparison.passed else "FAIL"))
+            # both formulations (functional.choose_formulation): merged where allowed, factored everywhere
+            for form in ("factored", "merged") if path != "triton" else ("auto",):
+                for case, (shape, out_features, r, dropout) in enumerate(GRID):
+                    layer = random_layer(shape[-1], out_features, r, dtype, dropout=dropout, seed=case,
+                                         device=str(device))
+                    layer.train()
+                    x = torch.randn(shape, generator=torch.Generator().manual_seed(100 + case), dtype=torch.float64)
+                    layer.backend = "torch" if path == "c" else path
+                    with _path_context(path), pinned_formulation(form):
+                        comparison = compare_layer(layer, x.to(device=device, dtype=dtype), seed=case)
+                    name, error = comparison.worst
+                    if error / comparison.bound > worst_ratio or not comparison.passed:
+                        worst_ratio, worst = error / comparison.bound, (comparison, name, error, form)
+            comparison, name, error, form = worst
+            where = f"{name} @ x{comparison.shape}" + (f" {form}" if form != "auto" else "")
+            rows.append((_path_label(path), _name(dtype), f"{error:.2e}", f"{comparison.bound:.2e}", where,
+                         "pass" if comparison.passed else "FAIL"))
     header = ("path", "dtype", "worst rel. error", "bound", "where", "result")
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
     print(f"lorakern check on {device}: output and gradients (x, A, B, bias) against lorakern.core (float64)", file=out)
-    print(f"{len(GRID)} shapes per row; error = max |got - ref| / magnitude of the summed terms", file=out)
+    print(f"{len(GRID)} shapes per row, each in both formulations (factored, merged where allowed); error = max |got - ref| / magnitude of the summed terms", file=out)
     print(line(header), file=out)
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=out)
     for row in rows:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional
 
@@ -24,9 +25,10 @@ def add_bench_command(sub) -> None:
     bench.add_argument("--provider", action="append", default=None,
                        help="a provider to time beside the frozen layer, e.g. 'lorakern torch'; repeat for more "
                             "(default: every one installed)")
-    bench.add_argument("--malloc", default="keep", choices=("keep", "default"),
-                       help="keep: glibc keeps freed memory for reuse, so no provider pays page faults for "
-                            "recycled buffers (default); default: the C library's own behaviour")
+    bench.add_argument("--malloc", default="default", choices=("keep", "default"),
+                       help="default: the C library's own behaviour, as a user's training process runs (default); "
+                            "keep: glibc keeps freed memory for reuse, so no provider pays page faults for "
+                            "recycled buffers (a tuned extra: changes this process's allocator, and says so)")
 
 
 def run_bench(args) -> int:
@@ -63,7 +65,19 @@ def run_bench(args) -> int:
     return 0
 
 
+def _interpret_triton_without_a_gpu() -> None:
+    """Without CUDA the Triton kernels run under triton's interpreter, which must be switched on before
+    triton is first imported (torch's own modules may import it as a side effect later on)."""
+    if "TRITON_INTERPRET" in os.environ or "triton" in sys.modules:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    _interpret_triton_without_a_gpu()
     parser = argparse.ArgumentParser(prog="lorakern", description="LoRA layers with fused kernels")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="compare every available path against the float64 reference")

@@ -6,6 +6,7 @@ Shapes: x (..., K), W (N, K), b (N,), A (r, K), B (N, r), y (..., N).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -19,7 +20,13 @@ BACKEND_CHOICES = ("auto", "torch", "triton")
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """y = x W^T + b + s u B^T with u = x~ A^T, never forming B A.
+    """y = x W^T + b + s u B^T with u = x~ A^T, or, where cheaper, y = x (W + s B A)^T + b.
+
+    Two formulations, chosen per call by ``choose_formulation`` (cost model in its docstring):
+    factored (below) never forms B A; merged forms W' = W + s B A for the call (an N x K x r product,
+    cheaper than the M x N x r rank-r term once M > K (1 + c / r)) and runs the base GEMM on it. The
+    merged backward forms W' again and computes dx = g W' (unfused: g W + s (g B) A); dA and dB are the
+    same in both forms. Merged needs x~ = x (no dropout) and fp32/fp64.
 
     Derivation, with g = dL/dy flattened to (M, N) and x~ = x (no dropout) or the dropped-out x:
         dL/dx~ = s (g B) A        since y depends on x~ only through u = x~ A^T and s u B^T
@@ -28,8 +35,8 @@ class LoraLinearFunction(torch.autograd.Function):
         dL/dB  = s g^T u = s (u^T g)^T   u saved from the forward, never recomputed
         dL/db  = sum_rows g
         dL/dW  = g^T x            only when the base weight is trainable
-    Saved for backward: x~ (x when there is no dropout) and u (M x r); x itself only when W trains.
-    The only M x N tensor is y itself.
+    Saved for backward: x~ (x when there is no dropout) and u (M x r, only when B trains); x itself only
+    when W trains. The only M x N tensor is y itself.
 
     Why it is written this way (CPU, measured with ``lorakern bench``): the rank-r GEMMs are memory bound
     and the big GEMM is not, so every rank-r term that lands in an M x N (or M x K) result is written
@@ -55,23 +62,34 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling: float):
         in_features = x.shape[-1]
-        out_features = weight.shape[0]
+        out_features, r = weight.shape[0], lora_A.shape[0]
         x2 = x.reshape(-1, in_features)
         xl2 = x2 if x_lora is None else x_lora.reshape(-1, in_features)
-        B_t = lora_B.t().contiguous()  # r x N: a few KB
         rows = x2.shape[0]
+        need_u = ctx.needs_input_grad[5]  # u = x~ A^T is kept only for dB = s g^T u
+        form = choose_formulation(rows, in_features, out_features, r, x_lora is not None, x.dtype)
         library = _native_library(xl2, weight, bias, lora_A)
-        if library is not None:
+        if form.forward == "merged":
+            # y = x (W + s B A)^T + b: one N x K weight formed, the base GEMM runs on it; u only if dB is needed
+            merged = torch.addmm(weight, lora_B, lora_A, alpha=scaling)
+            y = torch.addmm(bias, x2, merged.t()) if bias is not None else x2 @ merged.t()
+            del merged
+            u = _lora_input_product(library, xl2, lora_A) if need_u else None
+        elif library is not None:
             # u = x~ A^T and y = b + s u B^T in one pass over x~ (lorakern/native/lora_cpu.c)
+            B_t = lora_B.t().contiguous()  # r x N: a few KB
             xl2, A = xl2.contiguous(), lora_A.contiguous()  # named: the copies outlive the call
             b = None if bias is None else bias.contiguous()
-            u = xl2.new_empty(rows, lora_A.shape[0])
+            u = xl2.new_empty(rows, r)
             y = x2.new_empty(rows, out_features)
             library.lora_forward_f32(
                 _ptr(xl2), _ptr(A), _ptr(B_t), _ptr(b), scaling,
-                rows, in_features, out_features, lora_A.shape[0], _ptr(u), _ptr(y), torch.get_num_threads(),
+                rows, in_features, out_features, r, _ptr(u), _ptr(y), torch.get_num_threads(),
             )
+            # y += x W^T: the base GEMM accumulates onto it, in place (no second M x N temporary)
+            y.addmm_(x2, weight.t())
         else:
+            B_t = lora_B.t().contiguous()
             # u = x~ A^T
             u = xl2 @ lora_A.t()
             # y = b + s u B^T: the rank-r term initialises y where the bias broadcast would
@@ -80,17 +98,18 @@ class LoraLinearFunction(torch.autograd.Function):
                 y.addmm_(u, B_t, beta=0.0, alpha=scaling)  # beta = 0 ignores the uninitialised memory
             else:
                 y = torch.addmm(bias, u, B_t, alpha=scaling)
-        # y += x W^T: the base GEMM accumulates onto it, in place (no second M x N temporary)
-        y.addmm_(x2, weight.t())
+            # y += x W^T: the base GEMM accumulates onto it, in place (no second M x N temporary)
+            y.addmm_(x2, weight.t())
 
         ctx.native = library is not None
+        ctx.merged_backward = form.backward == "merged"
         ctx.scaling = scaling
         ctx.x_shape = x.shape
         ctx.lora_separate = x_lora is not None
         ctx.has_bias = bias is not None
         ctx.save_for_backward(
             xl2 if ctx.needs_input_grad[4] else None,
-            u if ctx.needs_input_grad[5] else None,
+            u if need_u else None,
             x2 if ctx.needs_input_grad[2] else None,
             weight,
             lora_A,
@@ -103,14 +122,19 @@ class LoraLinearFunction(torch.autograd.Function):
         x_lora, u, x, weight, lora_A, lora_B = ctx.saved_tensors
         need_x, need_xl, need_W, need_b, need_A, need_B, _ = ctx.needs_input_grad
         g = grad_y.reshape(-1, weight.shape[0])
+        # dx = g (W + s B A) in one GEMM (merged), or g W accumulated onto the rank-r term s (g B) A (factored)
+        merged_dx = need_x and ctx.merged_backward
         # the rank-r term s (g B) A of dx~: dx~'s own gradient, or the start of dx when x~ is x
-        want_term = need_xl or (need_x and not ctx.lora_separate)
+        want_term = need_xl or (need_x and not ctx.lora_separate and not merged_dx)
         library = _native_library(g, weight, None, lora_A) if ctx.native else None
         rank_r = _rank_r_grads_native if library is not None else _rank_r_grads_torch
         term, dA, dB = rank_r(library, g, x_lora, u, lora_A, lora_B, ctx.scaling, want_term, need_A, need_B)
         dx = dxl = None
         if need_x:
-            if ctx.lora_separate:
+            if merged_dx:
+                # W + s B A formed again here rather than kept from the forward (N x K per layer held until now)
+                dx = g @ torch.addmm(weight, lora_B, lora_A, alpha=ctx.scaling)
+            elif ctx.lora_separate:
                 dx = g @ weight
                 dxl = term
             else:
@@ -124,6 +148,89 @@ class LoraLinearFunction(torch.autograd.Function):
         db = g.sum(dim=0) if need_b and ctx.has_bias else None
         dW = g.t() @ x if need_W else None  # only when the base weight trains
         return dx, dxl, dW, db, dA, dB, None
+
+
+@dataclass(frozen=True)
+class Formulation:
+    """How one call computes the low-rank term: "factored" (through u = x~ A^T, never forming B A) or
+    "merged" (through W + s B A, an N x K weight formed for the call), for the forward and for dx."""
+
+    forward: str
+    backward: str
+    reason: str
+
+
+FORMULATION_ENV = "LORAKERN_FORMULATION"
+FORMULATION_CHOICES = ("auto", "factored", "merged")
+# Forming W' = W + s B A (an addmm over r into a fresh N x K tensor that the GEMM then reads instead of W)
+# costs about N K (r + MERGE_OVERHEAD) multiply-adds of the thin kernels' time. Measured (2 cores, fp32,
+# lorakern/native/lora_cpu.c, the AVX-512 and AVX2 builds within 30% of each other): the rank-r term of
+# y runs at ~0.024 ns per multiply-add; W' took 0.17-0.23 ms at 768 x 768 r=8 (c ~ 12) and 24-27 ms at
+# 4096 x 4096 r=16, where the fresh 64 MB W' is faulted in page by page (c ~ 65). c = 32 sits between.
+MERGE_OVERHEAD = 32
+_PINNED: list[str] = []
+
+
+@contextlib.contextmanager
+def pinned_formulation(name: str):
+    """Within the block every call takes ``name`` ("factored" or "merged") where merged is allowed, as with
+    $LORAKERN_FORMULATION (benchmarks time both side by side). The backward follows its forward's choice."""
+    if name not in FORMULATION_CHOICES:
+        raise ValueError(f"formulation must be one of {FORMULATION_CHOICES}, got {name!r}")
+    _PINNED.append(name)
+    try:
+        yield
+    finally:
+        _PINNED.pop()
+
+
+def choose_formulation(rows: int, in_features: int, out_features: int, r: int, lora_separate: bool,
+                       dtype: torch.dtype) -> Formulation:
+    """The cheaper formulation for one call, by the cost of the work the two forms do not share.
+
+    Counted in multiply-adds (M rows, K in, N out; u = x~ A^T, the M K r both forms compute for dB, and
+    g B, dA and dB, which both backward forms compute, are left out):
+        forward   factored: the rank-r term of y, s u B^T            M N r
+                  merged:   W' = W + s B A, then x W'^T              N K (r + c)
+                  -> merged when M N r > N K (r + c), i.e. M > K (1 + c / r)
+        backward  factored: the rank-r term of dx, s (g B) A         M K r
+                  merged:   W' formed again, then g W'               N K (r + c)
+                  -> merged when M K r > N K (r + c), i.e. M > N (1 + c / r)
+    with c = MERGE_OVERHEAD for writing and reading W' (forming it is an N x K x r GEMM that BLAS runs
+    well below its peak; the term it replaces is one of the thin kernels). W' is formed again in the backward rather than
+    kept, so the merged form holds no N x K tensor between the passes.
+
+    Merged is declined, whatever the cost, when dropout is on (the LoRA branch sees dropout(x), not x,
+    so no single weight serves both) and for half dtypes (W' rounded to fp16/bf16 would round away most
+    of s B A, which is small beside W). $LORAKERN_FORMULATION=factored|merged pins the choice where
+    merged is allowed (``pinned_formulation`` does the same within a block).
+    """
+    pinned = _PINNED[-1] if _PINNED else (os.environ.get(FORMULATION_ENV) or "auto").strip().lower()
+    if pinned not in FORMULATION_CHOICES:
+        raise ValueError(f"{FORMULATION_ENV}={pinned!r} is not a formulation; set it to one of "
+                         f"{', '.join(FORMULATION_CHOICES)} (or unset it for auto)")
+    if lora_separate:
+        return Formulation("factored", "factored", "dropout on: the LoRA branch sees dropout(x), not x")
+    if dtype not in (torch.float32, torch.float64):
+        return Formulation("factored", "factored", f"{dtype}: W + s B A would round away s B A")
+    if pinned != "auto":
+        return Formulation(pinned, pinned, f"pinned by {FORMULATION_ENV}={pinned}")
+    merge_cost = in_features * out_features * (r + MERGE_OVERHEAD)
+    forward = "merged" if rows * out_features * r > merge_cost else "factored"
+    backward = "merged" if rows * in_features * r > merge_cost else "factored"
+    return Formulation(forward, backward, f"cost model: M={rows}, K={in_features}, N={out_features}, r={r}")
+
+
+def _lora_input_product(library, x_lora: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
+    """u = x~ A^T alone (the merged forward still needs it for dB): the C pass with no y, or BLAS."""
+    if library is None:
+        return x_lora @ lora_A.t()
+    x_lora, A = x_lora.contiguous(), lora_A.contiguous()
+    rows, (r, K) = x_lora.shape[0], A.shape
+    u = x_lora.new_empty(rows, r)
+    library.lora_forward_f32(_ptr(x_lora), _ptr(A), None, None, 1.0, rows, K, 0, r, _ptr(u), None,
+                             torch.get_num_threads())
+    return u
 
 
 def _rank_r_grads_torch(library, g, x_lora, u, lora_A, lora_B, s, want_term, need_A, need_B):

@@ -1,6 +1,9 @@
 """The C kernels for the rank-r products on CPU (lorakern/native/lora_cpu.c) against the float64 reference:
-output and every gradient, odd shapes that hit the four-row and sixteen-lane tails, every subset of
-gradients, and the cases that must fall back to the plain-torch formulation."""
+output and every gradient at every ISA level this CPU executes (AVX-512, AVX2, generic), odd shapes that
+hit the four-row and vector-lane tails, every subset of gradients, the cases that must fall back to the
+plain-torch formulation, a broken compiler reported, and both formulations of the cost model."""
+import warnings
+
 import pytest
 import torch
 
@@ -24,11 +27,27 @@ class _Spy:
         return call
 
 
-@pytest.fixture
-def spy(monkeypatch):
+def _compiler_or_skip():
+    import shutil
+
+    import os
+
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler {compiler!r} on this machine: the torch path serves (tested below)")
+
+
+LEVELS = [level.name for level in native.levels_here()]
+
+
+@pytest.fixture(params=LEVELS)
+def spy(request, monkeypatch):
+    """The library built for one ISA level this CPU executes (every one in turn), counting its calls."""
+    _compiler_or_skip()
     monkeypatch.setenv("LORAKERN_NATIVE", "1")
-    library = native.lora_library()
-    assert library is not None, "cc could not build lorakern/native/lora_cpu.c on this machine"
+    level = next(level for level in native.levels_here() if level.name == request.param)
+    library = native.lora_library(level)
+    assert library is not None, native.build_status()
     wrapped = _Spy(library)
     monkeypatch.setattr(native, "lora_library", lambda: wrapped)
     return wrapped
@@ -103,6 +122,61 @@ def test_falls_back_to_the_torch_formulation(spy, monkeypatch, case):
     assert spy.calls == [], spy.calls
     if M:
         assert_matches_reference(compare_layer(layer, x))
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """An empty build cache and no library loaded yet: the next call compiles."""
+    monkeypatch.setenv("LORAKERN_CACHE", str(tmp_path))
+    monkeypatch.setenv("LORAKERN_NATIVE", "1")
+    monkeypatch.setattr(native, "_LOADED", {})
+    monkeypatch.setattr(native, "_FAILURES", {})
+    return tmp_path
+
+
+@pytest.mark.parametrize("compiler,message", [("false", "false failed to build lora_cpu.c"),
+                                              ("no-such-cc-here", "no C compiler 'no-such-cc-here' found")])
+def test_a_failed_build_is_reported_and_the_torch_path_serves(fresh_build, monkeypatch, compiler, message):
+    monkeypatch.setenv("CC", compiler)
+    with pytest.warns(RuntimeWarning, match=message):
+        assert native.lora_library() is None
+    level, why = native.build_status()
+    assert level is None and message in why
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, not on every call
+        assert native.lora_library() is None
+    assert_matches_reference(compare_layer(random_layer(24, 12, 4, torch.float32), torch.randn(9, 24)))
+
+
+def test_the_compiler_error_reaches_the_user(fresh_build, monkeypatch, tmp_path):
+    """A compiler that runs and fails: its own first lines of error are in the warning."""
+    broken = tmp_path / "broken-cc"
+    broken.write_text("#!/bin/sh\necho 'lora_cpu.c:1:1: error: this compiler is broken on purpose' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    with pytest.warns(RuntimeWarning, match="exit 3.*error: this compiler is broken on purpose"):
+        assert native.lora_library() is None
+
+
+def test_the_isa_level_can_be_capped_and_a_bad_one_is_refused(monkeypatch):
+    here = [level.name for level in native.levels_here()]
+    for name in here:
+        monkeypatch.setenv(native.ISA_ENV, name)
+        assert native.chosen_level().name == name
+    monkeypatch.setenv(native.ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match="'sse9' is not an ISA level.*set it to one of"):
+        native.chosen_level()
+    # a CPU without AVX-512: the best it runs is chosen, and asking for AVX-512 names the missing flags
+    monkeypatch.setattr(native, "cpu_info", lambda: {"flags": "sse2 avx avx2 fma f16c bmi1 bmi2"})
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    monkeypatch.delenv(native.ISA_ENV)
+    assert native.chosen_level().name == "avx2"
+    monkeypatch.setenv(native.ISA_ENV, "avx512")
+    with pytest.raises(ValueError, match="lacks.*avx512bw.*set it to one of avx2, generic"):
+        native.chosen_level()
+    monkeypatch.setattr(native, "cpu_info", lambda: {"flags": "sse2"})
+    monkeypatch.delenv(native.ISA_ENV)
+    assert native.chosen_level().name == "generic"
 
 
 def test_native_library_is_chosen_only_for_float32_cpu():

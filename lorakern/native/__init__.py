@@ -2,35 +2,72 @@
 
 ``library()``: the NF4 codec (nf4_cpu.c, bit-identical to the torch path, so no fused multiply-adds).
 ``lora_library()``: the rank-r products of a LoRA layer (lora_cpu.c, fp32, fused multiply-adds allowed).
-Each is compiled with the system C compiler (``cc``, override with $CC) into a cache folder
-($LORAKERN_CACHE, default ~/.cache/lorakern) under a name that hashes the source, the flags and the CPU
-(-march=native builds for this CPU), written atomically, and loaded with ctypes. Without a compiler (or
-with LORAKERN_NATIVE=0) each is None and callers use their torch path (tests/test_native.py,
-tests/test_native_lora.py).
+
+One source per library, built for an ISA level (``LEVELS``): ``avx512`` (x86-64 with AVX-512 F/BW/DQ/VL,
+16 floats per vector), ``avx2`` (x86-64 with AVX2 and FMA, 8), ``generic`` (any x86-64: SSE2, 4; or any
+aarch64: NEON, 4; or any other target GCC or Clang compiles for, 4). The best level this CPU can execute
+(read from /proc/cpuinfo) is built, unless $LORAKERN_ISA caps it lower (so one machine can test and
+measure the lower builds too). Each build is compiled with the system C compiler (``cc``, override with
+$CC) into a cache folder ($LORAKERN_CACHE, default ~/.cache/lorakern) under a name that hashes the
+source, the flags, the compiler and the CPU, written atomically, and loaded with ctypes.
+
+Where a build fails (no compiler, or a compiler error) the library is None, callers use their torch path,
+and one warning per library and level says why, with the compiler's first lines of error;
+``build_status()`` gives the same for ``lorakern check``. LORAKERN_NATIVE=0 switches both off silently.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import ctypes
 import hashlib
 import os
+import platform
 import subprocess
 import tempfile
+import warnings
+from dataclasses import dataclass
 from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ISA_ENV = "LORAKERN_ISA"
 _POINTER, _I64, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+
+
+@dataclass(frozen=True)
+class Level:
+    """One ISA level: its compiler flags, the CPU flags (/proc/cpuinfo) it needs, floats per vector."""
+
+    name: str
+    flags: tuple[str, ...]
+    cpu_flags: frozenset[str]
+    lanes: int
+
+
+_X86_V3 = ("-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2")
+# best first, per machine architecture
+LEVELS: dict[str, tuple[Level, ...]] = {
+    "x86_64": (
+        Level("avx512", ("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", *_X86_V3),
+              frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "f16c", "bmi1", "bmi2"}), 16),
+        Level("avx2", _X86_V3, frozenset({"avx2", "fma", "f16c", "bmi1", "bmi2"}), 8),
+        Level("generic", ("-march=x86-64",), frozenset(), 4),
+    ),
+    "aarch64": (Level("generic", ("-march=armv8-a",), frozenset(), 4),),
+}
+_OTHER_ARCH = (Level("generic", (), frozenset(), 4),)
+
 # name -> (compiler flags, {function: (result type, argument types)})
 _LIBRARIES = {
     "nf4_cpu": (
-        ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"],
+        ("-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"),
         {
             "blockwise_quantize_f32": (None, [_POINTER, _I64, _I64, _POINTER, _I64, _INT, _POINTER, _POINTER]),
             "nf4_decode_f32": (None, [_POINTER, _I64, _I64, _I64, _POINTER, _POINTER, _POINTER]),
         },
     ),
     "lora_cpu": (
-        ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"],
+        ("-O3", "-fopenmp", "-shared", "-fPIC"),
         {
             "lora_forward_f32": (None, [_POINTER] * 4 + [_FLOAT] + [_I64] * 4 + [_POINTER] * 2 + [_INT]),
             "lora_backward_f32": (None, [_POINTER] * 5 + [_FLOAT] + [_I64] * 4 + [_POINTER] * 4 + [_INT]),
@@ -38,7 +75,14 @@ _LIBRARIES = {
         },
     ),
 }
-_LOADED: dict[str, Optional[ctypes.CDLL]] = {}
+
+
+class NativeBuildError(OSError):
+    """A C library could not be built: the compiler is missing or failed (the message has its first lines)."""
+
+
+_LOADED: dict[tuple[str, str], Optional[ctypes.CDLL]] = {}
+_FAILURES: dict[tuple[str, str], str] = {}
 _DISABLED = 0
 
 
@@ -54,8 +98,8 @@ def disabled():
         _DISABLED -= 1
 
 
-def cpu_info() -> dict[str, str]:
-    """The first processor's fields of /proc/cpuinfo ("model name", "flags", ...); empty where there is none."""
+@functools.lru_cache(maxsize=None)
+def _read_cpu_info() -> dict[str, str]:
     try:
         with open("/proc/cpuinfo") as handle:
             first = handle.read().split("\n\n")[0]
@@ -64,32 +108,84 @@ def cpu_info() -> dict[str, str]:
     return {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first.splitlines())}
 
 
-def _cpu_signature() -> str:
-    """What -march=native compiles for: a cache folder shared by machines with other CPUs (a home directory
-    on NFS) must not hand one machine's AVX-512 build to another without it."""
-    import platform
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ("model name", "flags", ...); empty where there is none."""
+    return dict(_read_cpu_info())
 
+
+def _cpu_signature() -> str:
+    """The CPU the cache key names: a cache folder shared by machines with other CPUs (a home directory on
+    NFS) must not hand one machine's AVX-512 build to another without it."""
     info = cpu_info()
     fields = [info[key] for key in ("vendor_id", "model name", "flags", "Features", "CPU part") if key in info]
     return "|".join(fields) if fields else f"{platform.machine()}|{platform.processor()}"
 
 
-def _build(name: str) -> ctypes.CDLL:
-    flags, functions = _LIBRARIES[name]
+def _architecture_levels() -> tuple[Level, ...]:
+    machine = platform.machine().lower()
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    return LEVELS.get(machine, _OTHER_ARCH)
+
+
+def levels_here() -> list[Level]:
+    """The ISA levels this CPU can execute, best first (ignores $LORAKERN_ISA)."""
+    info = cpu_info()
+    flags = set(info.get("flags", "").split())
+    return [level for level in _architecture_levels() if level.cpu_flags <= flags]
+
+
+def chosen_level() -> Level:
+    """The level the libraries are built for: the best this CPU executes, or $LORAKERN_ISA's (a lower one).
+    A name that is not a level, or one this CPU cannot execute, raises ValueError with the choices."""
+    here = levels_here()
+    requested = os.environ.get(ISA_ENV, "").strip().lower()
+    if not requested or requested == "auto":
+        return here[0]
+    names = [level.name for level in _architecture_levels()]
+    if requested not in names:
+        raise ValueError(f"{ISA_ENV}={requested!r} is not an ISA level of {platform.machine()}; set it to one of "
+                         f"{', '.join(names)} (or unset it for the best this CPU runs: {here[0].name})")
+    for level in here:
+        if level.name == requested:
+            return level
+    missing = next(level for level in _architecture_levels() if level.name == requested).cpu_flags
+    missing = sorted(missing - set(cpu_info().get("flags", "").split()))
+    raise ValueError(f"{ISA_ENV}={requested!r} needs CPU flags this CPU lacks ({', '.join(missing)}); set it to one "
+                     f"of {', '.join(level.name for level in here)} or unset it")
+
+
+def build(name: str, level: Level) -> ctypes.CDLL:
+    """Compile (or take from the cache) library ``name`` for ``level`` and load it.
+
+    Raises NativeBuildError naming the compiler and its first lines of error."""
+    base_flags, functions = _LIBRARIES[name]
+    flags = [*base_flags, *level.flags, f"-DLANES={level.lanes}"]
     source = os.path.join(HERE, f"{name}.c")
     compiler = os.environ.get("CC", "cc")
     with open(source, "rb") as handle:
         key = handle.read() + " ".join([compiler, *flags, _cpu_signature()]).encode()
     digest = hashlib.sha256(key).hexdigest()[:16]
     folder = os.environ.get("LORAKERN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lorakern"))
-    target = os.path.join(folder, f"{name}-{digest}.so")
+    target = os.path.join(folder, f"{name}-{level.name}-{digest}.so")
     if not os.path.exists(target):
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=folder)
         os.close(fd)
+        command = [compiler, *flags, source, "-o", tmp, "-lm"]
         try:
-            subprocess.run([compiler, *flags, source, "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
-            os.replace(tmp, target)
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            except FileNotFoundError:
+                raise NativeBuildError(f"no C compiler {compiler!r} found; install gcc or clang, or set $CC to one") from None
+            except subprocess.TimeoutExpired:
+                raise NativeBuildError(f"{compiler} took over 300 s to build {name}.c") from None
+            if done.returncode != 0:
+                lines = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()][:6]
+                raise NativeBuildError(
+                    f"{compiler} failed to build {name}.c for {level.name} (exit {done.returncode}): "
+                    + (" | ".join(lines) or "no message") + f" [command: {' '.join(command)}]"
+                )
+            os.replace(tmp, target)  # atomic: a killed build leaves no half-written library under the name
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -100,22 +196,41 @@ def _build(name: str) -> ctypes.CDLL:
     return loaded
 
 
-def _get(name: str) -> Optional[ctypes.CDLL]:
+def _get(name: str, level: Optional[Level] = None) -> Optional[ctypes.CDLL]:
     if _DISABLED or os.environ.get("LORAKERN_NATIVE", "1") == "0":
         return None
-    if name not in _LOADED:
+    level = level or chosen_level()
+    key = (name, level.name)
+    if key not in _LOADED:
         try:
-            _LOADED[name] = _build(name)
-        except (OSError, subprocess.SubprocessError):
-            _LOADED[name] = None
-    return _LOADED[name]
+            _LOADED[key] = build(name, level)
+        except OSError as exc:  # NativeBuildError, or a build the loader refuses
+            _LOADED[key] = None
+            _FAILURES[key] = str(exc)
+            warnings.warn(f"lorakern: the C kernels ({name}.c, {level.name}) are not available, the torch path "
+                          f"serves instead: {exc}", RuntimeWarning, stacklevel=3)
+    return _LOADED[key]
 
 
-def library() -> Optional[ctypes.CDLL]:
+def build_status(name: str = "lora_cpu") -> tuple[Optional[str], Optional[str]]:
+    """(the ISA level built, None) when library ``name`` is in use, else (None, why not)."""
+    if os.environ.get("LORAKERN_NATIVE", "1") == "0":
+        return None, "switched off by LORAKERN_NATIVE=0"
+    try:
+        level = chosen_level()
+    except ValueError as exc:
+        return None, str(exc)
+    if _get(name, level) is None:
+        return None, _FAILURES.get((name, level.name), "not built")
+    return level.name, None
+
+
+def library(level: Optional[Level] = None) -> Optional[ctypes.CDLL]:
     """The NF4 codec, or None where it cannot be built (or LORAKERN_NATIVE=0, read on every call)."""
-    return _get("nf4_cpu")
+    return _get("nf4_cpu", level)
 
 
-def lora_library() -> Optional[ctypes.CDLL]:
-    """The LoRA rank-r products, or None where they cannot be built (or LORAKERN_NATIVE=0, read on every call)."""
-    return _get("lora_cpu")
+def lora_library(level: Optional[Level] = None) -> Optional[ctypes.CDLL]:
+    """The LoRA rank-r products for ``level`` (default: ``chosen_level()``), or None where they cannot be
+    built (or LORAKERN_NATIVE=0, read on every call)."""
+    return _get("lora_cpu", level)

@@ -10,56 +10,77 @@
  * each one is a separate pass over an M x K or M x N operand. Here four rows of x~ (or of g) are read
  * once, from L1, for every product that needs them. Shapes: x~ (M, K), A (r, K), Bt = B^T (r, N),
  * g (M, N), u (M, r); every matrix row-major and contiguous.
- * Built on first use by lorakern/native/__init__.py with -O3 -march=native -fopenmp; the sums run in another
- * order than BLAS's (sixteen lanes, then a horizontal sum), so fp32 results differ from it by rounding. */
+ *
+ * One source for every CPU: LANES (floats per vector, -DLANES=16/8/4) is the only compile-time choice,
+ * set by lorakern/native/__init__.py for the ISA level it builds (AVX-512: 16, AVX2: 8, SSE2 or NEON: 4)
+ * so that one `vf` is one machine register. The vectors are GCC/Clang vector extensions; no intrinsics
+ * outside the optional streaming store below. The sums run in another order than BLAS's (LANES lanes,
+ * then a horizontal sum), so fp32 results differ from it by rounding. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512F__)
+#if defined(__SSE__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
+#ifndef LANES
+#error "build with -DLANES=16, 8 or 4 (floats per vector register); lorakern/native/__init__.py does"
+#endif
+#if LANES != 4 && LANES != 8 && LANES != 16
+#error "LANES must be 4, 8 or 16"
+#endif
 #define ROWS 4
-#define LANES 16
 
-/* 16 floats; GCC/Clang vector extensions lower it to AVX-512, two AVX2 halves or four SSE/NEON quarters.
- * aligned(4): rows start anywhere, so every load and store through it is an unaligned one. */
+/* LANES floats; aligned(4): rows start anywhere, so every load and store through it is an unaligned one. */
 typedef float vf __attribute__((vector_size(LANES * sizeof(float)), aligned(4)));
 
 static inline vf load(const float *p) { return *(const vf *)p; }
 static inline void store(float *p, vf v) { *(vf *)p = v; }
-static inline vf splat(float v) { return (vf){v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v}; }
+static inline vf splat(float v) { vf zero = {0}; return zero + v; }
 
-/* A vector used several times: GCC would fold each use into a memory operand and load it again (four loads
- * of one B row per four multiply-adds); an empty asm that "changes" it pins it in a register instead. */
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+/* A vector used several times: GCC folds each use into a memory operand and loads it again (four loads of
+ * one B row per four multiply-adds, measured ~25% slower on AVX-512). An empty asm that "changes" the
+ * value keeps it in a register. The constraint is the architecture's generic "any vector register"
+ * ("v" on x86, "w" on aarch64), which holds a `vf` since LANES matches the register; other targets skip it. */
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define IN_REGISTER(v) __asm__("" : "+v"(v))
+#elif (defined(__GNUC__) || defined(__clang__)) && defined(__aarch64__)
+#define IN_REGISTER(v) __asm__("" : "+w"(v))
 #else
 #define IN_REGISTER(v) ((void)0)
 #endif
 
-/* Halves added in registers (eight of these end every dots4 step): a sum through memory costs a store
- * and sixteen reloads per call. __builtin_shufflevector: GCC 12+ and Clang; older compilers use the
- * lane-by-lane tree. */
-static inline float hsum(vf v) {
+/* The sum of a vector's lanes, halving in registers (eight of these end every dots4 step): a sum through
+ * memory costs a store and LANES reloads per call. __builtin_shufflevector: GCC 12+ and Clang. */
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
-    typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
-    typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
+typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
+static inline float hsum4(vf4 s4) { return (s4[0] + s4[2]) + (s4[1] + s4[3]); }
+#if LANES == 16
+typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
+static inline float hsum(vf v) {
     vf8 s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
              + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    vf4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
-    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+    return hsum4(__builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7));
+}
+#elif LANES == 8
+static inline float hsum(vf v) {
+    return hsum4(__builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7));
+}
 #else
+static inline float hsum(vf v) { return hsum4(v); }
+#endif
+#else
+static inline float hsum(vf v) {
     float t[LANES];
     memcpy(t, &v, sizeof t);
     for (int width = LANES / 2; width > 0; width /= 2)
         for (int i = 0; i < width; ++i) t[i] += t[i + width];
     return t[0];
-#endif
 }
+#endif
 
 /* out[q * r + j] = sum_k row_q[k] * mat[j * len + k] for the four rows q and the r rows j of mat.
  * Two rows of mat at a time: eight independent accumulators, six loads per eight multiply-adds. */
@@ -91,21 +112,30 @@ static void dots4(const float *const rows[ROWS], const float *mat, int64_t r, in
 
 /* The rank-r term of y (and of dx) is written once and read next by the base GEMM (beta = 1), not by this
  * code: stores that bypass the cache skip reading each line in first (a 4096 x 768 y no longer fits in
- * L2 and those reads doubled the time of its write; measured ~1% of the whole forward). They need
- * 64-byte aligned rows; the tails, other rows and machines without AVX-512 use plain stores. */
-#if defined(__AVX512F__)
+ * L2 and those reads doubled the time of its write; measured ~1% of the whole forward). They need rows
+ * aligned to one vector; the tails, other rows and targets without such a store use plain stores. */
+#if LANES == 16 && defined(__AVX512F__)
 #define STREAM_STORES 1
 static inline void stream_store(float *p, vf v) { _mm512_stream_ps(p, (__m512)v); }
-static inline void stream_fence(void) { _mm_sfence(); }
+#elif LANES == 8 && defined(__AVX__)
+#define STREAM_STORES 1
+static inline void stream_store(float *p, vf v) { _mm256_stream_ps(p, (__m256)v); }
+#elif LANES == 4 && defined(__SSE__)
+#define STREAM_STORES 1
+static inline void stream_store(float *p, vf v) { _mm_stream_ps(p, (__m128)v); }
 #else
 #define STREAM_STORES 0
 static inline void stream_store(float *p, vf v) { store(p, v); }
+#endif
+#if STREAM_STORES
+static inline void stream_fence(void) { _mm_sfence(); }
+#else
 static inline void stream_fence(void) {}
 #endif
 
 static inline int aligned_rows(float *const rows[ROWS]) {
     for (int q = 0; q < ROWS; ++q)
-        if ((uintptr_t)rows[q] % 64 != 0) return 0;
+        if ((uintptr_t)rows[q] % (LANES * sizeof(float)) != 0) return 0;
     return 1;
 }
 

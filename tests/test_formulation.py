@@ -1,0 +1,131 @@
+"""The cost model that picks, per call, between the factored form (through u = x~ A^T) and forming
+W + s B A (functional.choose_formulation): the choice on each side of the switch, the cases where merged
+is declined, and both forms against the float64 reference there, with and without the C kernels."""
+import pytest
+import torch
+
+from lorakern import functional, native
+from lorakern.functional import MERGE_OVERHEAD, choose_formulation, pinned_formulation
+from lorakern.testing import assert_matches_reference, compare_layer, random_layer
+
+K, N, r = 16, 24, 3
+# merged pays once its N K (r + c) is below the M N r (forward) or M K r (backward) it saves
+SWITCH = K * (r + MERGE_OVERHEAD) // r  # the forward's; with K < N the backward's is M > N (r + c) / r
+
+
+def test_the_switch_sits_where_the_stated_cost_model_puts_it():
+    def forms(M):
+        chosen = choose_formulation(M, K, N, r, False, torch.float32)
+        return chosen.forward, chosen.backward
+
+    assert forms(1) == ("factored", "factored")
+    assert forms(SWITCH) == ("factored", "factored")  # equal cost: stays factored
+    assert forms(SWITCH + 1) == ("merged", "factored")
+    backward_switch = N * (r + MERGE_OVERHEAD) // r
+    assert forms(backward_switch) == ("merged", "factored")
+    assert forms(backward_switch + 1) == ("merged", "merged")
+    assert forms(10**6) == ("merged", "merged")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_merged_is_declined_for_half_dtypes_and_dropout(dtype):
+    big = 10**6
+    assert choose_formulation(big, K, N, r, False, dtype).forward == "factored"
+    declined = choose_formulation(big, K, N, r, True, torch.float32)
+    assert (declined.forward, declined.backward) == ("factored", "factored")
+    assert "dropout" in declined.reason
+    with pinned_formulation("merged"):
+        assert choose_formulation(big, K, N, r, True, torch.float32).forward == "factored"
+
+
+def test_the_formulation_can_be_pinned_and_a_bad_pin_is_refused(monkeypatch):
+    monkeypatch.setenv(functional.FORMULATION_ENV, "merged")
+    assert choose_formulation(1, K, N, r, False, torch.float32).forward == "merged"
+    monkeypatch.setenv(functional.FORMULATION_ENV, "factored")
+    assert choose_formulation(10**6, K, N, r, False, torch.float64).backward == "factored"
+    with pinned_formulation("merged"):  # the context wins over the environment
+        assert choose_formulation(1, K, N, r, False, torch.float32).forward == "merged"
+    monkeypatch.setenv(functional.FORMULATION_ENV, "fused")
+    with pytest.raises(ValueError, match="LORAKERN_FORMULATION='fused'.*auto, factored, merged"):
+        choose_formulation(1, K, N, r, False, torch.float32)
+    with pytest.raises(ValueError, match="formulation must be one of"):
+        with pinned_formulation("fused"):
+            pass
+
+
+@pytest.fixture
+def record(monkeypatch):
+    """The formulations the layer's calls took."""
+    taken = []
+    original = functional.choose_formulation
+
+    def spy(*args):
+        chosen = original(*args)
+        taken.append((chosen.forward, chosen.backward))
+        return chosen
+
+    monkeypatch.setattr(functional, "choose_formulation", spy)
+    return taken
+
+
+@pytest.mark.parametrize("native_kernels", [True, False], ids=["C kernels", "plain torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows,expected", [(SWITCH - 7, ("factored", "factored")), (SWITCH + 9, ("merged", "factored")),
+                                           (3 * SWITCH, ("merged", "merged"))],
+                         ids=["below", "forward-merged", "both-merged"])
+def test_each_side_of_the_switch_matches_the_reference(record, native_kernels, dtype, rows, expected):
+    if native_kernels and (dtype != torch.float32 or native.lora_library() is None):
+        pytest.skip("the C kernels take fp32 only, and need a C compiler")
+    layer = random_layer(K, N, r, dtype, bias=rows % 2 == 0).train()
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows), dtype=torch.float64)
+    if native_kernels:
+        comparison = compare_layer(layer, x.to(dtype))
+    else:
+        with native.disabled():
+            comparison = compare_layer(layer, x.to(dtype))
+    assert_matches_reference(comparison)
+    assert record and set(record) == {expected}, record
+
+
+@pytest.mark.parametrize("frozen", ["lora_A", "lora_B", "x", "none"])
+def test_merged_form_with_any_subset_of_gradients(record, frozen):
+    """Merged with B frozen needs no u; with x needing no gradient no dx: the rest stays exact."""
+    layer = random_layer(K, N, r, torch.float64)
+    x = torch.randn(3, SWITCH, K, dtype=torch.float64, requires_grad=frozen != "x")
+    reference = random_layer(K, N, r, torch.float64)
+    reference.load_state_dict(layer.state_dict())
+    if frozen in ("lora_A", "lora_B"):
+        getattr(layer, frozen).requires_grad_(False)
+        getattr(reference, frozen).requires_grad_(False)
+    xr = x.detach().clone().requires_grad_(frozen != "x")
+    y = layer(x)
+    with pinned_formulation("factored"):
+        yr = reference(xr)
+    torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    yr.backward(grad)
+    for name, p in layer.named_parameters():
+        q = dict(reference.named_parameters())[name]
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=name)
+    if frozen != "x":
+        torch.testing.assert_close(x.grad, xr.grad, rtol=1e-12, atol=1e-12)
+    assert ("merged", "merged") in record
+
+
+def test_merged_form_in_inference_and_on_a_transposed_weight(record):
+    """no_grad (nothing saved, no u) and GPT-2's Conv1D layout (W stored (in, out)) take the merged form too."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(N, K).double()
+    layer = __import__("lorakern").LoraLinear.from_linear(conv, r=r)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(4 * SWITCH, K, dtype=torch.float64)
+    with torch.no_grad():
+        y = layer(x)
+    expected = conv(x) + layer.scaling * (x @ layer.lora_A.t()) @ layer.lora_B.t()
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    assert record == [("merged", "merged")]
