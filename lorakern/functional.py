@@ -50,8 +50,8 @@ class LoraLinearFunction(torch.autograd.Function):
 
     fp32 on the CPU goes further (``lorakern.native.lora_library``, lorakern/native/lora_cpu.c): BLAS runs
     the thin products far below the memory bandwidth, so the C kernels compute u and the rank-r term of y
-    in one pass over x~, and gB, s gB A, dA and dB in one pass over the rows of g and x~ (four rows at a
-    time, gB never stored); the big GEMMs stay with BLAS and accumulate onto those results as above.
+    in one pass over x~, and dB in one pass over g, then gB, s gB A and dA in one pass over the rows of g
+    and x~ (four rows at a time, gB never stored); the big GEMMs stay with BLAS and accumulate onto those results as above.
     Other dtypes, torch.compile's tracing and LORAKERN_NATIVE=0 keep the plain-torch formulation; the
     backward follows the forward's choice.
 
@@ -164,10 +164,13 @@ FORMULATION_ENV = "LORAKERN_FORMULATION"
 FORMULATION_CHOICES = ("auto", "factored", "merged")
 # Forming W' = W + s B A (an addmm over r into a fresh N x K tensor that the GEMM then reads instead of W)
 # costs about N K (r + MERGE_OVERHEAD) multiply-adds of the thin kernels' time. Measured (2 cores, fp32,
-# lorakern/native/lora_cpu.c, the AVX-512 and AVX2 builds within 30% of each other): the rank-r term of
-# y runs at ~0.024 ns per multiply-add; W' took 0.17-0.23 ms at 768 x 768 r=8 (c ~ 12) and 24-27 ms at
-# 4096 x 4096 r=16, where the fresh 64 MB W' is faulted in page by page (c ~ 65). c = 32 sits between.
-MERGE_OVERHEAD = 32
+# lorakern/native/lora_cpu.c, AVX-512 and AVX2 builds): the rank-r term of y runs at ~0.024 ns per
+# multiply-add; W' took 0.17-0.23 ms at 768 x 768 r=8 when its memory is reused (c ~ 12), but in a default
+# process glibc often hands W' fresh pages (~580 page faults for 2.4 MB), and at 4096 x 4096 r=16 the
+# fresh 64 MB W' took 24-27 ms (c ~ 65). Side by side in `lorakern bench` (benchmarks/RESULTS.md,
+# 2026-11-30) merged lost at 768 x 768 r=8 and 4096 x 4096 r=16 with 4096 tokens and won at r=64, so
+# c = 64: merged only where it wins by a margin.
+MERGE_OVERHEAD = 64
 _PINNED: list[str] = []
 
 
@@ -250,8 +253,8 @@ def _rank_r_grads_torch(library, g, x_lora, u, lora_A, lora_B, s, want_term, nee
 
 
 def _rank_r_grads_native(library, g, x_lora, u, lora_A, lora_B, s, want_term, need_A, need_B):
-    """The same from one pass over the rows of g and x~ in C (lorakern/native/lora_cpu.c): g B four rows at
-    a time (never stored), s (g B) A, dA = s (g B)^T x~, dB^T = s u^T g."""
+    """The same in C (lorakern/native/lora_cpu.c): dB^T = s u^T g in one pass over g, then g B four rows at
+    a time (never stored), s (g B) A and dA = s (g B)^T x~ in one pass over the rows of g and x~."""
     (r, K), N = lora_A.shape, g.shape[1]
     g = g.contiguous()  # an expanded gradient (from .sum()) has stride 0
     rows = g.shape[0]
