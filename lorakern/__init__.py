@@ -11,19 +11,25 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "LoraLinear": "lorakern.layer",
-    "LoraConfig": "lorakern.injection",
+    "LoraConfig": "lorakern.config",
     "inject": "lorakern.injection",
+    "add_adapter": "lorakern.injection",
+    "set_adapter": "lorakern.injection",
+    "active_adapters": "lorakern.injection",
+    "delete_adapter": "lorakern.injection",
+    "disable_adapters": "lorakern.injection",
     "count_parameters": "lorakern.injection",
     "parameter_table": "lorakern.injection",
     "lora_layers": "lorakern.injection",
-    "disable_adapters": "lorakern.injection",
+    "add_weighted_adapter": "lorakern.combine",
     "save_adapter": "lorakern.adapters",
     "load_adapter": "lorakern.adapters",
     "merge_and_unload": "lorakern.adapters",
+    "unload": "lorakern.adapters",
     "lora_linear": "lorakern.functional",
     "LoraLinearFunction": "lorakern.functional",
-    "LoraLinearNF4": "lorakern.quant",
-    "LinearNF4": "lorakern.quant",
+    "LinearNF4": "lorakern.nf4",
+    "LorakernError": "lorakern.errors",
     "SaveAdapterCallback": "lorakern.integrations",  # needs transformers
 }
 

@@ -1,10 +1,13 @@
-"""Adapters in PEFT's on-disk format, and merge_and_unload.
+"""Adapters in PEFT's on-disk format (several per model, both ways), merge_and_unload and unload.
 
 A directory holds ``adapter_config.json`` (PEFT's LoraConfig fields) and ``adapter_model.safetensors``
 with PEFT's keys: ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight``, the biases chosen by
-``bias`` (a LoRA layer's own bias as ``<module>.base_layer.bias``), and every tensor of the
-modules_to_save under its plain path. lorakern adds a ``"lorakern"`` entry (PEFT drops unknown keys)
-with the number of labels of a classification head and a checksum of the weights file.
+``bias`` (a LoRA layer's own bias as ``<module>.base_layer.bias``), and every tensor of the adapter's
+copy of the modules_to_save under its plain path. As PEFT's save_pretrained, the adapter "default" goes
+to the directory itself and every other one to ``<directory>/<name>/``. lorakern adds a ``"lorakern"``
+entry (PEFT drops unknown keys) with the number of labels of a classification head, the checksum of the
+weights file, and for a QLoRA adapter the quantization of its base (so a load into a plain model
+rebuilds the same 4-bit layers).
 """
 from __future__ import annotations
 
@@ -12,63 +15,58 @@ import hashlib
 import json
 import os
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from lorakern._io import atomic_write_bytes
-from lorakern.injection import LoraConfig, set_submodule, inject, lora_layers
+from lorakern.config import LoraConfig
+from lorakern.errors import AdapterError, LorakernError
+from lorakern.injection import (ModulesToSaveWrapper, _configs, _saved_module_names, _wrappers, add_adapter_undoable, adapter_names,
+                                lora_layers, set_submodule)
+from lorakern.layer import DEFAULT_ADAPTER
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 # Keys PEFT writes for its own wrappers (copies of tensors it also writes under the plain path).
 _PEFT_WRAPPER_MARKERS = (".original_module.", ".modules_to_save.")
-_PEFT_INIT = {"kaiming": True, "gaussian": "gaussian", "normal": True}
+_PEFT_INIT = {"kaiming": True, "gaussian": "gaussian", "normal": True, False: False}
 
 
-def _config_of(model: nn.Module) -> LoraConfig:
-    config = getattr(model, "lorakern_config", None)
-    if config is None or not lora_layers(model):
-        raise ValueError(
-            f"{type(model).__name__} has no LoRA layers; call lorakern.inject(model, config) "
-            f"(or lorakern.load_adapter) before saving"
-        )
-    return config
+def _config_of(model: nn.Module, adapter_name: str) -> LoraConfig:
+    configs = _configs(model)
+    if not configs or not lora_layers(model):
+        raise AdapterError(f"{type(model).__name__} has no LoRA layers; call lorakern.inject(model, config) "
+                           f"(or lorakern.load_adapter) before saving")
+    if adapter_name not in configs:
+        raise AdapterError(f"unknown adapter {adapter_name!r}; this model has {list(configs)}")
+    return configs[adapter_name]
 
 
-def _saved_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
-    names = [n for n, _ in model.named_modules() if n and any(n.endswith(m) for m in config.modules_to_save or ())]
-    return [n for n in names if not any(n.startswith(outer + ".") for outer in names)]
-
-
-def _peft_key(model_key: str, lora_names: set[str]) -> str:
-    module, _, attr = model_key.rpartition(".")
-    if module in lora_names:
-        if attr in ("lora_A", "lora_B"):
-            return f"{PEFT_PREFIX}{module}.{attr}.weight"
-        return f"{PEFT_PREFIX}{module}.base_layer.{attr}"
-    return PEFT_PREFIX + model_key
-
-
-def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's live tensors that an adapter holds, keyed as PEFT keys them."""
-    config = _config_of(model)
-    layers = lora_layers(model)
-    lora_names = set(layers)
-    saved_modules = _saved_module_names(model, config)
-    selected = {}
-    for key, tensor in model.state_dict(keep_vars=True).items():
-        module, _, attr = key.rpartition(".")
-        take = (
-            (module in lora_names and attr in ("lora_A", "lora_B"))
-            or (attr == "bias" and config.bias == "all")
-            or (attr == "bias" and config.bias == "lora_only" and module in lora_names)
-            or any(key.startswith(name + ".") for name in saved_modules)
-        )
-        if take:
-            selected[_peft_key(key, lora_names)] = tensor
+def adapter_tensors(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
+    """The model's live tensors that adapter ``adapter_name`` holds, keyed as PEFT keys them."""
+    config = _config_of(model, adapter_name)
+    selected: dict[str, torch.Tensor] = {}
+    wrappers = _wrappers(model)
+    for name, layer in lora_layers(model).items():
+        if adapter_name in layer.adapters:
+            selected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.adapters[adapter_name].lora_A
+            selected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.adapters[adapter_name].lora_B
+            if layer.bias is not None and config.bias in ("all", "lora_only"):
+                selected[f"{PEFT_PREFIX}{name}.base_layer.bias"] = layer.bias
+    for name, wrapper in wrappers.items():
+        if adapter_name in wrapper.modules_to_save:
+            for key, tensor in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                selected[f"{PEFT_PREFIX}{name}.{key}"] = tensor
+    if config.bias == "all":
+        layers = lora_layers(model)
+        for name, module in model.named_modules():
+            inside = any(name.startswith(w + ".") for w in (*wrappers, *layers))
+            bias = getattr(module, "bias", None)
+            if name and not inside and name not in layers and name not in wrappers and isinstance(bias, torch.Tensor):
+                selected.setdefault(f"{PEFT_PREFIX}{name}.bias", bias)
     return selected
 
 
@@ -78,24 +76,26 @@ def _num_labels(model: nn.Module) -> Optional[int]:
     return int(num_labels) if num_labels else None
 
 
-def _head_modules(model: nn.Module, config: LoraConfig, num_labels: Optional[int]) -> list[str]:
-    """Linear layers to save whose outputs are the labels: resized on load when the count differs."""
+def _head_modules(model: nn.Module, adapter_name: str, num_labels: Optional[int]) -> list[str]:
+    """Linear layers of the adapter's modules_to_save whose outputs are the labels (by their plain path):
+    resized on load when the count differs."""
     if not num_labels:
         return []
-    saved = _saved_module_names(model, config)
-    return [
-        name for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and m.out_features == num_labels
-        and any(name == s or name.startswith(s + ".") for s in saved)
-    ]
+    heads = []
+    for name, wrapper in _wrappers(model).items():
+        copy_ = wrapper.modules_to_save[adapter_name] if adapter_name in wrapper.modules_to_save else None
+        for sub, module in (copy_.named_modules() if copy_ is not None else ()):
+            if isinstance(module, nn.Linear) and module.out_features == num_labels:
+                heads.append(f"{name}.{sub}" if sub else name)
+    return heads
 
 
-def _peft_config_dict(model: nn.Module, config: LoraConfig, weights_sha256: str) -> dict:
-    layers = lora_layers(model)
-    alpha = float(config.r if config.alpha is None else config.alpha)
-    # Our alpha defaults to each layer's own r; PEFT's is global, so spell it out per pattern.
+def _peft_config_dict(model: nn.Module, adapter_name: str, config: LoraConfig, weights_sha256: str) -> dict:
+    layers = {n: l for n, l in lora_layers(model).items() if adapter_name in l.adapters}
+    alpha = float(config.r if config.lora_alpha is None else config.lora_alpha)
+    # lora_alpha=None means each layer's own r; PEFT's alpha is global, so spell it out per pattern.
     alpha_pattern = dict(config.alpha_pattern)
-    if config.alpha is None:
+    if config.lora_alpha is None:
         for key, rank in config.rank_pattern.items():
             alpha_pattern.setdefault(key, rank)
     target = config.target_modules
@@ -109,7 +109,7 @@ def _peft_config_dict(model: nn.Module, config: LoraConfig, weights_sha256: str)
         "peft_type": "LORA",
         "r": config.r,
         "lora_alpha": alpha,
-        "lora_dropout": config.dropout,
+        "lora_dropout": config.lora_dropout,
         "bias": config.bias,
         "use_rslora": config.use_rslora,
         "use_dora": False,
@@ -120,8 +120,8 @@ def _peft_config_dict(model: nn.Module, config: LoraConfig, weights_sha256: str)
         "modules_to_save": config.modules_to_save,
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": alpha_pattern,
-        "layers_to_transform": None,
-        "layers_pattern": None,
+        "layers_to_transform": config.layers_to_transform,
+        "layers_pattern": config.layers_pattern,
         "task_type": config.task_type,
         "base_model_name_or_path": getattr(model_config, "_name_or_path", None) or None,
         "revision": None,
@@ -129,10 +129,11 @@ def _peft_config_dict(model: nn.Module, config: LoraConfig, weights_sha256: str)
         "lorakern": {
             "version": __version__,
             "init": config.init,
-            "alpha": config.alpha,
+            "alpha": config.lora_alpha,
             "num_labels": num_labels,
-            "head_modules": _head_modules(model, config, num_labels),
+            "head_modules": _head_modules(model, adapter_name, num_labels),
             "weights_sha256": weights_sha256,
+            "quantization": config.quantization(),
         },
     }
 
@@ -143,64 +144,75 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return full_tensor() if callable(full_tensor) else tensor
 
 
-def save_adapter(model: nn.Module, directory: str) -> None:
-    """Write the adapter of ``model`` to ``directory`` in PEFT's format (each file atomically).
+def adapter_directory(directory: str, adapter_name: str) -> str:
+    """Where save_adapter writes ``adapter_name``: "default" in ``directory``, others in a subfolder (PEFT's layout)."""
+    return directory if adapter_name == DEFAULT_ADAPTER else os.path.join(directory, adapter_name)
+
+
+def save_adapter(model: nn.Module, directory: str, selected_adapters: Optional[list[str]] = None) -> None:
+    """Write every adapter of ``model`` (or ``selected_adapters``) in PEFT's format: "default" to
+    ``directory``, each other one to ``directory/<name>`` (each file atomically, weights before config).
 
     Under torch.distributed every rank calls it: sharded (FSDP2) tensors are gathered, rank 0 writes.
     """
     from safetensors.torch import save as safetensors_bytes
 
-    config = _config_of(model)
-    tensors = {k: _full(t).detach().to("cpu", copy=True).contiguous() for k, t in adapter_tensors(model).items()}
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-        return  # every rank gathered its shards above (a collective); rank 0 writes
-    weights = safetensors_bytes(tensors, metadata={"format": "pt"})
-    peft_config = _peft_config_dict(model, config, hashlib.sha256(weights).hexdigest())
-    os.makedirs(directory, exist_ok=True)
-    # Weights first, config last: the config's checksum tells a reader if a save stopped between them.
-    atomic_write_bytes(os.path.join(directory, WEIGHTS_NAME), weights)
-    atomic_write_bytes(
-        os.path.join(directory, CONFIG_NAME),
-        (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode("utf-8"),
-    )
+    names = list(selected_adapters) if selected_adapters is not None else adapter_names(model)
+    for name in names or [DEFAULT_ADAPTER]:
+        _config_of(model, name)  # every name is known before anything is written
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise LorakernError(f"save_adapter writes a directory, but {directory!r} is an existing file; pass a "
+                            f"directory path (it is created if missing)")
+    rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                 and torch.distributed.get_rank() != 0)
+    for name in names:
+        config = _config_of(model, name)
+        tensors = {k: _full(t).detach().to("cpu", copy=True).contiguous() for k, t in adapter_tensors(model, name).items()}
+        if not rank0:
+            continue  # every rank gathered its shards above (a collective); rank 0 writes
+        weights = safetensors_bytes(tensors, metadata={"format": "pt"})
+        peft_config = _peft_config_dict(model, name, config, hashlib.sha256(weights).hexdigest())
+        target = adapter_directory(directory, name)
+        os.makedirs(target, exist_ok=True)
+        # Weights first, config last: the config's checksum tells a reader if a save stopped between them.
+        atomic_write_bytes(os.path.join(target, WEIGHTS_NAME), weights)
+        atomic_write_bytes(os.path.join(target, CONFIG_NAME),
+                           (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def _read_config(directory: str) -> dict:
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
-        raise ValueError(f"no {CONFIG_NAME} in {directory!r}; point load_adapter at a directory written by "
-                         f"save_adapter or PEFT's save_pretrained")
+        raise LorakernError(f"no {CONFIG_NAME} in {directory!r}; point load_adapter at a directory written by "
+                            f"save_adapter or PEFT's save_pretrained")
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); re-save the adapter") from exc
+        raise LorakernError(f"{path} is not valid JSON ({exc}); re-save the adapter") from exc
     if not isinstance(data, dict) or data.get("peft_type") != "LORA":
-        raise ValueError(f"{path} describes peft_type={data.get('peft_type') if isinstance(data, dict) else data!r}; "
-                         f"lorakern loads LoRA adapters only (peft_type 'LORA')")
+        raise LorakernError(f"{path} describes peft_type={data.get('peft_type') if isinstance(data, dict) else data!r}; "
+                            f"lorakern loads LoRA adapters only (peft_type 'LORA')")
     if data.get("use_dora"):
-        raise ValueError(f"{path} is a DoRA adapter (use_dora=true); lorakern loads plain LoRA adapters only")
+        raise LorakernError(f"{path} is a DoRA adapter (use_dora=true); lorakern loads plain LoRA adapters only")
     return data
 
 
 def config_from_peft(data: dict) -> LoraConfig:
-    """A LoraConfig from the fields of a PEFT adapter_config.json."""
+    """A LoraConfig from the fields of a PEFT adapter_config.json (lorakern's own entry restores what PEFT
+    cannot say: lora_alpha=None, the seed's "normal" init, the quantization of a QLoRA base)."""
     ours = data.get("lorakern") or {}
-    init = ours.get("init") or ("gaussian" if data.get("init_lora_weights") == "gaussian" else "kaiming")
-    return LoraConfig(
-        r=int(data.get("r", 8)),
-        alpha=ours["alpha"] if "alpha" in ours else data.get("lora_alpha", 8),
-        dropout=float(data.get("lora_dropout") or 0.0),
-        target_modules=data.get("target_modules"),
-        exclude_modules=data.get("exclude_modules"),
-        bias=data.get("bias") or "none",
-        modules_to_save=data.get("modules_to_save"),
-        rank_pattern=dict(data.get("rank_pattern") or {}),
-        alpha_pattern=dict(data.get("alpha_pattern") or {}),
-        use_rslora=bool(data.get("use_rslora", False)),
-        init=init,
-        task_type=data.get("task_type"),
-    )
+    fields = {k: v for k, v in data.items() if k != "lorakern"}
+    if "alpha" in ours:
+        fields["lora_alpha"] = ours["alpha"]
+    if ours.get("init") in ("normal", "gaussian", "kaiming"):
+        fields["init_lora_weights"] = ours["init"]
+    quant = ours.get("quantization")
+    if quant:
+        fields.update(quantize=quant["quant_type"], quantize_blocksize=quant["blocksize"],
+                      quantize_double=quant["double_quant"], compute_dtype=quant["compute_dtype"],
+                      quant_storage=quant["quant_storage"], quantize_skip=quant["skip_modules"])
+    return LoraConfig(**fields)
 
 
 def _read_weights(directory: str, expected_sha256: Optional[str]) -> dict[str, torch.Tensor]:
@@ -209,22 +221,21 @@ def _read_weights(directory: str, expected_sha256: Optional[str]) -> dict[str, t
 
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
-        raise ValueError(f"no {WEIGHTS_NAME} in {directory!r}; the adapter directory is incomplete")
+        raise LorakernError(f"no {WEIGHTS_NAME} in {directory!r}; the adapter directory is incomplete")
     with open(path, "rb") as handle:
         data = handle.read()
     if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
-        raise ValueError(
-            f"{path} does not match the checksum in {CONFIG_NAME} (a save interrupted between the two "
-            f"files, or a file replaced by hand); save the adapter again"
-        )
+        raise LorakernError(f"{path} does not match the checksum in {CONFIG_NAME} (a save interrupted between the "
+                            f"two files, or a file replaced by hand); save the adapter again")
     try:
         return safetensors_load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{path} is not a readable safetensors file ({exc}); the file is corrupt, save it again") from exc
+        raise LorakernError(f"{path} is not a readable safetensors file ({exc}); the file is corrupt, save it again") from exc
 
 
-def _resize_heads(model: nn.Module, head_modules: list[str], weights: dict, num_labels: Optional[int]) -> None:
-    """Give each recorded head the label count the adapter was trained with."""
+def _resize_heads(model: nn.Module, head_modules: list[str], weights: dict, num_labels: Optional[int]) -> Callable[[], None]:
+    """Give each recorded head the label count the adapter was trained with; returns the undo."""
+    undo_steps = []
     for name in head_modules:
         saved = weights.get(f"{PEFT_PREFIX}{name}.weight")
         try:
@@ -237,51 +248,71 @@ def _resize_heads(model: nn.Module, head_modules: list[str], weights: dict, num_
             weight = module.weight
             set_submodule(model, name, nn.Linear(module.in_features, saved.shape[0], bias=module.bias is not None,
                                                device=weight.device, dtype=weight.dtype))
+            undo_steps.append(lambda name=name, module=module: set_submodule(model, name, module))
     model_config = getattr(model, "config", None)
     if num_labels and model_config is not None and getattr(model_config, "num_labels", num_labels) != num_labels:
+        old = model_config.num_labels
         model_config.num_labels = num_labels
-    if num_labels and hasattr(model, "num_labels"):
+        undo_steps.append(lambda: setattr(model_config, "num_labels", old))
+    if num_labels and hasattr(model, "num_labels") and model.num_labels != num_labels:
+        old_count = model.num_labels
         model.num_labels = num_labels
+        undo_steps.append(lambda: setattr(model, "num_labels", old_count))
+    return lambda: [step() for step in reversed(undo_steps)]
 
 
-def load_adapter(model: nn.Module, directory: str) -> nn.Module:
-    """Load an adapter saved by lorakern or PEFT into ``model`` and return it.
+def load_adapter(model: nn.Module, directory: str, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Load an adapter saved by lorakern or PEFT into ``model`` under ``adapter_name`` and return the model.
 
-    A model without LoRA layers is injected first by the adapter's config; a classification head is
-    resized to the number of labels lorakern recorded. Every tensor of the adapter must find its place
-    in the model with the same shape, and every tensor the config implies must be in the file.
-    """
+    The adapter is added by its saved config (a model without adapters is injected first; a QLoRA
+    adapter rebuilds the same 4-bit base in a plain model); a classification head is resized to the
+    number of labels lorakern recorded. Every tensor of the file must find its place with the same
+    shape, and every tensor the config implies must be in the file; otherwise nothing in the model
+    changes. A later adapter is added inactive, as in PEFT (``set_adapter`` activates it)."""
     data = _read_config(directory)
     config = config_from_peft(data)
     ours = data.get("lorakern") or {}
     weights = _read_weights(directory, ours.get("weights_sha256"))
     weights = {k: v for k, v in weights.items() if not any(m in k for m in _PEFT_WRAPPER_MARKERS)}
-    if lora_layers(model):
-        if getattr(model, "lorakern_config", None) is None:
-            model.lorakern_config = config
-    else:
-        _resize_heads(model, ours.get("head_modules") or [], weights, ours.get("num_labels"))
-        inject(model, config)
-    expected = adapter_tensors(model)
+    existing = _configs(model)
+    if adapter_name in existing:
+        raise AdapterError(f"{type(model).__name__} already has an adapter named {adapter_name!r} (adapters: "
+                           f"{list(existing)}); load it under another adapter_name, or delete_adapter({adapter_name!r}) first")
+    if existing:
+        base_quant = next(iter(existing.values())).quantize
+        if config.quantize != base_quant:
+            how = ("build a fresh model and load it there (its 4-bit base is rebuilt from the adapter's record)"
+                   if config.quantize else "load it into a model whose base is not quantized")
+            raise AdapterError(f"the adapter in {directory!r} was trained on a base with quantize={config.quantize!r}, "
+                               f"this model's base has quantize={base_quant!r}; {how}")
+    elif lora_layers(model):
+        raise AdapterError(f"{type(model).__name__} has LoRA layers but no record of their adapters; load into a model "
+                           f"built by lorakern.inject / load_adapter")
+    undo_heads = _resize_heads(model, ours.get("head_modules") or [], weights, ours.get("num_labels")) \
+        if not existing else (lambda: None)
+    try:
+        undo_adapter = add_adapter_undoable(model, adapter_name, config)
+    except BaseException:
+        undo_heads()
+        raise
+    expected = adapter_tensors(model, adapter_name)
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
-    mismatched = [
-        f"{k}: file {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(weights)) if weights[k].shape != expected[k].shape
-    ]
+    mismatched = [f"{k}: file {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in sorted(set(expected) & set(weights)) if weights[k].shape != expected[k].shape]
     problems = []
     if mismatched:
         problems.append("shape mismatch: " + "; ".join(mismatched[:8]))
     if missing:
         problems.append(f"{len(missing)} tensors missing from the file, e.g. " + ", ".join(missing[:5]))
     if unexpected:
-        problems.append(f"{len(unexpected)} tensors in the file fit no module of the model, e.g. "
-                        + ", ".join(unexpected[:5]))
+        problems.append(f"{len(unexpected)} tensors in the file fit no module of the model, e.g. " + ", ".join(unexpected[:5]))
     if problems:
-        raise ValueError(
-            f"the adapter in {directory!r} does not fit this {type(model).__name__}: " + " | ".join(problems)
-            + ". Load it into the same base model (architecture and sizes) it was trained on"
-        )
+        undo_adapter()
+        undo_heads()
+        raise LorakernError(f"the adapter in {directory!r} does not fit this {type(model).__name__}: " + " | ".join(problems)
+                            + ". Load it into the same base model (architecture and sizes) it was trained on; the "
+                            "model was left unchanged")
     with torch.no_grad():
         for key, tensor in expected.items():
             tensor.copy_(weights[key].to(device=tensor.device, dtype=tensor.dtype))
@@ -289,38 +320,35 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module, safe: bool = True, requantize: bool = False) -> nn.Module:
-    """Fold every LoRA update into its weight and put plain Linear (or Conv1D) layers back.
+    """Fold the active adapters into their weights and put plain layers back (Linear, Conv1D; a 4-bit
+    base becomes a full-precision nn.Linear holding its decoded weight plus the update, or with
+    ``requantize=True`` NF4 again, the error that adds reported in a warning and
+    ``model.requantize_errors``). modules_to_save keep the active adapter's trained copy.
 
-    With ``safe`` every merge is checked for non-finite values before any weight changes. A 4-bit
-    (NF4) LoRA layer becomes a full-precision nn.Linear holding its decoded weight plus the update;
-    with ``requantize=True`` it goes back to NF4 instead, and the error that adds is reported (a
-    warning, and ``model.requantize_errors``: per layer max abs, RMS and max relative error).
-    """
-    from lorakern.quant import LoraLinearNF4
-    from lorakern.quant import requantize as requantize_linear
-
+    With ``safe`` every merge is checked for non-finite values before any weight changes."""
     layers = lora_layers(model)
     if safe:
         for name, layer in layers.items():
-            merged = layer.merged_weight() if isinstance(layer, LoraLinearNF4) else (
-                None if layer.merged else layer.weight + layer.delta_weight())
-            if merged is not None and not torch.isfinite(merged).all():
-                raise ValueError(
-                    f"NaNs or infs detected in the merged weight of {name!r}; no layer was changed. "
-                    f"Check that layer's lora_A and lora_B for non-finite values"
-                )
+            merged = layer.to_linear().weight
+            if not torch.isfinite(merged).all():
+                raise LorakernError(f"NaNs or infs detected in the merged weight of {name!r}; no layer was changed. "
+                                    f"Check that layer's lora_A and lora_B for non-finite values")
     errors = {}
     for name, layer in layers.items():
-        if isinstance(layer, LoraLinearNF4):
+        if layer.is_quantized:
+            from lorakern.nf4.modules import requantize as requantize_linear
+
             replacement = layer.to_linear()
             if requantize:
-                replacement, errors[name] = requantize_linear(replacement, layer.nf4.blocksize, layer.nf4.double_quant,
-                                                              layer.compute_dtype, layer.nf4.quant_storage)
+                storage = layer.nf4
+                replacement, errors[name] = requantize_linear(replacement, storage.blocksize, storage.double_quant,
+                                                              layer.compute_dtype, storage.quant_storage)
         else:
-            if not layer.merged:
+            if layer._unmerged_active():
                 layer.merge(safe=False)
             replacement = layer.unload()
         set_submodule(model, name, replacement)
+    _unwrap_modules_to_save(model, keep_trained=True)
     if errors:
         worst = max(errors, key=lambda n: errors[n]["max_rel"])
         model.requantize_errors = errors
@@ -330,6 +358,29 @@ def merge_and_unload(model: nn.Module, safe: bool = True, requantize: bool = Fal
             f"{errors[worst]['rms']:.3g}; see model.requantize_errors",
             stacklevel=2,
         )
-    if hasattr(model, "lorakern_config"):
-        del model.lorakern_config
+    _forget_adapters(model)
     return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Drop every adapter and give the base layers back unmerged (PEFT's unload): LoRA layers become
+    their base layer (sharing its tensors), modules_to_save their originals."""
+    for name, layer in lora_layers(model).items():
+        if layer.merged and layer.base.merges_in_place:
+            layer.unmerge()
+        set_submodule(model, name, layer.unload())
+    _unwrap_modules_to_save(model, keep_trained=False)
+    _forget_adapters(model)
+    return model
+
+
+def _unwrap_modules_to_save(model: nn.Module, keep_trained: bool) -> None:
+    for name, wrapper in _wrappers(model).items():
+        module = wrapper.active_module if keep_trained else wrapper.original_module
+        set_submodule(model, name, module)
+
+
+def _forget_adapters(model: nn.Module) -> None:
+    for attribute in ("lorakern_configs", "lorakern_active"):
+        if hasattr(model, attribute):
+            delattr(model, attribute)

@@ -1,14 +1,13 @@
 """``lorakern check``: every available path against lorakern.core, as a table."""
 from __future__ import annotations
 
-import contextlib
 import sys
 from typing import Optional
 
 import torch
 
-from lorakern import native
-from lorakern.functional import pinned_formulation, resolve_backend
+from lorakern import dispatch, native
+from lorakern.functional import pinned_formulation
 from lorakern.testing import compare_layer, random_layer
 
 # (x shape, out_features, r, dropout): odd sizes that hit every edge, 1-D/3-D inputs, r above min(in, out).
@@ -24,9 +23,8 @@ DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def available_paths(device: torch.device) -> list[str]:
-    """"torch" (plain torch, C kernels off), "c" (the torch path with lorakern/native's C kernels for the
-    rank-r products: fp32 on the CPU) and "triton": every path this device has, built or not (a path that
-    cannot run gets a row saying why)."""
+    """The implementations of lorakern.dispatch, each a row (one that cannot run gets a row saying why):
+    "torch" (plain torch), "c" (torch GEMMs with lorakern/native's C kernels: fp32 on the CPU), "triton"."""
     return ["torch"] + (["c"] if device.type == "cpu" else []) + ["triton"]
 
 
@@ -34,32 +32,19 @@ def _path_label(path: str) -> str:
     if path == "c":
         level, _ = native.build_status()
         return f"C kernels ({level})" if level else "C kernels"
-    if path != "triton":
+    if path != "triton" or _unsupported("triton", torch.device("cpu"), torch.float32) is not None:
         return path
-    try:
-        from lorakern.kernels import lora_linear
-    except ImportError:
-        return "triton"
+    from lorakern.kernels import lora_linear
+
     return "triton (interpreted)" if lora_linear.INTERPRETED else "triton (compiled)"
 
 
 def _unsupported(path: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    if path == "c":
-        if dtype != torch.float32:
-            return "fp32 only"
-        _, why = native.build_status()
-        return why
-    probe = torch.zeros(1, 1, device=device, dtype=dtype)
-    try:
-        resolve_backend(probe, probe, probe, "torch" if path == "torch" else path)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
-def _path_context(path: str):
-    """The torch row runs with the C kernels off, so that each row is one implementation."""
-    return native.disabled() if path == "torch" else contextlib.nullcontext()
+    """None when implementation ``path`` takes a small layer of ``dtype`` on ``device``, else why not."""
+    probe = torch.zeros(2, 4, device=device, dtype=dtype)
+    call = dispatch.Call(probe, "dense", torch.zeros(3, 4, device=device, dtype=dtype), None,
+                         torch.zeros(2, 4, device=device, dtype=dtype), torch.zeros(3, 2, device=device, dtype=dtype), 1.0)
+    return dispatch.verdict(path, call)
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -70,7 +55,7 @@ def run_check(device: Optional[str] = None, out=sys.stdout) -> bool:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
     for path in available_paths(device):
-        whole_path = _unsupported(path, device, torch.float32 if path == "c" else torch.float64)
+        whole_path = _unsupported(path, device, torch.float32)
         if whole_path is not None and path != "torch":
             rows.append((_path_label(path), "all", "-", "-", f"not run: {whole_path}", "n/a"))
             continue
@@ -87,8 +72,8 @@ def run_check(device: Optional[str] = None, out=sys.stdout) -> bool:
                                          device=str(device))
                     layer.train()
                     x = torch.randn(shape, generator=torch.Generator().manual_seed(100 + case), dtype=torch.float64)
-                    layer.backend = "torch" if path == "c" else path
-                    with _path_context(path), pinned_formulation(form):
+                    layer.backend = path
+                    with pinned_formulation(form):
                         comparison = compare_layer(layer, x.to(device=device, dtype=dtype), seed=case)
                     name, error = comparison.worst
                     if error / comparison.bound > worst_ratio or not comparison.passed:

@@ -1,4 +1,5 @@
-"""The torch path of a LoRA linear layer, and the switch that picks a backend for it.
+"""The torch and C implementations of a LoRA linear layer on a dense base (registered with
+lorakern.dispatch as "torch" and "c"), and ``lora_linear``, the functional form.
 
     y = x W^T + b + s (x~ A^T) B^T,   x~ = dropout(x) on the LoRA branch only
 
@@ -13,10 +14,9 @@ from typing import Callable, Optional
 
 import torch
 
-from lorakern import native
-
-BACKEND_ENV = "LORAKERN_BACKEND"
-BACKEND_CHOICES = ("auto", "torch", "triton")
+from lorakern import dispatch, native
+from lorakern.dispatch import BACKEND_CHOICES, BACKEND_ENV, Call, Implementation
+from lorakern.errors import LorakernError
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -60,7 +60,7 @@ class LoraLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling: float):
+    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling: float, library=None):
         in_features = x.shape[-1]
         out_features, r = weight.shape[0], lora_A.shape[0]
         x2 = x.reshape(-1, in_features)
@@ -68,7 +68,6 @@ class LoraLinearFunction(torch.autograd.Function):
         rows = x2.shape[0]
         need_u = ctx.needs_input_grad[5]  # u = x~ A^T is kept only for dB = s g^T u
         form = choose_formulation(rows, in_features, out_features, r, x_lora is not None, x.dtype)
-        library = _native_library(xl2, weight, bias, lora_A)
         if form.forward == "merged":
             # y = x (W + s B A)^T + b: one N x K weight formed, the base GEMM runs on it; u only if dB is needed
             merged = torch.addmm(weight, lora_B, lora_A, alpha=scaling)
@@ -101,7 +100,7 @@ class LoraLinearFunction(torch.autograd.Function):
             # y += x W^T: the base GEMM accumulates onto it, in place (no second M x N temporary)
             y.addmm_(x2, weight.t())
 
-        ctx.native = library is not None
+        ctx.library = library  # the backward takes the forward's path
         ctx.merged_backward = form.backward == "merged"
         ctx.scaling = scaling
         ctx.x_shape = x.shape
@@ -120,13 +119,13 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x_lora, u, x, weight, lora_A, lora_B = ctx.saved_tensors
-        need_x, need_xl, need_W, need_b, need_A, need_B, _ = ctx.needs_input_grad
+        need_x, need_xl, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:6]
         g = grad_y.reshape(-1, weight.shape[0])
         # dx = g (W + s B A) in one GEMM (merged), or g W accumulated onto the rank-r term s (g B) A (factored)
         merged_dx = need_x and ctx.merged_backward
         # the rank-r term s (g B) A of dx~: dx~'s own gradient, or the start of dx when x~ is x
         want_term = need_xl or (need_x and not ctx.lora_separate and not merged_dx)
-        library = _native_library(g, weight, None, lora_A) if ctx.native else None
+        library = ctx.library
         rank_r = _rank_r_grads_native if library is not None else _rank_r_grads_torch
         term, dA, dB = rank_r(library, g, x_lora, u, lora_A, lora_B, ctx.scaling, want_term, need_A, need_B)
         dx = dxl = None
@@ -147,7 +146,7 @@ class LoraLinearFunction(torch.autograd.Function):
             dxl = dxl.reshape(ctx.x_shape)
         db = g.sum(dim=0) if need_b and ctx.has_bias else None
         dW = g.t() @ x if need_W else None  # only when the base weight trains
-        return dx, dxl, dW, db, dA, dB, None
+        return dx, dxl, dW, db, dA, dB, None, None
 
 
 @dataclass(frozen=True)
@@ -179,7 +178,7 @@ def pinned_formulation(name: str):
     """Within the block every call takes ``name`` ("factored" or "merged") where merged is allowed, as with
     $LORAKERN_FORMULATION (benchmarks time both side by side). The backward follows its forward's choice."""
     if name not in FORMULATION_CHOICES:
-        raise ValueError(f"formulation must be one of {FORMULATION_CHOICES}, got {name!r}")
+        raise LorakernError(f"formulation must be one of {FORMULATION_CHOICES}, got {name!r}")
     _PINNED.append(name)
     try:
         yield
@@ -210,7 +209,7 @@ def choose_formulation(rows: int, in_features: int, out_features: int, r: int, l
     """
     pinned = _PINNED[-1] if _PINNED else (os.environ.get(FORMULATION_ENV) or "auto").strip().lower()
     if pinned not in FORMULATION_CHOICES:
-        raise ValueError(f"{FORMULATION_ENV}={pinned!r} is not a formulation; set it to one of "
+        raise LorakernError(f"{FORMULATION_ENV}={pinned!r} is not a formulation; set it to one of "
                          f"{', '.join(FORMULATION_CHOICES)} (or unset it for auto)")
     if lora_separate:
         return Formulation("factored", "factored", "dropout on: the LoRA branch sees dropout(x), not x")
@@ -276,36 +275,63 @@ def _rank_r_grads_native(library, g, x_lora, u, lora_A, lora_B, s, want_term, ne
 NATIVE_MAX_RANK = 256  # lora_cpu.c keeps four rows' r coefficients on the stack
 
 
-def _native_library(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor):
-    """lorakern.native's LoRA kernels when they can take these operands: fp32 on the CPU, outside
-    torch.compile's tracing (which keeps the plain-torch formulation), at least one row, r <= 256."""
-    if (
-        rows.device.type != "cpu"
-        or rows.dtype != torch.float32
-        or weight.dtype != torch.float32
-        or lora_A.dtype != torch.float32
-        or (bias is not None and bias.dtype != torch.float32)
-        or rows.shape[0] == 0
-        or lora_A.shape[0] > NATIVE_MAX_RANK
-        or torch.compiler.is_compiling()
-    ):
-        return None
-    return native.lora_library()
+def _c_unsupported(call: Call) -> Optional[str]:
+    """Why the C kernels cannot take ``call``: fp32 on the CPU, eager, at least one row, r <= 256, built."""
+    if call.x.device.type != "cpu":
+        return f"CPU only (the input is on {call.x.device})"
+    if call.x.dtype != torch.float32:
+        return f"fp32 only (this call computes in {call.x.dtype})"
+    if torch.compiler.is_compiling():
+        return "eager only (torch.compile traces the plain-torch formulation)"
+    if call.x.numel() == 0:
+        return "no rows"
+    if call.rank > NATIVE_MAX_RANK:
+        return f"r={call.rank} > {NATIVE_MAX_RANK}"
+    if native.lora_library() is None:
+        _, why = native.build_status()
+        return f"not built: {why}"
+    return None
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
+def torch_dropout_mask(seed: int, shape, p: float, device) -> torch.Tensor:
+    """The torch path's mask: torch.rand from a generator seeded with ``seed`` on the input's device."""
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    keep = torch.rand(shape, generator=generator, device=device) >= p
+    return keep.to(torch.float32) * (1.0 / (1.0 - p))
+
+
+def _dropped_out(x: torch.Tensor, dropout_p: float, seed) -> Optional[torch.Tensor]:
+    """The LoRA branch's input: None when it is x itself; torch's dropout (global generator: traced by
+    torch.compile, redrawn identically by activation checkpointing) or a fixed seed's mask otherwise."""
+    if dropout_p == 0:
+        return None
+    if seed is None:
+        return torch.nn.functional.dropout(x, dropout_p, training=True)
+    return x * torch_dropout_mask(seed, x.shape, dropout_p, x.device).to(x.dtype)
+
+
+def _run(call: Call, library) -> torch.Tensor:
+    x_lora = _dropped_out(call.x, call.dropout_p, call.seed)
+    return LoraLinearFunction.apply(call.x, x_lora, call.weight, call.bias, call.lora_A, call.lora_B, call.scaling,
+                                    library)
+
+
+dispatch.register(Implementation("torch", "dense", lambda call: _run(call, None), torch_dropout_mask,
+                                 lambda call: None))
+dispatch.register(Implementation("c", "dense", lambda call: _run(call, native.lora_library()), torch_dropout_mask,
+                                 _c_unsupported))
+
+
 @dataclass(frozen=True)
 class Backend:
-    """One implementation of lora_linear.
+    """A kernel module's implementation, as kernel modules hand it to ``register_backend``.
 
-    apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> y, all operands in one dtype;
-        seed is None, an int, or a 0-d int64 tensor (drawn for a kernel that needs one).
-    dropout_mask(seed, shape, p, device) -> the float32 mask (kept / (1 - p), else 0) that ``apply``
-        uses for that seed, indexed by the logical element of x: how tests rebuild the reference.
-    unsupported(x, weight, lora_A) -> None, or why this backend cannot take these operands.
+    apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> y (weight: a dense tensor or NF4
+    storage); dropout_mask(seed, shape, p, device); unsupported(x, weight, lora_A) -> None or why not.
     """
 
     name: str
@@ -314,115 +340,42 @@ class Backend:
     unsupported: Callable[..., Optional[str]] = lambda x, weight, lora_A: None
 
 
-def torch_dropout_mask(seed: int, shape, p: float, device) -> torch.Tensor:
-    """The torch path's mask: torch.rand from a generator seeded with ``seed`` on the input's device."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    keep = torch.rand(shape, generator=generator, device=device) >= p
-    return keep.to(torch.float32) * (1.0 / (1.0 - p))
-
-
-def _torch_apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    if dropout_p == 0:
-        x_lora = None
-    elif seed is None:
-        # torch's own dropout: draws from the global generator, traces under torch.compile, and is redrawn
-        # identically when activation checkpointing replays the forward (it restores the RNG state)
-        x_lora = torch.nn.functional.dropout(x, dropout_p, training=True)
-    else:
-        x_lora = x * torch_dropout_mask(seed, x.shape, dropout_p, x.device).to(x.dtype)
-    return LoraLinearFunction.apply(x, x_lora, weight, bias, lora_A, lora_B, scaling)
-
-
-_BACKENDS: dict[str, Backend] = {}
-
-
 def register_backend(backend: Backend) -> None:
-    """Make ``backend`` the implementation used when its name is selected (kernel files call this)."""
-    if backend.name not in BACKEND_CHOICES or backend.name == "auto":
-        raise ValueError(f"backend name must be one of {BACKEND_CHOICES[1:]}, got {backend.name!r}")
-    _BACKENDS[backend.name] = backend
-
-
-register_backend(Backend("torch", _torch_apply, torch_dropout_mask))
-
-
-@torch.compiler.assume_constant_result
-def _load_kernel_backends() -> bool:
-    """Import the kernel modules listed by lorakern.kernels, once; each registers its backend. True when
-    they are loaded.
-
-    torch.compile runs this at trace time, outside the graph (an import traced there would break it), and
-    reads the registry only after it: a registry read before the import would stay stale in the trace.
-    """
-    if "triton" in _BACKENDS:
-        return True
-    import importlib
-
-    from lorakern import kernels
-
-    if not kernels.triton_available():
-        return False
-    for module in kernels.BACKENDS:
-        importlib.import_module(f"lorakern.kernels.{module}")
-    return True
-
-
-def resolve_backend(
-    x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, requested: Optional[str] = None
-) -> Backend:
-    """The backend for these operands: ``requested``, else $LORAKERN_BACKEND, else auto.
-
-    auto picks triton for CUDA tensors when its kernels are installed and take the operands, torch
-    otherwise. An explicit request that cannot be served raises ValueError with the reason.
-    """
-    choice = (requested or os.environ.get(BACKEND_ENV) or "auto").strip().lower()
-    if choice not in BACKEND_CHOICES:
-        raise ValueError(
-            f"{BACKEND_ENV}={choice!r} is not a backend; set it to one of {', '.join(BACKEND_CHOICES)} "
-            f"(or unset it for auto)"
-        )
-    if choice == "triton" or x.device.type == "cuda":
-        _load_kernel_backends()
-    if choice == "auto":
-        triton = _BACKENDS.get("triton")
-        if x.device.type == "cuda" and triton is not None and triton.unsupported(x, weight, lora_A) is None:
-            return triton
-        return _BACKENDS["torch"]
-    backend = _BACKENDS.get(choice)
-    if backend is None:
-        raise ValueError(
-            f"backend {choice!r} was requested but lorakern has no {choice} kernels installed; "
-            f"install triton (pip install 'lorakern[triton]') or set {BACKEND_ENV}=torch"
-        )
-    reason = backend.unsupported(x, weight, lora_A)
-    if reason is not None:
-        raise ValueError(f"the {choice} backend cannot run this layer: {reason}; set {BACKEND_ENV}=torch for it")
-    return backend
+    """Register a kernel module's backend with lorakern.dispatch for dense and NF4 bases alike."""
+    for base in dispatch.BASE_KINDS:
+        dispatch.register(Implementation(
+            backend.name, base,
+            lambda call: backend.apply(call.x, call.weight, call.bias, call.lora_A, call.lora_B, call.scaling,
+                                       call.dropout_p, 0 if call.seed is None else call.seed),
+            backend.dropout_mask,
+            lambda call: backend.unsupported(call.x, call.weight, call.lora_A),
+            needs_seed=True,
+        ))
 
 
 def check_operands(x, weight, bias, lora_A, lora_B) -> None:
     N, K = weight.shape
     if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(
+        raise LorakernError(
             f"input has shape {tuple(x.shape)} but this layer takes in_features={K} in the last dimension; "
             f"reshape the input to (..., {K})"
         )
     for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
         if t is not None and t.device != x.device:
-            raise ValueError(
+            raise LorakernError(
                 f"input is on {x.device} but {name} is on {t.device}; move the input or the layer "
                 f"(layer.to({str(x.device)!r})) so they share a device"
             )
     if not x.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}; cast it with x.float()")
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-        raise ValueError(
+        raise LorakernError(
             f"input dtype {x.dtype} does not match the layer's weight dtype {weight.dtype}; cast the input "
             f"(x.to({weight.dtype})) or the layer (layer.to({x.dtype})), or run under torch.autocast"
         )
     r = lora_A.shape[0]
     if lora_A.shape != (r, K) or lora_B.shape != (N, r):
-        raise ValueError(
+        raise LorakernError(
             f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} do not fit a ({N}, {K}) weight; "
             f"expected ({r}, {K}) and ({N}, {r})"
         )
@@ -441,34 +394,13 @@ def lora_linear(
 ) -> torch.Tensor:
     """y = x W^T + b + s (x~ A^T) B^T with x~ = dropout(x, dropout_p) (inverted dropout, LoRA branch only).
 
-    ``seed`` fixes the dropout mask (``Backend.dropout_mask`` rebuilds it); with None the mask follows
-    torch's global generator (torch.manual_seed). Computes in x's
-    dtype (or the autocast dtype): lora_A and lora_B are cast to it when they differ, and their
-    gradients come back in their own dtypes. Under autocast every operand is cast to the autocast
-    dtype, as for nn.Linear.
+    ``seed`` fixes the dropout mask (the chosen implementation's ``dropout_mask`` rebuilds it); with None the
+    mask follows torch's global generator (torch.manual_seed). Computes in x's dtype (or the autocast
+    dtype): lora_A and lora_B are cast to it when they differ, and their gradients come back in their own
+    dtypes. ``backend`` (or $LORAKERN_BACKEND) pins an implementation; see lorakern.dispatch.
     """
     check_operands(x, weight, bias, lora_A, lora_B)
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight, bias, lora_A, lora_B = (None if t is None else t.to(dtype) for t in (x, weight, bias, lora_A, lora_B))
-        with torch.autocast(device_type, enabled=False):
-            chosen = resolve_backend(x, weight, lora_A, backend)
-            return chosen.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _seed_for(chosen, dropout_p, seed))
-    dtype = x.dtype
-    if bias is not None and bias.dtype != dtype:
-        bias = bias.to(dtype)
-    lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
-    chosen = resolve_backend(x, weight, lora_A, backend)
-    return chosen.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _seed_for(chosen, dropout_p, seed))
-
-
-def _seed_for(backend: Backend, dropout_p: float, seed: Optional[int]) -> Optional[int | torch.Tensor]:
-    """A kernel that draws its own mask needs a seed: one from torch's generator when none was fixed,
-    kept as a 0-d tensor so torch.compile traces the draw (.item() would break the graph).
-    The torch path takes None (torch's dropout)."""
-    if dropout_p > 0 and seed is None and backend.name != "torch":
-        return torch.randint(0, 2**31 - 1, ())
-    return seed
+        raise LorakernError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return dispatch.lora_forward(x, "dense", weight, bias, [(lora_A, lora_B, scaling, dropout_p)], seed=seed,
+                                 requested=backend)

@@ -1,152 +1,92 @@
-"""LoraConfig and injection by module name, with PEFT's matching and freezing rules."""
+"""Injection by module name and named adapters on a model, with PEFT's matching, freezing and
+modules_to_save rules:
+
+    inject(model, config, adapter_name="default")      add_adapter(model, name, config)
+    set_adapter(model, name or [names])                 active_adapters(model)
+    delete_adapter(model, name)                         disable_adapters(model)  (a context)
+
+The model keeps its adapters' configs in ``model.lorakern_configs`` ({name: LoraConfig}) and the active
+names in ``model.lorakern_active``. Only the active adapters train, as in PEFT.
+"""
 from __future__ import annotations
 
-import re
+import copy
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
+import torch
 from torch import nn
 
-from lorakern.core.nf4 import BLOCKSIZES
-from lorakern.layer import LoraLinear, _check_hyperparameters, is_linear_like
+from lorakern.config import ALL_LINEAR, BIAS_MODES, LoraConfig
+from lorakern.errors import AdapterError, LorakernError
+from lorakern.layer import DEFAULT_ADAPTER, LoraLinear, is_linear_like
+from lorakern.nf4.modules import LinearNF4
 
-BIAS_MODES = ("none", "all", "lora_only")
-ALL_LINEAR = "all-linear"
 # Heads of transformers' sequence-classification models, kept out of "all-linear" like PEFT does.
 _CLASSIFIER_HEAD_NAMES = ("classifier", "score")
 
 
-@dataclass
-class LoraConfig:
-    """Which layers get LoRA, with what rank, and what else trains. Field names follow PEFT.
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained in full per adapter (PEFT's wrapper of the same name and keys): the original stays
+    as it was (``original_module``, frozen) and each adapter trains its own copy
+    (``modules_to_save.<adapter>``). The forward runs the active adapter's copy, or the original when no
+    active adapter has one or adapters are disabled."""
 
-    target_modules: a list matches a module whose full name equals an entry or ends with "." + entry;
-        a string is a regex that must match the full name; "all-linear" takes every Linear-like layer
-        but the output embedding and modules_to_save.
-    modules_to_save: modules whose name ends with one of these plain suffixes train in full.
-    rank_pattern / alpha_pattern: {name pattern: value}; a key matches names like (.*\\.)?key$, first wins.
-    """
+    def __init__(self, original: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: Optional[str] = None
+        self.disabled = False
+        self.add(adapter_name)
 
-    r: int = 8
-    alpha: Optional[float] = None
-    dropout: float = 0.0
-    target_modules: Union[list[str], str, None] = None
-    exclude_modules: Union[list[str], str, None] = None
-    bias: str = "none"
-    modules_to_save: Optional[list[str]] = None
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    use_rslora: bool = False
-    init: str = "kaiming"
-    task_type: Optional[str] = None
-    # QLoRA: store the frozen Linear weights in NF4 (targets, and the other Linear layers but those in
-    # quantize_skip and modules_to_save, which stay in full precision like the seed's trainable heads).
-    quantize: Optional[str] = None
-    quantize_skip: list[str] = field(default_factory=list)
-    quantize_blocksize: int = 64
-    quantize_double: bool = True
-    compute_dtype: Optional[str] = None
-    # What holds the packed NF4 bytes (bitsandbytes' quant_storage): "uint8", a buffer, replicated by
-    # FSDP; "bfloat16" / "float16" / "float32", a frozen Parameter holding the same bytes, which FSDP2's
-    # fully_shard shards. Under a MixedPrecisionPolicy it must equal param_dtype (FSDP would cast it).
-    quant_storage: str = "uint8"
+    def add(self, adapter_name: str) -> None:
+        copy_ = copy.deepcopy(self.original_module)
+        copy_.requires_grad_(True)
+        self.modules_to_save[adapter_name] = copy_
+        if self.active_adapter is None:
+            self.active_adapter = adapter_name
+        self.original_module.requires_grad_(False)
 
-    def __post_init__(self) -> None:
-        _check_hyperparameters(self.r, self.alpha, self.dropout, self.init)
-        if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
-            raise ValueError(
-                "target_modules is empty; name the layers to adapt, e.g. target_modules=['query', 'value'], "
-                "a regex string, or 'all-linear'"
-            )
-        for field_name in ("target_modules", "exclude_modules", "modules_to_save"):
-            value = getattr(self, field_name)
-            if value is None or (isinstance(value, str) and field_name != "modules_to_save"):
-                continue
-            if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
-                raise TypeError(
-                    f"{field_name} must be a list of non-empty module names"
-                    + (" or a regex string" if field_name != "modules_to_save" else "")
-                    + f", got {value!r}"
-                )
-            setattr(self, field_name, list(value))
-        for field_name in ("target_modules", "exclude_modules"):
-            value = getattr(self, field_name)
-            if isinstance(value, str) and value.lower() != ALL_LINEAR:
-                try:
-                    re.compile(value)
-                except re.error as exc:
-                    raise ValueError(f"{field_name}={value!r} is not a valid regex ({exc}); fix the pattern") from exc
-        if self.bias not in BIAS_MODES:
-            raise ValueError(f"bias must be one of {BIAS_MODES}, got bias={self.bias!r}")
-        for key, rank in self.rank_pattern.items():
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-                raise ValueError(f"rank_pattern[{key!r}] must be a positive int, got {rank!r}")
-        for key, alpha in self.alpha_pattern.items():
-            if not isinstance(alpha, (int, float)) or alpha <= 0:
-                raise ValueError(f"alpha_pattern[{key!r}] must be a positive number, got {alpha!r}")
-        if self.quantize not in (None, "nf4"):
-            raise ValueError(f"quantize={self.quantize!r} is not a known quant type; use 'nf4' (or None for no quantization)")
-        if self.quantize_blocksize not in BLOCKSIZES:
-            raise ValueError(f"quantize_blocksize={self.quantize_blocksize!r} is not allowed; use one of {BLOCKSIZES}")
-        if self.compute_dtype not in (None, "float32", "float16", "bfloat16"):
-            raise ValueError(f"compute_dtype={self.compute_dtype!r} is not supported; use 'bfloat16', 'float16', "
-                             f"'float32' or None (the weight's own dtype)")
-        if self.quant_storage != "uint8":
-            from lorakern.quant import quant_storage_name
+    def set_adapter(self, names: list[str]) -> None:
+        having = [n for n in names if n in self.modules_to_save]
+        if len(having) > 1:
+            raise AdapterError(f"adapters {having} each train their own copy of this module (modules_to_save); only "
+                               f"one of them can be active at a time: set_adapter one of them")
+        self.active_adapter = having[0] if having else None
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(name == self.active_adapter)
 
-            self.quant_storage = quant_storage_name(self.quant_storage)  # torch dtypes too, stored as the name
-            if self.quantize is None and self.quant_storage != "uint8":
-                raise ValueError(f"quant_storage={self.quant_storage!r} applies to quantized base weights only; pass "
-                                 f"quantize='nf4' with it, or leave quant_storage at 'uint8'")
-        if isinstance(self.quantize_skip, str) or not all(isinstance(v, str) and v for v in self.quantize_skip):
-            raise TypeError(f"quantize_skip must be a list of module names, got {self.quantize_skip!r}")
-        self.quantize_skip = list(self.quantize_skip)
+    @property
+    def active_module(self) -> nn.Module:
+        if self.disabled or self.active_adapter is None:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def forward(self, *args, **kwargs):
+        return self.active_module(*args, **kwargs)
 
-    def matches_target(self, name: str) -> bool:
-        """PEFT's rule: exact name or '.'-suffix for a list, full regex match for a string."""
-        if isinstance(self.target_modules, str):
-            return re.fullmatch(self.target_modules, name) is not None
-        return _list_match(self.target_modules, name)
-
-    def is_excluded(self, name: str) -> bool:
-        if self.exclude_modules is None:
-            return False
-        if isinstance(self.exclude_modules, str):
-            return re.fullmatch(self.exclude_modules, name) is not None
-        return _list_match(self.exclude_modules, name)
-
-    def in_modules_to_save(self, name: str) -> bool:
-        """True for a module to save or anything inside one (PEFT never puts LoRA there)."""
-        return _within(self.modules_to_save or (), name)
-
-    def keeps_full_precision(self, name: str) -> bool:
-        """With quantize: layers named in quantize_skip or modules_to_save (or inside them) stay unquantized."""
-        return _within(self.quantize_skip, name) or self.in_modules_to_save(name)
-
-    def rank_and_alpha(self, name: str) -> tuple[int, Optional[float]]:
-        r = _pattern_value(self.rank_pattern, name, self.r)
-        alpha = _pattern_value(self.alpha_pattern, name, self.alpha)
-        return r, alpha
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.active_module, name)  # head.out_proj, head.weight, ... as on the module itself
 
 
-def _within(entries, name: str) -> bool:
-    """True when ``name`` is one of ``entries`` (by name component) or lies inside one."""
-    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in entries)
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
-def _list_match(entries: list[str], name: str) -> bool:
-    return any(name == entry or name.endswith("." + entry) for entry in entries)
+def _wrappers(model: nn.Module) -> dict[str, ModulesToSaveWrapper]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
 
 
-def _pattern_value(pattern: dict, name: str, default):
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
+def _configs(model: nn.Module) -> dict[str, LoraConfig]:
+    return getattr(model, "lorakern_configs", None) or {}
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    return list(_configs(model))
 
 
 def _output_layer_names(model: nn.Module, config: LoraConfig) -> set[str]:
@@ -162,28 +102,23 @@ def _output_layer_names(model: nn.Module, config: LoraConfig) -> set[str]:
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Names of the modules ``inject`` would replace."""
+    """Names of the modules an adapter with ``config`` goes into (a LoraLinear already there counts)."""
     all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR
     skip = _output_layer_names(model, config) if all_linear else set()
-    targets = []
+    targets: list[str] = []
     for name, module in model.named_modules():
         if not name or name in skip or config.in_modules_to_save(name) or config.is_excluded(name):
             continue
-        if isinstance(module, LoraLinear):
+        if isinstance(module, ModulesToSaveWrapper) or ".modules_to_save." in name or ".original_module" in name:
             continue
         if any(name.startswith(t + ".") for t in targets):
-            continue  # inside a module already targeted
-        if all_linear:
-            matched = is_linear_like(module)
-        else:
-            matched = config.matches_target(name)
+            continue  # inside a module already targeted (a LoraLinear's own children)
+        matched = is_linear_like(module) or isinstance(module, LoraLinear) if all_linear else config.matches_target(name)
         if not matched:
             continue
-        if not is_linear_like(module):
-            raise ValueError(
-                f"target module {name!r} is a {type(module).__name__}; LoRA applies to nn.Linear and "
-                f"transformers Conv1D only. Narrow target_modules so that it names linear layers only"
-            )
+        if not (is_linear_like(module) or isinstance(module, LoraLinear)):
+            raise LorakernError(f"target module {name!r} is a {type(module).__name__}; LoRA applies to nn.Linear and "
+                                f"transformers Conv1D only. Narrow target_modules so that it names linear layers only")
         targets.append(name)
     return targets
 
@@ -194,102 +129,246 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
-    """Replace the target layers of ``model`` by LoraLinear in place and freeze the rest by ``config``.
+class _Edits:
+    """Module replacements made so far, undone in reverse on failure: an injection that fails leaves
+    the model as it found it."""
 
-    Trainable afterwards: every lora_A / lora_B; biases by ``config.bias``; every parameter of
-    ``modules_to_save``. Returns ``model``.
-    """
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a lorakern.LoraConfig, got {type(config).__name__}")
-    existing = lora_layers(model)
-    if existing:
-        raise ValueError(
-            f"{type(model).__name__} already has {len(existing)} LoRA layers (e.g. {next(iter(existing))!r}); "
-            f"lorakern keeps one adapter per model: call lorakern.merge_and_unload(model) first, or inject into "
-            f"a fresh model"
-        )
-    targets = find_targets(model, config)
-    if not targets:
-        seen = [name for name, m in model.named_modules() if name and is_linear_like(m)]
-        raise ValueError(
-            f"target_modules={config.target_modules!r} matched no module of {type(model).__name__}. "
-            f"Its linear layers are: {', '.join(seen) or '(none)'}. Use full names or their last "
-            f"components, e.g. {sorted({n.rsplit('.', 1)[-1] for n in seen})[:6]}"
-        )
-    quantized = {}
-    if config.quantize:
-        import torch
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.done = model, []
 
-        compute_dtype = None if config.compute_dtype is None else getattr(torch, config.compute_dtype)
-        quantized = {"quantize": config.quantize, "blocksize": config.quantize_blocksize,
-                     "double_quant": config.quantize_double, "compute_dtype": compute_dtype,
-                     "quant_storage": config.quant_storage}
-        output = _output_layer_names(model, config)
-        for name, module in list(model.named_modules()):
-            if (name and name not in targets and is_linear_like(module) and name not in output
-                    and not config.keeps_full_precision(name)):
-                from lorakern.quant import LinearNF4
+    def replace(self, name: str, new: nn.Module) -> None:
+        self.done.append((name, self.model.get_submodule(name)))
+        set_submodule(self.model, name, new)
 
-                set_submodule(model, name, LinearNF4.from_linear(module, config.quantize_blocksize,
-                                                                 config.quantize_double, compute_dtype,
-                                                                 config.quant_storage))
-    for name in targets:
-        r, alpha = config.rank_and_alpha(name)
-        module = model.get_submodule(name)
-        layer_quantize = quantized if quantized and not config.keeps_full_precision(name) else {}
-        layer = LoraLinear.from_linear(
-            module, r=r, alpha=alpha, dropout=config.dropout, use_rslora=config.use_rslora, init=config.init,
-            **layer_quantize,
-        )
-        set_submodule(model, name, layer)
-    mark_trainable(model, config)
-    model.lorakern_config = config
+    def undo(self) -> None:
+        for name, old in reversed(self.done):
+            set_submodule(self.model, name, old)
+
+
+def _quant_kwargs(config: LoraConfig) -> dict:
+    compute_dtype = None if config.compute_dtype is None else getattr(torch, config.compute_dtype)
+    return {"quantize": config.quantize, "blocksize": config.quantize_blocksize, "double_quant": config.quantize_double,
+            "compute_dtype": compute_dtype, "quant_storage": config.quant_storage}
+
+
+def _layer_kwargs(config: LoraConfig, name: str) -> dict:
+    r, alpha = config.rank_and_alpha(name)
+    return {"r": r, "alpha": alpha, "dropout": config.lora_dropout, "use_rslora": config.use_rslora,
+            "init": config.init}
+
+
+def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.Module:
+    """Add adapter ``adapter_name`` with ``config`` (its own r, alpha, dropout and targets) to ``model``.
+
+    The first adapter of a model is active; later ones are added inactive (``set_adapter`` switches),
+    as in PEFT. Modules a previous adapter wrapped get this adapter beside it; new targets are wrapped.
+    On any error the model is left as it was."""
+    add_adapter_undoable(model, adapter_name, config)
     return model
 
 
-def mark_trainable(model: nn.Module, config: LoraConfig) -> None:
-    """Freeze everything, then unfreeze LoRA, the biases chosen by ``config.bias``, and modules_to_save."""
+def add_adapter_undoable(model: nn.Module, adapter_name: str, config: LoraConfig) -> Callable[[], None]:
+    """``add_adapter``, returning a function that takes the adapter out again and puts every replaced
+    module back (how load_adapter leaves a model untouched when the weights do not fit)."""
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a lorakern.LoraConfig, got {type(config).__name__}")
+    configs = _configs(model)
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise AdapterError(f"an adapter name is a non-empty string without '.', got {adapter_name!r}")
+    if adapter_name in configs:
+        raise AdapterError(f"{type(model).__name__} already has an adapter named {adapter_name!r} (adapters: "
+                           f"{list(configs)}); pick another adapter_name or delete_adapter({adapter_name!r}) first")
+    if configs and config.quantize != next(iter(configs.values())).quantize:
+        raise AdapterError(f"adapter {adapter_name!r} asks for quantize={config.quantize!r} but the model's base was "
+                           f"built with quantize={next(iter(configs.values())).quantize!r}; adapters share one base")
+    targets = find_targets(model, config)
+    if not targets:
+        seen = [name for name, m in model.named_modules() if name and (is_linear_like(m) or isinstance(m, LoraLinear))]
+        raise LorakernError(
+            f"target_modules={config.target_modules!r} matched no module of {type(model).__name__}. Its linear layers "
+            f"are: {', '.join(seen) or '(none)'}. Use full names or their last components, e.g. "
+            f"{sorted({n.rsplit('.', 1)[-1] for n in seen})[:6]}")
+    first = not configs
+    previous_active = getattr(model, "lorakern_active", None)
+    trainable = {id(p): p.requires_grad for p in model.parameters()}
+    edits = _Edits(model)
+    added: list[nn.Module] = []  # existing LoraLinear layers and wrappers that got this adapter
+
+    def undo() -> None:
+        for module in added:
+            if isinstance(module, LoraLinear) and adapter_name in module.adapters:
+                module.delete_adapter(adapter_name)
+            elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+                del module.modules_to_save[adapter_name]
+        edits.undo()
+        if first:
+            for attribute in ("lorakern_configs", "lorakern_active"):
+                if hasattr(model, attribute):
+                    delattr(model, attribute)
+            for param in model.parameters():
+                param.requires_grad_(trainable.get(id(param), param.requires_grad))
+        else:
+            model.lorakern_configs = configs
+            model.lorakern_active = previous_active
+            _apply_active(model)
+
+    try:
+        if config.quantize and first:
+            output = _output_layer_names(model, config)
+            q = _quant_kwargs(config)
+            for name, module in list(model.named_modules()):
+                if (name and name not in targets and is_linear_like(module) and name not in output
+                        and not config.keeps_full_precision(name)):
+                    edits.replace(name, LinearNF4.from_linear(module, q["blocksize"], q["double_quant"],
+                                                              q["compute_dtype"], q["quant_storage"]))
+        for name in targets:
+            module = model.get_submodule(name)
+            if isinstance(module, LoraLinear):
+                module.add_adapter(adapter_name, **_layer_kwargs(config, name))
+                added.append(module)
+                continue
+            quant = _quant_kwargs(config) if config.quantize and not config.keeps_full_precision(name) else {}
+            edits.replace(name, LoraLinear.from_linear(module, adapter_name=adapter_name,
+                                                       **_layer_kwargs(config, name), **quant))
+        for name in _saved_module_names(model, config):
+            module = model.get_submodule(name)
+            if isinstance(module, ModulesToSaveWrapper):
+                module.add(adapter_name)
+                added.append(module)
+            else:
+                edits.replace(name, ModulesToSaveWrapper(module, adapter_name))
+        model.lorakern_configs = {**configs, adapter_name: config}
+        if first:
+            model.lorakern_active = [adapter_name]
+        _apply_active(model)
+    except BaseException:
+        undo()
+        raise
+    return undo
+
+
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Put adapter ``adapter_name`` into ``model`` in place (LoraLinear on every target, copies of the
+    modules_to_save) and freeze the rest by ``config``. Trainable afterwards: the active adapter's lora_A /
+    lora_B; biases by ``config.bias``; its copies of the modules_to_save. Returns ``model``."""
+    return add_adapter(model, adapter_name, config)
+
+
+def _saved_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
+    """The outermost modules whose name ends with a modules_to_save entry (wrappers count as themselves)."""
+    names = []
+    for name, module in model.named_modules():
+        if not name or ".modules_to_save." in name or ".original_module" in name:
+            continue
+        if any(name.endswith(m) for m in config.modules_to_save or ()):  # PEFT's rule: a plain suffix
+            if not any(name.startswith(outer + ".") for outer in names):
+                names.append(name)
+    return names
+
+
+def set_adapter(model: nn.Module, adapter_names: Union[str, Iterable[str]]) -> None:
+    """Make ``adapter_names`` active: with several, their outputs add up (as in PEFT). Only active adapters
+    train; the others are frozen."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    known = adapter_names_or_raise(model)
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise AdapterError(f"unknown adapter(s) {unknown or names}; this model has {known}")
+    previous = model.lorakern_active
+    model.lorakern_active = names
+    try:
+        _apply_active(model)
+    except AdapterError:
+        model.lorakern_active = previous
+        _apply_active(model)
+        raise
+
+
+def adapter_names_or_raise(model: nn.Module) -> list[str]:
+    names = adapter_names(model)
+    if not names:
+        raise AdapterError(f"{type(model).__name__} has no adapters; lorakern.inject(model, config) adds one")
+    return names
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    adapter_names_or_raise(model)
+    return list(model.lorakern_active)
+
+
+def _apply_active(model: nn.Module) -> None:
+    """Freeze everything, then make the active adapters' tensors trainable (and their biases and copies)."""
+    names = model.lorakern_active
+    for wrapper in _wrappers(model).values():
+        wrapper.set_adapter(names)
     for param in model.parameters():
         param.requires_grad_(False)
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLinear):
-            module.lora_A.requires_grad_(True)
-            module.lora_B.requires_grad_(True)
-            if config.bias == "lora_only" and module.bias is not None:
-                module.bias.requires_grad_(True)
-        if config.modules_to_save and any(name.endswith(m) for m in config.modules_to_save):
-            for param in module.parameters():
-                param.requires_grad_(True)
-    if config.bias == "all":
-        for name, param in model.named_parameters():
-            if name.rsplit(".", 1)[-1] == "bias":
-                param.requires_grad_(True)
+    for layer in lora_layers(model).values():
+        layer.set_adapter(names)
+    configs = _configs(model)
+    for name in names:
+        config = configs[name]
+        for layer_name, layer in lora_layers(model).items():
+            if config.bias == "lora_only" and name in layer.adapters and layer.bias is not None:
+                layer.bias.requires_grad_(True)
+        if config.bias == "all":
+            for param_name, param in model.named_parameters():
+                if param_name.rsplit(".", 1)[-1] == "bias" and ".original_module." not in f".{param_name}":
+                    param.requires_grad_(True)
+    for wrapper in _wrappers(model).values():
+        if wrapper.active_adapter is not None:
+            wrapper.modules_to_save[wrapper.active_adapter].requires_grad_(True)
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+def mark_trainable(model: nn.Module, config: Optional[LoraConfig] = None) -> None:
+    """Freeze everything, then unfreeze the active adapters, their biases and copies (PEFT's rules)."""
+    _apply_active(model)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove ``adapter_name`` from every layer (and its copies of the modules_to_save). The only adapter
+    cannot be deleted: merge_and_unload(model) or unload(model) give the base model back."""
+    known = adapter_names_or_raise(model)
+    if adapter_name not in known:
+        raise AdapterError(f"unknown adapter {adapter_name!r}; this model has {known}")
+    if len(known) == 1:
+        raise AdapterError(f"{adapter_name!r} is this model's only adapter; use lorakern.merge_and_unload(model) to "
+                           f"fold it in, or lorakern.unload(model) to drop it, and get plain layers back")
+    merged = [n for n, layer in lora_layers(model).items() if adapter_name in layer.merged_adapters]
+    if merged:
+        raise AdapterError(f"adapter {adapter_name!r} is merged into {merged[:3]}; unmerge those layers first")
+    for layer in lora_layers(model).values():
+        if adapter_name in layer.adapters:
+            layer.delete_adapter(adapter_name)
+    for wrapper in _wrappers(model).values():
+        if adapter_name in wrapper.modules_to_save:
+            del wrapper.modules_to_save[adapter_name]
+    configs = dict(model.lorakern_configs)
+    del configs[adapter_name]
+    model.lorakern_configs = configs
+    remaining = [n for n in model.lorakern_active if n != adapter_name]
+    model.lorakern_active = remaining or [next(iter(configs))]
+    _apply_active(model)
 
 
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` as its base model inside the block (PEFT's ``disable_adapter()``).
-
-    Unmerged layers skip their LoRA term; merged layers are unmerged for the block and merged back after.
-    """
+    """Run ``model`` as its base model inside the block (PEFT's ``disable_adapter()``): LoRA layers compute
+    their base alone (merged ones are unmerged for the block) and modules_to_save run their originals."""
     layers = [layer for layer in lora_layers(model).values() if not layer.disabled]
-    merged = [layer for layer in layers if layer.merged]
-    for layer in merged:
+    merged = [(layer, list(layer.merged_adapters)) for layer in layers if layer.merged]
+    wrappers = [w for w in _wrappers(model).values() if not w.disabled]
+    for layer, _ in merged:
         layer.unmerge()
-    for layer in layers:
-        layer.disabled = True
+    for module in (*layers, *wrappers):
+        module.disabled = True
     try:
         yield model
     finally:
-        for layer in layers:
-            layer.disabled = False
-        for layer in merged:
-            layer.merge()
+        for module in (*layers, *wrappers):
+            module.disabled = False
+        for layer, names in merged:
+            layer.merge(adapter_names=names)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -315,6 +394,7 @@ def parameter_table(model: nn.Module, trainable_only: bool = True) -> str:
 
 
 __all__ = [
-    "ALL_LINEAR", "BIAS_MODES", "LoraConfig", "count_parameters", "disable_adapters", "find_targets", "inject",
-    "lora_layers", "mark_trainable", "parameter_table",
+    "ALL_LINEAR", "BIAS_MODES", "LoraConfig", "ModulesToSaveWrapper", "active_adapters", "add_adapter",
+    "adapter_names", "count_parameters", "delete_adapter", "disable_adapters", "find_targets", "inject",
+    "lora_layers", "mark_trainable", "parameter_table", "set_adapter",
 ]

@@ -1,129 +1,106 @@
-"""LoraLinear: a drop-in nn.Linear with a trainable low-rank update on a frozen weight."""
+"""LoraLinear: one LoRA layer over any frozen base (dense, GPT-2 Conv1D, NF4), with named adapters.
+
+    y = x W^T + b + sum over the active adapters a of s_a (dropout_a(x) A_a^T) B_a^T
+
+The base (lorakern.bases) is pluggable; forward, merge/unmerge, delta_weight, to_linear and unload are
+written once here. Every forward goes through lorakern.dispatch, which picks the implementation.
+"""
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import nn
 
-from lorakern import core
-from lorakern.functional import check_operands, lora_linear
+from lorakern import dispatch
+from lorakern import functional  # noqa: F401  registers the dense torch and C implementations
+from lorakern.nf4 import lora as _nf4_lora  # noqa: F401  registers the NF4 torch implementation
+from lorakern.adapter import LoraAdapter, check_hyperparameters
+from lorakern.bases import DenseBase, NF4Base
+from lorakern.errors import AdapterError, LorakernError
+from lorakern.functional import check_operands
+from lorakern.linear_like import is_conv1d, is_linear_like
+from lorakern.nf4.codec import quantize_nf4
+from lorakern.nf4.modules import check_nf4_input
+from lorakern.nf4.storage import NF4Storage
 
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 Conv1D: a Linear whose weight is stored transposed, (in, out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def _check_hyperparameters(r, alpha, dropout, init) -> None:
-    if isinstance(r, bool) or not isinstance(r, int):
-        raise TypeError(f"r must be an int, got {r!r} ({type(r).__name__})")
-    if r <= 0:
-        raise ValueError(f"r must be a positive integer, got r={r}; use r=8 (PEFT's default) or another rank >= 1")
-    if alpha is not None and not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
-        raise ValueError(f"alpha must be a positive number, got alpha={alpha!r}; leave it None to use alpha = r")
-    if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
-        raise ValueError(f"dropout must be in [0, 1), got dropout={dropout!r}; use 0.0 to disable it")
-    if init not in core.INITS:
-        raise ValueError(f"init must be one of {core.INITS}, got init={init!r}")
+DEFAULT_ADAPTER = "default"
+_QUANT_KWARGS = ("blocksize", "double_quant", "compute_dtype", "lora_dtype", "quant_storage")
 
 
 class LoraLinear(nn.Module):
-    """y = x W^T + b + s * lora_B(lora_A(dropout(x))), with s = alpha / r (alpha / sqrt(r) for rsLoRA).
+    """A drop-in nn.Linear with named low-rank adapters on a frozen base.
 
-    ``weight`` and ``bias`` keep nn.Linear's names, so a model's base state dict is unchanged by
-    injection; ``lora_A`` (r x in) and ``lora_B`` (out x r) are the trainable parameters.
-    With ``fan_in_fan_out`` the weight is stored (in, out) as in GPT-2's Conv1D.
+    ``weight`` and ``bias`` keep nn.Linear's names (a 4-bit base writes bitsandbytes' keys under
+    ``weight``), so a model's base state dict is unchanged by injection. Adapters live in ``adapters``
+    (``adapters.<name>.lora_A`` / ``.lora_B``); ``lora_A``, ``lora_B``, ``scaling``, ``r``, ``alpha`` and
+    ``dropout`` are the active adapter's (the first, when several are active).
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        r: int = 8,
-        alpha: Optional[float] = None,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        init: str = "kaiming",
-        fan_in_fan_out: bool = False,
-        device=None,
-        dtype=None,
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 8,
+                 alpha: Optional[float] = None, dropout: float = 0.0, use_rslora: bool = False, init="kaiming",
+                 fan_in_fan_out: bool = False, device=None, dtype=None, adapter_name: str = DEFAULT_ADAPTER) -> None:
         super().__init__()
-        _check_hyperparameters(r, alpha, dropout, init)
-        if r > min(in_features, out_features):
-            warnings.warn(
-                f"r={r} exceeds min(in_features, out_features)={min(in_features, out_features)}: "
-                f"the update B A cannot reach rank {r}",
-                stacklevel=2,
-            )
+        check_hyperparameters(r, alpha, dropout, init)
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
-        self.r = r
-        self.alpha = float(r if alpha is None else alpha)
-        self.use_rslora = use_rslora
-        self.scaling = core.scaling(r, self.alpha, use_rslora)
-        self.init = init
-        self.fan_in_fan_out = fan_in_fan_out
-        weight_shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
-        self.weight = nn.Parameter(torch.empty(weight_shape, **factory), requires_grad=False)
+        self.base = DenseBase(fan_in_fan_out)
+        shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
-        self.dropout = float(dropout)
-        self.dropout_seed: Optional[int] = None  # fix the LoRA dropout mask (None: a fresh draw per call)
-        self.merged = False
-        self.disabled = False  # set by lorakern.disable_adapters: the layer computes its base alone
-        # None follows $LORAKERN_BACKEND / auto; "torch" or "triton" pins this layer to one path.
-        self.backend: Optional[str] = None
-        self._base_type: type = nn.Linear
         self.reset_base_parameters()
-        self.reset_lora_parameters()
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False  # set by lorakern.disable_adapters: the layer computes its base alone
+        self.dropout_seed: Optional[int] = None  # fixes the LoRA dropout mask (None: a fresh draw per call)
+        self.backend: Optional[str] = None  # None follows $LORAKERN_BACKEND / auto; a name pins this layer
+        self.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
 
+    # ---- building -------------------------------------------------------------------------------------
     @classmethod
-    def from_linear(cls, linear: nn.Module, quantize: Optional[str] = None, **lora_kwargs) -> "LoraLinear":
-        """Wrap an nn.Linear (or GPT-2 Conv1D), sharing its weight and bias tensors, frozen.
+    def from_linear(cls, linear: nn.Module, quantize: Optional[str] = None, adapter_name: str = DEFAULT_ADAPTER,
+                    **kwargs) -> "LoraLinear":
+        """Wrap an nn.Linear (or GPT-2 Conv1D): its weight and bias are shared, not copied, and frozen.
 
         ``quantize="nf4"`` stores the frozen weight in NF4 instead (QLoRA; takes ``blocksize``,
-        ``double_quant``, ``compute_dtype``, ``lora_dtype`` and ``quant_storage`` too) and returns a LoraLinearNF4.
-        """
-        if quantize is not None:
-            if quantize != "nf4":
-                raise ValueError(f"quantize={quantize!r} is not a known quant type; use quantize='nf4' or None")
-            from lorakern.quant import LoraLinearNF4
-
-            return LoraLinearNF4.from_linear(linear, **lora_kwargs)
-        for name in ("blocksize", "double_quant", "compute_dtype", "lora_dtype", "quant_storage"):
-            if name in lora_kwargs:
-                raise ValueError(f"{name}= applies to a quantized base only; pass quantize='nf4' with it")
+        ``double_quant``, ``compute_dtype``, ``lora_dtype`` and ``quant_storage`` too). Other keyword
+        arguments configure the adapter (r, alpha, dropout, use_rslora, init)."""
+        if quantize not in (None, "nf4"):
+            raise LorakernError(f"quantize={quantize!r} is not a known quant type; use quantize='nf4' or None")
+        quant = {k: kwargs.pop(k) for k in _QUANT_KWARGS if k in kwargs}
+        if quant and quantize is None:
+            raise LorakernError(f"{', '.join(quant)}= applies to a quantized base only; pass quantize='nf4' with it")
         if not is_linear_like(linear):
-            raise TypeError(
-                f"from_linear takes an nn.Linear or transformers Conv1D, got {type(linear).__name__}; "
-                f"LoRA here applies to linear layers only"
-            )
+            raise TypeError(f"from_linear takes an nn.Linear or transformers Conv1D, got {type(linear).__name__}; "
+                            f"LoRA here applies to linear layers only")
         conv = is_conv1d(linear)
-        in_features, out_features = (linear.nx, linear.nf) if conv else (linear.in_features, linear.out_features)
         weight = linear.weight
+        out_in = weight.t() if conv else weight
         with torch.device("meta"):
-            layer = cls(in_features, out_features, bias=linear.bias is not None, fan_in_fan_out=conv,
-                        dtype=weight.dtype, **lora_kwargs)
-        layer.weight = linear.weight
-        layer.bias = linear.bias
-        layer.weight.requires_grad_(False)
-        if layer.bias is not None:
+            layer = cls(out_in.shape[1], out_in.shape[0], bias=linear.bias is not None, fan_in_fan_out=conv,
+                        dtype=weight.dtype, adapter_name=adapter_name, **kwargs)
+        if quantize is None:
+            layer.weight = linear.weight
+            layer.weight.requires_grad_(False)
+            layer.base = DenseBase(conv, type(linear))
+            lora_dtype = weight.dtype
+        else:
+            del layer.weight
+            storage = NF4Storage(quantize_nf4(out_in, quant.get("blocksize", 64), quant.get("double_quant", True)),
+                                 quant.get("quant_storage", "uint8"))
+            layer.nf4 = storage
+            layer.base = NF4Base(quant.get("compute_dtype"), type(linear))
+            lora_dtype = quant.get("lora_dtype", torch.float32)
+        if linear.bias is not None:
+            layer.bias = linear.bias if quantize is None else nn.Parameter(linear.bias.detach().clone())
             layer.bias.requires_grad_(False)
-        layer.lora_A = nn.Parameter(torch.empty_like(layer.lora_A, device=weight.device))
-        layer.lora_B = nn.Parameter(torch.empty_like(layer.lora_B, device=weight.device))
-        layer.reset_lora_parameters()
-        layer._base_type = type(linear)
+        adapter = layer.adapters[adapter_name]
+        layer.adapters[adapter_name] = LoraAdapter(adapter.in_features, adapter.out_features, adapter.r, adapter.alpha,
+                                                   adapter.dropout, adapter.use_rslora, adapter.init,
+                                                   device=weight.device, dtype=lora_dtype)
         return layer
 
     def reset_base_parameters(self) -> None:
@@ -135,106 +112,233 @@ class LoraLinear(nn.Module):
             bound = 1 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def reset_lora_parameters(self, init: Optional[str] = None) -> None:
-        """A by the init rule (kaiming-uniform a=sqrt(5), N(0, 1/r^2), or N(0, 1)); B zeros."""
-        init = self.init if init is None else init
-        if self.lora_A.is_meta:
-            return
-        with torch.no_grad():
-            if init == "kaiming":
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            else:
-                nn.init.normal_(self.lora_A, std=core.init_std(init, self.r, self.in_features))
-            nn.init.zeros_(self.lora_B)
+    def reset_lora_parameters(self, init=None) -> None:
+        for name in self.active_adapters:
+            self.adapters[name].reset_parameters(init)
+
+    # ---- named adapters ---------------------------------------------------------------------------------
+    def add_adapter(self, name: str, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
+                    use_rslora: bool = False, init="kaiming", dtype: Optional[torch.dtype] = None) -> LoraAdapter:
+        """A new adapter ``name`` on this base. The first one becomes active; later ones are added inactive
+        (``set_adapter`` switches), as in PEFT."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise AdapterError(f"an adapter name is a non-empty string without '.', got {name!r}")
+        if name in self.adapters:
+            raise AdapterError(f"this layer already has an adapter named {name!r} (adapters: {list(self.adapters)}); "
+                               f"pick another name or delete_adapter({name!r}) first")
+        if r > min(self.in_features, self.out_features):
+            warnings.warn(f"r={r} exceeds min(in_features, out_features)={min(self.in_features, self.out_features)}: "
+                          f"the update B A cannot reach rank {r}", stacklevel=3)
+        existing = next(iter(self.adapters.values()), None)
+        reference = existing.lora_A if existing is not None else None
+        device = reference.device if reference is not None else self._base_device()
+        dtype = dtype or (reference.dtype if reference is not None else self._base_float_dtype())
+        adapter = LoraAdapter(self.in_features, self.out_features, r, alpha, dropout, use_rslora, init, device=device,
+                              dtype=dtype)
+        self.adapters[name] = adapter
+        if not self.active_adapters:
+            self.active_adapters = [name]
+        else:
+            adapter.requires_grad_(False)
+        return adapter
+
+    def set_adapter(self, names: Union[str, Iterable[str]]) -> None:
+        """Make ``names`` (those this layer has) the active adapters: they compute and train; others freeze."""
+        names = [names] if isinstance(names, str) else list(names)
+        self.active_adapters = [n for n in names if n in self.adapters]
+        for name, adapter in self.adapters.items():
+            adapter.requires_grad_(name in self.active_adapters)
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise AdapterError(f"no adapter named {name!r} in this layer; it has {list(self.adapters)}")
+        if name in self.merged_adapters:
+            raise AdapterError(f"adapter {name!r} is merged into the weight; unmerge() before deleting it")
+        del self.adapters[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def _active(self) -> LoraAdapter:
+        name = self.active_adapters[0] if self.active_adapters else next(iter(self.adapters), None)
+        if name is None:
+            raise AdapterError("this LoraLinear has no adapter; add one with layer.add_adapter(name, r=...)")
+        return self.adapters[name]
+
+    # the active adapter's, as PEFT users read them on a single-adapter layer
+    def _adapter_attribute(name: str, doc: str):  # noqa: N805  (a property factory used in the class body)
+        def get(self):
+            return getattr(self._active(), name)
+
+        def set_(self, value):
+            setattr(self._active(), name, value)
+
+        return property(get, set_, doc=doc)
+
+    lora_A = property(lambda self: self._active().lora_A, doc="the active adapter's A (r x in)")
+    lora_B = property(lambda self: self._active().lora_B, doc="the active adapter's B (out x r)")
+    scaling = _adapter_attribute("scaling", "the active adapter's s (alpha / r, or alpha / sqrt(r) with rsLoRA)")
+    dropout = _adapter_attribute("dropout", "the active adapter's LoRA dropout probability")
+    use_rslora = _adapter_attribute("use_rslora", "whether the active adapter was built with rsLoRA's scaling")
+    r = property(lambda self: self._active().r, doc="the active adapter's rank")
+    alpha = property(lambda self: self._active().alpha, doc="the active adapter's alpha")
+    init = property(lambda self: self._active().init, doc="the active adapter's init rule")
+    del _adapter_attribute
+
+    # ---- the base -------------------------------------------------------------------------------------
+    @property
+    def is_quantized(self) -> bool:
+        return self.base.kind == "nf4"
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return self.base.fan_in_fan_out
+
+    @property
+    def compute_dtype(self) -> Optional[torch.dtype]:
+        return getattr(self.base, "compute_dtype", None)
 
     @property
     def weight_out_in(self) -> torch.Tensor:
-        """The base weight as (out, in), a view for Conv1D's transposed storage."""
-        return self.weight.t() if self.fan_in_fan_out else self.weight
+        """The base weight as (out, in): a view of a dense weight, or a 4-bit weight decoded to its compute dtype."""
+        return self.base.operand(self) if self.base.kind == "dense" else self.base.decoded(self)
+
+    def _base_device(self) -> torch.device:
+        return self.weight.device if self.base.kind == "dense" else self.nf4.packed_storage.device
+
+    def _base_float_dtype(self) -> torch.dtype:
+        return self.weight.dtype if self.base.kind == "dense" else torch.float32
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    # ---- compute --------------------------------------------------------------------------------------
+    def _unmerged_active(self) -> list[LoraAdapter]:
+        return [self.adapters[n] for n in self.active_adapters if n not in self.merged_adapters]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or self.disabled:
-            check_operands(x, self.weight_out_in, self.bias, self.lora_A, self.lora_B)
-            return nn.functional.linear(x, self.weight_out_in, self.bias)
-        return lora_linear(x, self.weight_out_in, self.bias, self.lora_A, self.lora_B, self.scaling,
-                           dropout_p=self.dropout if self.training else 0.0, seed=self.dropout_seed,
-                           backend=self.backend)
+        adapters = [] if self.disabled else self._unmerged_active()
+        if self.base.kind == "dense":
+            check_operands(x, self.base.operand(self), self.bias, self._active().lora_A, self._active().lora_B)
+        else:
+            check_nf4_input(x, self.nf4)
+        if not adapters:
+            return self.base.forward(self, x)
+        training = self.training
+        return dispatch.lora_forward(
+            x, self.base.kind, self.base.operand(self), self.bias,
+            [(a.lora_A, a.lora_B, a.scaling, a.dropout if training else 0.0) for a in adapters],
+            seed=self.dropout_seed, compute_dtype=self.compute_dtype, requested=self.backend)
+
+    def _call_for(self, x: torch.Tensor) -> dispatch.Call:
+        adapter = self._active()
+        dtype = dispatch.compute_dtype_of(x, self.base.kind, self.compute_dtype)
+        weight = self.base.operand(self)
+        return dispatch.Call(x.to(dtype), self.base.kind, weight.to(dtype) if self.base.kind == "dense" else weight,
+                             self.bias, adapter.lora_A.to(dtype), adapter.lora_B.to(dtype), adapter.scaling,
+                             adapter.dropout if self.training else 0.0)
+
+    def dispatch_report(self, x: torch.Tensor) -> str:
+        """Which implementation runs this layer on ``x``, and why each other one does not."""
+        return dispatch.explain(self._call_for(x), self.backend)
 
     def dropout_mask(self, seed: int, x: torch.Tensor) -> torch.Tensor:
-        """The float32 mask (kept / (1 - p), else 0) this layer's dropout draws for ``seed`` on input ``x``."""
-        from lorakern.functional import resolve_backend
+        """The float32 mask (kept / (1 - p), else 0) the active adapter's dropout draws for ``seed`` on ``x``."""
+        implementation, _ = dispatch.choose(self._call_for(x), self.backend)
+        return implementation.dropout_mask(seed, x.shape, self.dropout, x.device)
 
-        backend = resolve_backend(x, self.weight_out_in, self.lora_A, self.backend)
-        return backend.dropout_mask(seed, x.shape, self.dropout, x.device)
+    # ---- merging --------------------------------------------------------------------------------------
+    def delta_weight(self, adapter_name: Optional[str] = None) -> torch.Tensor:
+        """s B A of one adapter (default: the active one), in the base weight's layout and dtype
+        (Conv1D's (in, out), a 4-bit base's original dtype), computed in fp32 at least."""
+        adapter = self.adapters[adapter_name] if adapter_name is not None else self._active()
+        dtype = self.base.dtype(self)
+        return self.base.stored_layout(adapter.delta(dtype)).to(dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        """s B A in the stored weight's layout and dtype (computed in fp32 at least)."""
-        compute = torch.promote_types(self.weight.dtype, torch.float32)
-        delta = (self.lora_B.to(compute) @ self.lora_A.to(compute)) * self.scaling
-        return (delta.t() if self.fan_in_fan_out else delta).to(self.weight.dtype)
+    def _delta_out_in(self, names: list[str]) -> torch.Tensor:
+        total = None
+        for name in names:
+            delta = self.adapters[name].delta(self.base.dtype(self))
+            total = delta if total is None else total + delta
+        return total
 
-    @torch.no_grad()
-    def merge(self, safe: bool = True) -> None:
-        """Fold s B A into the weight. With ``safe`` a non-finite result raises and W is left untouched."""
-        if self.merged:
-            warnings.warn("merge() called on a layer that is already merged; nothing to do", stacklevel=2)
+    def merge(self, safe: bool = True, adapter_names: Optional[list[str]] = None, requantize: bool = False) -> None:
+        """Fold the active adapters' s B A (or ``adapter_names``') into the base weight.
+
+        A dense weight absorbs them in place (``safe``: a non-finite result raises and W is untouched). A
+        4-bit weight cannot absorb them exactly: ``requantize=True`` decodes, adds and requantizes (a
+        warning reports the error that adds); without it merge raises and says what to do instead."""
+        names = [n for n in (adapter_names or self.active_adapters) if n not in self.merged_adapters]
+        for name in names:
+            if name not in self.adapters:
+                raise AdapterError(f"no adapter named {name!r} in this layer; it has {list(self.adapters)}")
+        if not names:
+            warnings.warn("merge() called on a layer whose active adapters are already merged; nothing to do",
+                          stacklevel=2)
             return
-        delta = self.delta_weight()
-        if safe:
-            merged = self.weight + delta
-            if not torch.isfinite(merged).all():
-                raise ValueError(
-                    f"NaNs or infs detected in the merged weight of a LoraLinear({self.in_features}, "
-                    f"{self.out_features}, r={self.r}); the weight was left unchanged. Check lora_A and lora_B "
-                    f"for non-finite values (or an fp16 overflow: merge in a wider dtype)"
-                )
-            self.weight.copy_(merged)
+        what = f"LoraLinear({self.in_features}, {self.out_features}) adapters {names}"
+        if self.base.merges_in_place:
+            self.base.add_(self, self._delta_out_in(names), safe, what)
+        elif requantize:
+            self.base.requantize_(self, self._delta_out_in(names), safe, what)
         else:
-            self.weight.add_(delta)
-        self.merged = True
+            raise LorakernError("a 4-bit base cannot absorb the update exactly: merge(requantize=True) requantizes "
+                                "(and reports the error that adds), lorakern.merge_and_unload(model) gives "
+                                "full-precision layers, layer.to_linear() one full-precision nn.Linear")
+        self.merged_adapters += names
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtract s B A from the weight again."""
-        if not self.merged:
+    def unmerge(self, requantize: bool = False) -> None:
+        """Subtract the merged adapters' s B A again (a 4-bit base requantizes, only when asked)."""
+        if not self.merged_adapters:
             warnings.warn("unmerge() called on a layer that is not merged; nothing to do", stacklevel=2)
             return
-        self.weight.sub_(self.delta_weight())
-        self.merged = False
-
-    def _empty_base(self) -> nn.Module:
-        """A base-layer module of the wrapped type, on the meta device (no memory)."""
-        with torch.device("meta"):
-            if self._base_type is not nn.Linear and self.fan_in_fan_out:
-                return self._base_type(self.out_features, self.in_features)
-            return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-
-    def unload(self) -> nn.Module:
-        """The base layer (nn.Linear, or the wrapped Conv1D) sharing this layer's weight and bias,
-        merged or not as this layer is."""
-        base = self._empty_base()
-        base.weight = self.weight
-        base.bias = self.bias
-        return base
+        delta = -self._delta_out_in(self.merged_adapters)
+        what = f"LoraLinear({self.in_features}, {self.out_features}) adapters {self.merged_adapters}"
+        if self.base.merges_in_place:
+            self.base.add_(self, delta, False, what)
+        elif requantize:
+            self.base.requantize_(self, delta, True, what)
+        else:
+            raise LorakernError("this 4-bit layer's merge was requantized; unmerge(requantize=True) requantizes back "
+                                "(with its own rounding error)")
+        self.merged_adapters = []
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
-        """A new plain nn.Linear holding W + s B A (this layer is left as it is)."""
-        weight = self.weight_out_in if self.merged else self.weight_out_in + self.delta_weight_out_in()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device="meta")
-        linear.weight = nn.Parameter(weight.detach().clone().contiguous(), requires_grad=False)
+        """A new plain nn.Linear holding W + the unmerged active adapters' s B A, in the base weight's dtype
+        (a 4-bit base decoded to full precision). This layer is left as it is."""
+        dtype = self.base.dtype(self)
+        weight = self.base.decoded(self, torch.promote_types(dtype, torch.float32))
+        names = [n for n in self.active_adapters if n not in self.merged_adapters]
+        if names:
+            weight = weight + self._delta_out_in(names)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight.to(dtype).contiguous(), requires_grad=False)
         if self.bias is not None:
             linear.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
         return linear
 
-    def delta_weight_out_in(self) -> torch.Tensor:
-        delta = self.delta_weight()
-        return delta.t() if self.fan_in_fan_out else delta
+    def unload(self) -> nn.Module:
+        """The base layer alone (nn.Linear, Conv1D or LinearNF4) sharing this layer's tensors, merged or
+        not as this layer is."""
+        return self.base.module(self)
+
+    # ---- state dict: a 4-bit base writes bitsandbytes' keys under "weight" ------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.base.kind == "nf4":
+            self.base.save(self, destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if self.base.kind == "nf4":
+            self.base.load(self, state_dict, prefix, missing_keys, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, merged={self.merged}"
-            + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
-        )
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"base={self.base.kind}, active={self.active_adapters}, merged={self.merged_adapters}"
+                + self.base.describe(self))
+
+
+__all__ = ["DEFAULT_ADAPTER", "LoraLinear", "is_conv1d", "is_linear_like"]

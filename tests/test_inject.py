@@ -3,6 +3,8 @@ import re
 
 import pytest
 import torch
+
+import lorakern
 from torch import nn
 
 from conftest import tiny_roberta_classifier, tiny_roberta_config
@@ -101,7 +103,9 @@ def test_rank_and_alpha_patterns_first_match_wins():
 def test_freezing_rules(bias):
     model = inject(Toy(), LoraConfig(target_modules=["q_proj"], bias=bias, modules_to_save=["norm"]))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    expected = {"encoder.q_proj.lora_A", "encoder.q_proj.lora_B", "encoder.norm.weight", "encoder.norm.bias"}
+    # modules_to_save train a copy per adapter (PEFT's wrapper); the original stays frozen for the base model
+    expected = {"encoder.q_proj.adapters.default.lora_A", "encoder.q_proj.adapters.default.lora_B",
+                "encoder.norm.modules_to_save.default.weight", "encoder.norm.modules_to_save.default.bias"}
     if bias == "all":
         expected |= {"encoder.q_proj.bias", "encoder.v_proj.bias", "encoder.mlp.0.bias", "encoder.mlp.2.bias",
                      "head.bias"}
@@ -132,7 +136,7 @@ def test_count_parameters_and_table():
     assert trainable == 2 * 8 + 8 * 2
     assert total == sum(p.numel() for p in model.parameters())
     table = parameter_table(model)
-    assert "| encoder.q_proj.lora_A | (2, 8) | 16 | yes |" in table
+    assert "| encoder.q_proj.adapters.default.lora_A | (2, 8) | 16 | yes |" in table
     assert f"{trainable:,} / {total:,}" in table
 
 
@@ -179,7 +183,10 @@ def test_disable_adapters_runs_the_base_model():
     torch.testing.assert_close(model(x), adapted)
 
 
-def test_second_inject_is_refused():
+def test_second_inject_under_a_taken_name_is_refused_and_under_a_new_one_adds_an_adapter():
     model = inject(Toy(), LoraConfig(target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="already has 1 LoRA layers"):
+    with pytest.raises(ValueError, match="already has an adapter named 'default'.*pick another adapter_name"):
         inject(model, LoraConfig(target_modules=["v_proj"]))
+    inject(model, LoraConfig(target_modules=["v_proj"]), adapter_name="second")
+    assert lorakern.active_adapters(model) == ["default"]
+    assert sorted(model.lorakern_configs) == ["default", "second"]

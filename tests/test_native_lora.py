@@ -179,12 +179,21 @@ def test_the_isa_level_can_be_capped_and_a_bad_one_is_refused(monkeypatch):
     assert native.chosen_level().name == "generic"
 
 
-def test_native_library_is_chosen_only_for_float32_cpu():
+def test_the_c_implementation_takes_float32_cpu_rows_only():
+    from lorakern import dispatch
+
+    def call(x, r=2):
+        return dispatch.Call(x, "dense", torch.randn(5, 4, dtype=x.dtype), None, torch.randn(r, 4, dtype=x.dtype),
+                             torch.randn(5, r, dtype=x.dtype), 1.0)
+
     x = torch.randn(3, 4)
-    w, a = torch.randn(5, 4), torch.randn(2, 4)
-    assert functional._native_library(x.double(), w.double(), None, a.double()) is None
-    assert functional._native_library(x, w, torch.zeros(5, dtype=torch.float64), a) is None
-    assert functional._native_library(x[:0], w, None, a) is None
+    assert dispatch.verdict("c", call(x.double())) == "fp32 only (this call computes in torch.float64)"
+    assert dispatch.verdict("c", call(x[:0])) == "no rows"
+    assert dispatch.verdict("c", call(x, r=300)) == "r=300 > 256"
+    if native.lora_library() is not None:
+        assert dispatch.verdict("c", call(x)) is None
+        assert dispatch.choose(call(x))[0].name == "c"
+    assert dispatch.choose(call(x.double()))[0].name == "torch"
 
 
 def test_the_build_cache_is_keyed_by_the_cpu(monkeypatch, tmp_path):

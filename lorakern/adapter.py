@@ -1,0 +1,75 @@
+"""LoraAdapter: one named adapter of a layer, its two factors and the hyper-parameters that scale them."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lorakern import core
+from lorakern.errors import ConfigError
+
+# init_lora_weights values a layer takes (PEFT's names; "normal" is the seed's rule, lorakern's own):
+# True / "kaiming": A kaiming-uniform (a = sqrt(5)), B zeros (PEFT's default); "gaussian": A ~ N(0, 1/r^2),
+# B zeros; "normal": A ~ N(0, 1), B zeros; False: A and B both kaiming-uniform (not an identity at start).
+INITS = (True, False, "kaiming", "gaussian", "normal")
+
+
+def check_hyperparameters(r, alpha, dropout, init) -> None:
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"r must be an int, got {r!r} ({type(r).__name__})")
+    if r <= 0:
+        raise ConfigError(f"r must be a positive integer, got r={r}; use r=8 (PEFT's default) or another rank >= 1")
+    if alpha is not None and not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0
+                                  and math.isfinite(alpha)):
+        raise ConfigError(f"lora_alpha must be a positive number, got alpha={alpha!r}; leave it None to use alpha = r")
+    if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+        raise ConfigError(f"lora_dropout must be in [0, 1), got dropout={dropout!r}; use 0.0 to disable it")
+    if init not in INITS or isinstance(init, int) and not isinstance(init, bool):
+        raise ConfigError(f"init_lora_weights={init!r} is not supported: init must be one of {INITS} "
+                          f"(PiSSA, OLoRA, LoftQ, EVA and CorDA are not implemented yet)")
+
+
+class LoraAdapter(nn.Module):
+    """lora_A (r x in) and lora_B (out x r) with s = alpha / r (alpha / sqrt(r) with rsLoRA) and the LoRA
+    dropout probability. The update it adds is s B A, applied as s (dropout(x) A^T) B^T."""
+
+    def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: Optional[float] = None,
+                 dropout: float = 0.0, use_rslora: bool = False, init=True, device=None, dtype=None) -> None:
+        super().__init__()
+        check_hyperparameters(r, alpha, dropout, init)
+        self.in_features, self.out_features = in_features, out_features
+        self.r = r
+        self.alpha = float(r if alpha is None else alpha)
+        self.use_rslora = use_rslora
+        self.scaling = core.scaling(r, self.alpha, use_rslora)
+        self.dropout = float(dropout)
+        self.init = "kaiming" if init is True else init
+        factory = {"device": device, "dtype": dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self, init=None) -> None:
+        """A by the init rule, B zeros (both kaiming-uniform for init False)."""
+        init = self.init if init is None else ("kaiming" if init is True else init)
+        if self.lora_A.is_meta:
+            return
+        with torch.no_grad():
+            if init in ("kaiming", False):
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            else:
+                nn.init.normal_(self.lora_A, std=core.init_std(init, self.r, self.in_features))
+            if init is False:
+                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(self.lora_B)
+
+    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """s B A as (out, in), computed in ``dtype`` (fp32 at least)."""
+        compute = torch.promote_types(dtype, torch.float32)
+        return (self.lora_B.to(compute) @ self.lora_A.to(compute)) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}"

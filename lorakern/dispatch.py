@@ -1,0 +1,207 @@
+"""One dispatch for every LoRA forward (and so its backward): which implementation runs, and why the
+others were declined, in one place.
+
+A call is a frozen base (a dense weight, or NF4 storage) plus one or more adapters. Implementations
+register here per base kind; nothing here imports them (they import this module):
+
+    name     base          module                          what it is
+    triton   dense, nf4    lorakern.kernels (lazily)       fused Triton kernels (compiled on CUDA, interpreted on CPU)
+    c        dense         lorakern.functional             torch GEMMs + C kernels for the rank-r products (fp32 CPU)
+    torch    dense         lorakern.functional             plain torch (the hand-written autograd Function)
+    torch    nf4           lorakern.nf4.lora               plain torch, W decoded in chunks of rows
+
+``auto`` (the default; $LORAKERN_BACKEND or a layer's ``backend`` pins one) tries them in the order of
+``PREFERENCE`` and takes the first whose ``unsupported`` returns None; triton only for CUDA tensors.
+``explain`` gives every implementation's verdict for a call. Several active adapters: the first runs fused
+with the base, each further one adds its own term in torch (mixed batches are the segmented kernels' job).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from lorakern.errors import LorakernError
+
+BACKEND_ENV = "LORAKERN_BACKEND"
+BACKEND_CHOICES = ("auto", "triton", "c", "torch")
+PREFERENCE = ("triton", "c", "torch")
+BASE_KINDS = ("dense", "nf4")
+# Modules that register implementations when imported, loaded on first need (the Triton kernels import
+# triton, which must not happen on every import of lorakern).
+_LAZY_MODULES = {"triton": "lorakern.kernels"}
+
+
+@dataclass
+class Call:
+    """One forward: operands already in the compute dtype. ``weight`` is the dense (out, in) weight or the
+    NF4Storage; ``seed`` None (torch's generator), an int, or a 0-d int64 tensor (drawn for a kernel)."""
+
+    x: torch.Tensor
+    base: str
+    weight: Any
+    bias: Optional[torch.Tensor]
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+    dropout_p: float = 0.0
+    seed: Optional[Any] = None
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """run(call) -> y. dropout_mask(seed, shape, p, device) -> the float32 mask (kept / (1 - p), else 0)
+    ``run`` uses for that seed. unsupported(call) -> None, or why it cannot take this call.
+    ``needs_seed``: draws its own dropout mask from a seed (one is drawn per call when none is fixed)."""
+
+    name: str
+    base: str
+    run: Callable[[Call], torch.Tensor]
+    dropout_mask: Callable[..., torch.Tensor]
+    unsupported: Callable[[Call], Optional[str]]
+    needs_seed: bool = False
+
+
+_REGISTRY: dict[tuple[str, str], Implementation] = {}
+
+
+def register(implementation: Implementation) -> None:
+    """Make ``implementation`` the one used for its (name, base) (implementation modules call this)."""
+    if implementation.name not in PREFERENCE or implementation.base not in BASE_KINDS:
+        raise LorakernError(f"an implementation is named one of {PREFERENCE} for a base in {BASE_KINDS}, got "
+                            f"{implementation.name!r} for {implementation.base!r}")
+    _REGISTRY[(implementation.name, implementation.base)] = implementation
+
+
+@torch.compiler.assume_constant_result
+def _load(name: str) -> bool:
+    """Import the module that registers ``name`` (once). torch.compile runs this at trace time, outside
+    the graph (an import traced there would break it). True when it could be imported."""
+    module = _LAZY_MODULES.get(name)
+    if module is None:
+        return True
+    try:
+        package = importlib.import_module(module)
+    except ImportError:
+        return False
+    if not package.triton_available():
+        return False
+    for backend in package.BACKENDS:
+        importlib.import_module(f"{module}.{backend}")
+    return True
+
+
+def requested_backend(requested: Optional[str] = None) -> str:
+    choice = (requested or os.environ.get(BACKEND_ENV) or "auto").strip().lower()
+    if choice not in BACKEND_CHOICES:
+        raise LorakernError(f"{BACKEND_ENV}={choice!r} is not a backend; set it to one of {', '.join(BACKEND_CHOICES)} "
+                            f"(or unset it for auto)")
+    return choice
+
+
+def verdict(name: str, call: Call) -> Optional[str]:
+    """None when implementation ``name`` takes ``call``, else why not."""
+    if name == "triton" and (name, call.base) not in _REGISTRY:
+        if not _load(name):
+            return "triton is not installed (pip install 'lorakern[triton]')"
+    implementation = _REGISTRY.get((name, call.base))
+    if implementation is None:
+        return f"no {name} implementation for a {call.base} base"
+    return implementation.unsupported(call)
+
+
+def choose(call: Call, requested: Optional[str] = None) -> tuple[Implementation, dict[str, str]]:
+    """(the implementation for ``call``, {name: why declined} of those tried before it).
+
+    auto tries PREFERENCE in order (triton only for CUDA tensors); an explicit choice that cannot take the
+    call raises LorakernError with the reason."""
+    choice = requested_backend(requested)
+    declined: dict[str, str] = {}
+    if choice != "auto":
+        reason = verdict(choice, call)
+        if reason is not None:
+            raise LorakernError(f"the {choice} backend cannot run this layer: {reason}; set {BACKEND_ENV}=auto "
+                                f"(or layer.backend = None) to let lorakern choose")
+        return _REGISTRY[(choice, call.base)], declined
+    for name in PREFERENCE:
+        if name == "triton" and call.x.device.type != "cuda":
+            declined[name] = "auto takes triton for CUDA tensors only (interpreted on CPU it is a test path)"
+            continue
+        reason = verdict(name, call)
+        if reason is None:
+            return _REGISTRY[(name, call.base)], declined
+        declined[name] = reason
+    raise LorakernError(f"no implementation takes this call: {declined}")
+
+
+def explain(call: Call, requested: Optional[str] = None) -> str:
+    """A line per implementation: which one runs ``call`` and why each other one does not."""
+    try:
+        chosen, declined = choose(call, requested)
+        lines = [f"runs: {chosen.name}"]
+    except LorakernError as exc:
+        chosen, declined, lines = None, {}, [f"runs: nothing ({exc})"]
+    for name in PREFERENCE:
+        if chosen is not None and name == chosen.name:
+            continue
+        reason = declined.get(name) or verdict(name, call) or "takes it too, but comes later in auto's order"
+        lines.append(f"{name}: {reason}")
+    return "\n".join(lines)
+
+
+def _seed_for(implementation: Implementation, dropout_p: float, seed: Optional[Any]) -> Optional[Any]:
+    """A kernel that draws its own mask needs a seed: one from torch's generator when none was fixed, kept
+    as a 0-d tensor so torch.compile traces the draw (.item() would break the graph)."""
+    if dropout_p > 0 and seed is None and implementation.needs_seed:
+        return torch.randint(0, 2**31 - 1, ())
+    return seed
+
+
+def lora_term(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout_p: float
+              ) -> torch.Tensor:
+    """s (dropout(x) A^T) B^T in plain torch (autograd differentiates it): a further active adapter's term."""
+    x_lora = torch.nn.functional.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
+    return (x_lora @ lora_A.t()) @ (lora_B.t() * scaling)
+
+
+def compute_dtype_of(x: torch.Tensor, base: str, compute_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype a call computes in: a 4-bit base's compute_dtype, else autocast's, else the input's."""
+    if base == "nf4" and compute_dtype is not None:
+        return compute_dtype
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def lora_forward(x: torch.Tensor, base: str, weight: Any, bias: Optional[torch.Tensor],
+                 adapters: Sequence[tuple[torch.Tensor, torch.Tensor, float, float]], *, seed: Optional[Any] = None,
+                 compute_dtype: Optional[torch.dtype] = None, requested: Optional[str] = None) -> torch.Tensor:
+    """y = x W^T + b + sum over ``adapters`` (A, B, s, dropout_p) of s (dropout(x) A^T) B^T.
+
+    Every operand is cast to the compute dtype (``compute_dtype_of``); a 4-bit base with a compute_dtype
+    returns y in x's dtype, as bitsandbytes' Linear4bit. LoRA parameters of another dtype are cast on the
+    fly; their gradients come back in their own dtype. ``seed`` fixes the first adapter's dropout mask
+    (``Implementation.dropout_mask`` rebuilds it)."""
+    if not adapters:
+        raise LorakernError("lora_forward needs at least one adapter (the base alone runs through the base layer)")
+    dtype = compute_dtype_of(x, base, compute_dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        cast = lambda t: None if t is None else t.to(dtype)
+        lora_A, lora_B, scaling, dropout_p = adapters[0]
+        dense_weight = cast(weight) if base == "dense" else weight
+        call = Call(cast(x), base, dense_weight, cast(bias), cast(lora_A), cast(lora_B), scaling, dropout_p, None)
+        implementation, _ = choose(call, requested)
+        call.seed = _seed_for(implementation, dropout_p, seed)
+        y = implementation.run(call)
+        for lora_A, lora_B, scaling, dropout_p in adapters[1:]:
+            y = y + lora_term(call.x, cast(lora_A), cast(lora_B), scaling, dropout_p)
+    return y.to(x.dtype) if base == "nf4" and compute_dtype is not None else y
+
+
+__all__ = ["BACKEND_CHOICES", "BACKEND_ENV", "Call", "Implementation", "choose", "explain", "lora_forward", "lora_term",
+           "register", "requested_backend", "verdict"]
