@@ -147,7 +147,7 @@ def _naive(o: Operands) -> Built:
     return Built(lambda: F.linear(o.x, o.W + o.s * (o.B @ o.A), o.b), [o.x, o.A, o.B])
 
 
-def _lorakern(backend: str) -> Callable[[Operands], Built]:
+def _lorakern(backend: Optional[str]) -> Callable[[Operands], Built]:
     def build(o: Operands) -> Built:
         return Built(lambda: lora_linear(o.x, o.W, o.b, o.A, o.B, o.s, backend=backend), [o.x, o.A, o.B])
 
@@ -162,7 +162,7 @@ def _lorakern_pinned(formulation: str) -> Callable[[Operands], Built]:
     def build(o: Operands) -> Built:
         def forward() -> torch.Tensor:
             with pinned_formulation(formulation):  # the backward follows the forward's choice
-                return lora_linear(o.x, o.W, o.b, o.A, o.B, o.s, backend="torch")
+                return lora_linear(o.x, o.W, o.b, o.A, o.B, o.s, backend=None if o.x.device.type == "cpu" else "torch")
 
         return Built(forward, [o.x, o.A, o.B])
 
@@ -232,7 +232,8 @@ def _importable(module: str) -> bool:
 
 def providers(device: str) -> dict[str, Callable[[Operands], Built]]:
     """Every provider available here, by name: peers only when their package is installed."""
-    out = {FROZEN: _frozen, "naive (forms B@A)": _naive, "lorakern torch": _lorakern("torch")}
+    # "lorakern torch": lorakern's torch-side path as auto picks it (with the C kernels for fp32 on a CPU)
+    out = {FROZEN: _frozen, "naive (forms B@A)": _naive, "lorakern torch": _lorakern(None if device == "cpu" else "torch")}
     if device == "cuda":
         out["lorakern triton"] = _lorakern("triton")
     else:

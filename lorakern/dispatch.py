@@ -108,9 +108,10 @@ def requested_backend(requested: Optional[str] = None) -> str:
 
 def verdict(name: str, call: Call) -> Optional[str]:
     """None when implementation ``name`` takes ``call``, else why not."""
-    if name == "triton" and (name, call.base) not in _REGISTRY:
-        if not _load(name):
-            return "triton is not installed (pip install 'lorakern[triton]')"
+    # loaded before the registry is read: under torch.compile a registry read before the import would stay
+    # stale in the trace (_load itself runs at trace time, outside the graph)
+    if name in _LAZY_MODULES and not _load(name):
+        return "triton is not installed (pip install 'lorakern[triton]')"
     implementation = _REGISTRY.get((name, call.base))
     if implementation is None:
         return f"no {name} implementation for a {call.base} base"

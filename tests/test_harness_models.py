@@ -19,8 +19,11 @@ def test_seed_recipe_parity_on_a_roberta_base_sized_config(tmp_path):
                            intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1)
     model = build_model(Backbone(config), "classification", 2, "seed", recipe_config("seed", "classification"))
     trainable, total = count_parameters(model)
-    # total: roberta-base 124,645,632 + the seed head (LayerNorm 1,536 + Linear 1,538) + LoRA 294,912
-    assert (trainable, total) == (420_098, 124_645_632 + 1_536 + 1_538 + 294_912)
+    # total: roberta-base 124,645,632 + the seed head (LayerNorm 1,536 + Linear 1,538) + LoRA 294,912, plus the
+    # adapter's trained copies of the modules_to_save (25 LayerNorms, the head's LayerNorm and Linear), whose
+    # originals stay for the base model as in PEFT
+    copies = 25 * 1_536 + 1_536 + 1_538
+    assert (trainable, total) == (420_098, 124_645_632 + 1_536 + 1_538 + 294_912 + copies)
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == 294_912
     save_adapter(model, str(tmp_path))
     size = (tmp_path / "adapter_model.safetensors").stat().st_size
@@ -100,10 +103,10 @@ def test_every_lora_config_field_is_a_flag():
                      "--lora-bias", "none", "--lora-modules-to-save", "classifier",
                      "--lora-rank-pattern", "key=2", "--lora-alpha-pattern", "key=4.5", "--lora-use-rslora", "true",
                      "--lora-init", "gaussian", "--lora-task-type", "none", "--lr", "5e-4", "--adam-betas", "0.9", "0.99")
-    assert options.lora == {"r": 4, "alpha": 16.0, "dropout": 0.1, "target_modules": ["query", "key"],
+    assert options.lora == {"r": 4, "lora_alpha": 16.0, "lora_dropout": 0.1, "target_modules": ["query", "key"],
                             "exclude_modules": ".*layer\\.0\\..*", "bias": "none", "modules_to_save": ["classifier"],
                             "rank_pattern": {"key": 2}, "alpha_pattern": {"key": 4.5}, "use_rslora": True,
-                            "init": "gaussian", "task_type": None}
+                            "init_lora_weights": "gaussian", "task_type": None}
     assert options.lr == 5e-4 and options.train.betas == (0.9, 0.99)
     config = options.lora_config("classification")  # tiny: the user named modules_to_save, so no embeddings
     assert config.modules_to_save == ["classifier"] and config.rank_and_alpha("x.key") == (2, 4.5)

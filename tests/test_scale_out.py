@@ -6,6 +6,8 @@ import os
 
 import pytest
 import torch
+
+import lorakern
 from torch import nn
 
 from conftest import tiny_roberta_classifier
@@ -532,7 +534,9 @@ def test_fsdp2_shards_the_nf4_bytes_and_matches_one_process(tmp_path, quant_stor
 
     worker = _worker()
     fresh, xs, _ = worker["model_and_data"](f"fsdp-nf4-{quant_storage}")
-    load_adapter(fresh, str(tmp_path / "adapter"))
+    # fresh has an untrained adapter "default" already; the saved one comes in beside it and is made active
+    load_adapter(fresh, str(tmp_path / "adapter"), adapter_name="loaded")
+    lorakern.set_adapter(fresh, "loaded")
     torch.testing.assert_close(worker["probe"](fresh, xs), ranks["probe"], rtol=1e-6, atol=1e-7)
     trained, _, _ = worker["model_and_data"](f"fsdp-nf4-{quant_storage}")
     trained.load_state_dict(single)

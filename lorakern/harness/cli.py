@@ -6,7 +6,7 @@ import dataclasses
 import sys
 from typing import Any, Callable
 
-from lorakern.injection import LoraConfig
+from lorakern.config import ALIASES, LoraConfig
 
 LORA_PREFIX = "lora_"
 
@@ -29,6 +29,8 @@ def _lora_parser(name: str, type_text: str) -> Callable[[str], Any]:
                 if any(len(p) != 2 for p in pairs):
                     raise ValueError("expected key=value pairs separated by commas, e.g. value=4,query=8")
                 return {k: cast(v) for k, v in pairs}
+            if kind == "Union[bool,str]":  # init_lora_weights: true / false / a name
+                return {"true": True, "false": False}.get(text.lower(), text)
             if kind == "bool":
                 if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError("expected true or false")
@@ -70,10 +72,12 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--recipe", default="seed", choices=RECIPES, help="seed: r=8 on query/value, biases, "
                        "LayerNorms and the head trainable (the blog's setup); qlora: NF4 base, LoRA on all linear layers")
     group.add_argument("--head", default="seed", choices=HEADS, help="seed: the blog's heads; hf: transformers' standard heads")
+    short = {new: old for old, new in ALIASES.items()}  # --lora-alpha, --lora-dropout, --lora-init
     for f in dataclasses.fields(LoraConfig):
         type_text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        group.add_argument(f"--{(LORA_PREFIX + f.name).replace('_', '-')}", dest=LORA_PREFIX + f.name,
-                           type=_lora_parser(f.name, type_text), default=argparse.SUPPRESS,
+        flag = short.get(f.name, f.name)
+        group.add_argument(f"--{(LORA_PREFIX + flag).replace('_', '-')}", dest=LORA_PREFIX + f.name,
+                           type=_lora_parser(flag, type_text), default=argparse.SUPPRESS,
                            help=f"LoraConfig.{f.name} ({type_text}); overrides the recipe")
     group = parser.add_argument_group("training (defaults: the seed's)")
     group.add_argument("--lr", type=float, default=None, help="peak learning rate (default 4e-5 as in the seed's "

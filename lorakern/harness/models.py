@@ -147,14 +147,14 @@ def recipe_config(recipe: str, kind: str, overrides: Optional[dict] = None) -> L
     head = head_module(kind)
     task_type = "QUESTION_ANS" if kind in ("qa", "qa_v2") else "SEQ_CLS"
     if recipe == "seed":
-        fields = dict(r=8, alpha=8, dropout=0.0, target_modules=["query", "value"], bias="all",
-                      modules_to_save=["LayerNorm", head], init="normal", task_type=task_type)
+        fields = dict(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"], bias="all",
+                      modules_to_save=["LayerNorm", head], init_lora_weights="normal", task_type=task_type)
     elif recipe == "qlora":
         names = {f.name for f in dataclasses.fields(LoraConfig)}
         if "quantize" not in names:
             raise ValueError("--recipe qlora needs lorakern's NF4 support (LoraConfig.quantize), which this "
                              "install lacks; update lorakern, or use --recipe seed")
-        fields = dict(r=4, alpha=8, dropout=0.1,
+        fields = dict(r=4, lora_alpha=8, lora_dropout=0.1,
                       target_modules=["query", "key", "value", "intermediate.dense", "output.dense"], bias="none",
                       modules_to_save=["LayerNorm", head], task_type=task_type, quantize="nf4",
                       quantize_skip=[head])
