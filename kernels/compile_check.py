@@ -66,9 +66,11 @@ def _signature(kind: str, dtype: str, r_pad: int, meta: dict, weight: str = "den
     (true of every real model's layers; M, the token count, is left free)."""
     import triton.language as tl
 
-    from lorakern.kernels import lora_linear as ll
+    from lorakern.kernels.backward import _lora_bwd_kernel
+    from lorakern.kernels.forward import _lora_fwd_kernel
+    from lorakern.kernels.small_m import _lora_small_m_kernel
 
-    kernel = {"fwd": ll._lora_fwd_kernel, "bwd": ll._lora_bwd_kernel, "small": ll._lora_small_m_kernel}[kind]
+    kernel = {"fwd": _lora_fwd_kernel, "bwd": _lora_bwd_kernel, "small": _lora_small_m_kernel}[kind]
     ptr = _PTR[dtype]
     constexprs = dict(meta)
     constexprs.update(R_PAD=r_pad, DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
@@ -120,11 +122,11 @@ def compile_one(kind: str, dtype: str, arch: int, r_pad: int, config_index: int,
 def _configs(kind: str, dtype: str, r_pad: int, weight: str) -> list:
     import torch
 
-    from lorakern.kernels import lora_linear as ll
+    from lorakern.kernels.configs import _small_m_configs, get_autotune_config
 
     if kind == "small":
-        return ll._small_m_configs(getattr(torch, dtype), weight)
-    return ll.get_autotune_config(kind, getattr(torch, dtype), r_pad, weight)
+        return _small_m_configs(getattr(torch, dtype), weight)
+    return get_autotune_config(kind, getattr(torch, dtype), r_pad, weight)
 
 
 def compile_config(kind: str, dtype: str, arch: int, r_pad: int, config, weight: str = "dense") -> Report:
@@ -164,13 +166,13 @@ def compile_config(kind: str, dtype: str, arch: int, r_pad: int, config, weight:
 
 
 def all_jobs(archs=(80, 90), dtypes=DTYPES, weights=WEIGHTS) -> list[tuple]:
-    from lorakern.kernels import lora_linear as ll
+    from lorakern.kernels.configs import RANK_PADS
 
     jobs = []
     for kind in ("fwd", "bwd", "small"):
         for weight in weights:
             for dtype in dtypes:
-                for r_pad in ll.RANK_PADS:
+                for r_pad in RANK_PADS:
                     for index in range(len(_configs(kind, dtype, r_pad, weight))):
                         for arch in archs:
                             jobs.append((kind, dtype, arch, r_pad, index, weight))
@@ -221,10 +223,13 @@ def main(argv=None) -> int:
 
 
 def _compiled_mode() -> None:
-    """Undo the interpreter default that importing lorakern.kernels applies on machines without CUDA."""
+    """Undo the interpreter default that importing lorakern.kernels applies on machines without CUDA,
+    unless a kernel module (and with it triton, interpreted) is already imported."""
     from lorakern import kernels
 
-    if kernels.INTERPRETER_DEFAULTED and "lorakern.kernels.lora_linear" not in sys.modules:
+    loaded = [name for name in sys.modules
+              if name.startswith("lorakern.kernels.") and name != "lorakern.kernels.compile_check"]
+    if kernels.INTERPRETER_DEFAULTED and not loaded:
         os.environ["TRITON_INTERPRET"] = "0"
 
 

@@ -1,0 +1,129 @@
+"""The backward kernel: dx, dA, dB and dbias of the fused LoRA linear in one launch.
+
+The gradients it computes, with g = dL/dy (M, N) and m the dropout mask / (1 - p):
+    dx = g W + s ((g B) A) * m,   dA = s (g B)^T x~,   dB = s g^T u,   db = sum over rows of g
+(the derivation is in lora_linear_triton's docstring, ops.py). Its epilogue finishes dx and dA for one
+(BLOCK_M, BLOCK_K) tile. Launched by lora_backward (launchers.py) with the configs in configs.py.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from lorakern.kernels.tiles import _atomic_add, _dot, _dropout_keep, _keep_scale, _load, _load_weight, _store, _tile_ids
+
+
+@triton.jit
+def _bwd_epilogue(acc, gb_scaled, a_ptr, x_ptr, dx_ptr, da_ptr, offs_m, offs_k, offs_r, M, K, R,
+                  stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk,
+                  dropout_p, seed, keep_scale,
+                  HAS_DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr,
+                  ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, offs_m, offs_k, K, dropout_p)
+    if NEED_DX:
+        # dx = g W + ((s gB) A) * keep / (1 - p), with the A tile (R_PAD, BLOCK_K)
+        a_tile = _load(a_ptr, offs_r, offs_k, stride_ar, stride_ak, R, K)
+        if HAS_DROPOUT:
+            lora = _dot(gb_scaled, a_tile, tl.zeros(acc.shape, dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
+            acc += tl.where(keep, lora * keep_scale, 0.0)
+        else:
+            acc = _dot(gb_scaled, a_tile, acc, DOT_PRECISION, UPCAST)
+        _store(dx_ptr, acc, offs_m, offs_k, stride_dxm, stride_dxk, M, K)
+    if NEED_DA:
+        x_tile = _load(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
+        if HAS_DROPOUT:
+            x_tile = tl.where(keep, x_tile.to(ACC_DTYPE) * keep_scale, 0.0).to(x_tile.dtype)
+        # dA += (s gB)^T x~
+        part = _dot(tl.trans(gb_scaled), x_tile, tl.zeros((gb_scaled.shape[1], x_tile.shape[1]), dtype=ACC_DTYPE),
+                    DOT_PRECISION, UPCAST)
+        _atomic_add(da_ptr, part, offs_r, offs_k, R, K)
+
+
+@triton.jit
+def _lora_bwd_kernel(
+    # pointers (w_ptr: dense W, or NF4 packed bytes with the wq_* statistics)
+    g_ptr, w_ptr, a_ptr, b_ptr, x_ptr, u_ptr, dx_ptr, da_ptr, db_ptr, dbias_ptr,
+    wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr,
+    # sizes
+    M, N, K, R,
+    # strides (dA, dB and dbias are contiguous accumulators)
+    stride_gm, stride_gn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_xm, stride_xk, stride_um, stride_ur, stride_dxm, stride_dxk,
+    # scalars
+    scaling, dropout_p, seed, wq_offset, wq_blocksize,
+    # meta-parameters
+    HAS_DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, NEED_DB: tl.constexpr,
+    NEED_DBIAS: tl.constexpr, W_NF4: tl.constexpr, W_NESTED: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES_K: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """For BLOCK_M rows and TILES_K tiles of BLOCK_K columns of x:
+
+        gB  = g B                     (BLOCK_M, R_PAD), in the first tile's N loop, from the g tiles
+                                      that loop already loads for g W; never written to memory
+        dx  = g W + ((s gB) A) * keep / (1 - p)
+        dA += (s gB)^T x~             atomically
+    and, in the programs of the first column group, a second pass over the same g rows:
+        dB += s g^T u,  dbias += sum_rows g      atomically
+    """
+    pid = tl.program_id(0)
+    num_tiles_k = tl.cdiv(K, BLOCK_K)
+    pid_m, pid_g = _tile_ids(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(num_tiles_k, TILES_K), GROUP_M)
+    keep_scale = _keep_scale(dropout_p)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+
+    # First K tile: g W and gB = g B in one N loop.
+    offs_k = pid_g * TILES_K * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
+    gb = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        g_tile = _load(g_ptr, offs_m, offs_n, stride_gm, stride_gn, M, N)
+        if NEED_DX:
+            # acc += g W, with the W tile (BLOCK_N, BLOCK_K)
+            w_tile = _load_weight(w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr, wq_offset,
+                                  wq_blocksize, offs_n, offs_k, stride_wn, stride_wk, N, K, False, W_NF4, W_NESTED,
+                                  g_ptr.dtype.element_ty)
+            acc = _dot(g_tile, w_tile, acc, DOT_PRECISION, UPCAST)
+        # gB += g B, with the B tile (BLOCK_N, R_PAD)
+        gb = _dot(g_tile, _load(b_ptr, offs_n, offs_r, stride_bn, stride_br, N, R), gb, DOT_PRECISION, UPCAST)
+    gb_scaled = (gb * scaling).to(g_ptr.dtype.element_ty)
+    _bwd_epilogue(acc, gb_scaled, a_ptr, x_ptr, dx_ptr, da_ptr, offs_m, offs_k, offs_r, M, K, R,
+                  stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk, dropout_p, seed, keep_scale,
+                  HAS_DROPOUT, NEED_DX, NEED_DA, ACC_DTYPE, DOT_PRECISION, UPCAST)
+
+    if NEED_DB or NEED_DBIAS:
+        if pid_g == 0:
+            u_tile = _load(u_ptr, offs_m, offs_r, stride_um, stride_ur, M, R)
+            for n0 in range(0, N, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                g_tile = _load(g_ptr, offs_m, offs_n, stride_gm, stride_gn, M, N)
+                if NEED_DB:
+                    # dB += s g^T u
+                    part = _dot(tl.trans(g_tile), u_tile, tl.zeros((BLOCK_N, R_PAD), dtype=ACC_DTYPE),
+                                DOT_PRECISION, UPCAST)
+                    _atomic_add(db_ptr, part * scaling, offs_n, offs_r, N, R)
+                if NEED_DBIAS:
+                    # dbias += sum_rows g
+                    tl.atomic_add(dbias_ptr + offs_n, tl.sum(g_tile.to(ACC_DTYPE), axis=0), mask=offs_n < N)
+
+    # The program's other K tiles: g W alone, then the same epilogue.
+    if NEED_DX or NEED_DA:
+        for t in tl.static_range(1, TILES_K):
+            tile_k = pid_g * TILES_K + t
+            if tile_k < num_tiles_k:
+                offs_k = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
+                acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
+                if NEED_DX:
+                    for n0 in range(0, N, BLOCK_N):
+                        offs_n = n0 + tl.arange(0, BLOCK_N)
+                        w_tile = _load_weight(w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr,
+                                              wq_offset, wq_blocksize, offs_n, offs_k, stride_wn, stride_wk, N, K,
+                                              False, W_NF4, W_NESTED, g_ptr.dtype.element_ty)
+                        acc = _dot(_load(g_ptr, offs_m, offs_n, stride_gm, stride_gn, M, N), w_tile, acc,
+                                   DOT_PRECISION, UPCAST)
+                _bwd_epilogue(acc, gb_scaled, a_ptr, x_ptr, dx_ptr, da_ptr, offs_m, offs_k, offs_r, M, K, R,
+                              stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk, dropout_p, seed,
+                              keep_scale, HAS_DROPOUT, NEED_DX, NEED_DA, ACC_DTYPE, DOT_PRECISION, UPCAST)

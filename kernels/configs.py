@@ -1,0 +1,122 @@
+"""How the fused LoRA kernels run: the mode, the rank padding and the launch configurations.
+
+INTERPRETED (TRITON_INTERPRET=1: the kernels run on CPU tensors under triton's interpreter), MAX_RANK,
+rank_pad (r padded to R_PAD), the autotune tables of the forward and backward kernels per input width and
+padded rank (dense and NF4 bases) with get_autotune_config and the autotuners built from them
+(_autotuned), the decoding kernel's table (_small_m_configs), and the meta-parameters every launch passes
+(_meta).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# triton's own jit library functions (tl.cdiv, tl.rand) follow TRITON_INTERPRET as it was when triton
+# was first imported; kernels interpreted now cannot call library functions compiled then.
+_MIXED_MODE = INTERPRETED and type(tl.cdiv).__name__ != "InterpretedFunction"
+MAX_RANK = 64
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+              torch.float64: tl.float64}
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, tiles per program, warps, stages) per kernel, input width and padded rank.
+# Each entry compiles for sm_80 and sm_90 with its R_PAD without register spills and within the card's
+# shared memory, with dropout and every gradient on (tests/test_kernels_compiled.py checks it; a config
+# that fails there is removed here). fp32 dots run as exact fp32 FMA (no TF32), hence smaller tiles.
+_CONFIGS = {
+    ("fwd", 16, 16): [(128, 128, 32, 2, 8, 4), (128, 128, 64, 1, 8, 3), (128, 64, 64, 2, 8, 3), (64, 64, 64, 4, 4, 4)],
+    ("fwd", 16, 32): [(128, 128, 32, 2, 8, 4), (128, 128, 64, 1, 8, 3), (128, 64, 64, 2, 8, 3), (64, 64, 64, 4, 4, 4)],
+    ("fwd", 16, 64): [(128, 128, 32, 2, 8, 4)],
+    ("bwd", 16, 16): [(128, 64, 32, 1, 8, 4), (128, 128, 32, 1, 8, 3), (128, 64, 64, 1, 8, 4), (64, 64, 64, 1, 4, 3)],
+    ("bwd", 16, 32): [(128, 64, 32, 1, 8, 4), (128, 128, 32, 1, 8, 3), (128, 64, 64, 1, 8, 4), (64, 64, 64, 1, 4, 3)],
+    ("bwd", 16, 64): [(128, 64, 32, 1, 8, 4), (128, 128, 32, 1, 8, 3), (128, 64, 64, 1, 8, 4), (64, 64, 64, 1, 4, 3)],
+    ("fwd", 32, 16): [(32, 32, 32, 2, 4, 2), (32, 64, 32, 1, 4, 2), (16, 64, 32, 2, 4, 2)],
+    ("fwd", 32, 32): [(16, 32, 32, 2, 4, 2), (32, 32, 16, 1, 4, 2)],
+    ("fwd", 32, 64): [(16, 32, 32, 2, 4, 2), (32, 32, 16, 1, 4, 2)],
+    ("bwd", 32, 16): [(32, 32, 32, 1, 4, 2), (16, 64, 32, 1, 4, 2), (32, 64, 32, 1, 4, 2)],
+    ("bwd", 32, 32): [(16, 64, 32, 1, 4, 2)],
+    ("bwd", 32, 64): [(16, 64, 32, 1, 4, 2)],
+}
+# The NF4 base decodes W where it loads it: more registers, and gathers the pipeliner stages through
+# shared memory, hence tiles of their own (same checks as above).
+_CONFIGS_NF4 = {
+    ("fwd", 16, 16): [(128, 128, 32, 1, 8, 2), (128, 64, 32, 1, 8, 2), (64, 128, 32, 1, 4, 2), (64, 64, 32, 1, 4, 2)],
+    ("fwd", 16, 32): [(128, 128, 32, 1, 8, 2), (128, 64, 32, 1, 8, 2), (64, 128, 32, 1, 4, 2), (64, 64, 32, 1, 4, 2)],
+    ("fwd", 16, 64): [(128, 128, 32, 1, 8, 2), (128, 64, 32, 1, 8, 2), (64, 128, 32, 1, 4, 2), (64, 64, 32, 1, 4, 2)],
+    ("bwd", 16, 16): [(128, 128, 32, 1, 8, 2), (128, 64, 32, 1, 8, 2), (64, 64, 64, 1, 4, 2), (64, 64, 32, 1, 4, 2)],
+    ("bwd", 16, 32): [(128, 128, 32, 1, 8, 2), (128, 64, 32, 1, 8, 2), (64, 64, 64, 1, 4, 2), (64, 64, 32, 1, 4, 2)],
+    ("bwd", 16, 64): [(128, 64, 32, 1, 8, 2), (64, 64, 32, 1, 4, 2)],
+    ("fwd", 32, 16): [(16, 32, 32, 1, 4, 1), (16, 32, 16, 1, 4, 2)],
+    ("fwd", 32, 32): [(16, 32, 32, 1, 4, 1), (16, 32, 16, 1, 4, 2)],
+    ("fwd", 32, 64): [(16, 32, 32, 1, 4, 1), (16, 32, 16, 1, 4, 2)],
+    ("bwd", 32, 16): [(16, 32, 32, 1, 4, 1), (32, 32, 16, 1, 4, 1)],
+    ("bwd", 32, 32): [(16, 32, 32, 1, 4, 1), (32, 32, 16, 1, 4, 1)],
+    ("bwd", 32, 64): [(16, 32, 32, 1, 4, 1), (32, 32, 16, 1, 4, 1)],
+}
+RANK_PADS = (16, 32, 64)
+# The decoding kernel (M <= SMALL_M): (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) per weight format and input
+# width, under the same compile checks.
+SMALL_M = 16
+_CONFIGS_SMALL = {
+    ("dense", 16): [(128, 64, 2, 4, 3), (32, 128, 8, 4, 3)],
+    ("dense", 32): [(32, 32, 4, 4, 2), (64, 32, 2, 4, 2)],
+    ("nf4", 16): [(32, 64, 4, 4, 2), (64, 64, 2, 4, 2), (64, 32, 4, 4, 2)],
+    ("nf4", 32): [(32, 32, 4, 4, 2)],
+}
+
+
+def rank_pad(r: int) -> int:
+    """r padded to the smallest width tl.dot takes (16) or the next power of two."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def get_autotune_config(kind: str, dtype: torch.dtype, r_pad: int, weight: str = "dense") -> list[triton.Config]:
+    """Configs for ``kind`` ("fwd": TILES_N, or "bwd": TILES_K), input dtype, padded rank and weight format."""
+    tiles = "TILES_N" if kind == "fwd" else "TILES_K"
+    if INTERPRETED:  # one small config: the interpreter is slow, and autotuning it measures nothing
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, tiles: 2, "GROUP_M": 2})]
+    width = 32 if dtype == torch.float32 else 16
+    table = _CONFIGS if weight == "dense" else _CONFIGS_NF4
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, tiles: t, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, t, w, s in table.get((kind, width, r_pad), [])
+    ]
+
+
+def _autotuned(kernel, kind: str, dtype: torch.dtype, r_pad: int, weight: str):
+    """(kernel to launch, meta-parameters to pass): an autotuner per (kind, dtype, R_PAD, weight) when compiled."""
+    if INTERPRETED:
+        return kernel, get_autotune_config(kind, dtype, r_pad, weight)[0].kwargs
+    key = (kind, dtype, r_pad, weight)
+    if key not in _AUTOTUNED:
+        configs = get_autotune_config(kind, dtype, r_pad, weight)
+        if not configs:
+            raise ValueError(f"no {kind} config of the {weight} kernels has passed the compile checks for {dtype} at "
+                             f"R_PAD={r_pad}; set LORAKERN_BACKEND=torch")
+        reset = ["da_ptr", "db_ptr", "dbias_ptr"] if kind == "bwd" else None
+        _AUTOTUNED[key] = triton.autotune(configs, key=["M", "N", "K", "R"], reset_to_zero=reset)(kernel)
+    return _AUTOTUNED[key], {}
+
+
+_AUTOTUNED: dict = {}
+
+
+def _small_m_configs(dtype: torch.dtype, weight: str = "dense") -> list[triton.Config]:
+    if INTERPRETED:
+        return [triton.Config({"BLOCK_M": SMALL_M, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2})]
+    return [triton.Config({"BLOCK_M": SMALL_M, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=s)
+            for bn, bk, sk, w, s in _CONFIGS_SMALL[(weight, 32 if dtype == torch.float32 else 16)]]
+
+
+def _meta(dtype: torch.dtype, r: int) -> dict:
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRETED
+    return {
+        "R_PAD": rank_pad(r),
+        "DOT_PRECISION": "tf32" if tf32 else "ieee",
+        "UPCAST": INTERPRETED and dtype == torch.bfloat16,
+        "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32,
+    }

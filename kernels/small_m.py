@@ -1,0 +1,67 @@
+"""The decoding kernel (M <= SMALL_M rows): the fused LoRA forward split over K, accumulated atomically.
+
+Launched by lora_forward (launchers.py, _forward_small_m) with the configs in configs.py.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from lorakern.kernels.tiles import _atomic_add, _dot, _dropout_keep, _keep_scale, _load, _load_weight
+
+
+@triton.jit
+def _lora_small_m_kernel(
+    # pointers (y_ptr and u_ptr: zeroed fp32 accumulators)
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr,
+    wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr,
+    # sizes
+    M, N, K, R,
+    # strides
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    # scalars
+    scaling, dropout_p, seed, wq_offset, wq_blocksize,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, W_NF4: tl.constexpr, W_NESTED: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Decoding (M <= BLOCK_M = 16): split-K, so a few rows still keep every SM busy.
+
+    Program (n tile, k split) reads its slice of W exactly once (the whole weight is streamed once) and
+    adds, atomically in fp32, its share of y = x W^T + s (x~ A^T) B^T: the LoRA term is linear in the
+    K-partial u_k = x~[:, k] A^T[k], so each split adds s u_k B^T for its own k. The splits of the first
+    n tile also add u_k to u; the first split adds the bias.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    keep_scale = _keep_scale(dropout_p)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    u = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
+    for k0 in range(k_start, min(K, k_start + k_per_split), BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x_tile = _load(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
+        w_tile = _load_weight(w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr, wq_offset,
+                              wq_blocksize, offs_n, offs_k, stride_wn, stride_wk, N, K, True, W_NF4, W_NESTED,
+                              x_ptr.dtype.element_ty)
+        # acc += x W^T
+        acc = _dot(x_tile, w_tile, acc, DOT_PRECISION, UPCAST)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, offs_m, offs_k, K, dropout_p)
+            x_tile = tl.where(keep, x_tile.to(ACC_DTYPE) * keep_scale, 0.0).to(x_tile.dtype)
+        # u_k += x~ A^T
+        u = _dot(x_tile, _load(a_ptr, offs_k, offs_r, stride_ak, stride_ar, K, R), u, DOT_PRECISION, UPCAST)
+    # acc += (s u_k) B^T
+    acc = _dot((u * scaling).to(x_ptr.dtype.element_ty), _load(b_ptr, offs_r, offs_n, stride_br, stride_bn, R, N), acc,
+               DOT_PRECISION, UPCAST)
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
+    _atomic_add(y_ptr, acc, offs_m, offs_n, M, N)
+    if pid_n == 0:
+        _atomic_add(u_ptr, u, offs_m, offs_r, M, R)
