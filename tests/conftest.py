@@ -28,6 +28,92 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+# Triton is optional (the `triton` extra). Without it the tests that need it skip, saying so, and the rest
+# run: whole modules that exist for the kernels (TRITON_ONLY_MODULES), and any other test or module that
+# fails only because triton is missing: on `import triton` (a test importing lorakern.kernels.lora_linear),
+# or on lorakern's ValueError for a requested triton backend; pytest.importorskip("triton") skips get the
+# same reason. Checked here, after TRITON_INTERPRET is set above.
+def _triton_import_error() -> "ImportError | None":
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return ModuleNotFoundError("No module named 'triton'", name="triton")
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:  # installed but broken: its tests skip too, with the error in the reason
+        return exc
+    return None
+
+
+TRITON_ERROR = _triton_import_error()
+TRITON_SKIP_REASON = ("needs triton, which is not importable here ({}); install it with "
+                      "pip install 'lorakern[triton]'").format(TRITON_ERROR)
+# Test modules that test the Triton kernels and nothing else (test_kernels_compiled.py runs them in a
+# subprocess, so no ImportError reaches this process): skipped whole, without being imported.
+TRITON_ONLY_MODULES = frozenset({"test_kernels_interpreted.py", "test_kernels_compiled.py"})
+
+
+def _needs_missing_triton(exc: "BaseException | None") -> bool:
+    """True when ``exc`` (or an exception it was raised from) is the failed import of triton, or lorakern's
+    refusal of a requested triton backend for want of it (a ValueError pointing at the triton extra)."""
+    seen = set()
+    while exc is not None and TRITON_ERROR is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ImportError) and (
+                (exc.name or "").split(".")[0] == "triton" or (type(exc), str(exc)) == (type(TRITON_ERROR), str(TRITON_ERROR))):
+            return True
+        if isinstance(exc, ValueError) and "lorakern[triton]" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+class _TritonOptionalModule(pytest.Module):
+    """A test module that skips, instead of failing to collect, where it needs the missing triton."""
+
+    def collect(self):
+        if self.path.name in TRITON_ONLY_MODULES:
+            pytest.skip(TRITON_SKIP_REASON)
+        try:
+            return list(super().collect())
+        except pytest.Collector.CollectError as exc:
+            if _needs_missing_triton(exc.__cause__):
+                pytest.skip(TRITON_SKIP_REASON)
+            raise
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    if TRITON_ERROR is not None:
+        return _TritonOptionalModule.from_parent(parent, path=module_path)
+    return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A module skipped for triton is reported at its own path (not at the pytest.skip call above)."""
+    outcome = yield
+    report = outcome.get_result()
+    if (isinstance(collector, _TritonOptionalModule) and report.skipped and isinstance(report.longrepr, tuple)
+            and TRITON_SKIP_REASON in str(report.longrepr[2])):
+        report.longrepr = (str(collector.path), 1, "Skipped: " + TRITON_SKIP_REASON)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Without triton, a test that fails on importing it is reported skipped, and pytest.importorskip's
+    skips of triton give the same reason as the rest."""
+    outcome = yield
+    report = outcome.get_result()
+    if TRITON_ERROR is None:
+        return
+    if report.failed and call.excinfo is not None and _needs_missing_triton(call.excinfo.value):
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.reportinfo()[1] + 1, "Skipped: " + TRITON_SKIP_REASON)
+    elif (report.skipped and isinstance(report.longrepr, tuple)
+          and "could not import 'triton'" in str(report.longrepr[2])):
+        report.longrepr = report.longrepr[:2] + ("Skipped: " + TRITON_SKIP_REASON,)
+
+
 def tiny_roberta_config(num_labels: int = 2, **overrides):
     from transformers import RobertaConfig
 
