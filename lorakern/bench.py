@@ -621,8 +621,9 @@ def summary(rows: list[Row]) -> str:
 
 def plot_png(rows: list[Row]) -> bytes:
     """A bar chart of each provider's median ratio to the frozen layer, per shape and mode, as PNG bytes."""
-    import matplotlib
+    from lorakern.errors import require
 
+    matplotlib = require("matplotlib", "bench", "lorakern bench --plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -94,11 +94,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command == "bench":
         try:
             return run_bench(args)
-        except ValueError as exc:
+        except (ValueError, ImportError) as exc:
             return main_error(exc)
     try:
+        from lorakern.harness.cli import require_harness_packages
+
+        require_harness_packages()
         code = args.handler(args)
-    except ValueError as exc:  # bad input: the message names the value and the fix
+    except (ValueError, ImportError) as exc:  # bad input, or a missing extra: one line naming the fix
         code = main_error(exc)
     from lorakern.harness.distributed import leave
 

@@ -27,8 +27,8 @@ try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 except ImportError as exc:  # pragma: no cover - the message is the point
-    raise ImportError("lorakern.integrations needs transformers (pip install transformers); the rest of "
-                      "lorakern works without it") from exc
+    raise ImportError("lorakern.integrations needs transformers; install it with pip install 'lorakern[harness]' "
+                      "(the rest of lorakern works without it)") from exc
 
 from lorakern.adapters import save_adapter
 

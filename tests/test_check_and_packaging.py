@@ -3,6 +3,8 @@ import io
 import subprocess
 import sys
 
+import pytest
+
 import torch
 
 from lorakern import functional
@@ -66,3 +68,25 @@ def test_public_names():
     for name in lorakern.__all__:
         assert getattr(lorakern, name) is not None
     assert callable(lorakern.inject) and isinstance(lorakern.LoraLinear(4, 4, r=2), torch.nn.Module)
+
+
+def test_a_missing_optional_package_names_the_extra(monkeypatch):
+    """require() turns a missing optional package into an ImportError that says which extra installs it,
+    and the CLI prints it as one line."""
+    import importlib
+
+    from lorakern.cli import main
+    from lorakern.errors import require
+
+    real_import = importlib.import_module
+
+    def no_tokenizers(name, *args, **kwargs):
+        if name == "tokenizers":
+            raise ModuleNotFoundError("No module named 'tokenizers'", name="tokenizers")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", no_tokenizers)
+    with pytest.raises(ImportError, match=r"tokenizers is needed for the harness but is not installed; install it "
+                                          r"with pip install 'lorakern\[harness\]'"):
+        require("tokenizers", "harness", "the harness")
+    assert main(["glue", "--task", "sst2", "--out", "/nonexistent/never-written"]) == 2  # one line, exit 2

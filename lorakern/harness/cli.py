@@ -100,6 +100,17 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+HARNESS_PACKAGES = ("transformers", "tokenizers", "sklearn", "scipy", "matplotlib", "tqdm")
+
+
+def require_harness_packages() -> None:
+    """ImportError naming the extra (lorakern[harness]) when a package the harness needs is missing."""
+    from lorakern.errors import require
+
+    for module in HARNESS_PACKAGES:
+        require(module, "harness", "lorakern glue / lorakern squad")
+
+
 def run_options(args: argparse.Namespace):
     from lorakern.harness.run import RunOptions
     from lorakern.harness.train import TrainConfig
@@ -163,6 +174,6 @@ def add_commands(sub) -> None:
     squad.set_defaults(handler=run_squad_command)
 
 
-def main_error(exc: ValueError) -> int:
+def main_error(exc: Exception) -> int:
     print(f"lorakern: error: {exc}", file=sys.stderr)
     return 2
