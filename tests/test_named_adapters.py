@@ -274,3 +274,17 @@ def test_qlora_adapter_records_its_base_and_reloads_4bit(tmp_path, batch):
     plain = inject(tiny_roberta_classifier(), LoraConfig(r=4, target_modules=["query"]))
     with pytest.raises(AdapterError, match="quantize='nf4'.*build a fresh model and load it there"):
         lorakern.load_adapter(plain, str(tmp_path), adapter_name="q")
+
+
+NON_DEFAULT = {False: True, None: {"enabled": True}, "megatron.core": "another.core", 16: 32}
+
+
+@pytest.mark.parametrize("field", sorted(__import__("lorakern.config", fromlist=["x"]).PEFT_UNSUPPORTED))
+def test_every_unsupported_peft_field_is_refused_by_name_off_its_default(field):
+    from lorakern.config import PEFT_UNSUPPORTED
+
+    default = PEFT_UNSUPPORTED[field]
+    LoraConfig(target_modules=["q"], **{field: default})  # at PEFT's default: accepted
+    value = {"loftq_bits": 4} if default == {} else NON_DEFAULT[default]
+    with pytest.raises(ConfigError, match=f"{field}=.*PEFT option lorakern does not support"):
+        LoraConfig(target_modules=["q"], **{field: value})
