@@ -2,7 +2,7 @@
 
 Both weight formats: a dense W and the NF4 (QLoRA) base decoded inside the GEMM. Registers and spills
 come from the ptxas shipped inside the triton package; shared memory from the compiled metadata. A config that spills, overflows shared memory, or (sm_90, 16-bit) runs without
-wgmma fails here and is to be removed from kernels/lora_linear.py's table, not hidden.
+wgmma fails here and is to be removed from kernels/configs.py's table, not hidden.
 """
 import json
 import os
