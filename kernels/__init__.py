@@ -4,7 +4,7 @@ This folder is mapped onto ``lorakern.kernels`` by setup.py (``package_dir``) so
 package named ``kernels`` is ever installed: bitsandbytes and transformers import an unrelated
 ``kernels`` package when one is importable.
 
-Each module named in ``BACKENDS`` registers itself with ``lorakern.functional.register_backend`` when
+Each module named in ``BACKENDS`` registers itself with ``lorakern.dispatch.register`` when
 imported. On a machine without CUDA the kernels run under the Triton interpreter (on CPU tensors):
 importing them there sets TRITON_INTERPRET=1 unless it is already set. It must be set before triton
 itself is first imported (triton decorates its own library functions then): when another package

@@ -7,7 +7,7 @@ B (N, r), y (M, N), u = x~ A^T (M, r). r is padded to R_PAD = max(16, next power
 kernels, the smallest width tl.dot takes; the padding is masked, never read from memory.
 
 This module is the front door: it re-exports the names of the modules below and registers the
-kernels with lorakern's backend switch (lorakern.kernels.BACKENDS names it). The code, by role:
+kernels with lorakern.dispatch (lorakern.kernels.BACKENDS names it). The code, by role:
 
     tiles.py      shared @triton.jit helpers: masked loads and stores, the dot, atomic adds, the W tile
                   (dense or NF4-decoded), the dropout mask, the grouped program order
@@ -21,7 +21,7 @@ kernels with lorakern's backend switch (lorakern.kernels.BACKENDS names it). The
 """
 from __future__ import annotations
 
-from lorakern.functional import Backend, register_backend
+from lorakern import dispatch
 from lorakern.kernels.backward import _bwd_epilogue, _lora_bwd_kernel
 from lorakern.kernels.configs import (
     _AUTOTUNED,
@@ -80,8 +80,27 @@ from lorakern.kernels.tiles import (
 )
 
 
-def _apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    return lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, 0 if seed is None else seed)
+def _run(call: dispatch.Call):
+    seed = 0 if call.seed is None else call.seed
+    return lora_linear_triton(call.x, call.weight, call.bias, call.lora_A, call.lora_B, call.scaling, call.dropout_p,
+                              seed)
 
 
-register_backend(Backend("triton", _apply, dropout_mask, unsupported))
+def _unsupported(call: dispatch.Call):
+    return unsupported(call.x, call.weight, call.lora_A)
+
+
+# one implementation for dense and NF4 weights alike (the kernels decode NF4 tiles where they load them)
+for _base in dispatch.BASE_KINDS:
+    dispatch.register(dispatch.Implementation("triton", _base, _run, dropout_mask, _unsupported, needs_seed=True))
+
+__all__ = [  # re-exported: every name the single-file module had, so lora_linear.X keeps working
+    "_atomic_add", "_AUTOTUNED", "_autotuned", "_backward", "_bwd_epilogue", "_check", "_CONFIGS", "_CONFIGS_NF4",
+    "_CONFIGS_SMALL", "_dot", "_dropout_keep", "_dropout_mask_kernel", "_forward_small_m", "_fwd_epilogue", "_is_nf4",
+    "_keep_scale", "_load", "_load_weight", "_lora_bwd_kernel", "_lora_fwd_kernel", "_lora_linear_bwd",
+    "_lora_linear_bwd_fake", "_lora_linear_bwd_impl", "_lora_linear_fwd", "_lora_linear_fwd_fake",
+    "_lora_linear_fwd_impl", "_lora_small_m_kernel", "_meta", "_MIXED_MODE", "_NF4Weight", "_seed_tensor",
+    "_setup_context", "_small_m_configs", "_store", "_tile_ids", "_TL_DTYPES", "_weight_args", "_weight_from_parts",
+    "_weight_parts", "dropout_mask", "get_autotune_config", "INTERPRETED", "lora_backward", "lora_forward",
+    "lora_linear_triton", "MAX_RANK", "rank_pad", "RANK_PADS", "SMALL_M", "unsupported",
+]

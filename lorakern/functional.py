@@ -10,12 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from lorakern import dispatch, native
-from lorakern.dispatch import BACKEND_CHOICES, BACKEND_ENV, Call, Implementation
+from lorakern.dispatch import Call, Implementation
 from lorakern.errors import LorakernError
 
 
@@ -324,33 +324,6 @@ dispatch.register(Implementation("torch", "dense", lambda call: _run(call, None)
                                  lambda call: None))
 dispatch.register(Implementation("c", "dense", lambda call: _run(call, native.lora_library()), torch_dropout_mask,
                                  _c_unsupported))
-
-
-@dataclass(frozen=True)
-class Backend:
-    """A kernel module's implementation, as kernel modules hand it to ``register_backend``.
-
-    apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> y (weight: a dense tensor or NF4
-    storage); dropout_mask(seed, shape, p, device); unsupported(x, weight, lora_A) -> None or why not.
-    """
-
-    name: str
-    apply: Callable[..., torch.Tensor]
-    dropout_mask: Callable[..., torch.Tensor]
-    unsupported: Callable[..., Optional[str]] = lambda x, weight, lora_A: None
-
-
-def register_backend(backend: Backend) -> None:
-    """Register a kernel module's backend with lorakern.dispatch for dense and NF4 bases alike."""
-    for base in dispatch.BASE_KINDS:
-        dispatch.register(Implementation(
-            backend.name, base,
-            lambda call: backend.apply(call.x, call.weight, call.bias, call.lora_A, call.lora_B, call.scaling,
-                                       call.dropout_p, 0 if call.seed is None else call.seed),
-            backend.dropout_mask,
-            lambda call: backend.unsupported(call.x, call.weight, call.lora_A),
-            needs_seed=True,
-        ))
 
 
 def check_operands(x, weight, bias, lora_A, lora_B) -> None:
