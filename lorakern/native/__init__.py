@@ -121,17 +121,22 @@ def _cpu_signature() -> str:
     return "|".join(fields) if fields else f"{platform.machine()}|{platform.processor()}"
 
 
-def _architecture_levels() -> tuple[Level, ...]:
-    machine = platform.machine().lower()
+def _architecture_levels(machine: Optional[str] = None) -> tuple[Level, ...]:
+    machine = (machine or platform.machine()).lower()
     machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
     return LEVELS.get(machine, _OTHER_ARCH)
 
 
+@functools.lru_cache(maxsize=8)
+def _levels_with(flags_line: str, machine: str) -> tuple[Level, ...]:
+    """The levels of ``machine`` whose CPU flags ``flags_line`` has (cached: asked on every LoRA call)."""
+    flags = set(flags_line.split())
+    return tuple(level for level in _architecture_levels(machine) if level.cpu_flags <= flags)
+
+
 def levels_here() -> list[Level]:
     """The ISA levels this CPU can execute, best first (ignores $LORAKERN_ISA)."""
-    info = cpu_info()
-    flags = set(info.get("flags", "").split())
-    return [level for level in _architecture_levels() if level.cpu_flags <= flags]
+    return list(_levels_with(cpu_info().get("flags", ""), platform.machine()))
 
 
 def chosen_level() -> Level:
