@@ -190,19 +190,26 @@ def lora_forward(x: torch.Tensor, base: str, weight: Any, bias: Optional[torch.T
     (``Implementation.dropout_mask`` rebuilds it)."""
     if not adapters:
         raise LorakernError("lora_forward needs at least one adapter (the base alone runs through the base layer)")
-    dtype = compute_dtype_of(x, base, compute_dtype)
+    lora_A, lora_B, scaling, dropout_p = adapters[0]
+    call = prepare(x, base, weight, bias, lora_A, lora_B, scaling, dropout_p, compute_dtype)
     with torch.autocast(x.device.type, enabled=False):
-        cast = lambda t: None if t is None else t.to(dtype)
-        lora_A, lora_B, scaling, dropout_p = adapters[0]
-        dense_weight = cast(weight) if base == "dense" else weight
-        call = Call(cast(x), base, dense_weight, cast(bias), cast(lora_A), cast(lora_B), scaling, dropout_p, None)
         implementation, _ = choose(call, requested)
         call.seed = _seed_for(implementation, dropout_p, seed)
         y = implementation.run(call)
         for lora_A, lora_B, scaling, dropout_p in adapters[1:]:
-            y = y + lora_term(call.x, cast(lora_A), cast(lora_B), scaling, dropout_p)
+            y = y + lora_term(call.x, lora_A.to(call.x.dtype), lora_B.to(call.x.dtype), scaling, dropout_p)
     return y.to(x.dtype) if base == "nf4" and compute_dtype is not None else y
 
 
+def prepare(x: torch.Tensor, base: str, weight: Any, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+            lora_B: torch.Tensor, scaling: float, dropout_p: float = 0.0,
+            compute_dtype: Optional[torch.dtype] = None) -> Call:
+    """The call for these operands, each cast to the compute dtype (``compute_dtype_of``; a 4-bit base's
+    storage is passed as it is). Casts are not autocast ops, so this reads autocast's state and casts alike."""
+    dtype = compute_dtype_of(x, base, compute_dtype)
+    cast = lambda t: None if t is None else t.to(dtype)
+    return Call(cast(x), base, cast(weight) if base == "dense" else weight, cast(bias), cast(lora_A), cast(lora_B),
+                scaling, dropout_p)
+
 __all__ = ["BACKEND_CHOICES", "BACKEND_ENV", "Call", "Implementation", "choose", "explain", "lora_forward", "lora_term",
-           "register", "requested_backend", "verdict"]
+           "prepare", "register", "requested_backend", "verdict"]

@@ -231,11 +231,8 @@ class LoraLinear(nn.Module):
 
     def _call_for(self, x: torch.Tensor) -> dispatch.Call:
         adapter = self._active()
-        dtype = dispatch.compute_dtype_of(x, self.base.kind, self.compute_dtype)
-        weight = self.base.operand(self)
-        return dispatch.Call(x.to(dtype), self.base.kind, weight.to(dtype) if self.base.kind == "dense" else weight,
-                             self.bias, adapter.lora_A.to(dtype), adapter.lora_B.to(dtype), adapter.scaling,
-                             adapter.dropout if self.training else 0.0)
+        return dispatch.prepare(x, self.base.kind, self.base.operand(self), self.bias, adapter.lora_A, adapter.lora_B,
+                                adapter.scaling, adapter.dropout if self.training else 0.0, self.compute_dtype)
 
     def dispatch_report(self, x: torch.Tensor) -> str:
         """Which implementation runs this layer on ``x``, and why each other one does not."""
