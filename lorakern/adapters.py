@@ -23,7 +23,7 @@ from torch import nn
 from lorakern._io import atomic_write_bytes
 from lorakern.config import LoraConfig
 from lorakern.errors import AdapterError, LorakernError
-from lorakern.injection import (ModulesToSaveWrapper, _configs, _saved_module_names, _wrappers, add_adapter_undoable, adapter_names,
+from lorakern.injection import (_configs, _wrappers, add_adapter_undoable, adapter_names,
                                 lora_layers, set_submodule)
 from lorakern.layer import DEFAULT_ADAPTER
 
@@ -49,8 +49,8 @@ def adapter_tensors(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> di
     """The model's live tensors that adapter ``adapter_name`` holds, keyed as PEFT keys them."""
     config = _config_of(model, adapter_name)
     selected: dict[str, torch.Tensor] = {}
-    wrappers = _wrappers(model)
-    for name, layer in lora_layers(model).items():
+    wrappers, layers = _wrappers(model), lora_layers(model)
+    for name, layer in layers.items():
         if adapter_name in layer.adapters:
             selected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.adapters[adapter_name].lora_A
             selected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.adapters[adapter_name].lora_B
@@ -61,7 +61,6 @@ def adapter_tensors(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> di
             for key, tensor in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
                 selected[f"{PEFT_PREFIX}{name}.{key}"] = tensor
     if config.bias == "all":
-        layers = lora_layers(model)
         for name, module in model.named_modules():
             inside = any(name.startswith(w + ".") for w in (*wrappers, *layers))
             bias = getattr(module, "bias", None)
@@ -326,19 +325,21 @@ def merge_and_unload(model: nn.Module, safe: bool = True, requantize: bool = Fal
     ``model.requantize_errors``). modules_to_save keep the active adapter's trained copy.
 
     With ``safe`` every merge is checked for non-finite values before any weight changes."""
+    from lorakern.nf4.modules import requantize as requantize_linear
+
     layers = lora_layers(model)
+    # a 4-bit layer's full-precision merge, made once: checked below, then put in its place
+    full = {name: layer.to_linear() for name, layer in layers.items() if layer.is_quantized}
     if safe:
         for name, layer in layers.items():
-            merged = layer.to_linear().weight
+            merged = (full[name] if name in full else layer.to_linear()).weight
             if not torch.isfinite(merged).all():
                 raise LorakernError(f"NaNs or infs detected in the merged weight of {name!r}; no layer was changed. "
                                     f"Check that layer's lora_A and lora_B for non-finite values")
     errors = {}
     for name, layer in layers.items():
-        if layer.is_quantized:
-            from lorakern.nf4.modules import requantize as requantize_linear
-
-            replacement = layer.to_linear()
+        if name in full:
+            replacement = full[name]
             if requantize:
                 storage = layer.nf4
                 replacement, errors[name] = requantize_linear(replacement, storage.blocksize, storage.double_quant,

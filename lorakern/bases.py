@@ -16,7 +16,7 @@ from torch import nn
 
 from lorakern.errors import LorakernError
 from lorakern.nf4.codec import _DTYPES, quantize_nf4
-from lorakern.nf4.modules import LinearNF4, load_nf4_entries, nf4_linear, save_nf4_entries
+from lorakern.nf4.modules import LinearNF4, load_nf4_entries, nf4_linear, quantization_error, save_nf4_entries
 from lorakern.nf4.storage import NF4Storage
 
 
@@ -109,12 +109,9 @@ class NF4Base:
             raise LorakernError(f"NaNs or infs detected in the merged weight of {what}; the 4-bit weight was left "
                                 f"unchanged. Check lora_A and lora_B for non-finite values")
         storage = layer.nf4
-        state = quantize_nf4(merged.to(self.dtype(layer)), storage.blocksize, storage.double_quant)
-        fresh = NF4Storage(state, storage.quant_storage)
-        error = fresh.dequantize(torch.float32) - merged
-        scale = merged.abs().max().clamp_min(1e-30)
-        report = {"max_abs": float(error.abs().max()), "rms": float(error.pow(2).mean().sqrt()),
-                  "max_rel": float(error.abs().max() / scale)}
+        fresh = NF4Storage(quantize_nf4(merged.to(self.dtype(layer)), storage.blocksize, storage.double_quant),
+                           storage.quant_storage)
+        report = quantization_error(fresh, merged)
         layer.nf4 = fresh
         warnings.warn(f"requantizing {what} to NF4 changed its weight: max abs error {report['max_abs']:.3g} "
                       f"({100 * report['max_rel']:.2f}% of its max |w|), RMS {report['rms']:.3g}", stacklevel=3)

@@ -297,32 +297,25 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 
 def _apply_active(model: nn.Module) -> None:
-    """Freeze everything, then make the active adapters' tensors trainable (and their biases and copies)."""
+    """Freeze everything, then make the active adapters' tensors trainable: their A and B, their copies of
+    the modules_to_save, and the biases their configs name (PEFT's rules)."""
     names = model.lorakern_active
-    for wrapper in _wrappers(model).values():
-        wrapper.set_adapter(names)
+    layers, configs = lora_layers(model), _configs(model)
     for param in model.parameters():
         param.requires_grad_(False)
-    for layer in lora_layers(model).values():
-        layer.set_adapter(names)
-    configs = _configs(model)
+    for wrapper in _wrappers(model).values():
+        wrapper.set_adapter(names)  # the active adapter's copy trains
+    for layer in layers.values():
+        layer.set_adapter(names)  # the active adapters' A and B train
     for name in names:
-        config = configs[name]
-        for layer_name, layer in lora_layers(model).items():
-            if config.bias == "lora_only" and name in layer.adapters and layer.bias is not None:
-                layer.bias.requires_grad_(True)
-        if config.bias == "all":
+        if configs[name].bias == "lora_only":
+            for layer in layers.values():
+                if name in layer.adapters and layer.bias is not None:
+                    layer.bias.requires_grad_(True)
+        elif configs[name].bias == "all":
             for param_name, param in model.named_parameters():
                 if param_name.rsplit(".", 1)[-1] == "bias" and ".original_module." not in f".{param_name}":
                     param.requires_grad_(True)
-    for wrapper in _wrappers(model).values():
-        if wrapper.active_adapter is not None:
-            wrapper.modules_to_save[wrapper.active_adapter].requires_grad_(True)
-
-
-def mark_trainable(model: nn.Module, config: Optional[LoraConfig] = None) -> None:
-    """Freeze everything, then unfreeze the active adapters, their biases and copies (PEFT's rules)."""
-    _apply_active(model)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -396,5 +389,5 @@ def parameter_table(model: nn.Module, trainable_only: bool = True) -> str:
 __all__ = [
     "ALL_LINEAR", "BIAS_MODES", "LoraConfig", "ModulesToSaveWrapper", "active_adapters", "add_adapter",
     "adapter_names", "count_parameters", "delete_adapter", "disable_adapters", "find_targets", "inject",
-    "lora_layers", "mark_trainable", "parameter_table", "set_adapter",
+    "lora_layers", "parameter_table", "set_adapter",
 ]

@@ -171,11 +171,16 @@ def requantize(linear: nn.Linear, blocksize: int = 64, double_quant: bool = True
                ) -> tuple[LinearNF4, dict]:
     """(a LinearNF4 of ``linear``, the error that quantization added: max abs and RMS, absolute and relative)."""
     layer = LinearNF4.from_linear(linear, blocksize, double_quant, compute_dtype, quant_storage)
-    error = layer.nf4.dequantize(torch.float32) - linear.weight.detach().float()
-    scale = linear.weight.detach().float().abs().max().clamp_min(1e-30)
-    report = {"max_abs": float(error.abs().max()), "rms": float(error.pow(2).mean().sqrt()),
-              "max_rel": float(error.abs().max() / scale)}
-    return layer, report
+    return layer, quantization_error(layer.nf4, linear.weight.detach().float())
+
+
+def quantization_error(storage: NF4Storage, original: torch.Tensor) -> dict:
+    """What quantizing ``original`` (out, in) to ``storage`` changed: max abs and RMS error, and the max
+    error relative to the largest |w|."""
+    error = storage.dequantize(torch.float32) - original.float()
+    scale = original.float().abs().max().clamp_min(1e-30)
+    return {"max_abs": float(error.abs().max()), "rms": float(error.pow(2).mean().sqrt()),
+            "max_rel": float(error.abs().max() / scale)}
 
 
 def quantized_bytes_per_weight(module: nn.Module) -> float:
