@@ -20,7 +20,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from lorakern.config import LoraConfig
 from lorakern.errors import AdapterError
 from lorakern.injection import _apply_active, _configs, lora_layers
 

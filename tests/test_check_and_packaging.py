@@ -7,7 +7,6 @@ import pytest
 
 import torch
 
-from lorakern import functional
 from lorakern.check import run_check
 
 

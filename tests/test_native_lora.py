@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from lorakern import functional, native
+from lorakern import native
 from lorakern.testing import assert_matches_reference, compare_layer, random_layer
 
 
