@@ -2,7 +2,7 @@
  *
  *   forward:  u = x~ A^T                      (M x r, kept for the backward)
  *             y = b + s u B^T                 (M x N, the base GEMM then accumulates x W^T onto it)
- *   backward: gB = g B                        (never stored: four rows at a time, in registers)
+ *   backward: gB = g B                        (a chunk of 64 rows at a time, never the whole M x r)
  *             dx~ = s gB A                    (M x K, the base GEMM then accumulates g W onto it)
  *             dA = s gB^T x~,  dB^T = s u^T g (r x K and r x N, per-thread partial sums, then reduced;
  *                                             dB in a pass over g of its own, see lora_backward_f32)
@@ -180,25 +180,62 @@ static void rank_update4(float *const rows[ROWS], const float *init, const float
     }
 }
 
-/* acc[j * ld + n] += sum_q coef[q * r + j] * row_q[n]: four rows' outer products with their r coefficients.
- * One vector of each row stays in registers over all j: one load and one store per four multiply-adds. */
-static void accumulate4(float *acc, int64_t ld, const float *coef, const float *const rows[ROWS], int64_t r,
-                        int64_t len) {
-    const float *a0 = rows[0], *a1 = rows[1], *a2 = rows[2], *a3 = rows[3];
-    int64_t n = 0;
-    for (; n + LANES <= len; n += LANES) {
-        vf x0 = load(a0 + n), x1 = load(a1 + n), x2 = load(a2 + n), x3 = load(a3 + n);
-        IN_REGISTER(x0); IN_REGISTER(x1); IN_REGISTER(x2); IN_REGISTER(x3);
-        for (int64_t j = 0; j < r; ++j) {
-            float *out = acc + j * ld + n;
-            store(out, load(out) + splat(coef[0 * r + j]) * x0 + splat(coef[1 * r + j]) * x1
-                           + splat(coef[2 * r + j]) * x2 + splat(coef[3 * r + j]) * x3);
+/* Rows of acc a register tile holds: JT rows by two vectors (AVX-512: 16 accumulators of its 32 registers;
+ * 16-register ISAs: 8), plus the two vectors of x and one broadcast. */
+#if LANES == 16
+#define JT 8
+#else
+#define JT 4
+#endif
+
+/* acc[j * ld + n .. + nv LANES] for jt rows j from j0: sum over the `rows` rows t of coef[t * r + j] * x[t * len + n],
+ * added to acc once. Inlined with constant jt and nv, so `s` lives in registers. */
+static inline __attribute__((always_inline)) void accumulate_tile(float *acc, int64_t ld, const float *coef, int64_t r,
+                                                                  const float *x, int64_t len, int64_t rows,
+                                                                  int64_t j0, int jt, int64_t n, int nv) {
+    vf s[JT][2];
+    for (int a = 0; a < jt; ++a) s[a][0] = s[a][1] = splat(0);
+    for (int64_t t = 0; t < rows; ++t) {
+        const float *xt = x + t * len + n, *ct = coef + t * r + j0;
+        vf x0 = load(xt), x1 = nv > 1 ? load(xt + LANES) : x0;
+        IN_REGISTER(x0); IN_REGISTER(x1);
+        for (int a = 0; a < jt; ++a) {
+            vf c = splat(ct[a]);
+            s[a][0] += c * x0;
+            if (nv > 1) s[a][1] += c * x1;
         }
     }
+    for (int a = 0; a < jt; ++a)
+        for (int b = 0; b < nv; ++b) {
+            float *out = acc + (j0 + a) * ld + n + b * LANES;
+            store(out, load(out) + s[a][b]);
+        }
+}
+
+/* acc[j * ld + n] += sum over t < rows of coef[t * r + j] * x[t * len + n]: the outer products of a chunk of
+ * rows (x and coef row-major, `rows` rows) summed into an r x len partial. The sum over the chunk's rows runs
+ * in registers, tile by tile (JT rows of acc by two vectors: two loads of x and JT broadcasts per 2 JT
+ * multiply-adds), and acc is read and written once per chunk: accumulating four rows at a time instead read
+ * and wrote all of acc every four rows (r = 16, K = 4096: a 256 KB partial through L2 M / 4 times). */
+static void accumulate_rows(float *acc, int64_t ld, const float *coef, int64_t r, const float *x, int64_t len,
+                            int64_t rows) {
+    int64_t n = 0;
+    for (; n + 2 * LANES <= len; n += 2 * LANES) {
+        int64_t j = 0;
+        for (; j + JT <= r; j += JT) accumulate_tile(acc, ld, coef, r, x, len, rows, j, JT, n, 2);
+        for (; j < r; ++j) accumulate_tile(acc, ld, coef, r, x, len, rows, j, 1, n, 2);
+    }
+    for (; n + LANES <= len; n += LANES) {
+        int64_t j = 0;
+        for (; j + JT <= r; j += JT) accumulate_tile(acc, ld, coef, r, x, len, rows, j, JT, n, 1);
+        for (; j < r; ++j) accumulate_tile(acc, ld, coef, r, x, len, rows, j, 1, n, 1);
+    }
     for (; n < len; ++n)
-        for (int64_t j = 0; j < r; ++j)
-            acc[j * ld + n] += coef[0 * r + j] * a0[n] + coef[1 * r + j] * a1[n] + coef[2 * r + j] * a2[n]
-                               + coef[3 * r + j] * a3[n];
+        for (int64_t j = 0; j < r; ++j) {
+            float sum = 0.0f;
+            for (int64_t t = 0; t < rows; ++t) sum += coef[t * r + j] * x[t * len + n];
+            acc[j * ld + n] += sum;
+        }
 }
 
 /* Row pointers for the block starting at row i0 of a (M x len) matrix. Rows past M read row i0 again and
@@ -282,45 +319,36 @@ void lora_backward_f32(const float *g, const float *x_lora, const float *u, cons
         float *pA = partial + tid * per_thread, *pB = pA + r * ldK;
         if (dA) memset(pA, 0, (size_t)(r * ldK) * sizeof(float));
         if (dBt) memset(pB, 0, (size_t)(r * ldN) * sizeof(float));
-        float gB[ROWS * 256], coef[ROWS * 256];
+        float coef[ROWS * 256];
         float *spare = dx ? (float *)malloc((size_t)K * sizeof(float)) : NULL;
-        /* Rows go in chunks of CHUNK_ROWS: dB over the chunk's rows of g first, then g B, dx and dA over the
-         * same rows. dB has a loop of its own because its r x N partial and dA's r x K partial, updated
-         * together, evicted each other from L1 (768 x 768, r = 8: 3.0 ms in one loop, 2.4 ms in two whole
-         * passes); in chunks the second read of g hits L2 instead of memory. */
+        float *gB = need_gB ? (float *)malloc((size_t)(CHUNK_BLOCKS * ROWS * r) * sizeof(float)) : NULL;
+        /* Rows go in chunks of CHUNK_BLOCKS * ROWS: dB over the chunk's rows of g first, then g B and dx four
+         * rows at a time, then dA over the chunk. The partial sums are updated once per chunk (in registers,
+         * accumulate_rows), and the second read of the chunk's g and x~ hits L2. */
         #pragma omp for schedule(static)
         for (int64_t chunk = 0; chunk < blocks; chunk += CHUNK_BLOCKS) {
             int64_t last = chunk + CHUNK_BLOCKS < blocks ? chunk + CHUNK_BLOCKS : blocks;
-            for (int64_t blk = chunk; dBt && blk < last; ++blk) {
-                int64_t i0 = blk * ROWS;
-                int valid = (int)(M - i0 < ROWS ? M - i0 : ROWS);
-                const float *gr[ROWS];
-                block_rows(g, i0, M, N, gr);
-                for (int64_t e = 0; e < ROWS * r; ++e) coef[e] = e < valid * r ? u[i0 * r + e] : 0.0f;
-                accumulate4(pB, ldN, coef, gr, r, N);
-            }
+            int64_t row0 = chunk * ROWS, rows = (last * ROWS < M ? last * ROWS : M) - row0;
+            if (dBt) accumulate_rows(pB, ldN, u + row0 * r, r, g + row0 * N, N, rows);
             for (int64_t blk = chunk; need_gB && blk < last; ++blk) {
                 int64_t i0 = blk * ROWS;
                 int valid = (int)(M - i0 < ROWS ? M - i0 : ROWS);
+                float *gBblk = gB + (i0 - row0) * r;
                 const float *gr[ROWS];
                 block_rows(g, i0, M, N, gr);
-                dots4(gr, Bt, r, N, gB);
-                for (int64_t e = valid * r; e < ROWS * r; ++e) gB[e] = 0.0f;  /* rows past M add nothing */
+                dots4(gr, Bt, r, N, gBblk);  /* rows past M (only in the last block) are never read below */
                 if (dx) {
                     float *dr[ROWS];
                     block_rows_out(dx, i0, M, K, spare, dr);
-                    for (int64_t e = 0; e < ROWS * r; ++e) coef[e] = scaling * gB[e];
+                    for (int64_t e = 0; e < ROWS * r; ++e) coef[e] = e < valid * r ? scaling * gBblk[e] : 0.0f;
                     rank_update4(dr, NULL, coef, A, r, K);
                 }
-                if (dA) {
-                    const float *xr[ROWS];
-                    block_rows(x_lora, i0, M, K, xr);
-                    accumulate4(pA, ldK, gB, xr, r, K);
-                }
             }
+            if (dA) accumulate_rows(pA, ldK, gB, r, x_lora + row0 * K, K, rows);
         }
         stream_fence();  /* this thread's streamed rows are visible before the region ends */
         free(spare);
+        free(gB);
         /* the implicit barrier of `omp for` above: every partial is complete; reduce them column-wise */
         if (dA) reduce_partials(dA, partial, per_thread, ldK, team, r, K, scaling);
         if (dBt) reduce_partials(dBt, partial + r * ldK, per_thread, ldN, team, r, N, scaling);
