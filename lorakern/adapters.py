@@ -328,6 +328,9 @@ def merge_and_unload(model: nn.Module, safe: bool = True, requantize: bool = Fal
     from lorakern.nf4.modules import requantize as requantize_linear
 
     layers = lora_layers(model)
+    for layer in layers.values():
+        if hasattr(layer, "check_mergeable") and layer._unmerged_active():
+            layer.check_mergeable()  # a layer whose update has no place in its weight refuses before any change
     # a 4-bit layer's full-precision merge, made once: checked below, then put in its place
     full = {name: layer.to_linear() for name, layer in layers.items() if layer.is_quantized}
     if safe:

@@ -165,7 +165,7 @@ class LoraConv(InPlaceMerge, NamedAdapters, nn.Module):
         return result.to(out_dtype)
 
     # ---- merging -------------------------------------------------------------------------------------------
-    def _check_mergeable(self) -> None:
+    def check_mergeable(self) -> None:
         if self.groups > 1:
             raise LorakernError(f"cannot merge LoRA into a convolution with groups={self.groups}: A mixes all "
                                 f"{self.in_channels} input channels, which a grouped kernel cannot hold (PEFT refuses "
@@ -178,7 +178,7 @@ class LoraConv(InPlaceMerge, NamedAdapters, nn.Module):
     def delta_weight(self, adapter_name: Optional[str] = None) -> torch.Tensor:
         """s B ∘ A of one adapter (default: the active one) as a kernel of the weight's shape and dtype."""
         if self.groups > 1:
-            self._check_mergeable()
+            self.check_mergeable()
         adapter = self.adapters[adapter_name] if adapter_name is not None else self._active()
         return adapter.delta(self.weight.dtype).to(self.weight.dtype)
 
@@ -199,7 +199,7 @@ class LoraConv(InPlaceMerge, NamedAdapters, nn.Module):
         names = [n for n in self.active_adapters if n not in self.merged_adapters]
         weight = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
         if names:
-            self._check_mergeable()
+            self.check_mergeable()
             weight = weight + self._delta_sum(names)
         bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone(), requires_grad=False)
         return self._plain(nn.Parameter(weight.to(self.weight.dtype).contiguous(), requires_grad=False), bias)

@@ -106,16 +106,15 @@ class NamedAdapters:
 
 
 class InPlaceMerge:
-    """merge / unmerge for a layer whose dense ``weight`` absorbs ``_delta_sum(names)`` (same shape) in place;
-    ``_check_mergeable()`` raises where the layer's update has no exact place in its weight."""
+    """merge / unmerge for a layer whose dense ``weight`` absorbs ``_delta_sum(names)`` (same shape) in place."""
 
-    def _check_mergeable(self) -> None:
-        return None
+    def check_mergeable(self) -> None:
+        """Raise where this layer's update has no exact place in its weight (nothing to refuse by default)."""
 
     def merge(self, safe: bool = True, adapter_names: Optional[list[str]] = None) -> None:
         """Fold the active adapters' update (or ``adapter_names'``) into the weight (``safe``: a non-finite
         result raises and the weight is untouched)."""
-        self._check_mergeable()
+        self.check_mergeable()
         names = self._names_to_merge(adapter_names)
         if not names:
             return

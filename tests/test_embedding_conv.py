@@ -278,6 +278,7 @@ TARGETS = ["emb", "conv", "conv1", "head"]
 
 def test_merge_unmerge_merge_and_unload_and_unload_keep_the_outputs():
     model = lorakern.inject(tiny(), LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS))
+    assert set(tiny().state_dict()) <= set(model.state_dict())  # the base keys are unchanged by injection
     for layer in lorakern.lora_layers(model).values():
         randomize_adapters(layer, 3)
     base_out = tiny()(IDS)
@@ -354,6 +355,11 @@ def test_dora_inits_and_unmergeable_convolutions_are_refused_with_the_fix():
     with pytest.raises(LorakernError, match="padding_mode='reflect'"):
         reflect.merge()
     assert torch.equal(reflect.weight, weight) and not reflect.merged
+    model = lorakern.inject(tiny(), LoraConfig(r=2, target_modules=["emb", "conv"]))
+    model.conv = LoraConv.from_conv(nn.Conv2d(6, 4, 3, padding=1, groups=2, dtype=torch.float64), r=2)
+    with pytest.raises(LorakernError, match="groups=2"):
+        lorakern.merge_and_unload(model, safe=False)
+    assert isinstance(model.emb, LoraEmbedding) and not model.emb.merged  # refused before any layer changed
     with pytest.raises(TypeError, match="from_embedding takes an nn.Embedding, got Sub"):
         LoraEmbedding.from_embedding(type("Sub", (nn.Embedding,), {})(4, 2))
 
