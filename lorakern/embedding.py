@@ -5,8 +5,9 @@
 A (r, num_embeddings) and B (embedding_dim, r) are saved as PEFT's ``lora_embedding_A`` /
 ``lora_embedding_B``. The LoRA term gathers rows of A^T (F.embedding, with the base's padding_idx,
 max_norm, norm_type and scale_grad_by_freq, as PEFT does), never a one-hot product, then multiplies the
-(..., r) rows by B^T. It runs in plain torch: a gather plus an (M, r) x (r, D) product is a sliver of the
-base lookup's memory traffic, with no GEMM worth a fused kernel (docs/layer.md).
+(..., r) rows by B^T. It runs in plain torch: the term costs a few passes over the (M, D) output, the order
+of the lookup itself, and a lookup is one gather per token in a model whose step is its GEMMs; a fused kernel
+would save one of those passes (docs/layer.md; benchmarks/bench_embedding_conv.py measures it).
 """
 from __future__ import annotations
 
