@@ -17,10 +17,10 @@ from torch import nn
 import lorakern
 from conftest import tiny_roberta_classifier
 from lorakern import LoraConfig, core
-from lorakern.adapters import adapter_tensors
+from lorakern.adapters import adapter_names, adapter_tensors
 from lorakern.conv import LoraConv
 from lorakern.embedding import LoraEmbedding
-from lorakern.errors import ConfigError, LorakernError
+from lorakern.errors import AdapterError, ConfigError, LorakernError
 from lorakern.testing import bound, rel_error
 
 
@@ -141,7 +141,8 @@ def run_embedding(V, D, r, ids, dtype, padding_idx=None, scale_grad_by_freq=Fals
     dA, dB = torch.autograd.grad(y, [layer.lora_embedding_A, layer.lora_embedding_B], dy)
     E, A, B, G, I = f64(layer.weight), f64(layer.lora_embedding_A), f64(layer.lora_embedding_B), f64(dy), ids.numpy()
     s = 3.0
-    grad = core.embedding_backward(I, A, B, G, s, padding_idx, scale_grad_by_freq)
+    padding = None if padding_idx is None else padding_idx % V  # torch's rule for a negative index
+    grad = core.embedding_backward(I, A, B, G, s, padding, scale_grad_by_freq)
     gmag = core.embedding_backward(I, abs(A), abs(B), abs(G), s, None, scale_grad_by_freq)
     results = {"y": (y, core.embedding_forward(I, E, A, B, s), core.embedding_forward(I, abs(E), abs(A), abs(B), s)),
                "dA": (dA, grad["dA"], gmag["dA"]), "dB": (dB, grad["dB"], gmag["dB"])}
@@ -160,10 +161,7 @@ EMBEDDING_CASES = {
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("case", list(EMBEDDING_CASES), ids=list(EMBEDDING_CASES))
 def test_embedding_output_and_gradients_match_the_reference(case, dtype):
-    spec = dict(EMBEDDING_CASES[case])
-    if spec.get("padding_idx") == -1:
-        spec["padding_idx"] = spec["V"] - 1  # the reference takes the normalised index torch stores
-    results, length, layer = run_embedding(dtype=dtype, **spec)
+    results, length, layer = run_embedding(dtype=dtype, **EMBEDDING_CASES[case])
     check(results, dtype, length)
     assert_check_can_fail(results, dtype, length)
     if layer.padding_idx is not None:
@@ -360,6 +358,11 @@ def test_dora_inits_and_unmergeable_convolutions_are_refused_with_the_fix():
     with pytest.raises(LorakernError, match="groups=2"):
         lorakern.merge_and_unload(model, safe=False)
     assert isinstance(model.emb, LoraEmbedding) and not model.emb.merged  # refused before any layer changed
+    combined = lorakern.inject(tiny(), LoraConfig(r=2, target_modules=["emb", "head"]))
+    lorakern.add_adapter(combined, "b", LoraConfig(r=2, target_modules=["emb"]))
+    with pytest.raises(AdapterError, match=r"combines adapters on Linear layers only; .* \['emb'\] \(LoraEmbedding\)"):
+        lorakern.add_weighted_adapter(combined, ["default", "b"], [1.0, 1.0], "c")
+    assert adapter_names(combined) == ["default", "b"]
     with pytest.raises(TypeError, match="from_embedding takes an nn.Embedding, got Sub"):
         LoraEmbedding.from_embedding(type("Sub", (nn.Embedding,), {})(4, 2))
 
