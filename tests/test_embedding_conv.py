@@ -379,6 +379,29 @@ def test_dilation_runs_and_merges_where_peft_fails():
         peft_layer("conv2d", base, 2, 2, init_lora_weights=False)(x)
 
 
+def test_sparse_table_trains_where_peft_fails():
+    base = nn.Embedding(9, 4, sparse=True, dtype=torch.float64)
+    layer = LoraEmbedding.from_embedding(copy.deepcopy(base), r=2, init=False)
+    ids = torch.tensor([[1, 8, 8, 0]])
+    dA, dB = torch.autograd.grad(layer(ids).sum(), [layer.lora_embedding_A, layer.lora_embedding_B])
+    assert dA.layout == torch.strided and dA[:, [2, 3, 4, 5, 6, 7]].abs().max() == 0 and dA[:, 8].abs().max() > 0
+    peft = peft_layer("embedding", base, 2, 2, init_lora_weights=False)
+    with pytest.raises(RuntimeError, match="sparse"):
+        peft(ids).sum().backward()
+
+
+def test_inits_are_peft_rules():
+    torch.manual_seed(0)
+    emb = LoraEmbedding.from_embedding(nn.Embedding(300, 200), r=4)
+    assert emb.lora_embedding_A.abs().max() == 0  # A zeros, B ~ N(0, 1): the update starts at zero
+    assert abs(float(emb.lora_embedding_B.std()) - 1.0) < 0.05
+    conv = LoraConv.from_conv(nn.Conv2d(30, 40, 3), r=8)
+    bound_A = core.kaiming_uniform_bound(30 * 9)
+    assert 0.95 * bound_A < float(conv.lora_A.abs().max()) <= bound_A and conv.lora_B.abs().max() == 0
+    gaussian = LoraConv.from_conv(nn.Conv1d(30, 40, 5), r=8, init="gaussian")
+    assert abs(float(gaussian.lora_A.std()) * 8 - 1.0) < 0.05 and gaussian.lora_B.abs().max() == 0
+
+
 # ---- PEFT's format, both ways ----------------------------------------------------------------------------
 def test_adapters_load_both_ways_with_peft_on_a_model_with_every_layer_type(tmp_path):
     from peft import LoraConfig as PeftLoraConfig
