@@ -2,8 +2,10 @@
 LoraConv). A layer keeps its adapters in ``adapters`` (an nn.ModuleDict of adapter modules, each with
 ``r``, ``alpha``, ``scaling``, ``dropout``, ``use_rslora``, ``init`` and ``reset_parameters``), the names
 that compute in ``active_adapters`` and those folded into the weight in ``merged_adapters``; ``disabled``
-(set by lorakern.disable_adapters) makes it compute its base alone. The layer itself builds adapters,
-computes, and merges; this mixin only names, activates, freezes and deletes them, as PEFT does.
+(set by lorakern.disable_adapters) makes it compute its base alone. The layer itself builds adapters and
+computes; NamedAdapters names, activates, freezes and deletes them, as PEFT does. InPlaceMerge is the
+merge / unmerge of a layer whose dense weight absorbs its update exactly (LoraEmbedding, LoraConv;
+LoraLinear has its own, for a 4-bit base); check_plain_adapter refuses what those layers cannot do.
 """
 from __future__ import annotations
 
