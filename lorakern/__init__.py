@@ -11,6 +11,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "LoraLinear": "lorakern.layer",
+    "LoraEmbedding": "lorakern.embedding",
+    "LoraConv": "lorakern.conv",
     "LoraConfig": "lorakern.config",
     "inject": "lorakern.injection",
     "add_adapter": "lorakern.injection",

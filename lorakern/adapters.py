@@ -52,8 +52,8 @@ def adapter_tensors(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> di
     wrappers, layers = _wrappers(model), lora_layers(model)
     for name, layer in layers.items():
         if adapter_name in layer.adapters:
-            selected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.adapters[adapter_name].lora_A
-            selected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.adapters[adapter_name].lora_B
+            for key, tensor in layer.peft_tensors(adapter_name).items():  # lora_A.weight, lora_embedding_A, ...
+                selected[f"{PEFT_PREFIX}{name}.{key}"] = tensor
             if layer.bias is not None and config.bias in ("all", "lora_only"):
                 selected[f"{PEFT_PREFIX}{name}.base_layer.bias"] = layer.bias
     for name, wrapper in wrappers.items():
@@ -328,11 +328,14 @@ def merge_and_unload(model: nn.Module, safe: bool = True, requantize: bool = Fal
     from lorakern.nf4.modules import requantize as requantize_linear
 
     layers = lora_layers(model)
+    for layer in layers.values():
+        if hasattr(layer, "check_mergeable") and layer._unmerged_active():
+            layer.check_mergeable()  # a layer whose update has no place in its weight refuses before any change
     # a 4-bit layer's full-precision merge, made once: checked below, then put in its place
     full = {name: layer.to_linear() for name, layer in layers.items() if layer.is_quantized}
     if safe:
         for name, layer in layers.items():
-            merged = (full[name] if name in full else layer.to_linear()).weight
+            merged = (full[name] if name in full else layer.merged_base()).weight
             if not torch.isfinite(merged).all():
                 raise LorakernError(f"NaNs or infs detected in the merged weight of {name!r}; no layer was changed. "
                                     f"Check that layer's lora_A and lora_B for non-finite values")
@@ -367,7 +370,7 @@ def unload(model: nn.Module) -> nn.Module:
     """Drop every adapter and give the base layers back unmerged (PEFT's unload): LoRA layers become
     their base layer (sharing its tensors), modules_to_save their originals."""
     for name, layer in lora_layers(model).items():
-        if layer.merged and layer.base.merges_in_place:
+        if layer.merged and not layer.is_quantized:
             layer.unmerge()
         set_submodule(model, name, layer.unload())
     _unwrap_modules_to_save(model, keep_trained=False)

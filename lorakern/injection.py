@@ -20,6 +20,7 @@ from torch import nn
 from lorakern.config import ALL_LINEAR, BIAS_MODES, LoraConfig
 from lorakern.errors import AdapterError, LorakernError
 from lorakern.layer import DEFAULT_ADAPTER, LoraLinear, is_linear_like
+from lorakern.layer_types import LORA_LAYERS, SUPPORTED, can_take_lora, new_lora_layer
 from lorakern.nf4.modules import LinearNF4
 
 # Heads of transformers' sequence-classification models, kept out of "all-linear" like PEFT does.
@@ -73,8 +74,9 @@ class ModulesToSaveWrapper(nn.Module):
             return getattr(self.active_module, name)  # head.out_proj, head.weight, ... as on the module itself
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every LoRA layer of ``model`` by name: LoraLinear, LoraEmbedding, LoraConv."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
 
 
 def _wrappers(model: nn.Module) -> dict[str, ModulesToSaveWrapper]:
@@ -116,9 +118,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         matched = is_linear_like(module) or isinstance(module, LoraLinear) if all_linear else config.matches_target(name)
         if not matched:
             continue
-        if not (is_linear_like(module) or isinstance(module, LoraLinear)):
-            raise LorakernError(f"target module {name!r} is a {type(module).__name__}; LoRA applies to nn.Linear and "
-                                f"transformers Conv1D only. Narrow target_modules so that it names linear layers only")
+        if not (can_take_lora(module) or isinstance(module, LORA_LAYERS)):
+            raise LorakernError(f"target module {name!r} is a {type(module).__name__}; LoRA applies to {SUPPORTED}. "
+                                f"Narrow target_modules so that it names only layers of those types")
         targets.append(name)
     return targets
 
@@ -196,7 +198,7 @@ def add_adapter_undoable(model: nn.Module, adapter_name: str, config: LoraConfig
 
     def undo() -> None:
         for module in added:
-            if isinstance(module, LoraLinear) and adapter_name in module.adapters:
+            if isinstance(module, LORA_LAYERS) and adapter_name in module.adapters:
                 module.delete_adapter(adapter_name)
             elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
                 del module.modules_to_save[adapter_name]
@@ -223,13 +225,12 @@ def add_adapter_undoable(model: nn.Module, adapter_name: str, config: LoraConfig
                                                               q["compute_dtype"], q["quant_storage"]))
         for name in targets:
             module = model.get_submodule(name)
-            if isinstance(module, LoraLinear):
+            if isinstance(module, LORA_LAYERS):
                 module.add_adapter(adapter_name, **_layer_kwargs(config, name))
                 added.append(module)
                 continue
             quant = _quant_kwargs(config) if config.quantize and not config.keeps_full_precision(name) else {}
-            edits.replace(name, LoraLinear.from_linear(module, adapter_name=adapter_name,
-                                                       **_layer_kwargs(config, name), **quant))
+            edits.replace(name, new_lora_layer(module, name, adapter_name, quant, **_layer_kwargs(config, name)))
         for name in _saved_module_names(model, config):
             module = model.get_submodule(name)
             if isinstance(module, ModulesToSaveWrapper):

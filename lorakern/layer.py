@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
@@ -19,9 +19,10 @@ from lorakern import functional  # noqa: F401  registers the dense torch and C i
 from lorakern.nf4 import lora as _nf4_lora  # noqa: F401  registers the NF4 torch implementation
 from lorakern.adapter import LoraAdapter, check_hyperparameters
 from lorakern.bases import DenseBase, NF4Base
-from lorakern.errors import AdapterError, LorakernError
+from lorakern.errors import LorakernError
 from lorakern.functional import check_operands
 from lorakern.linear_like import is_conv1d, is_linear_like
+from lorakern.named_adapters import NamedAdapters
 from lorakern.nf4.codec import quantize_nf4
 from lorakern.nf4.modules import check_nf4_input
 from lorakern.nf4.storage import NF4Storage
@@ -30,7 +31,7 @@ DEFAULT_ADAPTER = "default"
 _QUANT_KWARGS = ("blocksize", "double_quant", "compute_dtype", "lora_dtype", "quant_storage")
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(NamedAdapters, nn.Module):
     """A drop-in nn.Linear with named low-rank adapters on a frozen base.
 
     ``weight`` and ``bias`` keep nn.Linear's names (a 4-bit base writes bitsandbytes' keys under
@@ -51,10 +52,7 @@ class LoraLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
         self.reset_base_parameters()
-        self.adapters = nn.ModuleDict()
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disabled = False  # set by lorakern.disable_adapters: the layer computes its base alone
+        self._init_adapters()
         self.dropout_seed: Optional[int] = None  # fixes the LoRA dropout mask (None: a fresh draw per call)
         self.backend: Optional[str] = None  # None follows $LORAKERN_BACKEND / auto; a name pins this layer
         self.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
@@ -112,20 +110,12 @@ class LoraLinear(nn.Module):
             bound = 1 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def reset_lora_parameters(self, init=None) -> None:
-        for name in self.active_adapters:
-            self.adapters[name].reset_parameters(init)
-
     # ---- named adapters ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
                     use_rslora: bool = False, init="kaiming", dtype: Optional[torch.dtype] = None) -> LoraAdapter:
         """A new adapter ``name`` on this base. The first one becomes active; later ones are added inactive
         (``set_adapter`` switches), as in PEFT."""
-        if not isinstance(name, str) or not name or "." in name:
-            raise AdapterError(f"an adapter name is a non-empty string without '.', got {name!r}")
-        if name in self.adapters:
-            raise AdapterError(f"this layer already has an adapter named {name!r} (adapters: {list(self.adapters)}); "
-                               f"pick another name or delete_adapter({name!r}) first")
+        self._check_new_name(name)
         if r > min(self.in_features, self.out_features):
             warnings.warn(f"r={r} exceeds min(in_features, out_features)={min(self.in_features, self.out_features)}: "
                           f"the update B A cannot reach rank {r}", stacklevel=3)
@@ -135,53 +125,12 @@ class LoraLinear(nn.Module):
         dtype = dtype or (reference.dtype if reference is not None else self._base_float_dtype())
         adapter = LoraAdapter(self.in_features, self.out_features, r, alpha, dropout, use_rslora, init, device=device,
                               dtype=dtype)
-        self.adapters[name] = adapter
-        if not self.active_adapters:
-            self.active_adapters = [name]
-        else:
-            adapter.requires_grad_(False)
+        self._register(name, adapter)
         return adapter
 
-    def set_adapter(self, names: Union[str, Iterable[str]]) -> None:
-        """Make ``names`` (those this layer has) the active adapters: they compute and train; others freeze."""
-        names = [names] if isinstance(names, str) else list(names)
-        self.active_adapters = [n for n in names if n in self.adapters]
-        for name, adapter in self.adapters.items():
-            adapter.requires_grad_(name in self.active_adapters)
-
-    def delete_adapter(self, name: str) -> None:
-        if name not in self.adapters:
-            raise AdapterError(f"no adapter named {name!r} in this layer; it has {list(self.adapters)}")
-        if name in self.merged_adapters:
-            raise AdapterError(f"adapter {name!r} is merged into the weight; unmerge() before deleting it")
-        del self.adapters[name]
-        self.active_adapters = [n for n in self.active_adapters if n != name]
-
-    def _active(self) -> LoraAdapter:
-        name = self.active_adapters[0] if self.active_adapters else next(iter(self.adapters), None)
-        if name is None:
-            raise AdapterError("this LoraLinear has no adapter; add one with layer.add_adapter(name, r=...)")
-        return self.adapters[name]
-
-    # the active adapter's, as PEFT users read them on a single-adapter layer
-    def _adapter_attribute(name: str, doc: str):  # noqa: N805  (a property factory used in the class body)
-        def get(self):
-            return getattr(self._active(), name)
-
-        def set_(self, value):
-            setattr(self._active(), name, value)
-
-        return property(get, set_, doc=doc)
-
+    # the active adapter's factors, as PEFT users read them on a single-adapter layer
     lora_A = property(lambda self: self._active().lora_A, doc="the active adapter's A (r x in)")
     lora_B = property(lambda self: self._active().lora_B, doc="the active adapter's B (out x r)")
-    scaling = _adapter_attribute("scaling", "the active adapter's s (alpha / r, or alpha / sqrt(r) with rsLoRA)")
-    dropout = _adapter_attribute("dropout", "the active adapter's LoRA dropout probability")
-    use_rslora = _adapter_attribute("use_rslora", "whether the active adapter was built with rsLoRA's scaling")
-    r = property(lambda self: self._active().r, doc="the active adapter's rank")
-    alpha = property(lambda self: self._active().alpha, doc="the active adapter's alpha")
-    init = property(lambda self: self._active().init, doc="the active adapter's init rule")
-    del _adapter_attribute
 
     # ---- the base -------------------------------------------------------------------------------------
     @property
@@ -207,14 +156,7 @@ class LoraLinear(nn.Module):
     def _base_float_dtype(self) -> torch.dtype:
         return self.weight.dtype if self.base.kind == "dense" else torch.float32
 
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
-
     # ---- compute --------------------------------------------------------------------------------------
-    def _unmerged_active(self) -> list[LoraAdapter]:
-        return [self.adapters[n] for n in self.active_adapters if n not in self.merged_adapters]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         adapters = [] if self.disabled else self._unmerged_active()
         if self.base.kind == "dense":
@@ -264,13 +206,8 @@ class LoraLinear(nn.Module):
         A dense weight absorbs them in place (``safe``: a non-finite result raises and W is untouched). A
         4-bit weight cannot absorb them exactly: ``requantize=True`` decodes, adds and requantizes (a
         warning reports the error that adds); without it merge raises and says what to do instead."""
-        names = [n for n in (adapter_names or self.active_adapters) if n not in self.merged_adapters]
-        for name in names:
-            if name not in self.adapters:
-                raise AdapterError(f"no adapter named {name!r} in this layer; it has {list(self.adapters)}")
+        names = self._names_to_merge(adapter_names)
         if not names:
-            warnings.warn("merge() called on a layer whose active adapters are already merged; nothing to do",
-                          stacklevel=2)
             return
         what = f"LoraLinear({self.in_features}, {self.out_features}) adapters {names}"
         if self.base.merges_in_place:
@@ -318,6 +255,13 @@ class LoraLinear(nn.Module):
         """The base layer alone (nn.Linear, Conv1D or LinearNF4) sharing this layer's tensors, merged or
         not as this layer is."""
         return self.base.module(self)
+
+    merged_base = to_linear  # the name every LoRA layer type answers to (lorakern.merge_and_unload)
+
+    def peft_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``adapter_name``'s live tensors under PEFT's key suffixes (after ``<module>.``)."""
+        adapter = self.adapters[adapter_name]
+        return {"lora_A.weight": adapter.lora_A, "lora_B.weight": adapter.lora_B}
 
     # ---- state dict: a 4-bit base writes bitsandbytes' keys under "weight" ------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
