@@ -174,7 +174,10 @@ def save_adapter(model: nn.Module, directory: str, selected_adapters: Optional[l
     initial = None
     if path_initial_model_for_weight_conversion is not None:
         # every initial adapter is read and checked before anything is written
-        initial = conversion.read_initial(model, names, path_initial_model_for_weight_conversion)
+        path = path_initial_model_for_weight_conversion
+        initial = conversion.read_initial({n: _config_of(model, n) for n in names},
+                                          {n: adapter_directory(path, n) for n in names}, path,
+                                          lambda n: adapter_tensors(model, n), _read_saved_weights)
     rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()
                  and torch.distributed.get_rank() != 0)
     for name in names:
@@ -245,6 +248,14 @@ def _read_weights(directory: str, expected_sha256: Optional[str]) -> dict[str, t
         return safetensors_load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise LorakernError(f"{path} is not a readable safetensors file ({exc}); the file is corrupt, save it again") from exc
+
+
+def _read_saved_weights(directory: str) -> Optional[dict[str, torch.Tensor]]:
+    """The weights saved in ``directory`` (checked against its config's checksum), or None if there are none."""
+    if not os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
+        return None
+    ours = (_read_config(directory).get("lorakern") or {}) if os.path.isfile(os.path.join(directory, CONFIG_NAME)) else {}
+    return _read_weights(directory, ours.get("weights_sha256"))
 
 
 def _resize_heads(model: nn.Module, head_modules: list[str], weights: dict, num_labels: Optional[int]) -> Callable[[], None]:

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import warnings
+from typing import Callable, Optional
 
 import torch
-from torch import nn
 
 from lorakern.config import LoraConfig
 from lorakern.errors import AdapterError
@@ -37,14 +36,13 @@ def _how_to_save_initial(path: str) -> str:
             f"lorakern.save_adapter(model, {path!r}), then pass that directory here")
 
 
-def read_initial(model: nn.Module, names: list[str], path: str) -> dict[str, dict[str, torch.Tensor]]:
-    """The initial lora_A / lora_B of every PiSSA / OLoRA adapter in ``names``, read from ``path`` (the
-    layout save_adapter writes: "default" in ``path``, others in ``path/<name>``) and checked against the
-    model. Adapters with other inits are saved as they are; none to convert is an error."""
-    from lorakern.adapters import (CONFIG_NAME, WEIGHTS_NAME, _config_of, _read_config, _read_weights,
-                                   adapter_directory, adapter_tensors)
-
-    configs = {name: _config_of(model, name) for name in names}
+def read_initial(configs: dict[str, LoraConfig], directories: dict[str, str], path: str,
+                 live: Callable[[str], dict[str, torch.Tensor]],
+                 read: Callable[[str], Optional[dict[str, torch.Tensor]]]) -> dict[str, dict[str, torch.Tensor]]:
+    """The initial lora_A / lora_B of every PiSSA / OLoRA adapter in ``configs``, read (``read(directory)``,
+    None when no weights file is there) from ``directories[name]`` under ``path`` and checked against the
+    adapter's live tensors (``live(name)``). Adapters with other inits are saved as they are; none to
+    convert is an error."""
     targets = [name for name, config in configs.items() if convertible(config)]
     if not targets:
         inits = {name: config.init for name, config in configs.items()}
@@ -53,7 +51,7 @@ def read_initial(model: nn.Module, names: list[str], path: str) -> dict[str, dic
                            f"load_adapter rebuilds that base)")
     initial = {}
     for name in targets:
-        config = configs[name]
+        config, directory = configs[name], directories[name]
         if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
             raise AdapterError(f"adapter {name!r} uses use_rslora with rank_pattern/alpha_pattern: its conversion to a "
                                f"plain LoRA cannot keep the scaling (PEFT refuses it too); save it without "
@@ -62,22 +60,19 @@ def read_initial(model: nn.Module, names: list[str], path: str) -> dict[str, dic
             warnings.warn(f"adapter {name!r} was initialised on an NF4 base holding NF4(W_res): the converted adapter on "
                           f"NF4(W) gives NF4(W) + s(B A - B0 A0), which differs from the trained NF4(W_res) + s B A by "
                           f"the two quantization errors (PEFT warns the same)", stacklevel=3)
-        directory = adapter_directory(path, name)
-        if not os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
-            raise AdapterError(f"no initial adapter {name!r} in {directory!r} (no {WEIGHTS_NAME}): converting a "
-                               f"{config.init!r} adapter needs its values at init; {_how_to_save_initial(path)}")
-        sha = None
-        if os.path.isfile(os.path.join(directory, CONFIG_NAME)):
-            sha = (_read_config(directory).get("lorakern") or {}).get("weights_sha256")
-        weights = _read_weights(directory, sha)
-        live = {k: t for k, t in adapter_tensors(model, name).items() if k.endswith((".lora_A.weight", ".lora_B.weight"))}
-        problems = [k for k in live if k not in weights or weights[k].shape != live[k].shape]
+        weights = read(directory)
+        if weights is None:
+            raise AdapterError(f"no initial adapter {name!r} in {directory!r}: converting a {config.init!r} adapter "
+                               f"needs its values at init; {_how_to_save_initial(path)}")
+        tensors = {k: t for k, t in live(name).items() if k.endswith((".lora_A.weight", ".lora_B.weight"))}
+        problems = [k for k in tensors if k not in weights or weights[k].shape != tensors[k].shape]
         if problems:
             found = tuple(weights[problems[0]].shape) if problems[0] in weights else "missing"
             raise AdapterError(f"the initial adapter in {directory!r} does not match adapter {name!r}: {len(problems)} "
                                f"of its lora_A/lora_B tensors are missing or differ in shape, e.g. {problems[0]} "
-                               f"(file: {found}, model: {tuple(live[problems[0]].shape)}); {_how_to_save_initial(path)}")
-        initial[name] = {k: weights[k] for k in live}
+                               f"(file: {found}, model: {tuple(tensors[problems[0]].shape)}); "
+                               f"{_how_to_save_initial(path)}")
+        initial[name] = {k: weights[k] for k in tensors}
     return initial
 
 
