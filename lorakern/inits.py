@@ -18,7 +18,7 @@ keeps. With an NF4 base PiSSA and OLoRA decompose the full-precision weight and 
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -69,8 +69,8 @@ def olora(weight: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, t
     return A, B, weight - scaling * (B @ A)
 
 
-def loftq(weight: torch.Tensor, r: int, scaling: float, num_iter: int, quantize, decode
-          ) -> tuple[torch.Tensor, torch.Tensor, object]:
+def loftq(weight: torch.Tensor, r: int, scaling: float, num_iter: int, quantize: Callable[[torch.Tensor], Any],
+          decode: Callable[[Any], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """(A, B, quantized base) of LoftQ: ``quantize(w)`` gives the base, ``decode(base)`` its fp32 values."""
     _check_rank(weight, r, "loftq")
     if num_iter < 1:
@@ -87,7 +87,7 @@ def loftq(weight: torch.Tensor, r: int, scaling: float, num_iter: int, quantize,
 
 def check_layer(layer: nn.Module, name: str, init) -> None:
     """Refuse an init that rewrites the base on a layer that already holds adapters (their outputs would
-    change), and LoftQ on a layer whose base is not NF4."""
+    change). (LoftQ on a base that is not NF4 is refused by ``initialize``.)"""
     if not rewrites_base(init):
         return
     others = [n for n in layer.adapters if n != name]
