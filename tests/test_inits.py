@@ -7,6 +7,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
 from torch import nn
 
 import lorakern
@@ -76,6 +78,29 @@ def test_residual_plus_update_is_the_original_weight(init, shape, r, alpha, rslo
         B = f64(layer.lora_B)
         check_close(B.T @ B, np.eye(r), 1.0, bound, "olora: B^T B vs I")
         check_close(update, s * B @ (B.T @ W), np.abs(W).max(), bound, "olora: s B A vs s B B^T W")
+
+
+@given(out=st.integers(1, 24), inp=st.integers(1, 24), data=st.data(),
+       init=st.sampled_from(["pissa", "olora", "pissa_niter_2"]),
+       dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]))
+@example(out=1, inp=1, data=None, init="pissa", dtype=torch.float32)
+@example(out=1, inp=17, data=None, init="olora", dtype=torch.float64)
+@example(out=17, inp=1, data=None, init="pissa_niter_2", dtype=torch.bfloat16)
+def test_residual_plus_update_over_shapes_and_dtypes(out, inp, data, init, dtype):
+    r = data.draw(st.integers(1, min(out, inp)), label="r") if data is not None else 1
+    torch.manual_seed(out * 31 + inp)
+    linear = nn.Linear(inp, out).to(dtype)
+    W = f64(linear.weight)
+    layer = LoraLinear.from_linear(linear, r=r, alpha=2 * r, init=init)
+    assert layer.weight.dtype == layer.lora_A.dtype == dtype
+    A, B, s = f64(layer.lora_A), f64(layer.lora_B), 2.0
+    # each stored value is rounded once to dtype: W_res by eps/2 of |W_res|, A and B by eps/2 of theirs
+    # (eps of float32 for float32 and below: the decomposition runs in float32)
+    eps = max(torch.finfo(dtype).eps, 0 if dtype == torch.float64 else EPS32)
+    rounding = 4 * eps * (np.abs(f64(layer.weight)).max() + s * (np.abs(B) @ np.abs(A)).max())
+    bound = rounding + 16 * eps * max(out, inp) * np.abs(W).max()
+    error = np.abs(f64(layer.weight) + s * B @ A - W).max()
+    assert error <= bound, f"{init} {dtype} ({out}, {inp}) r={r}: max |W_res + s B A - W| {error:.3g} > bound {bound:.3g}"
 
 
 def test_pissa_niter_spans_the_full_svd_subspace():
