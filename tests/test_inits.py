@@ -184,10 +184,13 @@ def test_converted_adapter_on_the_original_base_gives_the_trained_outputs(tmp_pa
         torch.testing.assert_close(fresh(x), trained, rtol=1e-5, atol=1e-5)
         peft = PeftModel.from_pretrained(Toy(), str(tmp_path / "out"))
         torch.testing.assert_close(peft(x), trained, rtol=1e-5, atol=1e-5)
-    # the plain (unconverted) PiSSA adapter reloads too: the load re-runs PiSSA on the fresh base
+    # the plain (unconverted) adapter reloads too, here and in PEFT: the load re-runs the init on the fresh base
     lorakern.save_adapter(model, str(tmp_path / "plain"))
+    assert json.load(open(tmp_path / "plain" / "adapter_config.json"))["init_lora_weights"] == init
     with torch.no_grad():
         torch.testing.assert_close(lorakern.load_adapter(Toy(), str(tmp_path / "plain"))(x), trained,
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(PeftModel.from_pretrained(Toy(), str(tmp_path / "plain"))(x), trained,
                                    rtol=1e-5, atol=1e-5)
 
 
