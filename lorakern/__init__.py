@@ -27,6 +27,7 @@ _LAZY = {
     "save_adapter": "lorakern.adapters",
     "load_adapter": "lorakern.adapters",
     "merge_and_unload": "lorakern.adapters",
+    "loraplus_optimizer": "lorakern.loraplus",
     "unload": "lorakern.adapters",
     "lora_linear": "lorakern.functional",
     "LoraLinearFunction": "lorakern.functional",

@@ -11,6 +11,7 @@ names in ``model.lorakern_active``. Only the active adapters train, as in PEFT.
 from __future__ import annotations
 
 import copy
+import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Optional, Union
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from lorakern.config import ALL_LINEAR, BIAS_MODES, LoraConfig
 from lorakern.errors import AdapterError, LorakernError
+from lorakern.inits import rewrites_base
 from lorakern.layer import DEFAULT_ADAPTER, LoraLinear, is_linear_like
 from lorakern.layer_types import LORA_LAYERS, SUPPORTED, can_take_lora, new_lora_layer
 from lorakern.nf4.modules import LinearNF4
@@ -118,6 +120,10 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         matched = is_linear_like(module) or isinstance(module, LoraLinear) if all_linear else config.matches_target(name)
         if not matched:
             continue
+        if rewrites_base(config.init) and not (is_linear_like(module) or isinstance(module, LoraLinear)):
+            raise LorakernError(f"init_lora_weights={config.init!r} decomposes the weight of a Linear layer, but target "
+                                f"{name!r} is a {type(module).__name__}; leave it out of target_modules (a second "
+                                f"adapter with init_lora_weights=True can adapt it)")
         if not (can_take_lora(module) or isinstance(module, LORA_LAYERS)):
             raise LorakernError(f"target module {name!r} is a {type(module).__name__}; LoRA applies to {SUPPORTED}. "
                                 f"Narrow target_modules so that it names only layers of those types")
@@ -155,8 +161,11 @@ def _quant_kwargs(config: LoraConfig) -> dict:
 
 def _layer_kwargs(config: LoraConfig, name: str) -> dict:
     r, alpha = config.rank_and_alpha(name)
-    return {"r": r, "alpha": alpha, "dropout": config.lora_dropout, "use_rslora": config.use_rslora,
-            "init": config.init}
+    kwargs = {"r": r, "alpha": alpha, "dropout": config.lora_dropout, "use_rslora": config.use_rslora,
+              "init": config.init}
+    if config.init == "loftq":  # only Linear layers take LoftQ (find_targets refuses the others)
+        kwargs["loftq_iter"] = config.loftq_config.get("loftq_iter", 1)
+    return kwargs
 
 
 def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.Module:
@@ -184,6 +193,12 @@ def add_adapter_undoable(model: nn.Module, adapter_name: str, config: LoraConfig
         raise AdapterError(f"adapter {adapter_name!r} asks for quantize={config.quantize!r} but the model's base was "
                            f"built with quantize={next(iter(configs.values())).quantize!r}; adapters share one base")
     targets = find_targets(model, config)
+    rewriting = [n for n, c in {**configs, adapter_name: config}.items() if rewrites_base(c.init)]
+    if configs and rewriting:
+        warnings.warn(f"adapters {rewriting} rewrote (or will rewrite) the base weights of their layers: with them "
+                      f"inactive those layers compute the residual, not the original W, so this model's adapters do "
+                      f"not combine as plain LoRAs do. Convert them to plain LoRA adapters (save_adapter(..., "
+                      f"path_initial_model_for_weight_conversion=...)); PEFT warns the same", stacklevel=3)
     if not targets:
         seen = [name for name, m in model.named_modules() if name and (is_linear_like(m) or isinstance(m, LoraLinear))]
         raise LorakernError(

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from lorakern import dispatch
+from lorakern import dispatch, inits
 from lorakern import functional  # noqa: F401  registers the dense torch and C implementations
 from lorakern.nf4 import lora as _nf4_lora  # noqa: F401  registers the NF4 torch implementation
 from lorakern.adapter import LoraAdapter, check_hyperparameters
@@ -69,6 +69,10 @@ class LoraLinear(NamedAdapters, nn.Module):
         if quantize not in (None, "nf4"):
             raise LorakernError(f"quantize={quantize!r} is not a known quant type; use quantize='nf4' or None")
         quant = {k: kwargs.pop(k) for k in _QUANT_KWARGS if k in kwargs}
+        init, loftq_iter = kwargs.pop("init", "kaiming"), kwargs.pop("loftq_iter", 1)
+        if init == "loftq" and quantize is None:
+            raise LorakernError("init='loftq' fits the adapter to the quantization error of an NF4 base; pass "
+                                "quantize='nf4' with it (with inject: keep the layer out of quantize_skip)")
         if quant and quantize is None:
             raise LorakernError(f"{', '.join(quant)}= applies to a quantized base only; pass quantize='nf4' with it")
         if not is_linear_like(linear):
@@ -78,8 +82,10 @@ class LoraLinear(NamedAdapters, nn.Module):
         weight = linear.weight
         out_in = weight.t() if conv else weight
         with torch.device("meta"):
+            # an init from the base weight runs below, once the real base is in place
             layer = cls(out_in.shape[1], out_in.shape[0], bias=linear.bias is not None, fan_in_fan_out=conv,
-                        dtype=weight.dtype, adapter_name=adapter_name, **kwargs)
+                        dtype=weight.dtype, adapter_name=adapter_name,
+                        init="kaiming" if inits.rewrites_base(init) else init, **kwargs)
         if quantize is None:
             layer.weight = linear.weight
             layer.weight.requires_grad_(False)
@@ -97,8 +103,10 @@ class LoraLinear(NamedAdapters, nn.Module):
             layer.bias.requires_grad_(False)
         adapter = layer.adapters[adapter_name]
         layer.adapters[adapter_name] = LoraAdapter(adapter.in_features, adapter.out_features, adapter.r, adapter.alpha,
-                                                   adapter.dropout, adapter.use_rslora, adapter.init,
+                                                   adapter.dropout, adapter.use_rslora, init,
                                                    device=weight.device, dtype=lora_dtype)
+        if inits.rewrites_base(init):
+            inits.initialize(layer, adapter_name, source=out_in, loftq_iter=loftq_iter)
         return layer
 
     def reset_base_parameters(self) -> None:
@@ -112,9 +120,11 @@ class LoraLinear(NamedAdapters, nn.Module):
 
     # ---- named adapters ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
-                    use_rslora: bool = False, init="kaiming", dtype: Optional[torch.dtype] = None) -> LoraAdapter:
+                    use_rslora: bool = False, init="kaiming", dtype: Optional[torch.dtype] = None,
+                    loftq_iter: int = 1) -> LoraAdapter:
         """A new adapter ``name`` on this base. The first one becomes active; later ones are added inactive
-        (``set_adapter`` switches), as in PEFT."""
+        (``set_adapter`` switches), as in PEFT. An init from the base weight ("pissa", "olora": see
+        lorakern.inits) rewrites a dense base to its residual and is refused beside other adapters."""
         self._check_new_name(name)
         if r > min(self.in_features, self.out_features):
             warnings.warn(f"r={r} exceeds min(in_features, out_features)={min(self.in_features, self.out_features)}: "
@@ -123,9 +133,17 @@ class LoraLinear(NamedAdapters, nn.Module):
         reference = existing.lora_A if existing is not None else None
         device = reference.device if reference is not None else self._base_device()
         dtype = dtype or (reference.dtype if reference is not None else self._base_float_dtype())
+        inits.check_layer(self, name, init)
         adapter = LoraAdapter(self.in_features, self.out_features, r, alpha, dropout, use_rslora, init, device=device,
                               dtype=dtype)
         self._register(name, adapter)
+        if inits.rewrites_base(adapter.init):
+            try:
+                inits.initialize(self, name, loftq_iter=loftq_iter)
+            except BaseException:  # the layer as it was: no adapter, the base untouched
+                del self.adapters[name]
+                self.active_adapters = [n for n in self.active_adapters if n != name]
+                raise
         return adapter
 
     # the active adapter's factors, as PEFT users read them on a single-adapter layer
