@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from lorakern import LoraConfig, LoraLinear, inject, lora_layers
-from lorakern.core import nf4 as core_nf4
 from lorakern.core import lora as core_lora
+from lorakern.core import nf4 as core_nf4
 from lorakern.testing import bound, magnitudes, rel_error
 
 with warnings.catch_warnings():
