@@ -1,14 +1,13 @@
 """The harness against the reference implementation it reproduces, and its recipes end to end.
 
-- ``lorakern glue`` / ``lorakern squad`` (their training loop, lorakern's LoRA) and a hand-written PEFT loop
-  (PEFT's LoRA on the same transformers model): the same initial weights, the same batches in the same
-  order, AdamW with the seed's hyper-parameters and schedule, fp32, dropout 0. Same loss at every step,
-  same final metrics.
-  A hand-written loop and not ``transformers.Trainer``: Trainer draws its batch order from its own
-  sampler (a RandomSampler seeded once for the run), while the harness draws each epoch's order from a
-  generator seeded by (seed, epoch), so the orders cannot be made equal without replacing Trainer's
-  private ``_get_train_sampler``; and Trainer's default gradient clipping and its loss averaging are
-  more that would need turning off. The loop below is what Trainer would do with those matched.
+- ``lorakern glue`` / ``lorakern squad`` (their training loop, lorakern's LoRA) and PEFT's LoRA on the same
+  transformers model trained by ``transformers.Trainer``: the same initial weights, the same batches in the
+  same order, AdamW with the seed's hyper-parameters and warm-up/decay schedule, fp32, dropout 0. Same
+  loss at every step, same final metrics. Trainer is matched to the harness in three places, each a
+  documented difference of the seed's recipe from Trainer's defaults: its batch sampler (Trainer draws
+  one permutation stream per run; the harness each epoch's order from a generator seeded by (seed,
+  epoch)), gradient clipping (Trainer clips at 1.0, the seed does not) and the optimizer and schedule
+  (passed in: Trainer's own AdamW has other betas and eps, and decays from its own step count).
 - The harder SST-2 fixture (fixtures/glue-hard): the tiny default does not solve it in two epochs and
   ends between 0.6 and 0.95.
 - ``--recipe qlora`` and ``--precision bf16`` end to end.
@@ -131,31 +130,51 @@ def pad(features: list[dict], pad_id: int = 1) -> dict:
     return batch
 
 
-def reference_training(model: nn.Module, features: list[dict], config: TrainConfig, loss_of) -> list[float]:
-    """The seed's training as shared/seed.md states it, written out: AdamW (betas, eps, weight decay) on the
-    trainable tensors, lr warmed up linearly from 0 over the warm-up epochs and decayed linearly to 0 by the
-    end, stepped per batch; each epoch's batches from a permutation drawn by a generator seeded
-    seed * 100003 + epoch (the harness's documented order)."""
+class EpochBatches:
+    """A batch sampler giving, on its e-th pass, epoch e's batches in the harness's documented order."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, 0
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self):
+        self.epoch += 1
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=generator).tolist()
+        return iter([order[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)])
+
+
+def trainer_training(model: nn.Module, features: list[dict], config: TrainConfig, loss_of, out: str) -> list[float]:
+    """transformers.Trainer with the harness's settings: its batch sampler replaced by the harness's order
+    (Trainer's own draws one permutation stream per run), AdamW and the warm-up/decay LambdaLR passed in,
+    gradient clipping off (Trainer clips at 1.0 by default, the seed does not), the loss the task's."""
+    from transformers import Trainer, TrainingArguments
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
                                   weight_decay=config.weight_decay)
     per_epoch = math.ceil(len(features) / config.batch_size)
     warmup, total = config.warmup_epochs * per_epoch, config.epochs * per_epoch
-    losses, step = [], 0
-    model.train()
-    for epoch in range(1, config.epochs + 1):
-        order = torch.randperm(len(features), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
-        for first in range(0, len(features), config.batch_size):
-            lr_factor = step / warmup if step < warmup else max(0.0, (total - step) / (total - warmup))
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * lr_factor
-            batch = pad([features[i] for i in order[first:first + config.batch_size].tolist()])
-            loss = loss_of(model, batch)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: step / warmup if step < warmup else max(0.0, (total - step) / (total - warmup)))
+    losses = []
+
+    class Matched(Trainer):
+        def get_train_dataloader(self):
+            return torch.utils.data.DataLoader(features, collate_fn=pad,
+                                               batch_sampler=EpochBatches(len(features), config.batch_size, config.seed))
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = loss_of(model, inputs)
             losses.append(loss.item())
-            step += 1
+            return loss
+
+    args = TrainingArguments(output_dir=out, num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
+                             max_grad_norm=0.0, save_strategy="no", report_to=[], logging_strategy="no", use_cpu=True,
+                             disable_tqdm=True, remove_unused_columns=False, seed=config.seed)
+    Matched(model=model, args=args, optimizers=(optimizer, scheduler)).train()
     return losses
 
 
@@ -172,7 +191,7 @@ def assert_same_losses(ours: np.ndarray, reference: list) -> None:
     assert not np.allclose(ours[1:], reference[:-1], rtol=LOSS_RTOL, atol=0)
 
 
-def test_glue_training_loop_matches_a_peft_loop(no_dropout_model, monkeypatch, tmp_path):
+def test_glue_matches_peft_trained_by_transformers_trainer(no_dropout_model, monkeypatch, tmp_path):
     config = TrainConfig(warmup_epochs=1, decay_epochs=2, progress=False, device="cpu")
     record = harness_run_recorded(monkeypatch, lambda: run_glue(
         "sst2", data=HARD, model=no_dropout_model, head="hf", lr=5e-3, max_length=64, train=config,
@@ -182,7 +201,7 @@ def test_glue_training_loop_matches_a_peft_loop(no_dropout_model, monkeypatch, t
     model = peft_twin(no_dropout_model, "classification", record["initial"], RECIPE)
     loss_of = lambda m, batch: nn.functional.cross_entropy(
         m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float(), batch["labels"])
-    losses = reference_training(model, features, used, loss_of)
+    losses = trainer_training(model, features, used, loss_of, str(tmp_path / "trainer"))
     ours = np.array(record["losses"])
     assert len(ours) == len(losses) == 3 * 16 and ours[-16:].mean() < 0.8 * ours[:16].mean()
     assert_same_losses(ours, losses)
@@ -203,7 +222,7 @@ def test_glue_training_loop_matches_a_peft_loop(no_dropout_model, monkeypatch, t
     assert final["dev/accuracy"] == accuracy, (final, accuracy)
 
 
-def test_squad_training_loop_matches_a_peft_loop(no_dropout_model, monkeypatch, tmp_path):
+def test_squad_matches_peft_trained_by_transformers_trainer(no_dropout_model, monkeypatch, tmp_path):
     config = TrainConfig(warmup_epochs=1, decay_epochs=1, progress=False, device="cpu")
     record = harness_run_recorded(monkeypatch, lambda: run_squad(
         "1.1", model=no_dropout_model, head="hf", lr=5e-3, max_length=96, train=config,
@@ -219,7 +238,7 @@ def test_squad_training_loop_matches_a_peft_loop(no_dropout_model, monkeypatch, 
         return (nn.functional.cross_entropy(start, batch["start_positions"])
                 + nn.functional.cross_entropy(end, batch["end_positions"])) / 2
 
-    losses = reference_training(model, record["features"], record["config"], loss_of)
+    losses = trainer_training(model, record["features"], record["config"], loss_of, str(tmp_path / "trainer"))
     ours = np.array(record["losses"])
     assert len(ours) == len(losses) and ours[-10:].mean() < 0.8 * ours[:10].mean()
     assert_same_losses(ours, losses)
