@@ -24,6 +24,7 @@ from lorakern.nf4 import LinearNF4
 from lorakern.testing import bound, magnitudes, rel_error
 
 EPS = {dtype: torch.finfo(dtype).eps for dtype in (torch.float32, torch.float16, torch.bfloat16)}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton: compiled on CUDA, else interpreted on CPU
 # fp32 operands rounded to a half compute dtype on the way in: at most eps/2 per rounded factor, three
 # factors at most per term (x, A, B; or dy, B, A).
 CAST_ULPS = 1.5
@@ -108,16 +109,24 @@ def test_linear_nf4_backward_by_value(compute, double_quant):
 
 
 # ---- autocast, non-contiguous input, disable_adapters ---------------------------------------------------
-def test_nf4_under_autocast_computes_in_autocast_dtype_unless_compute_dtype_is_set():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nf4_under_autocast_computes_in_autocast_dtype_unless_compute_dtype_is_set(backend):
+    """Backward inside the autocast block too (where a training loop often calls it)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    device = DEVICE if backend == "triton" else "cpu"
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(9, 64, generator=gen)
     dy = torch.randn(9, 48, generator=gen)
     for compute, expected_dtype in ((None, torch.bfloat16), (torch.float32, torch.float32)):
         layer, _ = nf4_layer(64, 48, 6, compute=compute)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            got = grads_of(layer, x, dy)
+        W = core_decode(layer.nf4, expected_dtype)
+        layer = layer.to(device)
+        layer.backend = backend
+        with torch.autocast(device, dtype=torch.bfloat16):
+            got = {k: v.cpu() for k, v in grads_of(layer, x.to(device), dy.to(device)).items()}
         assert got["y"].dtype == expected_dtype and got["dA"].dtype == torch.float32
-        compare(got, x, core_decode(layer.nf4, expected_dtype), f64(layer.lora_A), f64(layer.lora_B), f64(layer.bias),
+        compare(got, x, W, f64(layer.lora_A.cpu()), f64(layer.lora_B.cpu()), f64(layer.bias.cpu()),
                 core_lora.scaling(6, 3.0), dy, expected_dtype, limit_for(expected_dtype, torch.float32, 64))
         plain = LinearNF4.from_linear(nn.Linear(64, 48), compute_dtype=compute)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -161,9 +170,6 @@ def test_nf4_under_disable_adapters_is_the_base_alone():
 
 
 # ---- Triton (interpreted on CPU): Conv1D base, partial gradients -----------------------------------------
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("lead", [(5,), (3, 13)], ids=["small-M", "tiled"])
 def test_triton_on_gpt2_conv1d(dtype, lead):
