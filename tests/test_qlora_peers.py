@@ -76,6 +76,17 @@ def core_state(module: nn.Module) -> core_nf4.NF4State:
     return state
 
 
+def storage_state(nf4) -> core_nf4.NF4State:
+    """lorakern's NF4Storage as lorakern.core's NF4State: the bytes and statistics, nothing decoded."""
+    state = core_nf4.NF4State(packed=nf4.packed.numpy(), shape=nf4.shape, dtype="float32", blocksize=nf4.blocksize)
+    if nf4.double_quant:
+        state.absmax_codes, state.nested_absmax = nf4.absmax.numpy(), nf4.nested_absmax.numpy()
+        state.nested_map, state.offset = nf4.nested_map.numpy(), np.float32(nf4.offset.item())
+    else:
+        state.absmax = nf4.absmax.numpy()
+    return state
+
+
 def assert_same_quantization(ours: LoraLinear, theirs: nn.Module, weight: torch.Tensor) -> None:
     """Packed bytes and absmaxes equal. With double quantization bitsandbytes' native 8-bit quantizer
     occasionally picks the second-nearest code of an absmax (its pure-PyTorch backend does not, and
@@ -186,25 +197,15 @@ def test_lora_on_4bit_base_matches_peft_bitsandbytes_and_core(lead, K, N, r, set
     s = core_lora.scaling(r, 2 * r)
     length = max(int(np.prod(lead)), K, N)
     limit = bound(compute, length) + (CAST_ULPS * EPS[compute] if compute != torch.float32 else 0.0)
-    states = {"lorakern": ours.nf4, "lorakern on bitsandbytes' state": None, "PEFT + bitsandbytes": None}
     for name, result in results.items():
-        if states[name] is not None:
-            nf4 = states[name]
-            state = core_nf4.NF4State(packed=nf4.packed.numpy(), shape=nf4.shape, dtype="float32", blocksize=BLOCKSIZE)
-            if double_quant:
-                state.absmax_codes, state.nested_absmax = nf4.absmax.numpy(), nf4.nested_absmax.numpy()
-                state.nested_map, state.offset = nf4.nested_map.numpy(), np.float32(nf4.offset.item())
-            else:
-                state.absmax = nf4.absmax.numpy()
-        else:
-            state = core_state(theirs)
+        state = storage_state(ours.nf4) if name == "lorakern" else core_state(theirs)
         W = f64(torch.from_numpy(core_nf4.nf4_dequantize(state)).to(compute))
         expected = {"y": core_lora.forward(xs, W, A, B, b, s), **core_lora.backward(xs, W, A, B, dy, s)}
         scale = magnitudes(xs, W, A, B, b, dy, s, None, torch.finfo(compute).tiny)
         for key in ("y", "dx", "dA", "dB"):
             check(f"{name} {key}", result[key], expected[key], scale[key], limit, compute)
-    # lorakern and PEFT on the very same bytes: each within the bound of the reference, so within twice
-    # the bound of each other, element by element.
+    # lorakern and PEFT on the very same bytes (``scale`` is theirs): each within the bound of the reference,
+    # so within twice the bound of each other, element by element.
     same = results["lorakern on bitsandbytes' state"]
     for key in ("y", "dx", "dA", "dB"):
         check(f"lorakern vs PEFT {key}", same[key], f64(results["PEFT + bitsandbytes"][key]), scale[key], 2 * limit,
