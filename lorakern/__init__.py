@@ -21,6 +21,7 @@ _LAZY = {
     "count_parameters": "lorakern.injection",
     "parameter_table": "lorakern.injection",
     "lora_layers": "lorakern.injection",
+    "adapter_rows": "lorakern.rows",
     "add_weighted_adapter": "lorakern.combine",
     "save_adapter": "lorakern.adapters",
     "load_adapter": "lorakern.adapters",

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from lorakern import dispatch, native
+from lorakern import dispatch, mixed, native
 from lorakern.dispatch import Call, Implementation
 from lorakern.errors import LorakernError
 
@@ -320,8 +320,13 @@ def _run(call: Call, library) -> torch.Tensor:
                                     library)
 
 
+def _dense_base_output(call) -> torch.Tensor:
+    return torch.nn.functional.linear(call.x, call.weight, call.bias)
+
+
 dispatch.register(Implementation("torch", "dense", lambda call: _run(call, None), torch_dropout_mask,
-                                 lambda call: None))
+                                 lambda call: None,
+                                 run_mixed=lambda call: mixed.run_torch(call, _dense_base_output, torch_dropout_mask)))
 dispatch.register(Implementation("c", "dense", lambda call: _run(call, native.lora_library()), torch_dropout_mask,
                                  _c_unsupported))
 

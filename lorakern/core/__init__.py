@@ -9,6 +9,8 @@ from .lora import (
     init_std,
     kaiming_uniform_bound,
     merge,
+    mixed_backward,
+    mixed_forward,
     scaling,
     unmerge,
 )
@@ -27,6 +29,8 @@ __all__ = [
     "init_std",
     "kaiming_uniform_bound",
     "merge",
+    "mixed_backward",
+    "mixed_forward",
     "scaling",
     "unmerge",
 ]
