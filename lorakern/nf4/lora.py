@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from lorakern import dispatch, mixed
 from lorakern.dispatch import Call, Implementation
 from lorakern.functional import _dropped_out, torch_dropout_mask
@@ -20,7 +22,7 @@ def _unsupported(call: Call) -> Optional[str]:
     return None
 
 
-def _base_output(call) -> "torch.Tensor":
+def _base_output(call) -> torch.Tensor:
     return NF4LinearFunction.apply(call.x, None, call.weight, call.bias, None, None, 0.0)
 
 
