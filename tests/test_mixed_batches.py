@@ -415,3 +415,21 @@ def test_ddp_two_ranks_train_a_mixed_batch_as_one_process(tmp_path):
     assert one.keys() == two.keys() and any(".b." in n for n in one)
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_bench_adapters_providers_compute_the_same_mixed_batch():
+    """lorakern bench --adapters: every provider computes the same y (the timings compare like with like)."""
+    from lorakern.bench import Shape, make_operands
+    from lorakern.bench_mixed import _mixed_providers
+
+    shape = Shape("tiny", 24, 16, 12, 4)
+    o = make_operands(shape, torch.float32, "cpu")
+    x3 = o.x.detach().reshape(6, 4, 16).requires_grad_(True)
+    built = {name: make() for name, make in _mixed_providers(o, x3, 3, ("fwd",)).items()}
+    outputs = {name: b.forward().detach() for name, b in built.items()}
+    mixed = outputs.pop("lorakern mixed")
+    frozen = outputs.pop("frozen nn.Linear")
+    assert (mixed - frozen).abs().max() > 1e-3  # the adapters do contribute
+    assert outputs
+    for name, y in outputs.items():
+        torch.testing.assert_close(y, mixed, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
