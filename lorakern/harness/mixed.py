@@ -36,7 +36,7 @@ from lorakern.harness.models import TINY, Backbone, build_model, forward_logits
 from lorakern.harness.run import RunOptions, collate_fn, default_out
 from lorakern.harness.train import _batches, schedule, seed_everything
 from lorakern.injection import add_adapter, inject, set_adapter
-from lorakern.rows import adapter_rows
+from lorakern.row_adapters import adapter_rows
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
