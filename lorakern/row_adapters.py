@@ -47,7 +47,10 @@ def adapter_rows(model: nn.Module, rows: Sequence[Optional[str]], active: Option
     if unknown:
         raise AdapterError(f"unknown adapter(s) {unknown} in adapter_rows; this model has {known} "
                            f"(None marks a base-only row)")
-    names = list(dict.fromkeys([*active, *(r for r in rows if r is not None)]))
+    # slots in the model's adapter order: the same set of adapters gives the same slots (no recompile under
+    # torch.compile, whose trace depends on the slots' adapters but not on which rows use them)
+    named = {*active, *(r for r in rows if r is not None)}
+    names = [n for n in known if n in named]
     layers, wrappers = lora_layers(model), _wrappers(model)
     merged = [n for n, layer in layers.items() if layer.merged_adapters]
     if merged:

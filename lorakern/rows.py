@@ -96,10 +96,12 @@ class RowGroups:
         steps = torch.arange(T, dtype=torch.int64)
         slot = self.slot[:, None].expand(self.batch_size, T).reshape(-1)
         order = (self.order[:, None] * T + steps[None, :]).reshape(-1)
+        if torch.compiler.is_compiling():
+            # the host counts would be guarded on (a recompile per assignment): traced paths read slot only
+            return TokenGroups(slot.to(device), order.to(device), (self.offsets * T).to(device), ())
         groups = TokenGroups(slot.to(device), order.to(device), (self.offsets * T).to(device),
                              tuple(c * T for c in self.counts))
-        if not torch.compiler.is_compiling():
-            self._tokens[key] = groups
+        self._tokens[key] = groups
         return groups
 
     def rows_of(self, slots: Sequence[int]) -> torch.Tensor:

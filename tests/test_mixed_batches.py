@@ -111,6 +111,29 @@ def test_torch_path_matches_the_row_by_row_reference(case, K, N, kind, seed):
         assert_matches(grads[name], grads_ref[name], dtype, name)
 
 
+def test_seeded_dropout_uses_each_adapters_mask_rows_and_matches_the_reference():
+    from lorakern.functional import torch_dropout_mask
+
+    rows, ps = [1, 0, -1, 1, 0, 0], [0.25, 0.5]
+    x, weight, W_ref, b, factors, dy = make_case(rows, [(3, 6.0), (2, 2.0)], [True, True], 9, 5, torch.float64,
+                                                 "dense", 7)
+    adapters = [(f[0], f[1], f[3] / f[2], p) for f, p in zip(factors, ps)]
+    groups = group_rows(torch.tensor(rows), 2)
+    y = dispatch.lora_forward_mixed(x, "dense", weight, b, adapters, groups, seed=11, requested="torch")
+    y.backward(dy)
+    # the mask a single-adapter call with seed 11 and that adapter's p draws for the whole x
+    masks = [f64(torch_dropout_mask(11, x.shape, p, "cpu")) for p in ps]
+    ref = [(f64(f[0]), f64(f[1]), core.scaling(f[2], f[3])) for f in factors]
+    assert_matches(y, core.mixed_forward(f64(x), W_ref, ref, rows, f64(b), masks), torch.float64, "y")
+    back = core.mixed_backward(f64(x), W_ref, ref, rows, f64(dy), masks)
+    assert_matches(x.grad, back["dx"], torch.float64, "dx")
+    for slot, f in enumerate(factors):
+        assert_matches(f[0].grad, back["dA"][slot], torch.float64, f"dA{slot}")
+        assert_matches(f[1].grad, back["dB"][slot], torch.float64, f"dB{slot}")
+    with pytest.raises(AssertionError):  # the masks matter: without them the reference disagrees
+        assert_matches(y, core.mixed_forward(f64(x), W_ref, ref, rows, f64(b)), torch.float64, "y")
+
+
 def test_the_comparison_fails_when_output_or_gradient_is_off_by_four_bounds():
     rows = [0, 1, -1, 0, 1]
     for dtype in (torch.float32, torch.float64):
@@ -228,11 +251,16 @@ def test_compiled_mixed_batch_has_no_graph_breaks_and_matches_eager():
     with lorakern.adapter_rows(model, rows):
         explanation = torch._dynamo.explain(model)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
-    compiled_out, compiled_grads = loss_and_grads(torch.compile(model, backend="aot_eager"))
+    compiled = torch.compile(model, backend="aot_eager")
+    compiled_out, compiled_grads = loss_and_grads(compiled)
     torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-6)
     assert compiled_grads.keys() == eager_grads.keys()
     for name in eager_grads:
         torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with lorakern.adapter_rows(model, ["a", "a", None, "b"]):  # other rows, same adapters: no recompile
+        compiled(x).sum().backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 def roberta_two_tasks(quantize=None):
