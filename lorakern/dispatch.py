@@ -251,7 +251,16 @@ def lora_forward_mixed(x: torch.Tensor, base: str, weight: Any, bias: Optional[t
 
     ``adapters`` has one entry per slot of ``groups`` (lorakern.rows.TokenGroups: slot, order, offsets,
     counts over the rows of x flattened to (M, K)); None where this layer lacks that adapter. Casts as
-    ``lora_forward`` does; y has x's leading shape."""
+    ``lora_forward`` does; y has x's leading shape. When every row uses one adapter (the host counts say
+    so, in eager) this is that adapter's single-adapter call, so a one-adapter batch costs what it did."""
+    rows = x.numel() // x.shape[-1] if x.dim() else 0
+    whole = [a for a, count in enumerate(groups.counts) if count == rows and rows]
+    others = [a for a in range(len(adapters)) if not whole or a != whole[0]]
+    if whole and adapters[whole[0]] is not None and all(adapters[a] is None for a in others):
+        # every row uses one adapter (known in eager only) and no other adapter is there to get its zero
+        # gradient: the single-adapter call, at its cost
+        return lora_forward(x, base, weight, bias, [adapters[whole[0]]], seed=seed, compute_dtype=compute_dtype,
+                            requested=requested)
     call = prepare_mixed(x, base, weight, bias, adapters, groups, compute_dtype)
     with torch.autocast(x.device.type, enabled=False):
         implementation, _ = choose(call, requested)

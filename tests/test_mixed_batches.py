@@ -94,6 +94,7 @@ ASSIGNMENTS = st.integers(1, 3).flatmap(lambda n: st.tuples(
          seed=1)  # an adapter with no rows, ranks 1 and 64
 @example(case=(2, [-1, 1, -1, 0, -1], [(2, 4.0), (5, 1.0)], [True, True]), K=3, N=4, kind="fp64", seed=2)  # base rows
 @example(case=(1, [-1, -1, -1], [(8, 16.0)], [True]), K=8, N=4, kind="fp32", seed=3)  # every row base-only
+@example(case=(1, [0, 0, 0], [(8, 16.0)], [True]), K=8, N=4, kind="fp32", seed=6)  # one slot: the single-adapter call
 @example(case=(2, [0, 1, 1, 0], [(2, 4.0), (3, 4.0)], [True, False]), K=8, N=4, kind="fp64", seed=4)  # layer lacks one
 @example(case=(2, [1, 0, -1, 1, 0], [(4, 4.0), (16, 16.0)], [True, True]), K=17, N=13, kind="nf4", seed=5)  # NF4 base
 def test_torch_path_matches_the_row_by_row_reference(case, K, N, kind, seed):
