@@ -54,8 +54,8 @@ def adapter_rows(model: nn.Module, rows: Sequence[Optional[str]], active: Option
     layers, wrappers = lora_layers(model), _wrappers(model)
     merged = [n for n, layer in layers.items() if layer.merged_adapters]
     if merged:
-        raise AdapterError(f"layers {merged[:3]} have merged adapters, which every row would get; unmerge them "
-                           f"(lorakern.unmerge / layer.unmerge()) before a mixed batch")
+        raise AdapterError(f"layers {merged[:3]} have merged adapters, which every row would get; call unmerge() "
+                           f"on them before a mixed batch")
     if any(m.row_groups is not None for m in (*layers.values(), *wrappers.values())):
         raise AdapterError("adapter_rows blocks do not nest; leave the outer block first")
     for module in (*layers.values(), *wrappers.values()):

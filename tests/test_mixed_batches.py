@@ -462,3 +462,13 @@ def test_bench_adapters_providers_compute_the_same_mixed_batch():
     assert outputs
     for name, y in outputs.items():
         torch.testing.assert_close(y, mixed, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_a_merged_layer_is_refused_and_the_model_left_as_it_was():
+    model = toy_two_adapters()
+    before = model_state(model)
+    model.q.merge()
+    with pytest.raises(AdapterError, match=r"\['q'\] have merged adapters.*unmerge\(\)"):
+        with lorakern.adapter_rows(model, ["a", "b"]):
+            pass
+    assert model_state(model) == before and model.q.row_groups is None
