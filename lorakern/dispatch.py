@@ -18,6 +18,8 @@ with the base, each further one adds its own term in torch.
 A mixed-adapter call (``MixedCall``: each row of x uses its own adapter, or none) goes through the same
 ``choose``/``explain``: an implementation takes it when it has ``run_mixed`` and its ``unsupported_mixed``
 returns None; one without ``run_mixed`` declines it, saying so. ``lora_forward_mixed`` is its entry point.
+Mixed paths: triton (the segmented kernels, when registered), c (dense fp32 CPU eager, no dropout:
+lorakern.mixed.run_native), torch (dense and NF4: lorakern.mixed.run_torch).
 """
 from __future__ import annotations
 

@@ -277,16 +277,23 @@ NATIVE_MAX_RANK = 256  # lora_cpu.c keeps four rows' r coefficients on the stack
 
 def _c_unsupported(call: Call) -> Optional[str]:
     """Why the C kernels cannot take ``call``: fp32 on the CPU, eager, at least one row, r <= 256, built."""
-    if call.x.device.type != "cpu":
-        return f"CPU only (the input is on {call.x.device})"
-    if call.x.dtype != torch.float32:
-        return f"fp32 only (this call computes in {call.x.dtype})"
-    if torch.compiler.is_compiling():
-        return "eager only (torch.compile traces the plain-torch formulation)"
-    if call.x.numel() == 0:
-        return "no rows"
+    common = _c_unsupported_common(call.x)
+    if common is not None:
+        return common
     if call.rank > NATIVE_MAX_RANK:
         return f"r={call.rank} > {NATIVE_MAX_RANK}"
+    return None
+
+
+def _c_unsupported_common(x: torch.Tensor) -> Optional[str]:
+    if x.device.type != "cpu":
+        return f"CPU only (the input is on {x.device})"
+    if x.dtype != torch.float32:
+        return f"fp32 only (this call computes in {x.dtype})"
+    if torch.compiler.is_compiling():
+        return "eager only (torch.compile traces the plain-torch formulation)"
+    if x.numel() == 0:
+        return "no rows"
     if native.lora_library() is None:
         _, why = native.build_status()
         return f"not built: {why}"
@@ -327,8 +334,37 @@ def _dense_base_output(call) -> torch.Tensor:
 dispatch.register(Implementation("torch", "dense", lambda call: _run(call, None), torch_dropout_mask,
                                  lambda call: None,
                                  run_mixed=lambda call: mixed.run_torch(call, _dense_base_output, torch_dropout_mask)))
+def _native_thin_products(library, x_rows, lora_A, lora_B, s):
+    """(u, s u B^T) for gathered rows in one C pass over them (lora_forward_f32 with no bias)."""
+    (r, K), N, rows = lora_A.shape, lora_B.shape[0], x_rows.shape[0]
+    A, B_t = lora_A.contiguous(), lora_B.t().contiguous()  # named: the copies outlive the call
+    u, term = x_rows.new_empty(rows, r), x_rows.new_empty(rows, N)
+    if rows:
+        library.lora_forward_f32(_ptr(x_rows), _ptr(A), _ptr(B_t), None, s, rows, K, N, r, _ptr(u), _ptr(term),
+                                 torch.get_num_threads())
+    return u, term
+
+
+def _c_mixed_unsupported(call) -> Optional[str]:
+    """Why the C mixed path cannot take ``call``: the single-adapter rules, no dropout, host counts."""
+    common = _c_unsupported_common(call.x)
+    if common is not None:
+        return common
+    if any(a is not None and a[3] > 0 for a in call.adapters):
+        return "LoRA dropout on (the C mixed path takes p = 0 only; torch serves)"
+    if len(call.counts) != len(call.adapters):
+        return "no host counts for the adapters' rows"
+    top = max([0] + [a[0].shape[0] for a in call.adapters if a is not None])
+    if top > NATIVE_MAX_RANK:
+        return f"r={top} > {NATIVE_MAX_RANK}"
+    return None
+
+
 dispatch.register(Implementation("c", "dense", lambda call: _run(call, native.lora_library()), torch_dropout_mask,
-                                 _c_unsupported))
+                                 _c_unsupported,
+                                 run_mixed=lambda call: mixed.run_native(call, native.lora_library(),
+                                                                         _native_thin_products, _rank_r_grads_native),
+                                 unsupported_mixed=_c_mixed_unsupported))
 
 
 def check_operands(x, weight, bias, lora_A, lora_B) -> None:

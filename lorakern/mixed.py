@@ -1,6 +1,6 @@
 """Mixed-adapter batches in a layer: the plain-torch implementation of a MixedCall (registered with
-lorakern.dispatch by lorakern.functional for a dense base and lorakern.nf4.lora for an NF4 one) and the
-layer's mixed forward.
+lorakern.dispatch by lorakern.functional for a dense base and lorakern.nf4.lora for an NF4 one), the C
+one (``run_native``, registered by lorakern.functional as c's) and the layer's mixed forward.
 
     y = x W^T + b;   y[rows of a] += s_a (dropout_a(x[rows of a]) A_a^T) B_a^T   for each adapter a
 
@@ -68,6 +68,69 @@ def run_torch(call: MixedCall, base_output: Callable[[MixedCall], torch.Tensor],
     return y.index_add(0, torch.cat(rows_parts), torch.cat(terms))
 
 
+class MixedNativeFunction(torch.autograd.Function):
+    """The c implementation's mixed call (fp32, CPU, no dropout): the base GEMM once over all rows, each
+    adapter's thin products with the C kernels (lorakern/native/lora_cpu.c) on its gathered rows.
+
+    Forward, with x_a = x[rows of a] (gathered, contiguous):
+        u_a = x_a A_a^T,  t_a = s_a u_a B_a^T      one C pass over x_a (lora_forward_f32, no bias)
+        y = x W^T + b;    y[rows of a] += t_a       one index_add over every adapter's rows
+    Backward, with g_a = g[rows of a]:
+        dx = g W;  dx[rows of a] += s_a (g_a B_a) A_a
+        dA_a = s_a (g_a B_a)^T x_a,  dB_a = s_a g_a^T u_a   (functional._rank_r_grads_native on g_a)
+    Saved: x (the gathers are redone in backward), each u_a; the flat ``factors`` are A_0, B_0, A_1, ...
+    of the slots present, ``plan`` their (rows, scaling) in the same order."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan, library, forward_product, rank_r_grads, *factors):
+        y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+        us, terms = [], []
+        for (rows, s), A, B in zip(plan, factors[0::2], factors[1::2]):
+            u, term = forward_product(library, x.index_select(0, rows), A, B, s)
+            us.append(u)
+            terms.append(term)
+        if terms:
+            y.index_add_(0, torch.cat([rows for rows, _ in plan]), torch.cat(terms))
+        ctx.plan, ctx.library, ctx.rank_r_grads = plan, library, rank_r_grads
+        ctx.save_for_backward(x, weight, *us, *factors)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, *rest = ctx.saved_tensors
+        n = len(ctx.plan)
+        us, factors = rest[:n], rest[n:]
+        need_x = ctx.needs_input_grad[0]
+        dx = g @ weight if need_x else None
+        grads = []
+        for i, ((rows, s), u, A, B) in enumerate(zip(ctx.plan, us, factors[0::2], factors[1::2])):
+            need_A, need_B = ctx.needs_input_grad[7 + 2 * i], ctx.needs_input_grad[8 + 2 * i]
+            if rows.numel() == 0:  # no rows: a zero gradient (the C pass would write nothing)
+                grads += [torch.zeros_like(A) if need_A else None, torch.zeros_like(B) if need_B else None]
+                continue
+            g_a = g.index_select(0, rows)
+            x_a = x.index_select(0, rows) if need_A else None
+            term, dA, dB = ctx.rank_r_grads(ctx.library, g_a, x_a, u, A, B, s, need_x, need_A, need_B)
+            if need_x:
+                dx.index_add_(0, rows, term)
+            grads += [dA, dB]
+        db = g.sum(dim=0) if ctx.needs_input_grad[2] else None
+        return (dx, None, db, None, None, None, None, *grads)
+
+
+def run_native(call: MixedCall, library, forward_product: Callable, rank_r_grads: Callable) -> torch.Tensor:
+    """y for a MixedCall with the C kernels (see MixedNativeFunction); ``c`` declines what it cannot take."""
+    plan, factors, start = [], [], 0
+    for adapter, count in zip(call.adapters, call.counts):
+        rows = call.order[start:start + count]
+        start += count
+        if adapter is not None:
+            plan.append((rows, adapter[2]))
+            factors += [adapter[0], adapter[1]]
+    return MixedNativeFunction.apply(call.x, call.weight, call.bias, plan, library, forward_product, rank_r_grads,
+                                     *factors)
+
+
 def _adapters_for(layer: nn.Module, names: Sequence[str]) -> list:
     training = layer.training
     return [None if n not in layer.adapters else
@@ -113,4 +176,4 @@ def forward_rows(layer: nn.Module, x: torch.Tensor, row_adapter: torch.Tensor, n
     return forward_grouped(layer, x, names, group_rows(row_adapter.to(x.device), len(names)))
 
 
-__all__ = ["forward_grouped", "forward_rows", "layer_forward", "run_torch"]
+__all__ = ["MixedNativeFunction", "forward_grouped", "forward_rows", "layer_forward", "run_native", "run_torch"]

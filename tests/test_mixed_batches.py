@@ -12,7 +12,7 @@ from torch import nn
 
 import lorakern
 from conftest import tiny_roberta_classifier
-from lorakern import LoraConfig, core, dispatch, inject, lora_layers
+from lorakern import LoraConfig, core, dispatch, inject, lora_layers, native
 from lorakern.errors import AdapterError, LorakernError
 from lorakern.nf4.codec import quantize_nf4
 from lorakern.nf4.storage import NF4Storage
@@ -44,10 +44,10 @@ def make_case(rows, ranks, present, K, N, dtype, base, seed):
     return x, weight, W_ref, b, factors, dy
 
 
-def run_mixed(x, weight, b, factors, rows, base, dy):
+def run_mixed(x, weight, b, factors, rows, base, dy, backend="torch"):
     adapters = [None if f is None else (f[0], f[1], f[3] / f[2], 0.0) for f in factors]
     groups = group_rows(torch.tensor(rows, dtype=torch.int64), len(factors))
-    y = dispatch.lora_forward_mixed(x, base, weight, b, adapters, groups, requested="torch")
+    y = dispatch.lora_forward_mixed(x, base, weight, b, adapters, groups, requested=backend)
     y.backward(dy)
     grads = {"dx": x.grad}
     for slot, f in enumerate(factors):
@@ -88,7 +88,7 @@ ASSIGNMENTS = st.integers(1, 3).flatmap(lambda n: st.tuples(
 
 
 @given(case=ASSIGNMENTS, K=st.sampled_from([1, 3, 8, 17]), N=st.sampled_from([1, 4, 13]),
-       kind=st.sampled_from(["fp32", "fp64", "nf4"]), seed=st.integers(0, 2**16))
+       kind=st.sampled_from(["fp32", "fp64", "nf4", "fp32-c"]), seed=st.integers(0, 2**16))
 @example(case=(2, [0, 0, 0, 0], [(4, 8.0), (2, 4.0)], [True, True]), K=8, N=4, kind="fp64", seed=0)  # one adapter only
 @example(case=(3, [0, 2, 0, 2], [(1, 1.0), (64, 16.0), (3, 4.0)], [True, True, True]), K=17, N=13, kind="fp32",
          seed=1)  # an adapter with no rows, ranks 1 and 64
@@ -97,14 +97,17 @@ ASSIGNMENTS = st.integers(1, 3).flatmap(lambda n: st.tuples(
 @example(case=(1, [0, 0, 0], [(8, 16.0)], [True]), K=8, N=4, kind="fp32", seed=6)  # one slot: the single-adapter call
 @example(case=(2, [0, 1, 1, 0], [(2, 4.0), (3, 4.0)], [True, False]), K=8, N=4, kind="fp64", seed=4)  # layer lacks one
 @example(case=(2, [1, 0, -1, 1, 0], [(4, 4.0), (16, 16.0)], [True, True]), K=17, N=13, kind="nf4", seed=5)  # NF4 base
-def test_torch_path_matches_the_row_by_row_reference(case, K, N, kind, seed):
+@example(case=(3, [2, 0, -1, 2, 0], [(4, 4.0), (64, 16.0), (1, 2.0)], [True, True, False]), K=17, N=13, kind="fp32-c",
+         seed=7)  # the C kernels, an adapter with no rows and one the layer lacks
+def test_torch_and_c_paths_match_the_row_by_row_reference(case, K, N, kind, seed):
     n, rows, ranks, present = case
     dtype = torch.float64 if kind == "fp64" else torch.float32
     base = "nf4" if kind == "nf4" else "dense"
     if base == "nf4":
         K = 64  # NF4 blocks of 64
+    backend = "c" if kind == "fp32-c" and native.lora_library() is not None else "torch"
     x, weight, W_ref, b, factors, dy = make_case(rows, ranks, present, K, N, dtype, base, seed)
-    y, grads = run_mixed(x, weight, b, factors, rows, base, dy)
+    y, grads = run_mixed(x, weight, b, factors, rows, base, dy, backend)
     y_ref, grads_ref = reference(x, W_ref, b, factors, rows, dy)
     assert_matches(y, y_ref, dtype, "y")
     assert grads.keys() == grads_ref.keys()
@@ -150,7 +153,7 @@ def test_the_comparison_fails_when_output_or_gradient_is_off_by_four_bounds():
                 assert_matches(off, want, dtype, what)
 
 
-def test_all_rows_one_adapter_equals_the_single_adapter_layer_and_c_declines_mixed_calls():
+def test_all_rows_one_adapter_equals_the_single_adapter_layer_and_dispatch_explains_mixed_calls():
     torch.manual_seed(0)
     layer = lorakern.LoraLinear(12, 7, r=4, alpha=8)
     layer.add_adapter("b", r=2)
@@ -171,7 +174,8 @@ def test_all_rows_one_adapter_equals_the_single_adapter_layer_and_c_declines_mix
     call = dispatch.prepare_mixed(x.detach(), "dense", layer.weight, layer.bias,
                                   [(layer.lora_A, layer.lora_B, 2.0, 0.0)], group_rows(torch.zeros(15), 1))
     report = dispatch.explain(call)
-    assert "runs: torch" in report and "c: no mixed-adapter path" in report, report
+    assert "runs: c" in report or "c: not built" in report, report
+    assert "torch: takes it too" in report or "runs: torch" in report, report
     with pytest.raises(LorakernError, match="row_adapter holds 2"):
         layer.forward_rows(x, torch.full((15,), 2), ["default", "b"])
     with pytest.raises(AdapterError, match="unknown adapter"):
