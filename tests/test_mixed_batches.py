@@ -476,3 +476,21 @@ def test_a_merged_layer_is_refused_and_the_model_left_as_it_was():
         with lorakern.adapter_rows(model, ["a", "b"]):
             pass
     assert model_state(model) == before and model.q.row_groups is None
+
+
+def test_lorakern_check_compares_the_mixed_paths_and_fails_on_a_wrong_one(monkeypatch):
+    import dataclasses
+
+    from lorakern.check import mixed_rows
+
+    rows = mixed_rows(torch.device("cpu"))
+    assert any(r[0] == "mixed: torch" and r[1] == "float32" and r[-1] == "pass" for r in rows), rows
+    assert all(r[-1] in ("pass", "n/a") for r in rows), rows
+    real = dispatch._REGISTRY[("torch", "dense")]
+
+    def off_by_a_little(call):
+        y = real.run_mixed(call)
+        return y + 1e-3 * y.detach().abs().amax()
+
+    monkeypatch.setitem(dispatch._REGISTRY, ("torch", "dense"), dataclasses.replace(real, run_mixed=off_by_a_little))
+    assert any(r[0] == "mixed: torch" and r[-1] == "FAIL" for r in mixed_rows(torch.device("cpu")))
