@@ -122,6 +122,7 @@ def pending(module: nn.Module) -> Optional[RowGroups]:
     groups = module.pending_rows
     if groups is None or torch.compiler.is_compiling():
         return None
+    # -1 outside a backward pass (torch has no public way to ask whether autograd is running one)
     if torch._C._current_graph_task_id() >= 0:
         return groups
     groups.finish()
