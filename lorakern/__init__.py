@@ -23,6 +23,7 @@ _LAZY = {
     "count_parameters": "lorakern.injection",
     "parameter_table": "lorakern.injection",
     "lora_layers": "lorakern.injection",
+    "adapter_rows": "lorakern.row_adapters",
     "add_weighted_adapter": "lorakern.combine",
     "save_adapter": "lorakern.adapters",
     "load_adapter": "lorakern.adapters",

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from lorakern import dispatch, native
+from lorakern import dispatch, mixed, mixed_c, native
 from lorakern.dispatch import Call, Implementation
 from lorakern.errors import LorakernError
 
@@ -312,16 +312,23 @@ NATIVE_MAX_RANK = 256  # lora_cpu.c keeps four rows' r coefficients on the stack
 
 def _c_unsupported(call: Call) -> Optional[str]:
     """Why the C kernels cannot take ``call``: fp32 on the CPU, eager, at least one row, r <= 256, built."""
-    if call.x.device.type != "cpu":
-        return f"CPU only (the input is on {call.x.device})"
-    if call.x.dtype != torch.float32:
-        return f"fp32 only (this call computes in {call.x.dtype})"
-    if torch.compiler.is_compiling():
-        return "eager only (torch.compile traces the plain-torch formulation)"
-    if call.x.numel() == 0:
-        return "no rows"
+    common = _c_unsupported_common(call.x)
+    if common is not None:
+        return common
     if call.rank > NATIVE_MAX_RANK:
         return f"r={call.rank} > {NATIVE_MAX_RANK}"
+    return None
+
+
+def _c_unsupported_common(x: torch.Tensor) -> Optional[str]:
+    if x.device.type != "cpu":
+        return f"CPU only (the input is on {x.device})"
+    if x.dtype != torch.float32:
+        return f"fp32 only (this call computes in {x.dtype})"
+    if torch.compiler.is_compiling():
+        return "eager only (torch.compile traces the plain-torch formulation)"
+    if x.numel() == 0:
+        return "no rows"
     if native.lora_library() is None:
         _, why = native.build_status()
         return f"not built: {why}"
@@ -355,10 +362,29 @@ def _run(call: Call, library) -> torch.Tensor:
                                     library)
 
 
+def _dense_base_output(call) -> torch.Tensor:
+    return torch.nn.functional.linear(call.x, call.weight, call.bias)
+
+
 dispatch.register(Implementation("torch", "dense", lambda call: _run(call, None), torch_dropout_mask,
-                                 lambda call: None))
+                                 lambda call: None,
+                                 run_mixed=lambda call: mixed.run_torch(call, _dense_base_output, torch_dropout_mask)))
+def _c_mixed_unsupported(call) -> Optional[str]:
+    """Why the C mixed path (lorakern.mixed_c) cannot take ``call``: a dense base and the single-adapter rules."""
+    if call.base != "dense":
+        return f"dense bases only (this layer's base is {call.base})"
+    common = _c_unsupported_common(call.x)
+    if common is not None:
+        return common
+    top = max([0] + [a[0].shape[0] for a in call.adapters if a is not None])
+    if top > NATIVE_MAX_RANK:
+        return f"r={top} > {NATIVE_MAX_RANK}"
+    return None
+
+
 dispatch.register(Implementation("c", "dense", lambda call: _run(call, native.lora_library()), torch_dropout_mask,
-                                 _c_unsupported))
+                                 _c_unsupported,
+                                 run_mixed=mixed_c.run_mixed, unsupported_mixed=_c_mixed_unsupported))
 
 
 def check_operands(x, weight, bias, lora_A, lora_B) -> None:

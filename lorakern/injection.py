@@ -24,6 +24,7 @@ from lorakern.inits import rewrites_base
 from lorakern.layer import DEFAULT_ADAPTER, LoraLinear, is_linear_like
 from lorakern.layer_types import LORA_LAYERS, SUPPORTED, can_take_lora, new_lora_layer
 from lorakern.nf4.modules import LinearNF4
+from lorakern.rows import pending, wrapper_forward
 
 # Heads of transformers' sequence-classification models, kept out of "all-linear" like PEFT does.
 _CLASSIFIER_HEAD_NAMES = ("classifier", "score")
@@ -33,7 +34,11 @@ class ModulesToSaveWrapper(nn.Module):
     """A module trained in full per adapter (PEFT's wrapper of the same name and keys): the original stays
     as it was (``original_module``, frozen) and each adapter trains its own copy
     (``modules_to_save.<adapter>``). The forward runs the active adapter's copy, or the original when no
-    active adapter has one or adapters are disabled."""
+    active adapter has one or adapters are disabled. In a mixed batch (lorakern.adapter_rows) each row
+    runs its own adapter's copy."""
+
+    row_groups = None  # set by lorakern.adapter_rows for the duration of a mixed batch
+    pending_rows = None  # an ended block's rows until its backward ends (lorakern.rows.pending)
 
     def __init__(self, original: nn.Module, adapter_name: str) -> None:
         super().__init__()
@@ -67,6 +72,9 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args, **kwargs):
+        groups = self.row_groups if self.pending_rows is None else (self.row_groups or pending(self))
+        if groups is not None and not self.disabled:
+            return wrapper_forward(self, groups, args, kwargs)
         return self.active_module(*args, **kwargs)
 
     def __getattr__(self, name: str):
@@ -316,13 +324,19 @@ def _apply_active(model: nn.Module) -> None:
     """Freeze everything, then make the active adapters' tensors trainable: their A and B, their copies of
     the modules_to_save, and the biases their configs name (PEFT's rules)."""
     names = model.lorakern_active
-    layers, configs = lora_layers(model), _configs(model)
+    layers = lora_layers(model)
     for param in model.parameters():
         param.requires_grad_(False)
     for wrapper in _wrappers(model).values():
         wrapper.set_adapter(names)  # the active adapter's copy trains
     for layer in layers.values():
         layer.set_adapter(names)  # the active adapters' A and B train
+    _train_biases(model, names, layers)
+
+
+def _train_biases(model: nn.Module, names: list[str], layers: dict[str, LoraLinear]) -> None:
+    """Make trainable the biases the configs of ``names`` name (PEFT's bias="lora_only" / "all")."""
+    configs = _configs(model)
     for name in names:
         if configs[name].bias == "lora_only":
             for layer in layers.values():

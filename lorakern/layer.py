@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from lorakern import dispatch, inits
+from lorakern import dispatch, inits, mixed
 from lorakern import functional  # noqa: F401  registers the dense torch and C implementations
 from lorakern.nf4 import lora as _nf4_lora  # noqa: F401  registers the NF4 torch implementation
 from lorakern.adapter import LoraAdapter, check_hyperparameters
@@ -26,6 +26,7 @@ from lorakern.named_adapters import NamedAdapters
 from lorakern.nf4.codec import quantize_nf4
 from lorakern.nf4.modules import check_nf4_input
 from lorakern.nf4.storage import NF4Storage
+from lorakern.rows import pending
 
 DEFAULT_ADAPTER = "default"
 _QUANT_KWARGS = ("blocksize", "double_quant", "compute_dtype", "lora_dtype", "quant_storage")
@@ -39,6 +40,9 @@ class LoraLinear(NamedAdapters, nn.Module):
     (``adapters.<name>.lora_A`` / ``.lora_B``); ``lora_A``, ``lora_B``, ``scaling``, ``r``, ``alpha`` and
     ``dropout`` are the active adapter's (the first, when several are active).
     """
+
+    row_groups = None  # a mixed batch's lorakern.rows.RowGroups, set by lorakern.adapter_rows for its block
+    pending_rows = None  # an ended block's rows until its backward ends (lorakern.rows.pending)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 8,
                  alpha: Optional[float] = None, dropout: float = 0.0, use_rslora: bool = False, init="kaiming",
@@ -181,6 +185,9 @@ class LoraLinear(NamedAdapters, nn.Module):
             check_operands(x, self.base.operand(self), self.bias, self._active().lora_A, self._active().lora_B)
         else:
             check_nf4_input(x, self.nf4)
+        groups = self.row_groups if self.pending_rows is None else (self.row_groups or pending(self))
+        if groups is not None and not self.disabled:
+            return mixed.layer_forward(self, x, groups)
         if not adapters:
             return self.base.forward(self, x)
         training = self.training
@@ -188,6 +195,15 @@ class LoraLinear(NamedAdapters, nn.Module):
             x, self.base.kind, self.base.operand(self), self.bias,
             [(a.lora_A, a.lora_B, a.scaling, a.dropout if training else 0.0) for a in adapters],
             seed=self.dropout_seed, compute_dtype=self.compute_dtype, requested=self.backend)
+
+    def forward_rows(self, x: torch.Tensor, row_adapter: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """A mixed batch without a model: row i of x flattened to (M, K) uses adapter ``names[row_adapter[i]]``
+        (-1: the base alone). See lorakern.adapter_rows for whole models."""
+        if self.base.kind == "dense":
+            check_operands(x, self.base.operand(self), self.bias, self._active().lora_A, self._active().lora_B)
+        else:
+            check_nf4_input(x, self.nf4)
+        return mixed.forward_rows(self, x, row_adapter, names)
 
     def _call_for(self, x: torch.Tensor) -> dispatch.Call:
         adapter = self._active()

@@ -15,7 +15,6 @@ from typing import Any, Optional, Sequence
 import torch
 
 from lorakern import native
-from lorakern.functional import NATIVE_MAX_RANK
 
 _Adapters = Sequence[Optional[tuple[torch.Tensor, torch.Tensor, float, float]]]
 
@@ -137,27 +136,6 @@ def mixed_dropout(x: torch.Tensor, slot: torch.Tensor, adapters: _Adapters, seed
     generator = None if seed is None else torch.Generator(device=x.device).manual_seed(int(seed))
     keep = torch.rand(x.shape, generator=generator, device=x.device) >= p_row[:, None]
     return x * (keep.to(x.dtype) / (1.0 - p_row)[:, None].to(x.dtype))
-
-
-def unsupported_mixed(call: Any) -> Optional[str]:
-    """Why the C kernels cannot take this mixed call: a dense fp32 base on the CPU, eager, r <= 256, built."""
-    if call.base != "dense":
-        return f"dense bases only (this layer's base is {call.base})"
-    if call.x.device.type != "cpu":
-        return f"CPU only (the input is on {call.x.device})"
-    if call.x.dtype != torch.float32:
-        return f"fp32 only (this call computes in {call.x.dtype})"
-    if torch.compiler.is_compiling():
-        return "eager only (torch.compile traces the plain-torch formulation)"
-    if call.x.numel() == 0:
-        return "no rows"
-    ranks = [a[0].shape[0] for a in call.adapters if a is not None]
-    if ranks and max(ranks) > NATIVE_MAX_RANK:
-        return f"r={max(ranks)} > {NATIVE_MAX_RANK}"
-    if native.lora_library() is None:
-        _, why = native.build_status()
-        return f"not built: {why}"
-    return None
 
 
 def run_mixed(call: Any) -> torch.Tensor:

@@ -207,8 +207,13 @@ def test_a_perturbed_result_fails_the_comparison(library):
 
 
 def test_declines_what_it_cannot_run():
+    from lorakern.functional import _c_mixed_unsupported
+
     x = torch.randn(4, 8, dtype=torch.float64)
     call = SimpleNamespace(x=x, base="dense", adapters=[(torch.randn(2, 8), torch.randn(3, 2), 1.0, 0.0)])
-    assert "fp32 only" in mixed_c.unsupported_mixed(call)
+    assert "fp32 only" in _c_mixed_unsupported(call)
     call.base = "nf4"
-    assert "dense bases only" in mixed_c.unsupported_mixed(call)
+    assert "dense bases only" in _c_mixed_unsupported(call)
+    call.base, call.x = "dense", x.float()
+    call.adapters = [(torch.randn(300, 8), torch.randn(3, 300), 1.0, 0.0)]
+    assert "r=300 > 256" in _c_mixed_unsupported(call)

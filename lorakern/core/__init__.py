@@ -17,6 +17,8 @@ from .lora import (
     init_std,
     kaiming_uniform_bound,
     merge,
+    mixed_backward,
+    mixed_forward,
     scaling,
     unmerge,
 )
@@ -41,6 +43,8 @@ __all__ = [
     "init_std",
     "kaiming_uniform_bound",
     "merge",
+    "mixed_backward",
+    "mixed_forward",
     "scaling",
     "unmerge",
 ]
