@@ -282,6 +282,23 @@ void lora_forward_f32(const float *x_lora, const float *A, const float *Bt, cons
     }
 }
 
+/* This thread's number and the team's size inside a parallel region (0 and 1 without OpenMP). */
+static inline int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+static inline int team_size(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
 /* Row stride of a per-thread partial sum: a power-of-two row length (4096 floats) would put every row of
  * the r rows in the same L1 set, and updating them together thrashes it (measured 2.5x slower). */
 static int64_t padded(int64_t len) {
@@ -318,11 +335,7 @@ void lora_backward_f32(const float *g, const float *x_lora, const float *u, cons
     int need_gB = dx != NULL || dA != NULL;
     #pragma omp parallel num_threads(threads)
     {
-        int tid = 0, team = 1;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-        team = omp_get_num_threads();
-#endif
+        int tid = thread_id(), team = team_size();
         float *pA = partial + tid * per_thread, *pB = pA + r * ldK;
         if (dA) memset(pA, 0, (size_t)(r * ldK) * sizeof(float));
         if (dBt) memset(pB, 0, (size_t)(r * ldN) * sizeof(float));
@@ -472,11 +485,7 @@ void lora_mixed_backward_f32(const float *g, const float *x_lora, const float *u
     int64_t per_thread = part[n_slots];
     #pragma omp parallel num_threads(threads)
     {
-        int tid = 0, team = 1;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-        team = omp_get_num_threads();
-#endif
+        int tid = thread_id(), team = team_size();
         float *mine = partial + tid * per_thread;
         memset(mine, 0, (size_t)per_thread * sizeof(float));
         float coef[ROWS * 256];
