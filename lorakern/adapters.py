@@ -54,6 +54,8 @@ def adapter_tensors(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> di
         if adapter_name in layer.adapters:
             selected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.adapters[adapter_name].lora_A
             selected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.adapters[adapter_name].lora_B
+            if layer.adapters[adapter_name].use_dora:  # PEFT's key: no ".weight"
+                selected[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.adapters[adapter_name].lora_magnitude_vector
             if layer.bias is not None and config.bias in ("all", "lora_only"):
                 selected[f"{PEFT_PREFIX}{name}.base_layer.bias"] = layer.bias
     for name, wrapper in wrappers.items():
@@ -111,7 +113,7 @@ def _peft_config_dict(model: nn.Module, adapter_name: str, config: LoraConfig, w
         "lora_dropout": config.lora_dropout,
         "bias": config.bias,
         "use_rslora": config.use_rslora,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
         "init_lora_weights": _PEFT_INIT[config.init],
         "target_modules": target,
@@ -192,8 +194,6 @@ def _read_config(directory: str) -> dict:
     if not isinstance(data, dict) or data.get("peft_type") != "LORA":
         raise LorakernError(f"{path} describes peft_type={data.get('peft_type') if isinstance(data, dict) else data!r}; "
                             f"lorakern loads LoRA adapters only (peft_type 'LORA')")
-    if data.get("use_dora"):
-        raise LorakernError(f"{path} is a DoRA adapter (use_dora=true); lorakern loads plain LoRA adapters only")
     return data
 
 

@@ -49,6 +49,10 @@ class Call:
     scaling: float
     dropout_p: float = 0.0
     seed: Optional[Any] = None
+    # DoRA (lorakern.dora): the adapter's magnitude vector (N,), None for plain LoRA; base_norm_sq the frozen
+    # base's row norms ||W_i||^2 when the caller holds them cached (None: computed in the call)
+    magnitude: Optional[torch.Tensor] = None
+    base_norm_sq: Optional[torch.Tensor] = None
 
     @property
     def rank(self) -> int:
@@ -59,7 +63,8 @@ class Call:
 class Implementation:
     """run(call) -> y. dropout_mask(seed, shape, p, device) -> the float32 mask (kept / (1 - p), else 0)
     ``run`` uses for that seed. unsupported(call) -> None, or why it cannot take this call.
-    ``needs_seed``: draws its own dropout mask from a seed (one is drawn per call when none is fixed)."""
+    ``needs_seed``: draws its own dropout mask from a seed (one is drawn per call when none is fixed).
+    ``supports_dora``: runs a call with a magnitude vector (DoRA); the others decline it with a reason."""
 
     name: str
     base: str
@@ -67,6 +72,7 @@ class Implementation:
     dropout_mask: Callable[..., torch.Tensor]
     unsupported: Callable[[Call], Optional[str]]
     needs_seed: bool = False
+    supports_dora: bool = False
 
 
 _REGISTRY: dict[tuple[str, str], Implementation] = {}
@@ -115,6 +121,9 @@ def verdict(name: str, call: Call) -> Optional[str]:
     implementation = _REGISTRY.get((name, call.base))
     if implementation is None:
         return f"no {name} implementation for a {call.base} base"
+    if call.magnitude is not None and not implementation.supports_dora:
+        return (f"no DoRA in the {name} implementation yet (its epilogue does not apply the magnitude scale); "
+                f"the torch implementation runs DoRA")
     return implementation.unsupported(call)
 
 
@@ -180,36 +189,49 @@ def compute_dtype_of(x: torch.Tensor, base: str, compute_dtype: Optional[torch.d
 
 
 def lora_forward(x: torch.Tensor, base: str, weight: Any, bias: Optional[torch.Tensor],
-                 adapters: Sequence[tuple[torch.Tensor, torch.Tensor, float, float]], *, seed: Optional[Any] = None,
-                 compute_dtype: Optional[torch.dtype] = None, requested: Optional[str] = None) -> torch.Tensor:
+                 adapters: Sequence[tuple], *, seed: Optional[Any] = None,
+                 compute_dtype: Optional[torch.dtype] = None, requested: Optional[str] = None,
+                 base_norm_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x W^T + b + sum over ``adapters`` (A, B, s, dropout_p) of s (dropout(x) A^T) B^T.
 
+    An adapter given as (A, B, s, dropout_p, magnitude) is DoRA (lorakern.dora): the first runs through the
+    chosen implementation, a further one composes as PEFT does (``lorakern.dora.further_term``);
+    ``base_norm_sq`` is the frozen base's cached ||W_i||^2 they use.
     Every operand is cast to the compute dtype (``compute_dtype_of``); a 4-bit base with a compute_dtype
     returns y in x's dtype, as bitsandbytes' Linear4bit. LoRA parameters of another dtype are cast on the
     fly; their gradients come back in their own dtype. ``seed`` fixes the first adapter's dropout mask
     (``Implementation.dropout_mask`` rebuilds it)."""
     if not adapters:
         raise LorakernError("lora_forward needs at least one adapter (the base alone runs through the base layer)")
-    lora_A, lora_B, scaling, dropout_p = adapters[0]
+    lora_A, lora_B, scaling, dropout_p, *dora = adapters[0]
     call = prepare(x, base, weight, bias, lora_A, lora_B, scaling, dropout_p, compute_dtype)
+    call.magnitude = dora[0] if dora else None
+    call.base_norm_sq = base_norm_sq
     with torch.autocast(x.device.type, enabled=False):
         implementation, _ = choose(call, requested)
         call.seed = _seed_for(implementation, dropout_p, seed)
         y = implementation.run(call)
-        for lora_A, lora_B, scaling, dropout_p in adapters[1:]:
-            y = y + lora_term(call.x, lora_A.to(call.x.dtype), lora_B.to(call.x.dtype), scaling, dropout_p)
+        for lora_A, lora_B, scaling, dropout_p, *dora in adapters[1:]:
+            lora_A, lora_B = lora_A.to(call.x.dtype), lora_B.to(call.x.dtype)
+            if dora:
+                from lorakern.dora import further_term
+
+                y = further_term(y, call.x, call.weight, call.bias, lora_A, lora_B, scaling, dropout_p, dora[0],
+                                 base_norm_sq)
+            else:
+                y = y + lora_term(call.x, lora_A, lora_B, scaling, dropout_p)
     return y.to(x.dtype) if base == "nf4" and compute_dtype is not None else y
 
 
 def prepare(x: torch.Tensor, base: str, weight: Any, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
             lora_B: torch.Tensor, scaling: float, dropout_p: float = 0.0,
-            compute_dtype: Optional[torch.dtype] = None) -> Call:
+            compute_dtype: Optional[torch.dtype] = None, magnitude: Optional[torch.Tensor] = None) -> Call:
     """The call for these operands, each cast to the compute dtype (``compute_dtype_of``; a 4-bit base's
     storage is passed as it is). Casts are not autocast ops, so this reads autocast's state and casts alike."""
     dtype = compute_dtype_of(x, base, compute_dtype)
     cast = lambda t: None if t is None else t.to(dtype)
     return Call(cast(x), base, cast(weight) if base == "dense" else weight, cast(bias), cast(lora_A), cast(lora_B),
-                scaling, dropout_p)
+                scaling, dropout_p, magnitude=magnitude)
 
 __all__ = ["BACKEND_CHOICES", "BACKEND_ENV", "Call", "Implementation", "choose", "explain", "lora_forward", "lora_term",
            "prepare", "register", "requested_backend", "verdict"]

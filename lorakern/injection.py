@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lorakern.config import ALL_LINEAR, BIAS_MODES, LoraConfig
-from lorakern.errors import AdapterError, LorakernError
+from lorakern.errors import AdapterError, ConfigError, LorakernError
 from lorakern.layer import DEFAULT_ADAPTER, LoraLinear, is_linear_like
 from lorakern.nf4.modules import LinearNF4
 
@@ -154,7 +154,7 @@ def _quant_kwargs(config: LoraConfig) -> dict:
 def _layer_kwargs(config: LoraConfig, name: str) -> dict:
     r, alpha = config.rank_and_alpha(name)
     return {"r": r, "alpha": alpha, "dropout": config.lora_dropout, "use_rslora": config.use_rslora,
-            "init": config.init}
+            "init": config.init, **({"use_dora": True} if config.use_dora else {})}
 
 
 def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.Module:
@@ -188,6 +188,13 @@ def add_adapter_undoable(model: nn.Module, adapter_name: str, config: LoraConfig
             f"target_modules={config.target_modules!r} matched no module of {type(model).__name__}. Its linear layers "
             f"are: {', '.join(seen) or '(none)'}. Use full names or their last components, e.g. "
             f"{sorted({n.rsplit('.', 1)[-1] for n in seen})[:6]}")
+    if config.use_dora:
+        for name in targets:
+            module = model.get_submodule(name)
+            if not (is_linear_like(module) or isinstance(module, LoraLinear)):
+                raise ConfigError(f"use_dora=True, but target {name!r} is a {type(module).__name__}: lorakern's DoRA "
+                                  f"takes linear layers only. Leave it out of target_modules (or exclude_modules=[{name!r}]) "
+                                  f"or use plain LoRA there (a second adapter with use_dora=False)")
     first = not configs
     previous_active = getattr(model, "lorakern_active", None)
     trainable = {id(p): p.requires_grad for p in model.parameters()}

@@ -14,7 +14,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from lorakern import dispatch
+from lorakern import dispatch, dora
 from lorakern import functional  # noqa: F401  registers the dense torch and C implementations
 from lorakern.nf4 import lora as _nf4_lora  # noqa: F401  registers the NF4 torch implementation
 from lorakern.adapter import LoraAdapter, check_hyperparameters
@@ -41,7 +41,8 @@ class LoraLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 8,
                  alpha: Optional[float] = None, dropout: float = 0.0, use_rslora: bool = False, init="kaiming",
-                 fan_in_fan_out: bool = False, device=None, dtype=None, adapter_name: str = DEFAULT_ADAPTER) -> None:
+                 fan_in_fan_out: bool = False, device=None, dtype=None, adapter_name: str = DEFAULT_ADAPTER,
+                 use_dora: bool = False) -> None:
         super().__init__()
         check_hyperparameters(r, alpha, dropout, init)
         factory = {"device": device, "dtype": dtype}
@@ -57,7 +58,10 @@ class LoraLinear(nn.Module):
         self.disabled = False  # set by lorakern.disable_adapters: the layer computes its base alone
         self.dropout_seed: Optional[int] = None  # fixes the LoRA dropout mask (None: a fresh draw per call)
         self.backend: Optional[str] = None  # None follows $LORAKERN_BACKEND / auto; a name pins this layer
-        self.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        self._dora_cache: dict = {}  # DoRA: the base's ||W_i||^2 (keyed by the base's identity and version)
+        self._merged_norms: dict[str, torch.Tensor] = {}  # DoRA: the norm each merged adapter was merged with
+        self.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init,
+                         use_dora=use_dora)
 
     # ---- building -------------------------------------------------------------------------------------
     @classmethod
@@ -67,7 +71,7 @@ class LoraLinear(nn.Module):
 
         ``quantize="nf4"`` stores the frozen weight in NF4 instead (QLoRA; takes ``blocksize``,
         ``double_quant``, ``compute_dtype``, ``lora_dtype`` and ``quant_storage`` too). Other keyword
-        arguments configure the adapter (r, alpha, dropout, use_rslora, init)."""
+        arguments configure the adapter (r, alpha, dropout, use_rslora, init, use_dora)."""
         if quantize not in (None, "nf4"):
             raise LorakernError(f"quantize={quantize!r} is not a known quant type; use quantize='nf4' or None")
         quant = {k: kwargs.pop(k) for k in _QUANT_KWARGS if k in kwargs}
@@ -100,7 +104,9 @@ class LoraLinear(nn.Module):
         adapter = layer.adapters[adapter_name]
         layer.adapters[adapter_name] = LoraAdapter(adapter.in_features, adapter.out_features, adapter.r, adapter.alpha,
                                                    adapter.dropout, adapter.use_rslora, adapter.init,
-                                                   device=weight.device, dtype=lora_dtype)
+                                                   device=weight.device, dtype=lora_dtype, use_dora=adapter.use_dora)
+        if adapter.use_dora:
+            layer.reset_magnitude(adapter_name)
         return layer
 
     def reset_base_parameters(self) -> None:
@@ -115,12 +121,49 @@ class LoraLinear(nn.Module):
     def reset_lora_parameters(self, init=None) -> None:
         for name in self.active_adapters:
             self.adapters[name].reset_parameters(init)
+            if self.adapters[name].use_dora:
+                self.reset_magnitude(name)
+
+    @torch.no_grad()
+    def reset_magnitude(self, name: Optional[str] = None) -> None:
+        """DoRA: set adapter ``name``'s magnitude to the row norms of W + s B A, as PEFT initialises it."""
+        adapter = self.adapters[name] if name is not None else self._active()
+        if not adapter.use_dora:
+            raise AdapterError(f"adapter {name!r} is plain LoRA (no magnitude vector); add it with use_dora=True")
+        if adapter.lora_magnitude_vector.is_meta:
+            return
+        norm = dora.weight_norm(self._dora_weight(), adapter.lora_A, adapter.lora_B, adapter.scaling,
+                                self._base_norm_sq())
+        adapter.lora_magnitude_vector.copy_(norm)
+
+    def _dora_weight(self):
+        """The base as lorakern.dora takes it: the (out, in) weight, or the NF4 storage."""
+        return self.base.operand(self)
+
+    def _base_norm_sq(self) -> torch.Tensor:
+        """||W_i||^2 of the frozen base, computed once and kept until the base changes (merge, unmerge, a
+        load or any in-place write: the key holds the tensor's version counter)."""
+        if self.base.kind == "dense":
+            w = self.weight
+            key = ("dense", w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
+            dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        else:
+            packed = self.nf4.packed_storage
+            key = ("nf4", id(self.nf4), packed.data_ptr(), packed._version, packed.device)
+            dtype = torch.float32
+        cached = self._dora_cache.get("base_norm_sq")
+        if cached is None or cached[0] != key:
+            cached = (key, dora.row_norms_sq(self._dora_weight(), dtype))
+            self._dora_cache["base_norm_sq"] = cached
+        return cached[1]
 
     # ---- named adapters ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
-                    use_rslora: bool = False, init="kaiming", dtype: Optional[torch.dtype] = None) -> LoraAdapter:
+                    use_rslora: bool = False, init="kaiming", dtype: Optional[torch.dtype] = None,
+                    use_dora: bool = False) -> LoraAdapter:
         """A new adapter ``name`` on this base. The first one becomes active; later ones are added inactive
-        (``set_adapter`` switches), as in PEFT."""
+        (``set_adapter`` switches), as in PEFT. ``use_dora``: DoRA, its magnitude set to the row norms of
+        W + s B A (lorakern.dora)."""
         if not isinstance(name, str) or not name or "." in name:
             raise AdapterError(f"an adapter name is a non-empty string without '.', got {name!r}")
         if name in self.adapters:
@@ -134,8 +177,10 @@ class LoraLinear(nn.Module):
         device = reference.device if reference is not None else self._base_device()
         dtype = dtype or (reference.dtype if reference is not None else self._base_float_dtype())
         adapter = LoraAdapter(self.in_features, self.out_features, r, alpha, dropout, use_rslora, init, device=device,
-                              dtype=dtype)
+                              dtype=dtype, use_dora=use_dora)
         self.adapters[name] = adapter
+        if use_dora:
+            self.reset_magnitude(name)
         if not self.active_adapters:
             self.active_adapters = [name]
         else:
@@ -155,6 +200,7 @@ class LoraLinear(nn.Module):
         if name in self.merged_adapters:
             raise AdapterError(f"adapter {name!r} is merged into the weight; unmerge() before deleting it")
         del self.adapters[name]
+        self._merged_norms.pop(name, None)
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def _active(self) -> LoraAdapter:
@@ -224,15 +270,24 @@ class LoraLinear(nn.Module):
         if not adapters:
             return self.base.forward(self, x)
         training = self.training
+        norm_sq = None
+        if any(a.use_dora for a in adapters):
+            if self.merged_adapters:
+                raise LorakernError(f"DoRA adapters {[n for n in self.active_adapters if self.adapters[n].use_dora]} "
+                                    f"would run on a weight holding merged adapters {self.merged_adapters}, but their "
+                                    f"norm is the unmerged weight's; unmerge() first, or merge every active adapter")
+            norm_sq = self._base_norm_sq()
         return dispatch.lora_forward(
             x, self.base.kind, self.base.operand(self), self.bias,
-            [(a.lora_A, a.lora_B, a.scaling, a.dropout if training else 0.0) for a in adapters],
-            seed=self.dropout_seed, compute_dtype=self.compute_dtype, requested=self.backend)
+            [(a.lora_A, a.lora_B, a.scaling, a.dropout if training else 0.0)
+             + ((a.lora_magnitude_vector,) if a.use_dora else ()) for a in adapters],
+            seed=self.dropout_seed, compute_dtype=self.compute_dtype, requested=self.backend, base_norm_sq=norm_sq)
 
     def _call_for(self, x: torch.Tensor) -> dispatch.Call:
         adapter = self._active()
         return dispatch.prepare(x, self.base.kind, self.base.operand(self), self.bias, adapter.lora_A, adapter.lora_B,
-                                adapter.scaling, adapter.dropout if self.training else 0.0, self.compute_dtype)
+                                adapter.scaling, adapter.dropout if self.training else 0.0, self.compute_dtype,
+                                magnitude=adapter.lora_magnitude_vector)
 
     def dispatch_report(self, x: torch.Tensor) -> str:
         """Which implementation runs this layer on ``x``, and why each other one does not."""
@@ -273,7 +328,9 @@ class LoraLinear(nn.Module):
                           stacklevel=2)
             return
         what = f"LoraLinear({self.in_features}, {self.out_features}) adapters {names}"
-        if self.base.merges_in_place:
+        if any(self.adapters[n].use_dora for n in names):
+            self._merge_dora(names, safe, requantize, what)
+        elif self.base.merges_in_place:
             self.base.add_(self, self._delta_out_in(names), safe, what)
         elif requantize:
             self.base.requantize_(self, self._delta_out_in(names), safe, what)
@@ -288,8 +345,17 @@ class LoraLinear(nn.Module):
         if not self.merged_adapters:
             warnings.warn("unmerge() called on a layer that is not merged; nothing to do", stacklevel=2)
             return
-        delta = -self._delta_out_in(self.merged_adapters)
         what = f"LoraLinear({self.in_features}, {self.out_features}) adapters {self.merged_adapters}"
+        if any(self.adapters[n].use_dora for n in self.merged_adapters):
+            if not (self.base.merges_in_place or requantize):
+                raise LorakernError("this 4-bit layer's merge was requantized; unmerge(requantize=True) requantizes "
+                                    "back (with its own rounding error)")
+            weight = self._unmerged(self.base.decoded(self, self._merge_dtype()))
+            self._write_weight(weight, False, what)
+            self.merged_adapters = []
+            self._merged_norms.clear()
+            return
+        delta = -self._delta_out_in(self.merged_adapters)
         if self.base.merges_in_place:
             self.base.add_(self, delta, False, what)
         elif requantize:
@@ -299,6 +365,60 @@ class LoraLinear(nn.Module):
                                 "(with its own rounding error)")
         self.merged_adapters = []
 
+    # DoRA merges (PEFT's rule): adapters fold in one after another; a DoRA adapter's W' = c (W + s B A) row-wise,
+    # c = m / n with n the norm of (unmerged base + its own s B A), the n its forward uses; unmerge needs that n.
+    def _merge_dtype(self) -> torch.dtype:
+        return torch.promote_types(self.base.dtype(self), torch.float32)
+
+    @torch.no_grad()
+    def _compose(self, weight: torch.Tensor, unmerged: torch.Tensor, names: list[str]
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(weight with ``names`` folded in, in order; {DoRA adapter: the norm it was folded with})."""
+        norms = {}
+        for name in names:
+            adapter = self.adapters[name]
+            delta = adapter.delta(weight.dtype).to(weight.dtype)
+            if adapter.use_dora:
+                norms[name] = torch.linalg.vector_norm(unmerged + delta, dim=1)
+                scale = adapter.lora_magnitude_vector.detach().to(weight.dtype) / norms[name]
+                weight = scale[:, None] * (weight + delta)
+            else:
+                weight = weight + delta
+        return weight, norms
+
+    @torch.no_grad()
+    def _unmerged(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` with the merged adapters taken out again, last merged first."""
+        for name in reversed(self.merged_adapters):
+            adapter = self.adapters[name]
+            delta = adapter.delta(weight.dtype).to(weight.dtype)
+            if adapter.use_dora:
+                scale = adapter.lora_magnitude_vector.detach().to(weight.dtype) / self._merged_norms[name].to(weight.dtype)
+                weight = weight / scale[:, None]
+            weight = weight - delta
+        return weight
+
+    def _write_weight(self, out_in: torch.Tensor, safe: bool, what: str) -> None:
+        """Replace the base weight by ``out_in`` (a 4-bit base requantizes; its caller asked for that)."""
+        if self.base.merges_in_place:
+            if safe and not torch.isfinite(out_in).all():
+                raise LorakernError(f"NaNs or infs detected in the merged weight of {what}; the weight was left "
+                                    f"unchanged. Check lora_A, lora_B and lora_magnitude_vector for non-finite values")
+            with torch.no_grad():
+                self.weight.copy_(self.base.stored_layout(out_in).to(self.weight.dtype))
+        else:
+            self.base.requantize_(self, out_in - self.base.decoded(self, out_in.dtype), safe, what)
+
+    def _merge_dora(self, names: list[str], safe: bool, requantize: bool, what: str) -> None:
+        if not (self.base.merges_in_place or requantize):
+            raise LorakernError("a 4-bit base cannot absorb the update exactly: merge(requantize=True) requantizes "
+                                "(and reports the error that adds), lorakern.merge_and_unload(model) gives "
+                                "full-precision layers, layer.to_linear() one full-precision nn.Linear")
+        weight = self.base.decoded(self, self._merge_dtype())
+        merged, norms = self._compose(weight, self._unmerged(weight), names)
+        self._write_weight(merged, safe, what)
+        self._merged_norms.update(norms)
+
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A new plain nn.Linear holding W + the unmerged active adapters' s B A, in the base weight's dtype
@@ -306,7 +426,9 @@ class LoraLinear(nn.Module):
         dtype = self.base.dtype(self)
         weight = self.base.decoded(self, torch.promote_types(dtype, torch.float32))
         names = [n for n in self.active_adapters if n not in self.merged_adapters]
-        if names:
+        if any(self.adapters[n].use_dora for n in names):
+            weight, _ = self._compose(weight, self._unmerged(weight), names)
+        elif names:
             weight = weight + self._delta_out_in(names)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight = nn.Parameter(weight.to(dtype).contiguous(), requires_grad=False)
