@@ -221,6 +221,9 @@ class LoraLinear(nn.Module):
 
     lora_A = property(lambda self: self._active().lora_A, doc="the active adapter's A (r x in)")
     lora_B = property(lambda self: self._active().lora_B, doc="the active adapter's B (out x r)")
+    lora_magnitude_vector = property(lambda self: self._active().lora_magnitude_vector,
+                                     doc="the active adapter's DoRA magnitude (out,), None for plain LoRA")
+    use_dora = property(lambda self: self._active().use_dora, doc="whether the active adapter is DoRA")
     scaling = _adapter_attribute("scaling", "the active adapter's s (alpha / r, or alpha / sqrt(r) with rsLoRA)")
     dropout = _adapter_attribute("dropout", "the active adapter's LoRA dropout probability")
     use_rslora = _adapter_attribute("use_rslora", "whether the active adapter was built with rsLoRA's scaling")

@@ -36,8 +36,12 @@ def _parts(x, W, A, B, m, s, dropout_mask):
 
 def forward(x, W, A, B, m, b=None, s: float = 1.0, dropout_mask=None) -> np.ndarray:
     """y = x W^T + b + (c - 1) (x~ W^T) + c s (x~ A^T) B^T, c = m / ||W + s B A|| (rows)."""
-    x, x2, x_lora, _, W, A, B, _, c = _parts(x, W, A, B, m, s, dropout_mask)
-    y = x2 @ W.T + (c - 1.0) * (x_lora @ W.T) + c * (s * ((x_lora @ A.T) @ B.T))
+    x, x2, x_lora, mask, W, A, B, _, c = _parts(x, W, A, B, m, s, dropout_mask)
+    lora = s * ((x_lora @ A.T) @ B.T)
+    if mask is None:  # x~ = x: c (x W^T + s u B^T), without the cancellation of x W^T + (c - 1) x W^T
+        y = c * (x2 @ W.T + lora)
+    else:
+        y = x2 @ W.T + (c - 1.0) * (x_lora @ W.T) + c * lora
     if b is not None:
         y = y + _as_f64("b", b)
     return y.reshape(x.shape[:-1] + (W.shape[0],))
@@ -58,11 +62,12 @@ def backward(x, W, A, B, m, dy, s: float = 1.0, dropout_mask=None) -> dict[str, 
     gc = g * c
     u = x_lora @ A.T
     z = x_lora @ W.T + s * (u @ B.T)
-    dx_lora = (gc - g) @ W + s * ((gc @ B) @ A)
-    if mask is not None:
-        dx_lora = dx_lora * mask
+    if mask is None:  # x~ = x: gc W + s (gc B) A, the same without the cancellation of g W + (gc - g) W
+        dx = gc @ W + s * ((gc @ B) @ A)
+    else:
+        dx = g @ W + mask * ((gc - g) @ W + s * ((gc @ B) @ A))
     return {
-        "dx": (g @ W + dx_lora).reshape(x.shape),
+        "dx": dx.reshape(x.shape),
         "dA": s * ((gc @ B).T @ x_lora),
         "dB": s * (gc.T @ u),
         "dm": (g * z).sum(axis=0) / n,
