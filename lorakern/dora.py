@@ -151,8 +151,14 @@ class DoraLinearFunction(torch.autograd.Function):
         weight = ctx.weight if ctx.weight is not None else dense_weight
         need_x, need_xl, _, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:7]
         g = grad_y.reshape(-1, lora_B.shape[0])
-        # gc = g diag(c)
-        gc = g * scale
+        if ctx.library is not None:
+            # gc = g diag(c) and gz = sum_rows(g * z) in one pass over g (lora_cpu.c, dora_scale_grad_f32)
+            g = g.contiguous()  # an expanded gradient (from .sum()) has stride 0
+            gc, gz = _scale_grad_native(ctx.library, g, z if need_m else None, scale)
+        else:
+            # gc = g diag(c)
+            gc = g * scale
+            gz = (g * z).sum(dim=0, dtype=norm.dtype) if need_m else None
         want_term = need_xl or (need_x and not ctx.separate)
         rank_r = _rank_r_grads_native if ctx.library is not None else _rank_r_grads_torch
         term, dA, dB = rank_r(ctx.library, gc, x_lora, u, lora_A, lora_B, ctx.scaling, want_term, need_A, need_B)
@@ -169,7 +175,7 @@ class DoraLinearFunction(torch.autograd.Function):
             dx = _add_base_grad(term, gc, weight).reshape(ctx.x_shape)
         if need_m:
             # dm_j = sum_i g_ij z_ij / n_j
-            dm = ((g * z).sum(dim=0, dtype=norm.dtype) / norm).to(ctx.m_dtype)
+            dm = (gz.to(norm.dtype) / norm).to(ctx.m_dtype)
         if need_b and ctx.has_bias:
             db = g.sum(dim=0)
         return dx, dxl, None, db, dA, dB, dm, None, None, None
@@ -189,8 +195,21 @@ def _forward_native(library, x2, weight, bias, lora_A, B_t, scale, scaling, need
     y = x2.new_empty(rows, out_features) if need_m else z
     u = x2.new_empty(rows, r)
     library.dora_forward_f32(_ptr(x2), _ptr(A), _ptr(B_t), _ptr(b), _ptr(c), scaling, rows, x2.shape[1],
-                             out_features, r, _ptr(u), _ptr(z), _ptr(y), torch.get_num_threads())
+                             out_features, r, _ptr(u), _ptr(z), _ptr(y), int(need_m), torch.get_num_threads())
     return u, (z if need_m else None), y
+
+
+def _scale_grad_native(library, g, z, scale):
+    from lorakern.functional import _ptr
+
+    rows, out_features = g.shape
+    threads = torch.get_num_threads()
+    gc = torch.empty_like(g)
+    gz = g.new_empty(out_features) if z is not None else None
+    partial = g.new_empty(threads * out_features if z is not None else 0)
+    library.dora_scale_grad_f32(_ptr(g), _ptr(z), _ptr(scale.contiguous()), rows, out_features, _ptr(gc), _ptr(gz),
+                                _ptr(partial), threads)
+    return gc, gz
 
 
 def run(call, library=None) -> torch.Tensor:

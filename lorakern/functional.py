@@ -327,7 +327,7 @@ def _run(call: Call, library) -> torch.Tensor:
 dispatch.register(Implementation("torch", "dense", lambda call: _run(call, None), torch_dropout_mask,
                                  lambda call: None, supports_dora=True))
 dispatch.register(Implementation("c", "dense", lambda call: _run(call, native.lora_library()), torch_dropout_mask,
-                                 _c_unsupported))
+                                 _c_unsupported, supports_dora=True))
 
 
 def check_operands(x, weight, bias, lora_A, lora_B) -> None:
