@@ -30,8 +30,11 @@ def _accumulation(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def row_norms_sq(weight: Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """||W_i||^2 for every output row i, in ``dtype`` (an NF4 weight decoded chunk by chunk)."""
+def row_norms_sq(weight: Weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """||W_i||^2 for every output row i, in ``dtype`` (default fp32, fp64 for an fp64 weight; an NF4 weight
+    decoded chunk by chunk)."""
+    if dtype is None:
+        dtype = torch.float32 if isinstance(weight, NF4Storage) else _accumulation(weight.dtype)
     with torch.no_grad():
         if isinstance(weight, NF4Storage):
             out = torch.empty(weight.shape[0], dtype=dtype, device=weight.packed_storage.device)
