@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Iterable, Optional, Union
 
 import torch
@@ -141,21 +142,17 @@ class LoraLinear(nn.Module):
         return self.base.operand(self)
 
     def _base_norm_sq(self) -> torch.Tensor:
-        """||W_i||^2 of the frozen base, computed once and kept until the base changes (merge, unmerge, a
-        load or any in-place write: the key holds the tensor's version counter)."""
-        if self.base.kind == "dense":
-            w = self.weight
-            key = ("dense", w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
-            dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-        else:
-            packed = self.nf4.packed_storage
-            key = ("nf4", id(self.nf4), packed.data_ptr(), packed._version, packed.device)
-            dtype = torch.float32
+        """||W_i||^2 of the frozen base, computed once and kept until the base changes: merge, unmerge and a
+        state-dict load clear it, and it is recomputed when the weight tensor is another one or was written
+        in place (its version counter; a write through ``weight.data`` bypasses that counter: call
+        ``layer._dora_cache.clear()`` after one)."""
+        tensor = self.weight if self.base.kind == "dense" else self.nf4.packed_storage
+        key = (tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device)
         cached = self._dora_cache.get("base_norm_sq")
-        if cached is None or cached[0] != key:
-            cached = (key, dora.row_norms_sq(self._dora_weight(), dtype))
+        if cached is None or cached[0]() is not tensor or cached[1] != key:
+            cached = (weakref.ref(tensor), key, dora.row_norms_sq(self._dora_weight()))
             self._dora_cache["base_norm_sq"] = cached
-        return cached[1]
+        return cached[2]
 
     # ---- named adapters ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
@@ -317,7 +314,8 @@ class LoraLinear(nn.Module):
         return total
 
     def merge(self, safe: bool = True, adapter_names: Optional[list[str]] = None, requantize: bool = False) -> None:
-        """Fold the active adapters' s B A (or ``adapter_names``') into the base weight.
+        """Fold the active adapters' s B A (or ``adapter_names``') into the base weight (a DoRA adapter as
+        PEFT does: W' = (m / n) (W + s B A) row-wise, n from the unmerged weight and kept for unmerge).
 
         A dense weight absorbs them in place (``safe``: a non-finite result raises and W is untouched). A
         4-bit weight cannot absorb them exactly: ``requantize=True`` decodes, adds and requantizes (a
@@ -342,6 +340,7 @@ class LoraLinear(nn.Module):
                                 "(and reports the error that adds), lorakern.merge_and_unload(model) gives "
                                 "full-precision layers, layer.to_linear() one full-precision nn.Linear")
         self.merged_adapters += names
+        self._dora_cache.clear()
 
     def unmerge(self, requantize: bool = False) -> None:
         """Subtract the merged adapters' s B A again (a 4-bit base requantizes, only when asked)."""
@@ -357,6 +356,7 @@ class LoraLinear(nn.Module):
             self._write_weight(weight, False, what)
             self.merged_adapters = []
             self._merged_norms.clear()
+            self._dora_cache.clear()
             return
         delta = -self._delta_out_in(self.merged_adapters)
         if self.base.merges_in_place:
@@ -367,6 +367,7 @@ class LoraLinear(nn.Module):
             raise LorakernError("this 4-bit layer's merge was requantized; unmerge(requantize=True) requantizes back "
                                 "(with its own rounding error)")
         self.merged_adapters = []
+        self._dora_cache.clear()
 
     # DoRA merges (PEFT's rule): adapters fold in one after another; a DoRA adapter's W' = c (W + s B A) row-wise,
     # c = m / n with n the norm of (unmerged base + its own s B A), the n its forward uses; unmerge needs that n.
@@ -452,6 +453,7 @@ class LoraLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        self._dora_cache.clear()
         if self.base.kind == "nf4":
             self.base.load(self, state_dict, prefix, missing_keys, error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
