@@ -44,14 +44,25 @@ def row_norms_sq(weight: Weight, dtype: Optional[torch.dtype] = None) -> torch.T
         return weight.detach().to(dtype).square().sum(dim=1)
 
 
-def _weight_At(weight: Weight, lora_A: torch.Tensor) -> torch.Tensor:
-    """W A^T (N x r), in A's dtype."""
+_CHUNK_ELEMENTS = 1 << 20  # rows of a half-precision W up-cast at a time (4 MB of fp32)
+
+
+def _weight_At(weight: Weight, lora_A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W A^T (N x r) in ``dtype`` (fp32 or fp64), accumulated in it: a half-precision W is up-cast a chunk
+    of rows at a time, since W A^T rounded to bf16 would round away the norm's cross term."""
+    A_t = lora_A.to(dtype).t()
     if isinstance(weight, NF4Storage):
-        out = lora_A.new_empty(weight.shape[0], lora_A.shape[0])
-        for r0, chunk in weight.row_chunks(lora_A.dtype):
-            torch.mm(chunk, lora_A.t(), out=out[r0:r0 + chunk.shape[0]])
+        out = A_t.new_empty(weight.shape[0], lora_A.shape[0])
+        for r0, chunk in weight.row_chunks(dtype):
+            torch.mm(chunk, A_t, out=out[r0:r0 + chunk.shape[0]])
         return out
-    return weight @ lora_A.t().to(weight.dtype)
+    if weight.dtype == dtype:
+        return weight @ A_t
+    out = A_t.new_empty(weight.shape[0], lora_A.shape[0])
+    step = max(1, _CHUNK_ELEMENTS // max(weight.shape[1], 1))
+    for r0 in range(0, weight.shape[0], step):
+        torch.mm(weight[r0:r0 + step].to(dtype), A_t, out=out[r0:r0 + step])
+    return out
 
 
 def _base_mm(x2: torch.Tensor, weight: Weight) -> torch.Tensor:
@@ -82,7 +93,7 @@ def weight_norm(weight: Weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scal
         acc = _accumulation(lora_A.dtype)
         w2 = row_norms_sq(weight, acc) if base_norm_sq is None else base_norm_sq.to(acc)
         A, B = lora_A.detach(), lora_B.detach()
-        WA = _weight_At(weight, A).to(acc)
+        WA = _weight_At(weight, A, acc)
         A, B = A.to(acc), B.to(acc)
         gram = A @ A.t()
         # ||W_i||^2 + 2 s <B_i, (W A^T)_i> + s^2 B_i (A A^T) B_i^T

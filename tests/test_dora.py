@@ -70,7 +70,10 @@ def compare_dora(layer, x, seed=0, perturb=None):
     mask = None
     if layer.training and layer.dropout > 0:
         layer.dropout_seed = seed + 1
-        mask = f64(layer.dropout_mask(seed + 1, x))
+        # the torch and C paths' mask for that seed, recomputed here: torch.rand from a seeded generator, kept
+        # entries 1 / (1 - p) as a float32 (dispatch's mask contract)
+        keep = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed + 1)) >= layer.dropout
+        mask = (keep.to(torch.float32) * (1.0 / (1.0 - layer.dropout))).double().numpy()
     y = layer(x)
     grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
     a = layer.adapters[layer.active_adapters[0]]
@@ -101,6 +104,7 @@ def compare_dora(layer, x, seed=0, perturb=None):
 @example(lead=[3, 5], K=37, N=41, r=20, dtype=torch.float64, dropout=0.3, bias=False, alpha=4.0, seed=1, path="torch")
 @example(lead=[6], K=42, N=5, r=7, dtype=torch.bfloat16, dropout=0.3, bias=True, alpha=16.0, seed=2, path="torch")
 @example(lead=[1], K=90, N=90, r=1, dtype=torch.float32, dropout=0.0, bias=False, alpha=None, seed=3, path="torch")
+@example(lead=[], K=1, N=23, r=2, dtype=torch.bfloat16, dropout=0.0, bias=False, alpha=None, seed=1, path="torch")
 @example(lead=[2, 9], K=17, N=33, r=20, dtype=torch.float32, dropout=0.3, bias=True, alpha=2.0, seed=4, path="c")
 def test_torch_and_c_paths_match_reference(lead, K, N, r, dtype, dropout, bias, alpha, seed, path):
     from lorakern import native
