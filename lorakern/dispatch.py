@@ -10,6 +10,9 @@ register here per base kind; nothing here imports them (they import this module)
     torch    dense         lorakern.functional             plain torch (the hand-written autograd Function)
     torch    nf4           lorakern.nf4.lora               plain torch, W decoded in chunks of rows
 
+A DoRA call carries the adapter's magnitude vector (``Call.magnitude``, lorakern.dora): torch and c run it
+(``Implementation.supports_dora``), triton declines it with the reason.
+
 ``auto`` (the default; $LORAKERN_BACKEND or a layer's ``backend`` pins one) tries them in the order of
 ``PREFERENCE`` and takes the first whose ``unsupported`` returns None; triton only for CUDA tensors.
 ``explain`` gives every implementation's verdict for a call. Several active adapters: the first runs fused

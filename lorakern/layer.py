@@ -15,7 +15,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from lorakern import dispatch, dora
+from lorakern import dispatch, dora, dora_merge
 from lorakern import functional  # noqa: F401  registers the dense torch and C implementations
 from lorakern.nf4 import lora as _nf4_lora  # noqa: F401  registers the NF4 torch implementation
 from lorakern.adapter import LoraAdapter, check_hyperparameters
@@ -133,13 +133,9 @@ class LoraLinear(nn.Module):
             raise AdapterError(f"adapter {name!r} is plain LoRA (no magnitude vector); add it with use_dora=True")
         if adapter.lora_magnitude_vector.is_meta:
             return
-        norm = dora.weight_norm(self._dora_weight(), adapter.lora_A, adapter.lora_B, adapter.scaling,
+        norm = dora.weight_norm(self.base.operand(self), adapter.lora_A, adapter.lora_B, adapter.scaling,
                                 self._base_norm_sq())
         adapter.lora_magnitude_vector.copy_(norm)
-
-    def _dora_weight(self):
-        """The base as lorakern.dora takes it: the (out, in) weight, or the NF4 storage."""
-        return self.base.operand(self)
 
     def _base_norm_sq(self) -> torch.Tensor:
         """||W_i||^2 of the frozen base, computed once and kept until the base changes: merge, unmerge and a
@@ -150,7 +146,7 @@ class LoraLinear(nn.Module):
         key = (tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device)
         cached = self._dora_cache.get("base_norm_sq")
         if cached is None or cached[0]() is not tensor or cached[1] != key:
-            cached = (weakref.ref(tensor), key, dora.row_norms_sq(self._dora_weight()))
+            cached = (weakref.ref(tensor), key, dora.row_norms_sq(self.base.operand(self)))
             self._dora_cache["base_norm_sq"] = cached
         return cached[2]
 
@@ -330,7 +326,11 @@ class LoraLinear(nn.Module):
             return
         what = f"LoraLinear({self.in_features}, {self.out_features}) adapters {names}"
         if any(self.adapters[n].use_dora for n in names):
-            self._merge_dora(names, safe, requantize, what)
+            if not (self.base.merges_in_place or requantize):
+                raise LorakernError("a 4-bit base cannot absorb the update exactly: merge(requantize=True) "
+                                    "requantizes (and reports the error that adds), lorakern.merge_and_unload(model) "
+                                    "gives full-precision layers, layer.to_linear() one full-precision nn.Linear")
+            dora_merge.merge(self, names, safe, what)
         elif self.base.merges_in_place:
             self.base.add_(self, self._delta_out_in(names), safe, what)
         elif requantize:
@@ -352,10 +352,8 @@ class LoraLinear(nn.Module):
             if not (self.base.merges_in_place or requantize):
                 raise LorakernError("this 4-bit layer's merge was requantized; unmerge(requantize=True) requantizes "
                                     "back (with its own rounding error)")
-            weight = self._unmerged(self.base.decoded(self, self._merge_dtype()))
-            self._write_weight(weight, False, what)
+            dora_merge.unmerge(self, what)
             self.merged_adapters = []
-            self._merged_norms.clear()
             self._dora_cache.clear()
             return
         delta = -self._delta_out_in(self.merged_adapters)
@@ -369,60 +367,6 @@ class LoraLinear(nn.Module):
         self.merged_adapters = []
         self._dora_cache.clear()
 
-    # DoRA merges (PEFT's rule): adapters fold in one after another; a DoRA adapter's W' = c (W + s B A) row-wise,
-    # c = m / n with n the norm of (unmerged base + its own s B A), the n its forward uses; unmerge needs that n.
-    def _merge_dtype(self) -> torch.dtype:
-        return torch.promote_types(self.base.dtype(self), torch.float32)
-
-    @torch.no_grad()
-    def _compose(self, weight: torch.Tensor, unmerged: torch.Tensor, names: list[str]
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(weight with ``names`` folded in, in order; {DoRA adapter: the norm it was folded with})."""
-        norms = {}
-        for name in names:
-            adapter = self.adapters[name]
-            delta = adapter.delta(weight.dtype).to(weight.dtype)
-            if adapter.use_dora:
-                norms[name] = torch.linalg.vector_norm(unmerged + delta, dim=1)
-                scale = adapter.lora_magnitude_vector.detach().to(weight.dtype) / norms[name]
-                weight = scale[:, None] * (weight + delta)
-            else:
-                weight = weight + delta
-        return weight, norms
-
-    @torch.no_grad()
-    def _unmerged(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight`` with the merged adapters taken out again, last merged first."""
-        for name in reversed(self.merged_adapters):
-            adapter = self.adapters[name]
-            delta = adapter.delta(weight.dtype).to(weight.dtype)
-            if adapter.use_dora:
-                scale = adapter.lora_magnitude_vector.detach().to(weight.dtype) / self._merged_norms[name].to(weight.dtype)
-                weight = weight / scale[:, None]
-            weight = weight - delta
-        return weight
-
-    def _write_weight(self, out_in: torch.Tensor, safe: bool, what: str) -> None:
-        """Replace the base weight by ``out_in`` (a 4-bit base requantizes; its caller asked for that)."""
-        if self.base.merges_in_place:
-            if safe and not torch.isfinite(out_in).all():
-                raise LorakernError(f"NaNs or infs detected in the merged weight of {what}; the weight was left "
-                                    f"unchanged. Check lora_A, lora_B and lora_magnitude_vector for non-finite values")
-            with torch.no_grad():
-                self.weight.copy_(self.base.stored_layout(out_in).to(self.weight.dtype))
-        else:
-            self.base.requantize_(self, out_in - self.base.decoded(self, out_in.dtype), safe, what)
-
-    def _merge_dora(self, names: list[str], safe: bool, requantize: bool, what: str) -> None:
-        if not (self.base.merges_in_place or requantize):
-            raise LorakernError("a 4-bit base cannot absorb the update exactly: merge(requantize=True) requantizes "
-                                "(and reports the error that adds), lorakern.merge_and_unload(model) gives "
-                                "full-precision layers, layer.to_linear() one full-precision nn.Linear")
-        weight = self.base.decoded(self, self._merge_dtype())
-        merged, norms = self._compose(weight, self._unmerged(weight), names)
-        self._write_weight(merged, safe, what)
-        self._merged_norms.update(norms)
-
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A new plain nn.Linear holding W + the unmerged active adapters' s B A, in the base weight's dtype
@@ -431,7 +375,7 @@ class LoraLinear(nn.Module):
         weight = self.base.decoded(self, torch.promote_types(dtype, torch.float32))
         names = [n for n in self.active_adapters if n not in self.merged_adapters]
         if any(self.adapters[n].use_dora for n in names):
-            weight, _ = self._compose(weight, self._unmerged(weight), names)
+            weight, _ = dora_merge.compose(self, weight, dora_merge.unmerged(self, weight), names)
         elif names:
             weight = weight + self._delta_out_in(names)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")

@@ -404,6 +404,22 @@ def test_merge_and_unload_equals_peft(batch):
             torch.testing.assert_close(merged_ours.get_submodule(name).weight, module.weight, rtol=1e-6, atol=1e-7)
 
 
+def test_qlora_dora_saves_reloads_and_merges_to_full_precision(tmp_path, batch):
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], use_dora=True, quantize="nf4",
+                        compute_dtype="float32")
+    model = inject(tiny_roberta_classifier(), config)
+    assert all(layer.is_quantized and layer.use_dora for layer in lora_layers(model).values())
+    _perturb(model, seed=5)
+    with torch.no_grad():
+        expected = model(**batch).logits
+        save_adapter(model, str(tmp_path))
+        fresh = load_adapter(tiny_roberta_classifier(), str(tmp_path))
+        torch.testing.assert_close(fresh(**batch).logits, expected, rtol=0, atol=0)
+        merged = merge_and_unload(model)
+        assert not lora_layers(merged)
+        torch.testing.assert_close(merged(**batch).logits, expected, rtol=1e-5, atol=1e-6)
+
+
 # ---- bad input ------------------------------------------------------------------------------------------
 def test_bad_input_names_the_fix():
     with pytest.raises(ConfigError, match="use_dora must be True or False"):
