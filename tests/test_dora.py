@@ -420,6 +420,42 @@ def test_qlora_dora_saves_reloads_and_merges_to_full_precision(tmp_path, batch):
         torch.testing.assert_close(merged(**batch).logits, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_gpt2_conv1d_dora_loads_into_peft_and_merges(tmp_path):
+    from peft import PeftModel
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def base():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2)).eval()
+
+    model = inject(base(), LoraConfig(r=2, target_modules=["c_attn", "c_proj"], use_dora=True))
+    assert all(layer.fan_in_fan_out and layer.use_dora for layer in lora_layers(model).values())
+    _perturb(model, seed=6)
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+        save_adapter(model, str(tmp_path))
+        theirs = PeftModel.from_pretrained(base(), str(tmp_path)).eval()
+        torch.testing.assert_close(theirs(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        unloaded = merge_and_unload(model)
+        assert type(unloaded.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+        torch.testing.assert_close(unloaded(ids).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_autocast_runs_dora_in_bfloat16_with_fp32_parameters():
+    layer = dora_layer(40, 24, 4, torch.float32, seed=7).train()
+    x = torch.randn(6, 40, generator=torch.Generator().manual_seed(7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    a = layer.adapters["default"]
+    assert a.lora_magnitude_vector.grad.dtype == a.lora_A.grad.dtype == torch.float32
+    ref = core.dora.forward(f64(x), f64(layer.weight), f64(a.lora_A), f64(a.lora_B), f64(a.lora_magnitude_vector),
+                            f64(layer.bias), core.scaling(a.r, a.alpha))
+    np.testing.assert_allclose(f64(y), ref, rtol=0, atol=8 * 2.0**-8 * np.abs(ref).max())
+
+
 # ---- bad input ------------------------------------------------------------------------------------------
 def test_bad_input_names_the_fix():
     with pytest.raises(ConfigError, match="use_dora must be True or False"):
