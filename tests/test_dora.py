@@ -335,7 +335,7 @@ def test_peft_dora_adapter_loads_here_with_the_same_logits_and_gradients(tmp_pat
     expected, got = _step_grads(theirs, batch, True), _step_grads(ours, batch, False)
     assert set(got) == set(expected) and len(got) == 3 * 2 * 3  # 2 layers x 3 targets x (A, B, m)
     for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_lorakern_dora_adapter_loads_into_peft(tmp_path, batch):
