@@ -273,6 +273,10 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = DEFAULT_A
     ours = data.get("lorakern") or {}
     weights = _read_weights(directory, ours.get("weights_sha256"))
     weights = {k: v for k, v in weights.items() if not any(m in k for m in _PEFT_WRAPPER_MARKERS)}
+    # DoRA's magnitude: PEFT writes "<module>.lora_magnitude_vector"; files keyed with the parameter's own
+    # ".weight" (PEFT's in-memory name without the adapter) are read the same
+    weights = {k.removesuffix(".weight") if k.endswith(".lora_magnitude_vector.weight") else k: v
+               for k, v in weights.items()}
     existing = _configs(model)
     if adapter_name in existing:
         raise AdapterError(f"{type(model).__name__} already has an adapter named {adapter_name!r} (adapters: "

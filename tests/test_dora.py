@@ -1,4 +1,5 @@
 """DoRA: the torch (and C) paths against lorakern.core.dora, the norm without B A, PEFT both ways, NF4, merging."""
+import json
 import math
 import warnings
 
@@ -336,6 +337,23 @@ def test_peft_dora_adapter_loads_here_with_the_same_logits_and_gradients(tmp_pat
     assert set(got) == set(expected) and len(got) == 3 * 2 * 3  # 2 layers x 3 targets x (A, B, m)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_magnitude_keyed_with_weight_suffix_loads_too(tmp_path, batch):
+    from safetensors.torch import load_file, save_file
+
+    ours = inject(tiny_roberta_classifier(), LoraConfig(r=4, target_modules=["query"], use_dora=True))
+    _perturb(ours, seed=8)
+    save_adapter(ours, str(tmp_path))
+    path = tmp_path / "adapter_model.safetensors"
+    renamed = {k + ".weight" if k.endswith("lora_magnitude_vector") else k: v for k, v in load_file(path).items()}
+    save_file(renamed, path, metadata={"format": "pt"})
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["lorakern"]["weights_sha256"] = None
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    fresh = load_adapter(tiny_roberta_classifier(), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, ours(**batch).logits, rtol=0, atol=0)
 
 
 def test_lorakern_dora_adapter_loads_into_peft(tmp_path, batch):
