@@ -10,8 +10,9 @@ register here per base kind; nothing here imports them (they import this module)
     torch    dense         lorakern.functional             plain torch (the hand-written autograd Function)
     torch    nf4           lorakern.nf4.lora               plain torch, W decoded in chunks of rows
 
-A DoRA call carries the adapter's magnitude vector (``Call.magnitude``, lorakern.dora): torch and c run it
-(``Implementation.supports_dora``), triton declines it with the reason.
+A DoRA call carries the adapter's magnitude vector (``Call.magnitude``). lorakern.dora, when imported (the
+layer imports it), attaches its runs to the torch and c implementations (``attach_dora``); the others
+decline a DoRA call with the reason.
 
 ``auto`` (the default; $LORAKERN_BACKEND or a layer's ``backend`` pins one) tries them in the order of
 ``PREFERENCE`` and takes the first whose ``unsupported`` returns None; triton only for CUDA tensors.
@@ -20,6 +21,7 @@ with the base, each further one adds its own term in torch (mixed batches are th
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from dataclasses import dataclass
@@ -67,7 +69,8 @@ class Implementation:
     """run(call) -> y. dropout_mask(seed, shape, p, device) -> the float32 mask (kept / (1 - p), else 0)
     ``run`` uses for that seed. unsupported(call) -> None, or why it cannot take this call.
     ``needs_seed``: draws its own dropout mask from a seed (one is drawn per call when none is fixed).
-    ``supports_dora``: runs a call with a magnitude vector (DoRA); the others decline it with a reason."""
+    ``run_dora``: run(call) for a call with a magnitude vector (DoRA; set by ``attach_dora``), None where the
+    implementation declines DoRA."""
 
     name: str
     base: str
@@ -75,10 +78,12 @@ class Implementation:
     dropout_mask: Callable[..., torch.Tensor]
     unsupported: Callable[[Call], Optional[str]]
     needs_seed: bool = False
-    supports_dora: bool = False
+    run_dora: Optional[Callable[[Call], torch.Tensor]] = None
 
 
 _REGISTRY: dict[tuple[str, str], Implementation] = {}
+# A further active DoRA adapter's composition (lorakern.dora.further_term), set by attach_dora.
+_DORA_FURTHER: list[Callable[..., torch.Tensor]] = []
 
 
 def register(implementation: Implementation) -> None:
@@ -87,6 +92,15 @@ def register(implementation: Implementation) -> None:
         raise LorakernError(f"an implementation is named one of {PREFERENCE} for a base in {BASE_KINDS}, got "
                             f"{implementation.name!r} for {implementation.base!r}")
     _REGISTRY[(implementation.name, implementation.base)] = implementation
+
+
+def attach_dora(runs: dict[tuple[str, str], Callable[[Call], torch.Tensor]], further: Callable[..., torch.Tensor]
+                ) -> None:
+    """Give the registered implementations {(name, base): run} a DoRA run, and set how a further active
+    DoRA adapter composes (lorakern.dora calls this when imported; dispatch itself holds no DoRA math)."""
+    for key, run in runs.items():
+        _REGISTRY[key] = dataclasses.replace(_REGISTRY[key], run_dora=run)
+    _DORA_FURTHER[:] = [further]
 
 
 @torch.compiler.assume_constant_result
@@ -124,7 +138,7 @@ def verdict(name: str, call: Call) -> Optional[str]:
     implementation = _REGISTRY.get((name, call.base))
     if implementation is None:
         return f"no {name} implementation for a {call.base} base"
-    if call.magnitude is not None and not implementation.supports_dora:
+    if call.magnitude is not None and implementation.run_dora is None:
         return (f"no DoRA in the {name} implementation yet (its epilogue does not apply the magnitude scale); "
                 f"the torch implementation runs DoRA")
     return implementation.unsupported(call)
@@ -213,14 +227,12 @@ def lora_forward(x: torch.Tensor, base: str, weight: Any, bias: Optional[torch.T
     with torch.autocast(x.device.type, enabled=False):
         implementation, _ = choose(call, requested)
         call.seed = _seed_for(implementation, dropout_p, seed)
-        y = implementation.run(call)
+        y = implementation.run(call) if call.magnitude is None else implementation.run_dora(call)
         for lora_A, lora_B, scaling, dropout_p, *dora in adapters[1:]:
             lora_A, lora_B = lora_A.to(call.x.dtype), lora_B.to(call.x.dtype)
             if dora:
-                from lorakern.dora import further_term
-
-                y = further_term(y, call.x, call.weight, call.bias, lora_A, lora_B, scaling, dropout_p, dora[0],
-                                 base_norm_sq)
+                y = _DORA_FURTHER[0](y, call.x, call.weight, call.bias, lora_A, lora_B, scaling, dropout_p, dora[0],
+                                     base_norm_sq)
             else:
                 y = y + lora_term(call.x, lora_A, lora_B, scaling, dropout_p)
     return y.to(x.dtype) if base == "nf4" and compute_dtype is not None else y
@@ -236,5 +248,5 @@ def prepare(x: torch.Tensor, base: str, weight: Any, bias: Optional[torch.Tensor
     return Call(cast(x), base, cast(weight) if base == "dense" else weight, cast(bias), cast(lora_A), cast(lora_B),
                 scaling, dropout_p, magnitude=magnitude)
 
-__all__ = ["BACKEND_CHOICES", "BACKEND_ENV", "Call", "Implementation", "choose", "explain", "lora_forward", "lora_term",
+__all__ = ["BACKEND_CHOICES", "BACKEND_ENV", "Call", "Implementation", "attach_dora", "choose", "explain", "lora_forward", "lora_term",
            "prepare", "register", "requested_backend", "verdict"]

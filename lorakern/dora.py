@@ -11,8 +11,8 @@ one N x r product W A^T and an r x r Gram matrix per call; ||W_i||^2 of a frozen
 by the layer (``row_norms_sq``) and passed in. The identity subtracts: where W_i + s (BA)_i is much smaller
 than W_i its relative error grows as ||W_i||^2 / n_i^2 (never the case for a trained DoRA layer).
 
-Registered through lorakern.functional (dense) and lorakern.nf4.lora: their torch implementations run a
-call with a magnitude here. ``further_term`` composes a second active DoRA adapter as PEFT does.
+Importing this module attaches ``run`` to lorakern.dispatch's torch (dense, NF4) and c implementations
+(``dispatch.attach_dora``) and ``further_term``, which composes a further active DoRA adapter as PEFT does.
 """
 from __future__ import annotations
 
@@ -20,7 +20,10 @@ from typing import Optional, Union
 
 import torch
 
+from lorakern import dispatch, native
 from lorakern.errors import LorakernError
+from lorakern.functional import _dropped_out, _ptr, _rank_r_grads_native, _rank_r_grads_torch
+from lorakern.nf4 import lora as _nf4_lora  # noqa: F401  registers the NF4 torch implementation DoRA attaches to
 from lorakern.nf4.storage import NF4Storage
 
 Weight = Union[torch.Tensor, NF4Storage]
@@ -159,8 +162,6 @@ class DoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        from lorakern.functional import _rank_r_grads_native, _rank_r_grads_torch
-
         x_lora, u, z, dense_weight, lora_A, lora_B, scale, norm = ctx.saved_tensors
         weight = ctx.weight if ctx.weight is not None else dense_weight
         need_x, need_xl, _, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:7]
@@ -199,8 +200,6 @@ def _forward_native(library, x2, weight, bias, lora_A, B_t, scale, scaling, need
     """The fp32 CPU forward: BLAS writes z = x W^T, then one C pass over the rows computes u = x A^T and
     finishes y = c (z + s u B^T) + b in the same pass (lora_cpu.c, dora_forward_f32): the magnitude scale
     costs no pass of its own. z (with its rank-r term) is kept only when m trains."""
-    from lorakern.functional import _ptr
-
     rows, (out_features, r) = x2.shape[0], (weight.shape[0], lora_A.shape[0])
     x2, A = x2.contiguous(), lora_A.contiguous()  # named: the copies outlive the call
     b = None if bias is None else bias.contiguous()
@@ -214,8 +213,6 @@ def _forward_native(library, x2, weight, bias, lora_A, B_t, scale, scaling, need
 
 
 def _scale_grad_native(library, g, z, scale):
-    from lorakern.functional import _ptr
-
     rows, out_features = g.shape
     threads = torch.get_num_threads()
     gc = torch.empty_like(g)
@@ -228,8 +225,6 @@ def _scale_grad_native(library, g, z, scale):
 
 def run(call, library=None) -> torch.Tensor:
     """The DoRA forward for a dispatch Call with a magnitude (dense or NF4 base)."""
-    from lorakern.functional import _dropped_out
-
     if isinstance(call.weight, torch.Tensor) and call.weight.requires_grad:
         raise LorakernError("DoRA here trains A, B and the magnitude on a frozen base, but the base weight requires "
                             "grad; freeze it (weight.requires_grad_(False)) or use plain LoRA")
@@ -255,5 +250,9 @@ def further_term(y: torch.Tensor, x: torch.Tensor, weight: Weight, bias: Optiona
         base_part = y - bias if bias is not None else y
     return y + (scale - 1) * base_part + scale * ((x_lora @ lora_A.t()) @ lora_B.t() * scaling)
 
+
+dispatch.attach_dora({("torch", "dense"): lambda call: run(call, None),
+                      ("c", "dense"): lambda call: run(call, native.lora_library()),
+                      ("torch", "nf4"): run}, further_term)
 
 __all__ = ["DoraLinearFunction", "further_term", "row_norms_sq", "run", "weight_norm"]

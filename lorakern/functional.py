@@ -315,19 +315,15 @@ def _dropped_out(x: torch.Tensor, dropout_p: float, seed) -> Optional[torch.Tens
 
 
 def _run(call: Call, library) -> torch.Tensor:
-    if call.magnitude is not None:
-        from lorakern import dora  # imports this module
-
-        return dora.run(call, library)
     x_lora = _dropped_out(call.x, call.dropout_p, call.seed)
     return LoraLinearFunction.apply(call.x, x_lora, call.weight, call.bias, call.lora_A, call.lora_B, call.scaling,
                                     library)
 
 
 dispatch.register(Implementation("torch", "dense", lambda call: _run(call, None), torch_dropout_mask,
-                                 lambda call: None, supports_dora=True))
+                                 lambda call: None))
 dispatch.register(Implementation("c", "dense", lambda call: _run(call, native.lora_library()), torch_dropout_mask,
-                                 _c_unsupported, supports_dora=True))
+                                 _c_unsupported))
 
 
 def check_operands(x, weight, bias, lora_A, lora_B) -> None:

@@ -12,10 +12,6 @@ from lorakern.nf4.modules import NF4LinearFunction
 
 
 def _run(call: Call):
-    if call.magnitude is not None:
-        from lorakern import dora
-
-        return dora.run(call)
     x_lora = _dropped_out(call.x, call.dropout_p, call.seed)
     return NF4LinearFunction.apply(call.x, x_lora, call.weight, call.bias, call.lora_A, call.lora_B, call.scaling)
 
@@ -24,4 +20,4 @@ def _unsupported(call: Call) -> Optional[str]:
     return None
 
 
-dispatch.register(Implementation("torch", "nf4", _run, torch_dropout_mask, _unsupported, supports_dora=True))
+dispatch.register(Implementation("torch", "nf4", _run, torch_dropout_mask, _unsupported))
