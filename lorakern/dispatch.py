@@ -16,7 +16,8 @@ decline a DoRA call with the reason.
 
 ``auto`` (the default; $LORAKERN_BACKEND or a layer's ``backend`` pins one) tries them in the order of
 ``PREFERENCE`` and takes the first whose ``unsupported`` returns None; triton only for CUDA tensors.
-``explain`` gives every implementation's verdict for a call. Several active adapters: the first runs fused
+``explain`` gives every implementation's verdict for a call. LoRA on nn.Embedding and nn.Conv*d
+(lorakern.embedding, lorakern.conv) never comes here: those layers run plain torch (docs/layer.md says why). Several active adapters: the first runs fused
 with the base, each further one adds its own term in torch (mixed batches are the segmented kernels' job).
 """
 from __future__ import annotations

@@ -11,6 +11,7 @@ names in ``model.lorakern_active``. Only the active adapters train, as in PEFT.
 from __future__ import annotations
 
 import copy
+import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Optional, Union
 
@@ -18,8 +19,10 @@ import torch
 from torch import nn
 
 from lorakern.config import ALL_LINEAR, BIAS_MODES, LoraConfig
-from lorakern.errors import AdapterError, ConfigError, LorakernError
+from lorakern.errors import AdapterError, LorakernError
+from lorakern.inits import rewrites_base
 from lorakern.layer import DEFAULT_ADAPTER, LoraLinear, is_linear_like
+from lorakern.layer_types import LORA_LAYERS, SUPPORTED, can_take_lora, new_lora_layer
 from lorakern.nf4.modules import LinearNF4
 
 # Heads of transformers' sequence-classification models, kept out of "all-linear" like PEFT does.
@@ -73,8 +76,9 @@ class ModulesToSaveWrapper(nn.Module):
             return getattr(self.active_module, name)  # head.out_proj, head.weight, ... as on the module itself
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every LoRA layer of ``model`` by name: LoraLinear, LoraEmbedding, LoraConv."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
 
 
 def _wrappers(model: nn.Module) -> dict[str, ModulesToSaveWrapper]:
@@ -116,9 +120,13 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         matched = is_linear_like(module) or isinstance(module, LoraLinear) if all_linear else config.matches_target(name)
         if not matched:
             continue
-        if not (is_linear_like(module) or isinstance(module, LoraLinear)):
-            raise LorakernError(f"target module {name!r} is a {type(module).__name__}; LoRA applies to nn.Linear and "
-                                f"transformers Conv1D only. Narrow target_modules so that it names linear layers only")
+        if rewrites_base(config.init) and not (is_linear_like(module) or isinstance(module, LoraLinear)):
+            raise LorakernError(f"init_lora_weights={config.init!r} decomposes the weight of a Linear layer, but target "
+                                f"{name!r} is a {type(module).__name__}; leave it out of target_modules (a second "
+                                f"adapter with init_lora_weights=True can adapt it)")
+        if not (can_take_lora(module) or isinstance(module, LORA_LAYERS)):
+            raise LorakernError(f"target module {name!r} is a {type(module).__name__}; LoRA applies to {SUPPORTED}. "
+                                f"Narrow target_modules so that it names only layers of those types")
         targets.append(name)
     return targets
 
@@ -153,8 +161,13 @@ def _quant_kwargs(config: LoraConfig) -> dict:
 
 def _layer_kwargs(config: LoraConfig, name: str) -> dict:
     r, alpha = config.rank_and_alpha(name)
-    return {"r": r, "alpha": alpha, "dropout": config.lora_dropout, "use_rslora": config.use_rslora,
-            "init": config.init, **({"use_dora": True} if config.use_dora else {})}
+    kwargs = {"r": r, "alpha": alpha, "dropout": config.lora_dropout, "use_rslora": config.use_rslora,
+              "init": config.init}
+    if config.use_dora:
+        kwargs["use_dora"] = True
+    if config.init == "loftq":  # only Linear layers take LoftQ (find_targets refuses the others)
+        kwargs["loftq_iter"] = config.loftq_config.get("loftq_iter", 1)
+    return kwargs
 
 
 def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.Module:
@@ -182,19 +195,18 @@ def add_adapter_undoable(model: nn.Module, adapter_name: str, config: LoraConfig
         raise AdapterError(f"adapter {adapter_name!r} asks for quantize={config.quantize!r} but the model's base was "
                            f"built with quantize={next(iter(configs.values())).quantize!r}; adapters share one base")
     targets = find_targets(model, config)
+    rewriting = [n for n, c in {**configs, adapter_name: config}.items() if rewrites_base(c.init)]
+    if configs and rewriting:
+        warnings.warn(f"adapters {rewriting} rewrote (or will rewrite) the base weights of their layers: with them "
+                      f"inactive those layers compute the residual, not the original W, so this model's adapters do "
+                      f"not combine as plain LoRAs do. Convert them to plain LoRA adapters (save_adapter(..., "
+                      f"path_initial_model_for_weight_conversion=...)); PEFT warns the same", stacklevel=3)
     if not targets:
         seen = [name for name, m in model.named_modules() if name and (is_linear_like(m) or isinstance(m, LoraLinear))]
         raise LorakernError(
             f"target_modules={config.target_modules!r} matched no module of {type(model).__name__}. Its linear layers "
             f"are: {', '.join(seen) or '(none)'}. Use full names or their last components, e.g. "
             f"{sorted({n.rsplit('.', 1)[-1] for n in seen})[:6]}")
-    if config.use_dora:
-        for name in targets:
-            module = model.get_submodule(name)
-            if not (is_linear_like(module) or isinstance(module, LoraLinear)):
-                raise ConfigError(f"use_dora=True, but target {name!r} is a {type(module).__name__}: lorakern's DoRA "
-                                  f"takes linear layers only. Leave it out of target_modules (or exclude_modules=[{name!r}]) "
-                                  f"or use plain LoRA there (a second adapter with use_dora=False)")
     first = not configs
     previous_active = getattr(model, "lorakern_active", None)
     trainable = {id(p): p.requires_grad for p in model.parameters()}
@@ -203,7 +215,7 @@ def add_adapter_undoable(model: nn.Module, adapter_name: str, config: LoraConfig
 
     def undo() -> None:
         for module in added:
-            if isinstance(module, LoraLinear) and adapter_name in module.adapters:
+            if isinstance(module, LORA_LAYERS) and adapter_name in module.adapters:
                 module.delete_adapter(adapter_name)
             elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
                 del module.modules_to_save[adapter_name]
@@ -230,13 +242,12 @@ def add_adapter_undoable(model: nn.Module, adapter_name: str, config: LoraConfig
                                                               q["compute_dtype"], q["quant_storage"]))
         for name in targets:
             module = model.get_submodule(name)
-            if isinstance(module, LoraLinear):
+            if isinstance(module, LORA_LAYERS):
                 module.add_adapter(adapter_name, **_layer_kwargs(config, name))
                 added.append(module)
                 continue
             quant = _quant_kwargs(config) if config.quantize and not config.keeps_full_precision(name) else {}
-            edits.replace(name, LoraLinear.from_linear(module, adapter_name=adapter_name,
-                                                       **_layer_kwargs(config, name), **quant))
+            edits.replace(name, new_lora_layer(module, name, adapter_name, quant, **_layer_kwargs(config, name)))
         for name in _saved_module_names(model, config):
             module = model.get_submodule(name)
             if isinstance(module, ModulesToSaveWrapper):

@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from typing import Iterable, Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
 
-from lorakern import dispatch, dora, dora_merge
+from lorakern import dispatch, dora, dora_merge, inits
 from lorakern import functional  # noqa: F401  registers the dense torch and C implementations
 from lorakern.nf4 import lora as _nf4_lora  # noqa: F401  registers the NF4 torch implementation
 from lorakern.adapter import LoraAdapter, check_hyperparameters
@@ -23,6 +23,7 @@ from lorakern.bases import DenseBase, NF4Base
 from lorakern.errors import AdapterError, LorakernError
 from lorakern.functional import check_operands
 from lorakern.linear_like import is_conv1d, is_linear_like
+from lorakern.named_adapters import NamedAdapters
 from lorakern.nf4.codec import quantize_nf4
 from lorakern.nf4.modules import check_nf4_input
 from lorakern.nf4.storage import NF4Storage
@@ -31,7 +32,7 @@ DEFAULT_ADAPTER = "default"
 _QUANT_KWARGS = ("blocksize", "double_quant", "compute_dtype", "lora_dtype", "quant_storage")
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(NamedAdapters, nn.Module):
     """A drop-in nn.Linear with named low-rank adapters on a frozen base.
 
     ``weight`` and ``bias`` keep nn.Linear's names (a 4-bit base writes bitsandbytes' keys under
@@ -53,10 +54,7 @@ class LoraLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
         self.reset_base_parameters()
-        self.adapters = nn.ModuleDict()
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disabled = False  # set by lorakern.disable_adapters: the layer computes its base alone
+        self._init_adapters()
         self.dropout_seed: Optional[int] = None  # fixes the LoRA dropout mask (None: a fresh draw per call)
         self.backend: Optional[str] = None  # None follows $LORAKERN_BACKEND / auto; a name pins this layer
         self._dora_cache: dict = {}  # DoRA: the base's ||W_i||^2 (keyed by the base's identity and version)
@@ -76,6 +74,10 @@ class LoraLinear(nn.Module):
         if quantize not in (None, "nf4"):
             raise LorakernError(f"quantize={quantize!r} is not a known quant type; use quantize='nf4' or None")
         quant = {k: kwargs.pop(k) for k in _QUANT_KWARGS if k in kwargs}
+        init, loftq_iter = kwargs.pop("init", "kaiming"), kwargs.pop("loftq_iter", 1)
+        if init == "loftq" and quantize is None:
+            raise LorakernError("init='loftq' fits the adapter to the quantization error of an NF4 base; pass "
+                                "quantize='nf4' with it (with inject: keep the layer out of quantize_skip)")
         if quant and quantize is None:
             raise LorakernError(f"{', '.join(quant)}= applies to a quantized base only; pass quantize='nf4' with it")
         if not is_linear_like(linear):
@@ -85,8 +87,10 @@ class LoraLinear(nn.Module):
         weight = linear.weight
         out_in = weight.t() if conv else weight
         with torch.device("meta"):
+            # an init from the base weight runs below, once the real base is in place
             layer = cls(out_in.shape[1], out_in.shape[0], bias=linear.bias is not None, fan_in_fan_out=conv,
-                        dtype=weight.dtype, adapter_name=adapter_name, **kwargs)
+                        dtype=weight.dtype, adapter_name=adapter_name,
+                        init="kaiming" if inits.rewrites_base(init) else init, **kwargs)
         if quantize is None:
             layer.weight = linear.weight
             layer.weight.requires_grad_(False)
@@ -104,9 +108,11 @@ class LoraLinear(nn.Module):
             layer.bias.requires_grad_(False)
         adapter = layer.adapters[adapter_name]
         layer.adapters[adapter_name] = LoraAdapter(adapter.in_features, adapter.out_features, adapter.r, adapter.alpha,
-                                                   adapter.dropout, adapter.use_rslora, adapter.init,
+                                                   adapter.dropout, adapter.use_rslora, init,
                                                    device=weight.device, dtype=lora_dtype, use_dora=adapter.use_dora)
-        if adapter.use_dora:
+        if inits.rewrites_base(init):
+            inits.initialize(layer, adapter_name, source=out_in, loftq_iter=loftq_iter)
+        if adapter.use_dora:  # from the base as the init left it, as PEFT
             layer.reset_magnitude(adapter_name)
         return layer
 
@@ -120,8 +126,8 @@ class LoraLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def reset_lora_parameters(self, init=None) -> None:
+        super().reset_lora_parameters(init)
         for name in self.active_adapters:
-            self.adapters[name].reset_parameters(init)
             if self.adapters[name].use_dora:
                 self.reset_magnitude(name)
 
@@ -153,15 +159,12 @@ class LoraLinear(nn.Module):
     # ---- named adapters ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
                     use_rslora: bool = False, init="kaiming", dtype: Optional[torch.dtype] = None,
-                    use_dora: bool = False) -> LoraAdapter:
+                    loftq_iter: int = 1, use_dora: bool = False) -> LoraAdapter:
         """A new adapter ``name`` on this base. The first one becomes active; later ones are added inactive
-        (``set_adapter`` switches), as in PEFT. ``use_dora``: DoRA, its magnitude set to the row norms of
-        W + s B A (lorakern.dora)."""
-        if not isinstance(name, str) or not name or "." in name:
-            raise AdapterError(f"an adapter name is a non-empty string without '.', got {name!r}")
-        if name in self.adapters:
-            raise AdapterError(f"this layer already has an adapter named {name!r} (adapters: {list(self.adapters)}); "
-                               f"pick another name or delete_adapter({name!r}) first")
+        (``set_adapter`` switches), as in PEFT. An init from the base weight ("pissa", "olora": see
+        lorakern.inits) rewrites a dense base to its residual and is refused beside other adapters.
+        ``use_dora``: DoRA, its magnitude set to the row norms of W + s B A (lorakern.dora)."""
+        self._check_new_name(name)
         if r > min(self.in_features, self.out_features):
             warnings.warn(f"r={r} exceeds min(in_features, out_features)={min(self.in_features, self.out_features)}: "
                           f"the update B A cannot reach rank {r}", stacklevel=3)
@@ -169,61 +172,31 @@ class LoraLinear(nn.Module):
         reference = existing.lora_A if existing is not None else None
         device = reference.device if reference is not None else self._base_device()
         dtype = dtype or (reference.dtype if reference is not None else self._base_float_dtype())
+        inits.check_layer(self, name, init)
         adapter = LoraAdapter(self.in_features, self.out_features, r, alpha, dropout, use_rslora, init, device=device,
                               dtype=dtype, use_dora=use_dora)
-        self.adapters[name] = adapter
+        self._register(name, adapter)
+        if inits.rewrites_base(adapter.init):
+            try:
+                inits.initialize(self, name, loftq_iter=loftq_iter)
+            except BaseException:  # the layer as it was: no adapter, the base untouched
+                del self.adapters[name]
+                self.active_adapters = [n for n in self.active_adapters if n != name]
+                raise
         if use_dora:
             self.reset_magnitude(name)
-        if not self.active_adapters:
-            self.active_adapters = [name]
-        else:
-            adapter.requires_grad_(False)
         return adapter
 
-    def set_adapter(self, names: Union[str, Iterable[str]]) -> None:
-        """Make ``names`` (those this layer has) the active adapters: they compute and train; others freeze."""
-        names = [names] if isinstance(names, str) else list(names)
-        self.active_adapters = [n for n in names if n in self.adapters]
-        for name, adapter in self.adapters.items():
-            adapter.requires_grad_(name in self.active_adapters)
-
     def delete_adapter(self, name: str) -> None:
-        if name not in self.adapters:
-            raise AdapterError(f"no adapter named {name!r} in this layer; it has {list(self.adapters)}")
-        if name in self.merged_adapters:
-            raise AdapterError(f"adapter {name!r} is merged into the weight; unmerge() before deleting it")
-        del self.adapters[name]
+        super().delete_adapter(name)
         self._merged_norms.pop(name, None)
-        self.active_adapters = [n for n in self.active_adapters if n != name]
 
-    def _active(self) -> LoraAdapter:
-        name = self.active_adapters[0] if self.active_adapters else next(iter(self.adapters), None)
-        if name is None:
-            raise AdapterError("this LoraLinear has no adapter; add one with layer.add_adapter(name, r=...)")
-        return self.adapters[name]
-
-    # the active adapter's, as PEFT users read them on a single-adapter layer
-    def _adapter_attribute(name: str, doc: str):  # noqa: N805  (a property factory used in the class body)
-        def get(self):
-            return getattr(self._active(), name)
-
-        def set_(self, value):
-            setattr(self._active(), name, value)
-
-        return property(get, set_, doc=doc)
-
+    # the active adapter's factors, as PEFT users read them on a single-adapter layer
     lora_A = property(lambda self: self._active().lora_A, doc="the active adapter's A (r x in)")
     lora_B = property(lambda self: self._active().lora_B, doc="the active adapter's B (out x r)")
     lora_magnitude_vector = property(lambda self: self._active().lora_magnitude_vector,
                                      doc="the active adapter's DoRA magnitude (out,), None for plain LoRA")
     use_dora = property(lambda self: self._active().use_dora, doc="whether the active adapter is DoRA")
-    scaling = _adapter_attribute("scaling", "the active adapter's s (alpha / r, or alpha / sqrt(r) with rsLoRA)")
-    dropout = _adapter_attribute("dropout", "the active adapter's LoRA dropout probability")
-    use_rslora = _adapter_attribute("use_rslora", "whether the active adapter was built with rsLoRA's scaling")
-    r = property(lambda self: self._active().r, doc="the active adapter's rank")
-    alpha = property(lambda self: self._active().alpha, doc="the active adapter's alpha")
-    init = property(lambda self: self._active().init, doc="the active adapter's init rule")
-    del _adapter_attribute
 
     # ---- the base -------------------------------------------------------------------------------------
     @property
@@ -249,14 +222,7 @@ class LoraLinear(nn.Module):
     def _base_float_dtype(self) -> torch.dtype:
         return self.weight.dtype if self.base.kind == "dense" else torch.float32
 
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
-
     # ---- compute --------------------------------------------------------------------------------------
-    def _unmerged_active(self) -> list[LoraAdapter]:
-        return [self.adapters[n] for n in self.active_adapters if n not in self.merged_adapters]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         adapters = [] if self.disabled else self._unmerged_active()
         if self.base.kind == "dense":
@@ -316,13 +282,8 @@ class LoraLinear(nn.Module):
         A dense weight absorbs them in place (``safe``: a non-finite result raises and W is untouched). A
         4-bit weight cannot absorb them exactly: ``requantize=True`` decodes, adds and requantizes (a
         warning reports the error that adds); without it merge raises and says what to do instead."""
-        names = [n for n in (adapter_names or self.active_adapters) if n not in self.merged_adapters]
-        for name in names:
-            if name not in self.adapters:
-                raise AdapterError(f"no adapter named {name!r} in this layer; it has {list(self.adapters)}")
+        names = self._names_to_merge(adapter_names)
         if not names:
-            warnings.warn("merge() called on a layer whose active adapters are already merged; nothing to do",
-                          stacklevel=2)
             return
         what = f"LoraLinear({self.in_features}, {self.out_features}) adapters {names}"
         if any(self.adapters[n].use_dora for n in names):
@@ -388,6 +349,16 @@ class LoraLinear(nn.Module):
         """The base layer alone (nn.Linear, Conv1D or LinearNF4) sharing this layer's tensors, merged or
         not as this layer is."""
         return self.base.module(self)
+
+    merged_base = to_linear  # the name every LoRA layer type answers to (lorakern.merge_and_unload)
+
+    def peft_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``adapter_name``'s live tensors under PEFT's key suffixes (after ``<module>.``)."""
+        adapter = self.adapters[adapter_name]
+        tensors = {"lora_A.weight": adapter.lora_A, "lora_B.weight": adapter.lora_B}
+        if adapter.use_dora:  # PEFT's key: no ".weight"
+            tensors["lora_magnitude_vector"] = adapter.lora_magnitude_vector
+        return tensors
 
     # ---- state dict: a 4-bit base writes bitsandbytes' keys under "weight" ------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -88,6 +88,8 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--grad-accum", type=int, default=defaults.grad_accum, help="micro-batches per optimiser step")
     group.add_argument("--eval-batch-size", type=int, default=defaults.eval_batch_size)
     group.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    group.add_argument("--loraplus-lr-ratio", type=float, default=None, help="LoRA+: B's learning rate is lr times "
+                       "this (e.g. 16); default off (one AdamW group)")
     group.add_argument("--adam-betas", type=float, nargs=2, default=list(defaults.betas))
     group.add_argument("--adam-eps", type=float, default=defaults.eps)
     group.add_argument("--seed", type=int, default=defaults.seed)
@@ -119,7 +121,8 @@ def run_options(args: argparse.Namespace):
     train = TrainConfig(warmup_epochs=args.warmup_epochs, decay_epochs=args.decay_epochs, batch_size=args.batch_size,
                         grad_accum=args.grad_accum, eval_batch_size=args.eval_batch_size,
                         weight_decay=args.weight_decay, betas=tuple(args.adam_betas), eps=args.adam_eps,
-                        seed=args.seed, precision=args.precision, device=args.device, progress=not args.no_progress)
+                        seed=args.seed, precision=args.precision, device=args.device, progress=not args.no_progress,
+                        loraplus_lr_ratio=args.loraplus_lr_ratio)
     return RunOptions(model=args.model, data=args.data, out=args.out, recipe=args.recipe, head=args.head, lora=lora,
                       train=train, lr=args.lr, max_length=args.max_length, compare=args.compare, resume=args.resume,
                       skip_bad_rows=args.skip_bad_rows)
