@@ -37,10 +37,14 @@ def check_hyperparameters(r, alpha, dropout, init) -> None:
 
 class LoraAdapter(nn.Module):
     """lora_A (r x in) and lora_B (out x r) with s = alpha / r (alpha / sqrt(r) with rsLoRA) and the LoRA
-    dropout probability. The update it adds is s B A, applied as s (dropout(x) A^T) B^T."""
+    dropout probability. The update it adds is s B A, applied as s (dropout(x) A^T) B^T.
+
+    ``use_dora``: also a magnitude vector ``lora_magnitude_vector`` (out,) (lorakern.dora); the layer sets
+    it to the row norms of W + s B A, which it alone knows (``LoraLinear.reset_magnitude``)."""
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: Optional[float] = None,
-                 dropout: float = 0.0, use_rslora: bool = False, init=True, device=None, dtype=None) -> None:
+                 dropout: float = 0.0, use_rslora: bool = False, init=True, device=None, dtype=None,
+                 use_dora: bool = False) -> None:
         super().__init__()
         check_hyperparameters(r, alpha, dropout, init)
         self.in_features, self.out_features = in_features, out_features
@@ -53,6 +57,10 @@ class LoraAdapter(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
+        if not isinstance(use_dora, bool):
+            raise ConfigError(f"use_dora must be True or False, got {use_dora!r}")
+        self.use_dora = use_dora
+        self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features, **factory)) if use_dora else None
         # an init from the base weight is computed by the layer (lorakern.inits.initialize); until then the
         # adapter holds PEFT's default, B = 0, so it changes nothing
         self.reset_parameters("kaiming" if rewrites_base(self.init) else None)
@@ -82,4 +90,5 @@ class LoraAdapter(nn.Module):
         return (self.lora_B.to(compute) @ self.lora_A.to(compute)) * self.scaling
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}"
+        return (f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}"
+                + (", use_dora=True" if self.use_dora else ""))

@@ -112,7 +112,7 @@ def _peft_config_dict(model: nn.Module, adapter_name: str, config: LoraConfig, w
         "lora_dropout": config.lora_dropout,
         "bias": config.bias,
         "use_rslora": config.use_rslora,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
         "init_lora_weights": config.init if rewrites_base(config.init) else _PEFT_INIT[config.init],
         "loftq_config": dict(config.loftq_config),
@@ -210,8 +210,6 @@ def _read_config(directory: str) -> dict:
     if not isinstance(data, dict) or data.get("peft_type") != "LORA":
         raise LorakernError(f"{path} describes peft_type={data.get('peft_type') if isinstance(data, dict) else data!r}; "
                             f"lorakern loads LoRA adapters only (peft_type 'LORA')")
-    if data.get("use_dora"):
-        raise LorakernError(f"{path} is a DoRA adapter (use_dora=true); lorakern loads plain LoRA adapters only")
     return data
 
 
@@ -299,6 +297,10 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = DEFAULT_A
     ours = data.get("lorakern") or {}
     weights = _read_weights(directory, ours.get("weights_sha256"))
     weights = {k: v for k, v in weights.items() if not any(m in k for m in _PEFT_WRAPPER_MARKERS)}
+    # DoRA's magnitude: PEFT writes "<module>.lora_magnitude_vector"; files keyed with the parameter's own
+    # ".weight" (PEFT's in-memory name without the adapter) are read the same
+    weights = {k.removesuffix(".weight") if k.endswith(".lora_magnitude_vector.weight") else k: v
+               for k, v in weights.items()}
     existing = _configs(model)
     if adapter_name in existing:
         raise AdapterError(f"{type(model).__name__} already has an adapter named {adapter_name!r} (adapters: "

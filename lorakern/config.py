@@ -24,7 +24,7 @@ PEFT_BOOKKEEPING = ("peft_type", "auto_mapping", "peft_version", "base_model_nam
                     "inference_mode")
 # PEFT fields lorakern does not implement, with the default PEFT gives them: any other value is refused
 PEFT_UNSUPPORTED = {
-    "use_dora": False, "lora_bias": False, "megatron_config": None, "megatron_core": "megatron.core",
+    "lora_bias": False, "megatron_config": None, "megatron_core": "megatron.core",
     "trainable_token_indices": None, "eva_config": None, "corda_config": None,
     "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False,
     "qalora_group_size": 16, "monteclora_config": None, "layer_replication": None, "target_parameters": None,
@@ -50,6 +50,8 @@ class LoraConfig:
         entry; a string is a regex that must match the full name; "all-linear" takes every Linear-like
         layer but the output embedding (and a classification head).
     lora_alpha: s = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora); PEFT's default 8. None: alpha = r.
+    use_dora: DoRA (PEFT's definition; lorakern.dora): a magnitude vector per adapted layer, saved as PEFT's
+        ``lora_magnitude_vector``; linear layers (dense or NF4 base) only.
     modules_to_save: modules whose name ends with one of these plain suffixes train in full, as a copy
         per adapter; the original is kept for the base model (PEFT's ModulesToSaveWrapper).
     rank_pattern / alpha_pattern: {name pattern: value}; a key matches names like (.*\\.)?key$, first wins.
@@ -74,6 +76,7 @@ class LoraConfig:
     fan_in_fan_out: bool = False
     bias: str = "none"
     use_rslora: bool = False
+    use_dora: bool = False
     modules_to_save: Optional[list[str]] = None
     init_lora_weights: Union[bool, str] = True
     layers_to_transform: Union[list[int], int, None] = None
@@ -150,6 +153,8 @@ class LoraConfig:
                     re.compile(value)
                 except re.error as exc:
                     raise ConfigError(f"{name}={value!r} is not a valid regex ({exc}); fix the pattern") from exc
+        if not isinstance(self.use_dora, bool):
+            raise ConfigError(f"use_dora must be True or False, got use_dora={self.use_dora!r}")
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias must be one of {BIAS_MODES}, got bias={self.bias!r}")
         for key, rank in self.rank_pattern.items():

@@ -10,6 +10,10 @@ register here per base kind; nothing here imports them (they import this module)
     torch    dense         lorakern.functional             plain torch (the hand-written autograd Function)
     torch    nf4           lorakern.nf4.lora               plain torch, W decoded in chunks of rows
 
+A DoRA call carries the adapter's magnitude vector (``Call.magnitude``). lorakern.dora, when imported (the
+layer imports it), attaches its runs to the torch and c implementations (``attach_dora``); the others
+decline a DoRA call with the reason.
+
 ``auto`` (the default; $LORAKERN_BACKEND or a layer's ``backend`` pins one) tries them in the order of
 ``PREFERENCE`` and takes the first whose ``unsupported`` returns None; triton only for CUDA tensors.
 ``explain`` gives every implementation's verdict for a call. LoRA on nn.Embedding and nn.Conv*d
@@ -24,6 +28,7 @@ pass over the rows grouped by adapter), torch (dense and NF4: lorakern.mixed.run
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from dataclasses import dataclass
@@ -56,6 +61,10 @@ class Call:
     scaling: float
     dropout_p: float = 0.0
     seed: Optional[Any] = None
+    # DoRA (lorakern.dora): the adapter's magnitude vector (N,), None for plain LoRA; base_norm_sq the frozen
+    # base's row norms ||W_i||^2 when the caller holds them cached (None: computed in the call)
+    magnitude: Optional[torch.Tensor] = None
+    base_norm_sq: Optional[torch.Tensor] = None
 
     @property
     def rank(self) -> int:
@@ -98,7 +107,8 @@ class Implementation:
     ``run`` uses for that seed. unsupported(call) -> None, or why it cannot take this call.
     ``needs_seed``: draws its own dropout mask from a seed (one is drawn per call when none is fixed).
     ``run_mixed(mixed_call) -> y`` and ``unsupported_mixed(mixed_call)``: the mixed-adapter path (an
-    implementation without ``run_mixed`` declines mixed calls)."""
+    implementation without ``run_mixed`` declines mixed calls). ``run_dora``: run(call) for a call with a
+    magnitude vector (DoRA; set by ``attach_dora``), None where the implementation declines DoRA."""
 
     name: str
     base: str
@@ -108,9 +118,12 @@ class Implementation:
     needs_seed: bool = False
     run_mixed: Optional[Callable[[MixedCall], torch.Tensor]] = None
     unsupported_mixed: Optional[Callable[[MixedCall], Optional[str]]] = None
+    run_dora: Optional[Callable[[Call], torch.Tensor]] = None
 
 
 _REGISTRY: dict[tuple[str, str], Implementation] = {}
+# A further active DoRA adapter's composition (lorakern.dora.further_term), set by attach_dora.
+_DORA_FURTHER: list[Callable[..., torch.Tensor]] = []
 
 
 def register(implementation: Implementation) -> None:
@@ -119,6 +132,15 @@ def register(implementation: Implementation) -> None:
         raise LorakernError(f"an implementation is named one of {PREFERENCE} for a base in {BASE_KINDS}, got "
                             f"{implementation.name!r} for {implementation.base!r}")
     _REGISTRY[(implementation.name, implementation.base)] = implementation
+
+
+def attach_dora(runs: dict[tuple[str, str], Callable[[Call], torch.Tensor]], further: Callable[..., torch.Tensor]
+                ) -> None:
+    """Give the registered implementations {(name, base): run} a DoRA run, and set how a further active
+    DoRA adapter composes (lorakern.dora calls this when imported; dispatch itself holds no DoRA math)."""
+    for key, run in runs.items():
+        _REGISTRY[key] = dataclasses.replace(_REGISTRY[key], run_dora=run)
+    _DORA_FURTHER[:] = [further]
 
 
 @torch.compiler.assume_constant_result
@@ -160,6 +182,9 @@ def verdict(name: str, call: Union[Call, MixedCall]) -> Optional[str]:
         if implementation.run_mixed is None:
             return f"no mixed-adapter path in the {name} implementation for a {call.base} base yet"
         return None if implementation.unsupported_mixed is None else implementation.unsupported_mixed(call)
+    if call.magnitude is not None and implementation.run_dora is None:
+        return (f"no DoRA in the {name} implementation yet (its epilogue does not apply the magnitude scale); "
+                f"the torch implementation runs DoRA")
     return implementation.unsupported(call)
 
 
@@ -225,24 +250,35 @@ def compute_dtype_of(x: torch.Tensor, base: str, compute_dtype: Optional[torch.d
 
 
 def lora_forward(x: torch.Tensor, base: str, weight: Any, bias: Optional[torch.Tensor],
-                 adapters: Sequence[tuple[torch.Tensor, torch.Tensor, float, float]], *, seed: Optional[Any] = None,
-                 compute_dtype: Optional[torch.dtype] = None, requested: Optional[str] = None) -> torch.Tensor:
+                 adapters: Sequence[tuple], *, seed: Optional[Any] = None,
+                 compute_dtype: Optional[torch.dtype] = None, requested: Optional[str] = None,
+                 base_norm_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x W^T + b + sum over ``adapters`` (A, B, s, dropout_p) of s (dropout(x) A^T) B^T.
 
+    An adapter given as (A, B, s, dropout_p, magnitude) is DoRA (lorakern.dora): the first runs through the
+    chosen implementation, a further one composes as PEFT does (``lorakern.dora.further_term``);
+    ``base_norm_sq`` is the frozen base's cached ||W_i||^2 they use.
     Every operand is cast to the compute dtype (``compute_dtype_of``); a 4-bit base with a compute_dtype
     returns y in x's dtype, as bitsandbytes' Linear4bit. LoRA parameters of another dtype are cast on the
     fly; their gradients come back in their own dtype. ``seed`` fixes the first adapter's dropout mask
     (``Implementation.dropout_mask`` rebuilds it)."""
     if not adapters:
         raise LorakernError("lora_forward needs at least one adapter (the base alone runs through the base layer)")
-    lora_A, lora_B, scaling, dropout_p = adapters[0]
+    lora_A, lora_B, scaling, dropout_p, *dora = adapters[0]
     call = prepare(x, base, weight, bias, lora_A, lora_B, scaling, dropout_p, compute_dtype)
+    call.magnitude = dora[0] if dora else None
+    call.base_norm_sq = base_norm_sq
     with torch.autocast(x.device.type, enabled=False):
         implementation, _ = choose(call, requested)
         call.seed = _seed_for(implementation, dropout_p, seed)
-        y = implementation.run(call)
-        for lora_A, lora_B, scaling, dropout_p in adapters[1:]:
-            y = y + lora_term(call.x, lora_A.to(call.x.dtype), lora_B.to(call.x.dtype), scaling, dropout_p)
+        y = implementation.run(call) if call.magnitude is None else implementation.run_dora(call)
+        for lora_A, lora_B, scaling, dropout_p, *dora in adapters[1:]:
+            lora_A, lora_B = lora_A.to(call.x.dtype), lora_B.to(call.x.dtype)
+            if dora:
+                y = _DORA_FURTHER[0](y, call.x, call.weight, call.bias, lora_A, lora_B, scaling, dropout_p, dora[0],
+                                     base_norm_sq)
+            else:
+                y = y + lora_term(call.x, lora_A, lora_B, scaling, dropout_p)
     return y.to(x.dtype) if base == "nf4" and compute_dtype is not None else y
 
 
@@ -290,13 +326,14 @@ def prepare_mixed(x: torch.Tensor, base: str, weight: Any, bias: Optional[torch.
 
 def prepare(x: torch.Tensor, base: str, weight: Any, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
             lora_B: torch.Tensor, scaling: float, dropout_p: float = 0.0,
-            compute_dtype: Optional[torch.dtype] = None) -> Call:
+            compute_dtype: Optional[torch.dtype] = None, magnitude: Optional[torch.Tensor] = None) -> Call:
     """The call for these operands, each cast to the compute dtype (``compute_dtype_of``; a 4-bit base's
     storage is passed as it is). Casts are not autocast ops, so this reads autocast's state and casts alike."""
     dtype = compute_dtype_of(x, base, compute_dtype)
     cast = lambda t: None if t is None else t.to(dtype)
     return Call(cast(x), base, cast(weight) if base == "dense" else weight, cast(bias), cast(lora_A), cast(lora_B),
-                scaling, dropout_p)
+                scaling, dropout_p, magnitude=magnitude)
 
-__all__ = ["BACKEND_CHOICES", "BACKEND_ENV", "Call", "Implementation", "MixedCall", "choose", "explain", "lora_forward",
-           "lora_forward_mixed", "lora_term", "prepare", "prepare_mixed", "register", "requested_backend", "verdict"]
+__all__ = ["BACKEND_CHOICES", "BACKEND_ENV", "Call", "Implementation", "MixedCall", "attach_dora", "choose", "explain",
+           "lora_forward", "lora_forward_mixed", "lora_term", "prepare", "prepare_mixed", "register",
+           "requested_backend", "verdict"]

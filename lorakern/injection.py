@@ -171,6 +171,8 @@ def _layer_kwargs(config: LoraConfig, name: str) -> dict:
     r, alpha = config.rank_and_alpha(name)
     kwargs = {"r": r, "alpha": alpha, "dropout": config.lora_dropout, "use_rslora": config.use_rslora,
               "init": config.init}
+    if config.use_dora:
+        kwargs["use_dora"] = True
     if config.init == "loftq":  # only Linear layers take LoftQ (find_targets refuses the others)
         kwargs["loftq_iter"] = config.loftq_config.get("loftq_iter", 1)
     return kwargs

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Optional
 
 import torch
 from torch import nn
 
-from lorakern import dispatch, inits, mixed
+from lorakern import dispatch, dora, dora_merge, inits, mixed
 from lorakern import functional  # noqa: F401  registers the dense torch and C implementations
 from lorakern.nf4 import lora as _nf4_lora  # noqa: F401  registers the NF4 torch implementation
 from lorakern.adapter import LoraAdapter, check_hyperparameters
 from lorakern.bases import DenseBase, NF4Base
-from lorakern.errors import LorakernError
+from lorakern.errors import AdapterError, LorakernError
 from lorakern.functional import check_operands
 from lorakern.linear_like import is_conv1d, is_linear_like
 from lorakern.named_adapters import NamedAdapters
@@ -46,7 +47,8 @@ class LoraLinear(NamedAdapters, nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 8,
                  alpha: Optional[float] = None, dropout: float = 0.0, use_rslora: bool = False, init="kaiming",
-                 fan_in_fan_out: bool = False, device=None, dtype=None, adapter_name: str = DEFAULT_ADAPTER) -> None:
+                 fan_in_fan_out: bool = False, device=None, dtype=None, adapter_name: str = DEFAULT_ADAPTER,
+                 use_dora: bool = False) -> None:
         super().__init__()
         check_hyperparameters(r, alpha, dropout, init)
         factory = {"device": device, "dtype": dtype}
@@ -59,7 +61,10 @@ class LoraLinear(NamedAdapters, nn.Module):
         self._init_adapters()
         self.dropout_seed: Optional[int] = None  # fixes the LoRA dropout mask (None: a fresh draw per call)
         self.backend: Optional[str] = None  # None follows $LORAKERN_BACKEND / auto; a name pins this layer
-        self.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        self._dora_cache: dict = {}  # DoRA: the base's ||W_i||^2 (keyed by the base's identity and version)
+        self._merged_norms: dict[str, torch.Tensor] = {}  # DoRA: the norm each merged adapter was merged with
+        self.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init,
+                         use_dora=use_dora)
 
     # ---- building -------------------------------------------------------------------------------------
     @classmethod
@@ -69,7 +74,7 @@ class LoraLinear(NamedAdapters, nn.Module):
 
         ``quantize="nf4"`` stores the frozen weight in NF4 instead (QLoRA; takes ``blocksize``,
         ``double_quant``, ``compute_dtype``, ``lora_dtype`` and ``quant_storage`` too). Other keyword
-        arguments configure the adapter (r, alpha, dropout, use_rslora, init)."""
+        arguments configure the adapter (r, alpha, dropout, use_rslora, init, use_dora)."""
         if quantize not in (None, "nf4"):
             raise LorakernError(f"quantize={quantize!r} is not a known quant type; use quantize='nf4' or None")
         quant = {k: kwargs.pop(k) for k in _QUANT_KWARGS if k in kwargs}
@@ -108,9 +113,11 @@ class LoraLinear(NamedAdapters, nn.Module):
         adapter = layer.adapters[adapter_name]
         layer.adapters[adapter_name] = LoraAdapter(adapter.in_features, adapter.out_features, adapter.r, adapter.alpha,
                                                    adapter.dropout, adapter.use_rslora, init,
-                                                   device=weight.device, dtype=lora_dtype)
+                                                   device=weight.device, dtype=lora_dtype, use_dora=adapter.use_dora)
         if inits.rewrites_base(init):
             inits.initialize(layer, adapter_name, source=out_in, loftq_iter=loftq_iter)
+        if adapter.use_dora:  # from the base as the init left it, as PEFT
+            layer.reset_magnitude(adapter_name)
         return layer
 
     def reset_base_parameters(self) -> None:
@@ -122,13 +129,45 @@ class LoraLinear(NamedAdapters, nn.Module):
             bound = 1 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
+    def reset_lora_parameters(self, init=None) -> None:
+        super().reset_lora_parameters(init)
+        for name in self.active_adapters:
+            if self.adapters[name].use_dora:
+                self.reset_magnitude(name)
+
+    @torch.no_grad()
+    def reset_magnitude(self, name: Optional[str] = None) -> None:
+        """DoRA: set adapter ``name``'s magnitude to the row norms of W + s B A, as PEFT initialises it."""
+        adapter = self.adapters[name] if name is not None else self._active()
+        if not adapter.use_dora:
+            raise AdapterError(f"adapter {name!r} is plain LoRA (no magnitude vector); add it with use_dora=True")
+        if adapter.lora_magnitude_vector.is_meta:
+            return
+        norm = dora.weight_norm(self.base.operand(self), adapter.lora_A, adapter.lora_B, adapter.scaling,
+                                self._base_norm_sq())
+        adapter.lora_magnitude_vector.copy_(norm)
+
+    def _base_norm_sq(self) -> torch.Tensor:
+        """||W_i||^2 of the frozen base, computed once and kept until the base changes: merge, unmerge and a
+        state-dict load clear it, and it is recomputed when the weight tensor is another one or was written
+        in place (its version counter; a write through ``weight.data`` bypasses that counter: call
+        ``layer._dora_cache.clear()`` after one)."""
+        tensor = self.weight if self.base.kind == "dense" else self.nf4.packed_storage
+        key = (tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device)
+        cached = self._dora_cache.get("base_norm_sq")
+        if cached is None or cached[0]() is not tensor or cached[1] != key:
+            cached = (weakref.ref(tensor), key, dora.row_norms_sq(self.base.operand(self)))
+            self._dora_cache["base_norm_sq"] = cached
+        return cached[2]
+
     # ---- named adapters ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
                     use_rslora: bool = False, init="kaiming", dtype: Optional[torch.dtype] = None,
-                    loftq_iter: int = 1) -> LoraAdapter:
+                    loftq_iter: int = 1, use_dora: bool = False) -> LoraAdapter:
         """A new adapter ``name`` on this base. The first one becomes active; later ones are added inactive
         (``set_adapter`` switches), as in PEFT. An init from the base weight ("pissa", "olora": see
-        lorakern.inits) rewrites a dense base to its residual and is refused beside other adapters."""
+        lorakern.inits) rewrites a dense base to its residual and is refused beside other adapters.
+        ``use_dora``: DoRA, its magnitude set to the row norms of W + s B A (lorakern.dora)."""
         self._check_new_name(name)
         if r > min(self.in_features, self.out_features):
             warnings.warn(f"r={r} exceeds min(in_features, out_features)={min(self.in_features, self.out_features)}: "
@@ -139,7 +178,7 @@ class LoraLinear(NamedAdapters, nn.Module):
         dtype = dtype or (reference.dtype if reference is not None else self._base_float_dtype())
         inits.check_layer(self, name, init)
         adapter = LoraAdapter(self.in_features, self.out_features, r, alpha, dropout, use_rslora, init, device=device,
-                              dtype=dtype)
+                              dtype=dtype, use_dora=use_dora)
         self._register(name, adapter)
         if inits.rewrites_base(adapter.init):
             try:
@@ -148,11 +187,20 @@ class LoraLinear(NamedAdapters, nn.Module):
                 del self.adapters[name]
                 self.active_adapters = [n for n in self.active_adapters if n != name]
                 raise
+        if use_dora:
+            self.reset_magnitude(name)
         return adapter
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self._merged_norms.pop(name, None)
 
     # the active adapter's factors, as PEFT users read them on a single-adapter layer
     lora_A = property(lambda self: self._active().lora_A, doc="the active adapter's A (r x in)")
     lora_B = property(lambda self: self._active().lora_B, doc="the active adapter's B (out x r)")
+    lora_magnitude_vector = property(lambda self: self._active().lora_magnitude_vector,
+                                     doc="the active adapter's DoRA magnitude (out,), None for plain LoRA")
+    use_dora = property(lambda self: self._active().use_dora, doc="whether the active adapter is DoRA")
 
     # ---- the base -------------------------------------------------------------------------------------
     @property
@@ -191,10 +239,18 @@ class LoraLinear(NamedAdapters, nn.Module):
         if not adapters:
             return self.base.forward(self, x)
         training = self.training
+        norm_sq = None
+        if any(a.use_dora for a in adapters):
+            if self.merged_adapters:
+                raise LorakernError(f"DoRA adapters {[n for n in self.active_adapters if self.adapters[n].use_dora]} "
+                                    f"would run on a weight holding merged adapters {self.merged_adapters}, but their "
+                                    f"norm is the unmerged weight's; unmerge() first, or merge every active adapter")
+            norm_sq = self._base_norm_sq()
         return dispatch.lora_forward(
             x, self.base.kind, self.base.operand(self), self.bias,
-            [(a.lora_A, a.lora_B, a.scaling, a.dropout if training else 0.0) for a in adapters],
-            seed=self.dropout_seed, compute_dtype=self.compute_dtype, requested=self.backend)
+            [(a.lora_A, a.lora_B, a.scaling, a.dropout if training else 0.0)
+             + ((a.lora_magnitude_vector,) if a.use_dora else ()) for a in adapters],
+            seed=self.dropout_seed, compute_dtype=self.compute_dtype, requested=self.backend, base_norm_sq=norm_sq)
 
     def forward_rows(self, x: torch.Tensor, row_adapter: torch.Tensor, names: list[str]) -> torch.Tensor:
         """A mixed batch without a model: row i of x flattened to (M, K) uses adapter ``names[row_adapter[i]]``
@@ -208,7 +264,8 @@ class LoraLinear(NamedAdapters, nn.Module):
     def _call_for(self, x: torch.Tensor) -> dispatch.Call:
         adapter = self._active()
         return dispatch.prepare(x, self.base.kind, self.base.operand(self), self.bias, adapter.lora_A, adapter.lora_B,
-                                adapter.scaling, adapter.dropout if self.training else 0.0, self.compute_dtype)
+                                adapter.scaling, adapter.dropout if self.training else 0.0, self.compute_dtype,
+                                magnitude=adapter.lora_magnitude_vector)
 
     def dispatch_report(self, x: torch.Tensor) -> str:
         """Which implementation runs this layer on ``x``, and why each other one does not."""
@@ -235,7 +292,8 @@ class LoraLinear(NamedAdapters, nn.Module):
         return total
 
     def merge(self, safe: bool = True, adapter_names: Optional[list[str]] = None, requantize: bool = False) -> None:
-        """Fold the active adapters' s B A (or ``adapter_names``') into the base weight.
+        """Fold the active adapters' s B A (or ``adapter_names``') into the base weight (a DoRA adapter as
+        PEFT does: W' = (m / n) (W + s B A) row-wise, n from the unmerged weight and kept for unmerge).
 
         A dense weight absorbs them in place (``safe``: a non-finite result raises and W is untouched). A
         4-bit weight cannot absorb them exactly: ``requantize=True`` decodes, adds and requantizes (a
@@ -244,7 +302,13 @@ class LoraLinear(NamedAdapters, nn.Module):
         if not names:
             return
         what = f"LoraLinear({self.in_features}, {self.out_features}) adapters {names}"
-        if self.base.merges_in_place:
+        if any(self.adapters[n].use_dora for n in names):
+            if not (self.base.merges_in_place or requantize):
+                raise LorakernError("a 4-bit base cannot absorb the update exactly: merge(requantize=True) "
+                                    "requantizes (and reports the error that adds), lorakern.merge_and_unload(model) "
+                                    "gives full-precision layers, layer.to_linear() one full-precision nn.Linear")
+            dora_merge.merge(self, names, safe, what)
+        elif self.base.merges_in_place:
             self.base.add_(self, self._delta_out_in(names), safe, what)
         elif requantize:
             self.base.requantize_(self, self._delta_out_in(names), safe, what)
@@ -253,14 +317,23 @@ class LoraLinear(NamedAdapters, nn.Module):
                                 "(and reports the error that adds), lorakern.merge_and_unload(model) gives "
                                 "full-precision layers, layer.to_linear() one full-precision nn.Linear")
         self.merged_adapters += names
+        self._dora_cache.clear()
 
     def unmerge(self, requantize: bool = False) -> None:
         """Subtract the merged adapters' s B A again (a 4-bit base requantizes, only when asked)."""
         if not self.merged_adapters:
             warnings.warn("unmerge() called on a layer that is not merged; nothing to do", stacklevel=2)
             return
-        delta = -self._delta_out_in(self.merged_adapters)
         what = f"LoraLinear({self.in_features}, {self.out_features}) adapters {self.merged_adapters}"
+        if any(self.adapters[n].use_dora for n in self.merged_adapters):
+            if not (self.base.merges_in_place or requantize):
+                raise LorakernError("this 4-bit layer's merge was requantized; unmerge(requantize=True) requantizes "
+                                    "back (with its own rounding error)")
+            dora_merge.unmerge(self, what)
+            self.merged_adapters = []
+            self._dora_cache.clear()
+            return
+        delta = -self._delta_out_in(self.merged_adapters)
         if self.base.merges_in_place:
             self.base.add_(self, delta, False, what)
         elif requantize:
@@ -269,6 +342,7 @@ class LoraLinear(NamedAdapters, nn.Module):
             raise LorakernError("this 4-bit layer's merge was requantized; unmerge(requantize=True) requantizes back "
                                 "(with its own rounding error)")
         self.merged_adapters = []
+        self._dora_cache.clear()
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
@@ -277,7 +351,9 @@ class LoraLinear(NamedAdapters, nn.Module):
         dtype = self.base.dtype(self)
         weight = self.base.decoded(self, torch.promote_types(dtype, torch.float32))
         names = [n for n in self.active_adapters if n not in self.merged_adapters]
-        if names:
+        if any(self.adapters[n].use_dora for n in names):
+            weight, _ = dora_merge.compose(self, weight, dora_merge.unmerged(self, weight), names)
+        elif names:
             weight = weight + self._delta_out_in(names)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight = nn.Parameter(weight.to(dtype).contiguous(), requires_grad=False)
@@ -295,7 +371,10 @@ class LoraLinear(NamedAdapters, nn.Module):
     def peft_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """Adapter ``adapter_name``'s live tensors under PEFT's key suffixes (after ``<module>.``)."""
         adapter = self.adapters[adapter_name]
-        return {"lora_A.weight": adapter.lora_A, "lora_B.weight": adapter.lora_B}
+        tensors = {"lora_A.weight": adapter.lora_A, "lora_B.weight": adapter.lora_B}
+        if adapter.use_dora:  # PEFT's key: no ".weight"
+            tensors["lora_magnitude_vector"] = adapter.lora_magnitude_vector
+        return tensors
 
     # ---- state dict: a 4-bit base writes bitsandbytes' keys under "weight" ------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -305,6 +384,7 @@ class LoraLinear(NamedAdapters, nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        self._dora_cache.clear()
         if self.base.kind == "nf4":
             self.base.load(self, state_dict, prefix, missing_keys, error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

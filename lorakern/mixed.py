@@ -69,6 +69,11 @@ def run_torch(call: MixedCall, base_output: Callable[[MixedCall], torch.Tensor],
 
 
 def _adapters_for(layer: nn.Module, names: Sequence[str]) -> list:
+    dora = [n for n in names if n in layer.adapters and getattr(layer.adapters[n], "use_dora", False)]
+    if dora:
+        raise LorakernError(f"DoRA adapters {dora} cannot run in a mixed-adapter batch yet (their magnitude scale "
+                            f"is per adapter, the mixed paths apply none); run their rows in a batch of their own "
+                            f"(set_adapter) or use plain LoRA adapters for mixed batches")
     training = layer.training
     return [None if n not in layer.adapters else
             (layer.adapters[n].lora_A, layer.adapters[n].lora_B, layer.adapters[n].scaling,

@@ -30,6 +30,11 @@ def test_every_provider_computes_the_reference_output_and_gradients(name):
     x, W, A, B, b, g = map(f64, (o.x, o.W, o.A, o.B, o.b, o.grad))
     if name == bench.FROZEN:
         expected_y, expected_grads = x @ W.T + b, [g @ W]
+    elif "DoRA" in name:  # the magnitude the providers use: 1.1 x the row norms of W + s B A
+        m = 1.1 * core.dora.weight_norm(W, A, B, o.s)
+        expected_y = core.dora.forward(x, W, A, B, m, b, o.s)
+        ref = core.dora.backward(x, W, A, B, m, g, o.s)
+        expected_grads = [ref["dx"], ref["dA"], ref["dB"], ref["dm"]]
     else:
         expected_y = core.forward(x, W, A, B, b, o.s)
         ref = core.backward(x, W, A, B, g, o.s)

@@ -1,4 +1,5 @@
 """lorakern.core: the float64 NumPy reference and the NF4 codec. Importing it never imports torch."""
+from . import dora
 from .nf4 import BLOCKSIZES, NF4_CODE, NF4State, nf4_dequantize, nf4_quantize
 from .layers import (
     conv_backward,
@@ -24,6 +25,7 @@ from .lora import (
 )
 
 __all__ = [
+    "dora",
     "BLOCKSIZES",
     "NF4State",
     "NF4_CODE",

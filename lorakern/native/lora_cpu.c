@@ -536,3 +536,107 @@ void lora_mixed_backward_f32(const float *g, const float *x_lora, const float *u
         }
     }
 }
+
+/* ---- DoRA (lorakern/dora.py): the magnitude scale c = m / n (per output column) in the epilogue ---------- */
+
+/* row_q[n] = c[n] * t + b[n], t = base_q[n] + sum_j coef[q * r + j] * mat[j * len + n], for four rows q;
+ * t is also written to keep_q[n] when keep is not NULL (the backward's z). base and row may be the same rows. */
+static void scaled_update4(float *const rows[ROWS], float *const keep[ROWS], const float *const base[ROWS],
+                           const float *scale, const float *bias, const float *coef, const float *mat, int64_t r,
+                           int64_t len) {
+    int64_t n = 0;
+    for (; n + LANES <= len; n += LANES) {
+        vf t0 = load(base[0] + n), t1 = load(base[1] + n), t2 = load(base[2] + n), t3 = load(base[3] + n);
+        for (int64_t j = 0; j < r; ++j) {
+            vf m = load(mat + j * len + n);
+            IN_REGISTER(m);
+            t0 += splat(coef[0 * r + j]) * m; t1 += splat(coef[1 * r + j]) * m;
+            t2 += splat(coef[2 * r + j]) * m; t3 += splat(coef[3 * r + j]) * m;
+        }
+        if (keep[0]) { store(keep[0] + n, t0); store(keep[1] + n, t1); store(keep[2] + n, t2); store(keep[3] + n, t3); }
+        vf c = load(scale + n), b = bias ? load(bias + n) : splat(0);
+        store(rows[0] + n, c * t0 + b); store(rows[1] + n, c * t1 + b);
+        store(rows[2] + n, c * t2 + b); store(rows[3] + n, c * t3 + b);
+    }
+    for (; n < len; ++n)
+        for (int q = 0; q < ROWS; ++q) {
+            float t = base[q][n];
+            for (int64_t j = 0; j < r; ++j) t += coef[q * r + j] * mat[j * len + n];
+            if (keep[q]) keep[q][n] = t;
+            rows[q][n] = scale[n] * t + (bias ? bias[n] : 0.0f);
+        }
+}
+
+/* DoRA forward, after BLAS wrote z = x W^T (M x N): u = x A^T, then in the same pass over the rows
+ * z += s u B^T (kept when `keep_z`) and y = c * z + b (bias may be NULL; y may be z itself when !keep_z).
+ * The scale costs no pass over y of its own. r <= 256. */
+void dora_forward_f32(const float *x, const float *A, const float *Bt, const float *bias, const float *scale,
+                      float scaling, int64_t M, int64_t K, int64_t N, int64_t r, float *u, float *z, float *y,
+                      int keep_z, int threads) {
+    int64_t blocks = (M + ROWS - 1) / ROWS;
+    #pragma omp parallel num_threads(threads)
+    {
+        float ublk[ROWS * 256], coef[ROWS * 256];
+        float *spare = (float *)malloc((size_t)N * sizeof(float) * 2);
+        #pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+            int64_t i0 = blk * ROWS;
+            const float *xr[ROWS];
+            block_rows(x, i0, M, K, xr);
+            dots4(xr, A, r, K, ublk);
+            for (int q = 0; q < ROWS && i0 + q < M; ++q) memcpy(u + (i0 + q) * r, ublk + q * r, r * sizeof(float));
+            for (int64_t e = 0; e < ROWS * r; ++e) coef[e] = scaling * ublk[e];
+            float *yr[ROWS], *kr[ROWS];
+            const float *zr[ROWS];
+            block_rows_out(y, i0, M, N, spare, yr);
+            for (int q = 0; q < ROWS; ++q) {
+                /* rows past M read a zeroed spare row and write the other one */
+                zr[q] = i0 + q < M ? z + (i0 + q) * N : spare + N;
+                kr[q] = keep_z ? (i0 + q < M ? z + (i0 + q) * N : spare + N) : NULL;
+            }
+            if (i0 + ROWS > M) memset(spare + N, 0, (size_t)N * sizeof(float));
+            scaled_update4(yr, kr, zr, scale, bias, coef, Bt, r, N);
+        }
+        free(spare);
+    }
+}
+
+/* DoRA backward's first pass: gc = g * c (columns scaled: the LoRA backward then runs on gc) and, when z is
+ * not NULL, gz[n] = sum_i g[i, n] z[i, n] (dm = gz / n). `partial` holds threads * N floats. */
+void dora_scale_grad_f32(const float *g, const float *z, const float *scale, int64_t M, int64_t N, float *gc,
+                         float *gz, float *partial, int threads) {
+    #pragma omp parallel num_threads(threads)
+    {
+        int tid = 0, team = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        team = omp_get_num_threads();
+#endif
+        float *acc = partial + tid * N;
+        if (z) memset(acc, 0, (size_t)N * sizeof(float));
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < M; ++i) {
+            const float *gi = g + i * N;
+            float *oi = gc + i * N;
+            int64_t n = 0;
+            for (; n + LANES <= N; n += LANES) {
+                vf gv = load(gi + n);
+                store(oi + n, gv * load(scale + n));
+                if (z) store(acc + n, load(acc + n) + gv * load(z + i * N + n));
+            }
+            for (; n < N; ++n) {
+                oi[n] = gi[n] * scale[n];
+                if (z) acc[n] += gi[n] * z[i * N + n];
+            }
+        }
+        /* the implicit barrier of `omp for`: every partial is complete */
+        if (z) {
+            #pragma omp for schedule(static)
+            for (int64_t n = 0; n < N; ++n) {
+                float sum = 0.0f;
+                for (int t = 0; t < team; ++t) sum += partial[t * N + n];
+                gz[n] = sum;
+            }
+        }
+    }
+}
