@@ -169,6 +169,10 @@ def assert_shares(cases: list, axes: dict) -> dict:
         thin = {label: counts[label] for label in labels if counts[label] < floor * len(cases) - 1e-9}
         assert not thin, (f"{axis}: labels drawn in fewer than {floor:.1%} of {len(cases)} examples: {thin} "
                           f"(all: {dict(counts)})")
+    # the measured shares, for `pytest -rP` (docs/testing.md quotes them)
+    print(f"{len(cases)} examples: " + "; ".join(
+        f"{axis}: " + ", ".join(f"{label.split(' (')[0]} {share:.0%}" for label, share in by_label.items())
+        for axis, by_label in shares.items()))
     return shares
 
 
