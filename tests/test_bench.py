@@ -1,6 +1,7 @@
 """The benchmark's providers compute the same layer, its memory tracker counts honestly, and its quick
 mode runs end to end through the CLI (no timing assertions)."""
 import json
+import statistics
 import subprocess
 import sys
 
@@ -125,7 +126,13 @@ def test_quick_cli_run_writes_json_markdown_and_plot(tmp_path, capsys):
     assert {r["mode"] for r in rows} == set(bench.MODES)
     assert len(rows) == len(PROVIDERS) * len(bench.MODES)
     assert all(r["ratio_median"] > 0 and len(r["samples"]) == 2 and r["peak_bytes"] > 0 for r in rows)
-    assert all(r["ratio_min"] == r["ratio_paired"] == 1.0 for r in rows if r["provider"] == bench.FROZEN)
+    # every ratio recomputed from the stored samples against the frozen layer's row of the same shape and mode
+    base = {(r["shape"], r["mode"]): r for r in rows if r["provider"] == bench.FROZEN}
+    for r in rows:
+        frozen = base[(r["shape"], r["mode"])]
+        assert r["min_ms"] == min(r["samples"]) and r["ratio_min"] == pytest.approx(r["min_ms"] / frozen["min_ms"])
+        paired = statistics.median(v / b for v, b in zip(r["samples"], frozen["samples"]))
+        assert r["ratio_paired"] == pytest.approx(paired), r["provider"]
     assert all(r["ratio_paired"] > 0 and r["faults_per_call"] >= 0 for r in rows)
     assert data["machine"]["malloc"] == "default"
     assert {r["operation"] for r in data["nf4"]} == {"quantize", "dequantize", "forward (4-bit layer)"}
