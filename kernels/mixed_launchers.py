@@ -32,7 +32,7 @@ def unsupported_mixed(call) -> Optional[str]:
     if call.base not in ("dense", "nf4") or (call.base == "nf4") != _is_nf4(call.weight):
         return f"a base of kind {call.base!r} with a {type(call.weight).__name__} weight (dense or nf4)"
     ranks = [adapter[0].shape[0] for adapter in call.adapters if adapter is not None]
-    r_max = max(ranks, default=1)
+    r_max = max([1] + ranks)
     if r_max > MAX_RANK:
         return f"r={r_max} (the kernels take r <= {MAX_RANK})"
     rows = x.shape[0] if x.dim() == 2 else x.numel()

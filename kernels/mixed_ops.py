@@ -116,7 +116,7 @@ def mixed_lora_triton(x2: torch.Tensor, weight, bias: Optional[torch.Tensor],
     K = x2.shape[1]
     N = weight.shape[0]
     present = [adapter for adapter in adapters if adapter is not None]
-    R = max((A.shape[0] for A, *_ in present), default=1)
+    R = max([1] + [A.shape[0] for A, *_ in present])
     a_parts, b_parts = [], []
     for adapter in adapters or [None]:
         if adapter is None:  # the layer lacks this slot's adapter: zeros the kernels never read (rank 0)
