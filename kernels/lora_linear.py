@@ -18,6 +18,10 @@ kernels with lorakern.dispatch (lorakern.kernels.BACKENDS names it). The code, b
     launchers.py  check -> allocate -> launch: lora_forward, lora_backward, dropout_mask, unsupported
     ops.py        the torch.library custom ops lorakern::lora_linear_fwd / _bwd (fake implementations,
                   autograd) and lora_linear_triton
+    mixed_forward.py, mixed_backward.py, mixed_launchers.py, mixed_ops.py
+                  the same four roles for mixed-adapter batches (each row its own adapter, one launch per
+                  pass): segmented kernels, launchers, the ops lorakern::mixed_lora_fwd / _bwd, run_mixed;
+                  mixed_entry_points hands run_mixed and unsupported_mixed to the dispatch
 """
 from __future__ import annotations
 
@@ -66,6 +70,7 @@ from lorakern.kernels.ops import (
     _weight_parts,
     lora_linear_triton,
 )
+from lorakern.kernels.mixed_ops import mixed_lora_triton, run_mixed, unsupported_mixed
 from lorakern.kernels.small_m import _lora_small_m_kernel
 from lorakern.kernels.tiles import (
     _atomic_add,
@@ -90,6 +95,12 @@ def _unsupported(call: dispatch.Call):
     return unsupported(call.x, call.weight, call.lora_A)
 
 
+def mixed_entry_points():
+    """(run_mixed, unsupported_mixed): the segmented kernels' entry points for a lorakern.dispatch.MixedCall,
+    dense and NF4 bases alike, for the Implementation's ``run_mixed`` / ``unsupported_mixed`` fields."""
+    return run_mixed, unsupported_mixed
+
+
 # one implementation for dense and NF4 weights alike (the kernels decode NF4 tiles where they load them)
 for _base in dispatch.BASE_KINDS:
     dispatch.register(dispatch.Implementation("triton", _base, _run, dropout_mask, _unsupported, needs_seed=True))
@@ -103,4 +114,6 @@ __all__ = [  # re-exported: every name the single-file module had, so lora_linea
     "_setup_context", "_small_m_configs", "_store", "_tile_ids", "_TL_DTYPES", "_weight_args", "_weight_from_parts",
     "_weight_parts", "dropout_mask", "get_autotune_config", "INTERPRETED", "lora_backward", "lora_forward",
     "lora_linear_triton", "MAX_RANK", "rank_pad", "RANK_PADS", "SMALL_M", "unsupported",
+    # the segmented kernels of mixed-adapter batches
+    "mixed_entry_points", "mixed_lora_triton", "run_mixed", "unsupported_mixed",
 ]

@@ -13,7 +13,15 @@ from typing import Optional
 import torch
 import triton
 
-from lorakern.kernels.configs import _MIXED_MODE, INTERPRETED, MAX_RANK, _autotuned, _meta, get_autotune_config, rank_pad
+from lorakern.kernels.configs import (
+    _MIXED_MODE,
+    INTERPRETED,
+    MAX_RANK,
+    _autotuned,
+    _meta,
+    get_autotune_config,
+    rank_pad,
+)
 from lorakern.kernels.launchers import _is_nf4, _weight_args
 from lorakern.kernels.mixed_backward import _mixed_bwd_kernel
 from lorakern.kernels.mixed_forward import _mixed_fwd_kernel
@@ -122,8 +130,8 @@ def mixed_forward(x2, weight, bias, a_stack, b_stack, ranks, scalings, dropouts,
 
 def mixed_backward(g, x2, u, weight, a_stack, b_stack, ranks, scalings, dropouts, order, offsets, seed: int = 0,
                    has_dropout: bool = False, need_dx: bool = True, need_dA: bool = True, need_dB: bool = True, need_dbias: bool = False):
-    """(dx, dA, dB, dbias) for g = dL/dy (M, N): dA (n_slots, R, K) and dB (n_slots, N, R) hold every slot's
-    gradient (zero past its rank, and for absent adapters); entries not asked for are None.
+    """(dx, dA, dB, dbias) for g = dL/dy (M, N): dA (n_slots, R, K) and dB (n_slots, N, R) hold every
+    slot's gradient (zero past its rank, and for absent adapters); entries not asked for are None.
 
     dA, dB and dbias accumulate atomically in fp32 and come back in the stacks' dtype.
     """

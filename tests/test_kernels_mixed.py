@@ -301,7 +301,7 @@ def test_empty_batch():
 
 def test_compiles_without_graph_break():
     """torch.compile(fullgraph=True) traces through the custom ops' fake implementations."""
-    call, W = build(20, 16, 24, [2, 5], slots_for("random", 20, 2), torch.float32)
+    call, _ = build(20, 16, 24, [2, 5], slots_for("random", 20, 2), torch.float32)
     compiled = torch.compile(lambda c: run_mixed(c), backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(call), run_mixed(call), rtol=0, atol=0)
 
