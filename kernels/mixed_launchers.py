@@ -129,7 +129,8 @@ def mixed_forward(x2, weight, bias, a_stack, b_stack, ranks, scalings, dropouts,
 
 
 def mixed_backward(g, x2, u, weight, a_stack, b_stack, ranks, scalings, dropouts, order, offsets, seed: int = 0,
-                   has_dropout: bool = False, need_dx: bool = True, need_dA: bool = True, need_dB: bool = True, need_dbias: bool = False):
+                   has_dropout: bool = False, need_dx: bool = True, need_dA: bool = True, need_dB: bool = True,
+                   need_dbias: bool = False):
     """(dx, dA, dB, dbias) for g = dL/dy (M, N): dA (n_slots, R, K) and dB (n_slots, N, R) hold every
     slot's gradient (zero past its rank, and for absent adapters); entries not asked for are None.
 
