@@ -69,7 +69,7 @@ def build(M, K, N, ranks, slots, dtype, base="dense", dropouts=None, bias=True, 
           double_quant=True):
     """A MixedCall with random operands (B too, so every gradient is non-trivial) and the float64 weight W."""
     gen = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
     W = rand(N, K) / K ** 0.5
     if base == "nf4":
         from lorakern.quant import NF4Storage, quantize_nf4
@@ -320,3 +320,49 @@ def test_assignments(M, K, N, ranks, dtype, base, seed, data):
     call, W = build(M, K, N, ranks, slots, DTYPES[dtype], base=base, seed=seed, blocksize=64,
                     bias=seed % 2 == 0)
     assert_matches(call, W)
+
+
+def test_gradcheck_float64():
+    """The hand-written backward against finite differences, float64, with and without per-slot dropout
+    (the mask is fixed by the seed, so the function is smooth in its inputs). fast_mode: random projections
+    of the Jacobian (a few interpreted launches, not one per input element)."""
+    gen = torch.Generator().manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_(True)
+    M, K, N = 6, 5, 4
+    x, W, b = make(M, K), make(N, K).detach(), make(N).detach()
+    A0, B0, A1, B1 = make(2, K), make(N, 2), make(1, K), make(N, 1)
+    slot = torch.tensor([1, -1, 0, 1, 0, 1], device=DEVICE)
+    order, offsets, _ = grouping(slot, 3)
+    for p in (0.0, 0.4):
+        def f(x, A0, B0, A1, B1, p=p):
+            adapters = [(A0, B0, 0.7, p), (A1, B1, 1.9, 0.0), None]
+            return mixed_lora_triton(x, W, b, adapters, order, offsets, seed=11)
+        assert torch.autograd.gradcheck(f, (x, A0, B0, A1, B1), fast_mode=True)
+
+
+def test_never_forms_BA():
+    """No N x K tensor, in the ops' implementations included; one (M, N) tensor forward (y), none backward."""
+    from test_layer import _RecordShapes
+
+    from lorakern.kernels import mixed_ops
+
+    class RecordShapesInsideOps(_RecordShapes):
+        IMPLS = {torch.ops.lorakern.mixed_lora_fwd.default: mixed_ops._mixed_fwd_impl,
+                 torch.ops.lorakern.mixed_lora_bwd.default: mixed_ops._mixed_bwd_impl}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in self.IMPLS:
+                with self:
+                    return self.IMPLS[func](*args, **(kwargs or {}))
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    M, K, N = 40, 13, 17
+    call, _ = build(M, K, N, [3, 2, None], slots_for("random", M, 3), torch.float32)
+    grad = torch.randn(M, N, device=DEVICE)
+    with RecordShapesInsideOps() as forward:
+        y = run_mixed(call)
+    with RecordShapesInsideOps() as backward:
+        y.backward(grad)
+    for shapes in (forward.shapes, backward.shapes):
+        assert (N, K) not in shapes and (K, N) not in shapes, "B @ A (or its transpose) was formed"
+    assert forward.shapes.count((M, N)) == 1 and (M, N) not in backward.shapes
