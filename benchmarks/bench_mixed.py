@@ -28,7 +28,7 @@ from lorakern.testing import bound
 
 def make_call(tokens: int, K: int, N: int, r: int, adapters: int, device: str, dtype: torch.dtype, seed: int = 0):
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)  # noqa: E731
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
     W = rand(N, K) / K ** 0.5
     x = rand(tokens, K).requires_grad_(True)
     slots = [(rand(r, K) / K ** 0.5, rand(N, r) / r ** 0.5, 2.0 * (a + 1) / r, 0.0) for a in range(adapters)]
@@ -57,7 +57,7 @@ def check(call) -> list[dict]:
     params = [t for A, B, _, _ in call.adapters for t in (A, B)]
     y = run_mixed(call)
     got = torch.autograd.grad(y, [x, *params], grad_y)
-    d = lambda t: t.detach().double()  # noqa: E731
+    d = lambda t: t.detach().double()
     x64, W64, g64 = d(x), d(W), d(grad_y)
     y_ref, y_mag = x64 @ W64.t(), x64.abs() @ W64.abs().t()
     dx_ref, dx_mag = g64 @ W64, g64.abs() @ W64.abs()
@@ -74,7 +74,7 @@ def check(call) -> list[dict]:
         refs.append(("dA", s * gB.t() @ x64[i], s * (g64[i].abs() @ B64.abs()).t() @ x64[i].abs()))
         refs.append(("dB", s * g64[i].t() @ u, s * g64[i].abs().t() @ (x64[i].abs() @ A64.abs().t())))
     tiny = torch.finfo(x.dtype).tiny
-    worst = lambda a, e, m: float(((d(a) - e).abs() / (m + tiny)).max()) if e.numel() else 0.0  # noqa: E731
+    worst = lambda a, e, m: float(((d(a) - e).abs() / (m + tiny)).max()) if e.numel() else 0.0
     rows["y"].append(worst(y, y_ref, y_mag))
     rows["dx"].append(worst(got[0], dx_ref, dx_mag))
     for (name, expected, magnitude), actual in zip(refs, got[1:]):

@@ -137,8 +137,8 @@ def reference(call, W, grad_y: np.ndarray) -> tuple[dict, dict]:
         part = magnitudes(x[rows], W, A, B, b, g[rows], s, m, tiny)
         y_mag[rows], dx_mag[rows] = part["y"], part["dx"]
         mag[f"dA{a}"], mag[f"dB{a}"] = part["dA"], part["dB"]
-    expected.update(y=y, dx=dx)
-    mag.update(y=y_mag, dx=dx_mag)
+    expected.update(y=y, dx=dx, db=g.sum(axis=0), dW=g.T @ x)
+    mag.update(y=y_mag, dx=dx_mag, db=abs(g).sum(axis=0), dW=abs(g).T @ abs(x))
     return expected, mag
 
 
@@ -152,6 +152,10 @@ def run_with_grads(call, N) -> tuple[torch.Tensor, dict, np.ndarray]:
     for a, adapter in enumerate(call.adapters):
         if adapter is not None:
             wanted.update({f"dA{a}": adapter[0], f"dB{a}": adapter[1]})
+    if call.bias is not None:
+        wanted["db"] = call.bias
+    if isinstance(call.weight, torch.Tensor):
+        wanted["dW"] = call.weight
     wanted = {k: t for k, t in wanted.items() if t.requires_grad}
     grads = dict(zip(wanted, torch.autograd.grad(y, list(wanted.values()), grad_y.to(DEVICE)))) if wanted else {}
     return y, grads, f64(grad_y)
@@ -231,15 +235,20 @@ def test_per_slot_dropout_uses_each_slots_p():
     assert errs["y"] > 100 * limit and errs["dA1"] > 100 * limit
 
 
-@pytest.mark.parametrize("wanted", ["x", "A", "B", "one-adapter"])
+@pytest.mark.parametrize("wanted", ["x", "A", "B", "one-adapter", "bias+W"])
 def test_partial_gradients(wanted):
+    """Only the gradients asked for; the bias's (in the kernel) and a trainable dense W's (by torch) too."""
     M, K, N = 40, 33, 35
     call, W = build(M, K, N, [3, 6], slots_for("random", M, 2, seed=9), torch.float32)
     call.x.requires_grad_(wanted == "x")
+    call.bias.requires_grad_(wanted == "bias+W")
+    call.weight.requires_grad_(wanted == "bias+W")
     for a, (A, B, _, _) in enumerate(call.adapters):
         A.requires_grad_(wanted == "A" or (wanted == "one-adapter" and a == 1))
         B.requires_grad_(wanted == "B" or (wanted == "one-adapter" and a == 1))
-    assert_matches(call, W)
+    compared = {"x": {"y", "dx"}, "A": {"y", "dA0", "dA1"}, "B": {"y", "dB0", "dB1"},
+                "one-adapter": {"y", "dA1", "dB1"}, "bias+W": {"y", "db", "dW"}}[wanted]
+    assert set(assert_matches(call, W)) == compared
 
 
 def test_mutation_is_caught():
