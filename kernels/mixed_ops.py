@@ -139,7 +139,11 @@ def mixed_lora_triton(x2: torch.Tensor, weight, bias: Optional[torch.Tensor],
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout_p must be in [0, 1), got {p}")
     dropouts = torch.tensor(dropout_ps, dtype=torch.float32, device=x2.device)
+    # operands in x's dtype (no-ops when they are already; gradients flow back through the casts)
+    bias = None if bias is None else bias.to(x2.dtype)
     w, nf4_state, nf4_blocksize = _weight_parts(weight)
+    if nf4_blocksize == 0:  # a dense W
+        w = w.to(x2.dtype)
     y, _ = torch.ops.lorakern.mixed_lora_fwd(x2, w, bias, a_stack, b_stack, ranks, scalings, dropouts, order, offsets,
                                              _seed_tensor(seed), any(p > 0 for p in dropout_ps), nf4_state,
                                              nf4_blocksize)
