@@ -43,10 +43,13 @@ def _segment_tile(offsets_ptr, ranks_ptr, n_slots, M, pid_m, BLOCK_M: tl.constex
 
 @triton.jit
 def _tile_rows(order_ptr, start, end, BLOCK_M: tl.constexpr):
-    """(row indices, in-segment flags) of the tile at sorted positions start .. start + BLOCK_M."""
+    """(row indices, in-segment flags) of the tile at sorted positions start .. start + BLOCK_M.
+
+    The indices are narrowed to int32 (M * max(K, N) < 2**31 is a launch condition, as for the
+    single-adapter kernels): int64 row offsets cost the registers that made 22 configs spill."""
     pos = start + tl.arange(0, BLOCK_M)
     row_ok = pos < end
-    rows = tl.load(order_ptr + pos, mask=row_ok, other=0)
+    rows = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int32)
     return rows, row_ok
 
 
