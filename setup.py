@@ -15,7 +15,8 @@ setup(
     packages=find_packages(include=["lorakern", "lorakern.*"]) + ["lorakern.kernels"],
     package_dir={"lorakern.kernels": "kernels"},
     # The harness's fixture sets (GLUE TSVs, SQuAD JSON) and their generator ship with the package.
-    package_data={"lorakern.harness": ["fixtures/*.py", "fixtures/glue/*/*.tsv", "fixtures/squad/*.json"],
+    package_data={"lorakern.harness": ["fixtures/*.py", "fixtures/glue/*/*.tsv", "fixtures/glue-hard/*/*.tsv",
+                                       "fixtures/squad/*.json"],
                   # the C sources of the CPU kernels (LoRA products, NF4 codec), compiled on first use
                   # (lorakern/native/__init__.py)
                   "lorakern.native": ["*.c"]},

@@ -11,6 +11,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "LoraLinear": "lorakern.layer",
+    "LoraEmbedding": "lorakern.embedding",
+    "LoraConv": "lorakern.conv",
     "LoraConfig": "lorakern.config",
     "inject": "lorakern.injection",
     "add_adapter": "lorakern.injection",
@@ -21,10 +23,12 @@ _LAZY = {
     "count_parameters": "lorakern.injection",
     "parameter_table": "lorakern.injection",
     "lora_layers": "lorakern.injection",
+    "adapter_rows": "lorakern.row_adapters",
     "add_weighted_adapter": "lorakern.combine",
     "save_adapter": "lorakern.adapters",
     "load_adapter": "lorakern.adapters",
     "merge_and_unload": "lorakern.adapters",
+    "loraplus_optimizer": "lorakern.loraplus",
     "unload": "lorakern.adapters",
     "lora_linear": "lorakern.functional",
     "LoraLinearFunction": "lorakern.functional",

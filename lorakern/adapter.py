@@ -9,11 +9,13 @@ from torch import nn
 
 from lorakern import core
 from lorakern.errors import ConfigError
+from lorakern.inits import rewrites_base
 
 # init_lora_weights values a layer takes (PEFT's names; "normal" is the seed's rule, lorakern's own):
 # True / "kaiming": A kaiming-uniform (a = sqrt(5)), B zeros (PEFT's default); "gaussian": A ~ N(0, 1/r^2),
 # B zeros; "normal": A ~ N(0, 1), B zeros; False: A and B both kaiming-uniform (not an identity at start).
-INITS = (True, False, "kaiming", "gaussian", "normal")
+# Computed from the base weight by the layer (lorakern.inits): "pissa", "pissa_niter_K", "olora", "loftq".
+INITS = (True, False, "kaiming", "gaussian", "normal", "pissa", "pissa_niter_[K]", "olora", "loftq")
 
 
 def check_hyperparameters(r, alpha, dropout, init) -> None:
@@ -26,17 +28,23 @@ def check_hyperparameters(r, alpha, dropout, init) -> None:
         raise ConfigError(f"lora_alpha must be a positive number, got alpha={alpha!r}; leave it None to use alpha = r")
     if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
         raise ConfigError(f"lora_dropout must be in [0, 1), got dropout={dropout!r}; use 0.0 to disable it")
-    if init not in INITS or isinstance(init, int) and not isinstance(init, bool):
-        raise ConfigError(f"init_lora_weights={init!r} is not supported: init must be one of {INITS} "
-                          f"(PiSSA, OLoRA, LoftQ, EVA and CorDA are not implemented yet)")
+    if rewrites_base(init):
+        return
+    if init not in INITS or init == "pissa_niter_[K]" or isinstance(init, int) and not isinstance(init, bool):
+        raise ConfigError(f"init_lora_weights={init!r} is not supported: init must be one of {INITS} with K the number "
+                          f"of subspace iterations, e.g. 'pissa_niter_4' (EVA and CorDA are not implemented yet)")
 
 
 class LoraAdapter(nn.Module):
     """lora_A (r x in) and lora_B (out x r) with s = alpha / r (alpha / sqrt(r) with rsLoRA) and the LoRA
-    dropout probability. The update it adds is s B A, applied as s (dropout(x) A^T) B^T."""
+    dropout probability. The update it adds is s B A, applied as s (dropout(x) A^T) B^T.
+
+    ``use_dora``: also a magnitude vector ``lora_magnitude_vector`` (out,) (lorakern.dora); the layer sets
+    it to the row norms of W + s B A, which it alone knows (``LoraLinear.reset_magnitude``)."""
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: Optional[float] = None,
-                 dropout: float = 0.0, use_rslora: bool = False, init=True, device=None, dtype=None) -> None:
+                 dropout: float = 0.0, use_rslora: bool = False, init=True, device=None, dtype=None,
+                 use_dora: bool = False) -> None:
         super().__init__()
         check_hyperparameters(r, alpha, dropout, init)
         self.in_features, self.out_features = in_features, out_features
@@ -49,11 +57,21 @@ class LoraAdapter(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
-        self.reset_parameters()
+        if not isinstance(use_dora, bool):
+            raise ConfigError(f"use_dora must be True or False, got {use_dora!r}")
+        self.use_dora = use_dora
+        self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features, **factory)) if use_dora else None
+        # an init from the base weight is computed by the layer (lorakern.inits.initialize); until then the
+        # adapter holds PEFT's default, B = 0, so it changes nothing
+        self.reset_parameters("kaiming" if rewrites_base(self.init) else None)
 
     def reset_parameters(self, init=None) -> None:
         """A by the init rule, B zeros (both kaiming-uniform for init False)."""
         init = self.init if init is None else ("kaiming" if init is True else init)
+        if rewrites_base(init):
+            raise ConfigError(f"init {init!r} is computed from the base weight once, when the layer adds the adapter "
+                              f"(the base then holds the residual): it cannot be reset; reset with init=True or "
+                              f"'gaussian', or add a fresh adapter")
         if self.lora_A.is_meta:
             return
         with torch.no_grad():
@@ -72,4 +90,5 @@ class LoraAdapter(nn.Module):
         return (self.lora_B.to(compute) @ self.lora_A.to(compute)) * self.scaling
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}"
+        return (f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}"
+                + (", use_dora=True" if self.use_dora else ""))

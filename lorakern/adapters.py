@@ -23,6 +23,7 @@ from torch import nn
 from lorakern._io import atomic_write_bytes
 from lorakern.config import LoraConfig
 from lorakern.errors import AdapterError, LorakernError
+from lorakern.inits import rewrites_base
 from lorakern.injection import (_configs, _wrappers, add_adapter_undoable, adapter_names,
                                 lora_layers, set_submodule)
 from lorakern.layer import DEFAULT_ADAPTER
@@ -52,8 +53,8 @@ def adapter_tensors(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> di
     wrappers, layers = _wrappers(model), lora_layers(model)
     for name, layer in layers.items():
         if adapter_name in layer.adapters:
-            selected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.adapters[adapter_name].lora_A
-            selected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.adapters[adapter_name].lora_B
+            for key, tensor in layer.peft_tensors(adapter_name).items():  # lora_A.weight, lora_embedding_A, ...
+                selected[f"{PEFT_PREFIX}{name}.{key}"] = tensor
             if layer.bias is not None and config.bias in ("all", "lora_only"):
                 selected[f"{PEFT_PREFIX}{name}.base_layer.bias"] = layer.bias
     for name, wrapper in wrappers.items():
@@ -111,9 +112,10 @@ def _peft_config_dict(model: nn.Module, adapter_name: str, config: LoraConfig, w
         "lora_dropout": config.lora_dropout,
         "bias": config.bias,
         "use_rslora": config.use_rslora,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
-        "init_lora_weights": _PEFT_INIT[config.init],
+        "init_lora_weights": config.init if rewrites_base(config.init) else _PEFT_INIT[config.init],
+        "loftq_config": dict(config.loftq_config),
         "target_modules": target,
         "exclude_modules": config.exclude_modules,
         "modules_to_save": config.modules_to_save,
@@ -148,13 +150,20 @@ def adapter_directory(directory: str, adapter_name: str) -> str:
     return directory if adapter_name == DEFAULT_ADAPTER else os.path.join(directory, adapter_name)
 
 
-def save_adapter(model: nn.Module, directory: str, selected_adapters: Optional[list[str]] = None) -> None:
+def save_adapter(model: nn.Module, directory: str, selected_adapters: Optional[list[str]] = None,
+                 path_initial_model_for_weight_conversion: Optional[str] = None) -> None:
     """Write every adapter of ``model`` (or ``selected_adapters``) in PEFT's format: "default" to
     ``directory``, each other one to ``directory/<name>`` (each file atomically, weights before config).
+
+    ``path_initial_model_for_weight_conversion``: where the PiSSA / OLoRA adapters were saved right after
+    injection (same layout); they are then written as plain rank-2r LoRA adapters on the original base
+    (PEFT's save_pretrained option of the same name; lorakern.conversion).
 
     Under torch.distributed every rank calls it: sharded (FSDP2) tensors are gathered, rank 0 writes.
     """
     from safetensors.torch import save as safetensors_bytes
+
+    from lorakern import conversion
 
     names = list(selected_adapters) if selected_adapters is not None else adapter_names(model)
     for name in names or [DEFAULT_ADAPTER]:
@@ -162,11 +171,20 @@ def save_adapter(model: nn.Module, directory: str, selected_adapters: Optional[l
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise LorakernError(f"save_adapter writes a directory, but {directory!r} is an existing file; pass a "
                             f"directory path (it is created if missing)")
+    initial = None
+    if path_initial_model_for_weight_conversion is not None:
+        # every initial adapter is read and checked before anything is written
+        path = path_initial_model_for_weight_conversion
+        initial = conversion.read_initial({n: _config_of(model, n) for n in names},
+                                          {n: adapter_directory(path, n) for n in names}, path,
+                                          lambda n: adapter_tensors(model, n), _read_saved_weights)
     rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()
                  and torch.distributed.get_rank() != 0)
     for name in names:
         config = _config_of(model, name)
         tensors = {k: _full(t).detach().to("cpu", copy=True).contiguous() for k, t in adapter_tensors(model, name).items()}
+        if initial is not None and name in initial:
+            tensors, config = conversion.convert(tensors, initial[name], config)
         if not rank0:
             continue  # every rank gathered its shards above (a collective); rank 0 writes
         weights = safetensors_bytes(tensors, metadata={"format": "pt"})
@@ -192,8 +210,6 @@ def _read_config(directory: str) -> dict:
     if not isinstance(data, dict) or data.get("peft_type") != "LORA":
         raise LorakernError(f"{path} describes peft_type={data.get('peft_type') if isinstance(data, dict) else data!r}; "
                             f"lorakern loads LoRA adapters only (peft_type 'LORA')")
-    if data.get("use_dora"):
-        raise LorakernError(f"{path} is a DoRA adapter (use_dora=true); lorakern loads plain LoRA adapters only")
     return data
 
 
@@ -230,6 +246,14 @@ def _read_weights(directory: str, expected_sha256: Optional[str]) -> dict[str, t
         return safetensors_load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise LorakernError(f"{path} is not a readable safetensors file ({exc}); the file is corrupt, save it again") from exc
+
+
+def _read_saved_weights(directory: str) -> Optional[dict[str, torch.Tensor]]:
+    """The weights saved in ``directory`` (checked against its config's checksum), or None if there are none."""
+    if not os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
+        return None
+    ours = (_read_config(directory).get("lorakern") or {}) if os.path.isfile(os.path.join(directory, CONFIG_NAME)) else {}
+    return _read_weights(directory, ours.get("weights_sha256"))
 
 
 def _resize_heads(model: nn.Module, head_modules: list[str], weights: dict, num_labels: Optional[int]) -> Callable[[], None]:
@@ -273,6 +297,10 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = DEFAULT_A
     ours = data.get("lorakern") or {}
     weights = _read_weights(directory, ours.get("weights_sha256"))
     weights = {k: v for k, v in weights.items() if not any(m in k for m in _PEFT_WRAPPER_MARKERS)}
+    # DoRA's magnitude: PEFT writes "<module>.lora_magnitude_vector"; files keyed with the parameter's own
+    # ".weight" (PEFT's in-memory name without the adapter) are read the same
+    weights = {k.removesuffix(".weight") if k.endswith(".lora_magnitude_vector.weight") else k: v
+               for k, v in weights.items()}
     existing = _configs(model)
     if adapter_name in existing:
         raise AdapterError(f"{type(model).__name__} already has an adapter named {adapter_name!r} (adapters: "
@@ -328,11 +356,14 @@ def merge_and_unload(model: nn.Module, safe: bool = True, requantize: bool = Fal
     from lorakern.nf4.modules import requantize as requantize_linear
 
     layers = lora_layers(model)
+    for layer in layers.values():
+        if hasattr(layer, "check_mergeable") and layer._unmerged_active():
+            layer.check_mergeable()  # a layer whose update has no place in its weight refuses before any change
     # a 4-bit layer's full-precision merge, made once: checked below, then put in its place
     full = {name: layer.to_linear() for name, layer in layers.items() if layer.is_quantized}
     if safe:
         for name, layer in layers.items():
-            merged = (full[name] if name in full else layer.to_linear()).weight
+            merged = (full[name] if name in full else layer.merged_base()).weight
             if not torch.isfinite(merged).all():
                 raise LorakernError(f"NaNs or infs detected in the merged weight of {name!r}; no layer was changed. "
                                     f"Check that layer's lora_A and lora_B for non-finite values")
@@ -367,7 +398,7 @@ def unload(model: nn.Module) -> nn.Module:
     """Drop every adapter and give the base layers back unmerged (PEFT's unload): LoRA layers become
     their base layer (sharing its tensors), modules_to_save their originals."""
     for name, layer in lora_layers(model).items():
-        if layer.merged and layer.base.merges_in_place:
+        if layer.merged and not layer.is_quantized:
             layer.unmerge()
         set_submodule(model, name, layer.unload())
     _unwrap_modules_to_save(model, keep_trained=False)

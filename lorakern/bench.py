@@ -224,6 +224,43 @@ def _loralib(o: Operands) -> Built:
     return Built(lambda: layer(o.x), [o.x, layer.lora_A, layer.lora_B])
 
 
+def _magnitude(o: Operands) -> torch.Tensor:
+    """A DoRA magnitude 10% above the row norms of W + s B A (so m / n is not 1), as a trained one."""
+    from lorakern.dora import weight_norm
+
+    return (1.1 * weight_norm(o.W, o.A, o.B, o.s)).to(o.W.dtype).requires_grad_(True)
+
+
+def _lorakern_dora(o: Operands) -> Built:
+    """lorakern's DoRA as a layer runs it: ||W_i||^2 computed once (the layer caches it), the rest per call."""
+    from lorakern import dispatch
+    from lorakern.dora import row_norms_sq
+
+    m, norm_sq = _magnitude(o), row_norms_sq(o.W)
+    backend = None if o.x.device.type == "cpu" else "torch"
+    return Built(lambda: dispatch.lora_forward(o.x, "dense", o.W, o.b, [(o.A, o.B, o.s, 0.0, m)], requested=backend,
+                                               base_norm_sq=norm_sq), [o.x, o.A, o.B, m])
+
+
+def _peft_dora(o: Operands) -> Built:
+    """PEFT's DoRA Linear (use_dora=True) with the same W, b, A, B, s and magnitude."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear
+
+    r = o.A.shape[0]
+    layer = Linear(_base_linear(o), "default", config=LoraConfig(r=r, lora_alpha=o.s * r, use_dora=True), r=r,
+                   lora_alpha=o.s * r, use_dora=True)
+    lora_A, lora_B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    magnitude = layer.lora_magnitude_vector["default"].weight
+    layer.scaling["default"] = o.s
+    with torch.no_grad():
+        lora_A.copy_(o.A)
+        lora_B.copy_(o.B)
+        magnitude.copy_(_magnitude(o))
+    layer.to(device=o.W.device, dtype=o.W.dtype).train()
+    return Built(lambda: layer(o.x), [o.x, lora_A, lora_B, magnitude])
+
+
 def _importable(module: str) -> bool:
     import importlib.util
 
@@ -240,8 +277,10 @@ def providers(device: str) -> dict[str, Callable[[Operands], Built]]:
         out["lorakern torch, no C"] = _lorakern_without_c
     out["lorakern, factored"] = _lorakern_pinned("factored")
     out["lorakern, merged"] = _lorakern_pinned("merged")
+    out["lorakern DoRA"] = _lorakern_dora
     if _importable("peft"):
         out["PEFT lora.Linear"] = _peft
+        out["PEFT DoRA"] = _peft_dora
     if _importable("loralib"):
         out["loralib Linear"] = _loralib
     return out

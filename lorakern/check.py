@@ -51,18 +51,81 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+# A mixed-adapter batch (rows' adapter slots; -1 base only): an adapter with no rows (slot 2), one the layer
+# lacks (slot 3), base rows, ranks 1 / 8 / 16 over 37 rows of 3 tokens, 33 -> 42 features.
+MIXED_SLOTS = [0, 1, -1, 1, 0, 3, 1, 0, -1, 1, 0, 0, 3]
+MIXED_RANKS = (1, 8, 16, 4)
+
+
+def _mixed_case(dtype: torch.dtype, device: torch.device):
+    gen = torch.Generator().manual_seed(5)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
+    tokens, K, N = 3, 33, 42
+    x64, W64, b64, dy64 = rand(len(MIXED_SLOTS) * tokens, K), rand(N, K) / K ** 0.5, rand(N), rand(len(MIXED_SLOTS) * tokens, N)
+    factors64 = [(rand(r, K) / K ** 0.5, rand(N, r) / r ** 0.5, 16.0 / r) for r in MIXED_RANKS]
+    factors64[3] = None  # the layer lacks that adapter: its rows get the base output
+    rows = [slot for slot in MIXED_SLOTS for _ in range(tokens)]
+    return x64, W64, b64, dy64, factors64, rows
+
+
+def mixed_rows(device: torch.device) -> list[tuple]:
+    """One row per implementation with a mixed-adapter path and dtype: output and every gradient against
+    lorakern.core.mixed_forward / mixed_backward (row by row, float64)."""
+    import numpy as np
+
+    from lorakern import core
+    from lorakern.rows import group_rows
+    from lorakern.testing import bound, rel_error
+
+    out = []
+    x64, W64, b64, dy64, factors64, rows = _mixed_case(torch.float64, device)
+    npf = lambda t: t.numpy()
+    ref_adapters = [None if f is None else (npf(f[0]), npf(f[1]), f[2]) for f in factors64]
+    abs_adapters = [None if f is None else (np.abs(npf(f[0])), np.abs(npf(f[1])), f[2]) for f in factors64]
+    y_ref = core.mixed_forward(npf(x64), npf(W64), ref_adapters, rows, npf(b64))
+    back = core.mixed_backward(npf(x64), npf(W64), ref_adapters, rows, npf(dy64))
+    y_mag = core.mixed_forward(np.abs(npf(x64)), np.abs(npf(W64)), abs_adapters, rows, np.abs(npf(b64)))
+    back_mag = core.mixed_backward(np.abs(npf(x64)), np.abs(npf(W64)), abs_adapters, rows, np.abs(npf(dy64)))
+    for path in available_paths(device):
+        for dtype in DTYPES:
+            cast = lambda t: t.detach().to(device=device, dtype=dtype).clone()  # a fresh leaf per dtype
+            x = cast(x64).requires_grad_()
+            adapters = [None if f is None else (cast(f[0]).requires_grad_(), cast(f[1]).requires_grad_(), f[2], 0.0)
+                        for f in factors64]
+            groups = group_rows(torch.tensor(rows, device=device), len(adapters))
+            call = dispatch.prepare_mixed(x, "dense", cast(W64), cast(b64), adapters, groups)
+            why = dispatch.verdict(path, call)
+            if why is not None:
+                out.append((f"mixed: {_path_label(path)}", _name(dtype), "-", f"not run: {why}", "n/a"))
+                continue
+            y = dispatch.lora_forward_mixed(x, "dense", cast(W64), cast(b64), adapters, groups, requested=path)
+            y.backward(cast(dy64))
+            got = {"y": (y, y_ref, y_mag), "dx": (x.grad, back["dx"], back_mag["dx"])}
+            for slot, adapter in enumerate(adapters):
+                if adapter is not None:
+                    got[f"dA{slot}"] = (adapter[0].grad, back["dA"][slot], back_mag["dA"][slot])
+                    got[f"dB{slot}"] = (adapter[1].grad, back["dB"][slot], back_mag["dB"][slot])
+            limit = bound(dtype, max(x64.shape[1], W64.shape[0], len(rows)))
+            worst = max(((rel_error(t, ref, mag, dtype), name) for name, (t, ref, mag) in got.items()),
+                        key=lambda item: item[0][0])
+            (error, where), name = worst
+            out.append((f"mixed: {_path_label(path)}", _name(dtype), f"{error / limit:.2e}",
+                        f"{name} ({len(MIXED_RANKS)} adapters, {len(rows)} rows)", "pass" if error <= limit else "FAIL"))
+    return out
+
+
 def run_check(device: Optional[str] = None, out=sys.stdout) -> bool:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
     for path in available_paths(device):
         whole_path = _unsupported(path, device, torch.float32)
         if whole_path is not None and path != "torch":
-            rows.append((_path_label(path), "all", "-", "-", f"not run: {whole_path}", "n/a"))
+            rows.append((_path_label(path), "all", "-", f"not run: {whole_path}", "n/a"))
             continue
         for dtype in DTYPES:
             why = _unsupported(path, device, dtype)
             if why:
-                rows.append((_path_label(path), _name(dtype), "-", "-", f"not run by this path: {why}", "n/a"))
+                rows.append((_path_label(path), _name(dtype), "-", f"not run by this path: {why}", "n/a"))
                 continue
             worst_ratio, worst = -1.0, None
             # both formulations (functional.choose_formulation): merged where allowed, factored everywhere
@@ -80,13 +143,16 @@ def run_check(device: Optional[str] = None, out=sys.stdout) -> bool:
                         worst_ratio, worst = error / comparison.bound, (comparison, name, error, form)
             comparison, name, error, form = worst
             where = f"{name} @ x{comparison.shape}" + (f" {form}" if form != "auto" else "")
-            rows.append((_path_label(path), _name(dtype), f"{error:.2e}", f"{comparison.bound:.2e}", where,
+            rows.append((_path_label(path), _name(dtype), f"{error:.2e}", where,
                          "pass" if comparison.passed else "FAIL"))
-    header = ("path", "dtype", "worst rel. error", "bound", "where", "result")
+    rows += mixed_rows(device)
+    header = ("path", "dtype", "worst error / bound", "where", "result")
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
     print(f"lorakern check on {device}: output and gradients (x, A, B, bias) against lorakern.core (float64)", file=out)
-    print(f"{len(GRID)} shapes per row, each in both formulations (factored, merged where allowed); error = max |got - ref| / magnitude of the summed terms", file=out)
+    print(f"{len(GRID)} shapes per row, each in both formulations (factored, merged where allowed); error = max "
+          f"|got - ref| / its allowed error (lorakern.testing: from the dtype, the reduction length and the rounded "
+          f"values); pass <= 1", file=out)
     print(line(header), file=out)
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=out)
     for row in rows:

@@ -22,6 +22,7 @@ from torch import nn
 
 from lorakern.errors import AdapterError
 from lorakern.injection import _apply_active, _configs, lora_layers
+from lorakern.layer import LoraLinear
 
 COMBINATIONS = ("linear", "cat", "svd")
 
@@ -43,6 +44,12 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     if svd_rank is not None and combination_type != "svd":
         raise AdapterError("svd_rank applies to combination_type='svd' only")
     layers = lora_layers(model)
+    others = sorted(n for n, layer in layers.items() if not isinstance(layer, LoraLinear)
+                    and any(a in layer.adapters for a in adapters))
+    if others:
+        raise AdapterError(f"add_weighted_adapter combines adapters on Linear layers only; {adapters} also adapt "
+                           f"{others[:3]} ({type(layers[others[0]]).__name__}). Combine adapters that target Linear "
+                           f"layers only")
     targets = {a: sorted(n for n, layer in layers.items() if a in layer.adapters) for a in adapters}
     ranks = {a: {layer.adapters[a].r for layer in layers.values() if a in layer.adapters} for a in adapters}
     if combination_type == "linear":

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Union
 
 from lorakern.adapter import check_hyperparameters
 from lorakern.core.nf4 import BLOCKSIZES
 from lorakern.errors import ConfigError
+from lorakern.inits import rewrites_base
 
 BIAS_MODES = ("none", "all", "lora_only")
 ALL_LINEAR = "all-linear"
@@ -22,8 +24,8 @@ PEFT_BOOKKEEPING = ("peft_type", "auto_mapping", "peft_version", "base_model_nam
                     "inference_mode")
 # PEFT fields lorakern does not implement, with the default PEFT gives them: any other value is refused
 PEFT_UNSUPPORTED = {
-    "use_dora": False, "lora_bias": False, "megatron_config": None, "megatron_core": "megatron.core",
-    "trainable_token_indices": None, "loftq_config": {}, "eva_config": None, "corda_config": None,
+    "lora_bias": False, "megatron_config": None, "megatron_core": "megatron.core",
+    "trainable_token_indices": None, "eva_config": None, "corda_config": None,
     "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False,
     "qalora_group_size": 16, "monteclora_config": None, "layer_replication": None, "target_parameters": None,
     "use_bdlora": False, "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False,
@@ -48,12 +50,16 @@ class LoraConfig:
         entry; a string is a regex that must match the full name; "all-linear" takes every Linear-like
         layer but the output embedding (and a classification head).
     lora_alpha: s = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora); PEFT's default 8. None: alpha = r.
+    use_dora: DoRA (PEFT's definition; lorakern.dora): a magnitude vector per adapted layer, saved as PEFT's
+        ``lora_magnitude_vector``; linear layers (dense or NF4 base) only.
     modules_to_save: modules whose name ends with one of these plain suffixes train in full, as a copy
         per adapter; the original is kept for the base model (PEFT's ModulesToSaveWrapper).
     rank_pattern / alpha_pattern: {name pattern: value}; a key matches names like (.*\\.)?key$, first wins.
     layers_to_transform / layers_pattern: only layers with these indices (PEFT's rule) get an adapter.
     init_lora_weights: True (A kaiming-uniform, B zeros), False (both random), "gaussian", and lorakern's
-        "normal" (A ~ N(0, 1): the seed's rule).
+        "normal" (A ~ N(0, 1): the seed's rule); from the base weight, which they rewrite (lorakern.inits,
+        docs/inits.md): "pissa", "pissa_niter_K", "olora", and "loftq" (needs quantize="nf4").
+    loftq_config: PEFT's LoftQConfig as a dict, {"loftq_bits": 4, "loftq_iter": n}; required with "loftq".
     fan_in_fan_out: accepted for PEFT's sake; lorakern reads each layer's layout itself (GPT-2 Conv1D).
     quantize ...: QLoRA. Store the frozen Linear weights in NF4 (targets, and the other Linear layers but
         those in quantize_skip and modules_to_save, which stay in full precision like a trainable head).
@@ -70,12 +76,14 @@ class LoraConfig:
     fan_in_fan_out: bool = False
     bias: str = "none"
     use_rslora: bool = False
+    use_dora: bool = False
     modules_to_save: Optional[list[str]] = None
     init_lora_weights: Union[bool, str] = True
     layers_to_transform: Union[list[int], int, None] = None
     layers_pattern: Union[list[str], str, None] = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    loftq_config: dict[str, int] = field(default_factory=dict)
     task_type: Optional[str] = None
     quantize: Optional[str] = None
     quantize_skip: list[str] = field(default_factory=list)
@@ -145,6 +153,8 @@ class LoraConfig:
                     re.compile(value)
                 except re.error as exc:
                     raise ConfigError(f"{name}={value!r} is not a valid regex ({exc}); fix the pattern") from exc
+        if not isinstance(self.use_dora, bool):
+            raise ConfigError(f"use_dora must be True or False, got use_dora={self.use_dora!r}")
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias must be one of {BIAS_MODES}, got bias={self.bias!r}")
         for key, rank in self.rank_pattern.items():
@@ -158,6 +168,11 @@ class LoraConfig:
             raise ConfigError(f"layers_to_transform must be an int or a list of ints, got {layers!r}")
         if isinstance(self.layers_pattern, str):
             self.layers_pattern = [self.layers_pattern]
+        self._check_loftq()
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and rewrites_base(init) and init != "loftq":
+            warnings.warn(f"init_lora_weights={init!r} with use_rslora and rank_pattern/alpha_pattern: such an adapter "
+                          f"cannot be converted to a plain LoRA on save (path_initial_model_for_weight_conversion), "
+                          f"as in PEFT; drop use_rslora or the patterns if you mean to convert it", stacklevel=3)
         if self.quantize not in (None, "nf4"):
             raise ConfigError(f"quantize={self.quantize!r} is not a known quant type; use 'nf4' (or None)")
         if self.quantize_blocksize not in BLOCKSIZES:
@@ -175,6 +190,34 @@ class LoraConfig:
         if isinstance(self.quantize_skip, str) or not all(isinstance(v, str) and v for v in self.quantize_skip):
             raise TypeError(f"quantize_skip must be a list of module names, got {self.quantize_skip!r}")
         self.quantize_skip = list(self.quantize_skip)
+
+    def _check_loftq(self) -> None:
+        """PEFT's rules for loftq_config, and lorakern's: LoftQ needs an NF4 base (4 bits)."""
+        if dataclasses.is_dataclass(self.loftq_config):  # PEFT's LoftQConfig object
+            self.loftq_config = dataclasses.asdict(self.loftq_config)
+        if self.init_lora_weights != "loftq":
+            if self.loftq_config:
+                warnings.warn("loftq_config is ignored unless init_lora_weights='loftq' (as in PEFT)", stacklevel=4)
+                self.loftq_config = {}
+            return
+        fix = "pass loftq_config={'loftq_bits': 4, 'loftq_iter': 1} (PEFT's LoftQConfig fields)"
+        if not isinstance(self.loftq_config, dict) or not self.loftq_config:
+            raise ConfigError(f"loftq_config must be specified when init_lora_weights is 'loftq'; {fix}")
+        unknown = sorted(set(self.loftq_config) - {"loftq_bits", "loftq_iter"})
+        if unknown:
+            raise ConfigError(f"loftq_config has unknown keys {unknown}; {fix}")
+        config = {"loftq_bits": 4, "loftq_iter": 1, **self.loftq_config}
+        if config["loftq_bits"] != 4:
+            raise ConfigError(f"loftq_bits={config['loftq_bits']!r}: lorakern's LoftQ fits an NF4 (4-bit) base; use "
+                              f"loftq_bits=4")
+        iters = config["loftq_iter"]
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+            raise ConfigError(f"loftq_iter must be an int >= 1, got {iters!r}; {fix}")
+        if self.quantize != "nf4":
+            raise ConfigError(f"init_lora_weights='loftq' fits the adapter to the quantization error of an NF4 base, "
+                              f"but quantize={self.quantize!r}; pass quantize='nf4' (PEFT's route of a dense base "
+                              f"rewritten to its dequantized values is not supported)")
+        self.loftq_config = config
 
     # lorakern's earlier names
     alpha = property(lambda self: self.lora_alpha)

@@ -10,17 +10,29 @@ register here per base kind; nothing here imports them (they import this module)
     torch    dense         lorakern.functional             plain torch (the hand-written autograd Function)
     torch    nf4           lorakern.nf4.lora               plain torch, W decoded in chunks of rows
 
+A DoRA call carries the adapter's magnitude vector (``Call.magnitude``). lorakern.dora, when imported (the
+layer imports it), attaches its runs to the torch and c implementations (``attach_dora``); the others
+decline a DoRA call with the reason.
+
 ``auto`` (the default; $LORAKERN_BACKEND or a layer's ``backend`` pins one) tries them in the order of
 ``PREFERENCE`` and takes the first whose ``unsupported`` returns None; triton only for CUDA tensors.
-``explain`` gives every implementation's verdict for a call. Several active adapters: the first runs fused
-with the base, each further one adds its own term in torch (mixed batches are the segmented kernels' job).
+``explain`` gives every implementation's verdict for a call. LoRA on nn.Embedding and nn.Conv*d
+(lorakern.embedding, lorakern.conv) never comes here: those layers run plain torch (docs/layer.md says why).
+Several active adapters: the first runs fused with the base, each further one adds its own term in torch.
+
+A mixed-adapter call (``MixedCall``: each row of x uses its own adapter, or none) goes through the same
+``choose``/``explain``: an implementation takes it when it has ``run_mixed`` and its ``unsupported_mixed``
+returns None; one without ``run_mixed`` declines it, saying so. ``lora_forward_mixed`` is its entry point.
+Mixed paths: triton (the segmented kernels, dense and NF4), c (dense fp32 CPU eager: lorakern.mixed_c, one
+pass over the rows grouped by adapter), torch (dense and NF4: lorakern.mixed.run_torch).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -49,17 +61,54 @@ class Call:
     scaling: float
     dropout_p: float = 0.0
     seed: Optional[Any] = None
+    # DoRA (lorakern.dora): the adapter's magnitude vector (N,), None for plain LoRA; base_norm_sq the frozen
+    # base's row norms ||W_i||^2 when the caller holds them cached (None: computed in the call)
+    magnitude: Optional[torch.Tensor] = None
+    base_norm_sq: Optional[torch.Tensor] = None
 
     @property
     def rank(self) -> int:
         return self.lora_A.shape[0]
 
 
+@dataclass
+class MixedCall:
+    """One mixed-adapter forward: each row of x uses the adapter of its slot (or none).
+
+    A row here is a row of the flattened input (a token); lorakern.rows expands a batch's row grouping to
+    them. Every operand is in the compute dtype. Dropout: with a fixed ``seed`` the rows of slot a use
+    rows of ``Implementation.dropout_mask(seed, x.shape, p_a, device)`` (the mask a single-adapter call
+    with that seed and p would draw for the whole x), so a mixed call whose rows all use one adapter
+    matches the single-adapter call. ``counts`` is empty while torch.compile traces (host values would be
+    guarded on and recompile per batch): traced paths use ``slot`` (shape-static) only."""
+
+    x: torch.Tensor          # (M, K), 2-D, compute dtype
+    base: str                # "dense" | "nf4"
+    weight: Any              # dense (N, K) in the compute dtype, or the NF4Storage
+    bias: Optional[torch.Tensor]
+    # per slot: (A (r_a, K), B (N, r_a), scaling, dropout_p), compute dtype; None: this layer lacks that
+    # adapter (its rows get the base output)
+    adapters: list[Optional[tuple[torch.Tensor, torch.Tensor, float, float]]]
+    slot: torch.Tensor       # (M,) int64 on x.device: the slot of each row, -1 = base only
+    order: torch.Tensor      # (M,) int64: row indices sorted by slot (stable), base-only rows last
+    offsets: torch.Tensor    # (n_slots + 1,) int64 on x.device: slot a's rows are order[offsets[a]:offsets[a+1]]
+    counts: tuple[int, ...]  # host copy of the n_slots segment sizes (eager paths may use it)
+    seed: Optional[Any] = None
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """Each slot's rank (0 where this layer lacks the adapter)."""
+        return tuple(0 if a is None else a[0].shape[0] for a in self.adapters)
+
+
 @dataclass(frozen=True)
 class Implementation:
     """run(call) -> y. dropout_mask(seed, shape, p, device) -> the float32 mask (kept / (1 - p), else 0)
     ``run`` uses for that seed. unsupported(call) -> None, or why it cannot take this call.
-    ``needs_seed``: draws its own dropout mask from a seed (one is drawn per call when none is fixed)."""
+    ``needs_seed``: draws its own dropout mask from a seed (one is drawn per call when none is fixed).
+    ``run_mixed(mixed_call) -> y`` and ``unsupported_mixed(mixed_call)``: the mixed-adapter path (an
+    implementation without ``run_mixed`` declines mixed calls). ``run_dora``: run(call) for a call with a
+    magnitude vector (DoRA; set by ``attach_dora``), None where the implementation declines DoRA."""
 
     name: str
     base: str
@@ -67,9 +116,14 @@ class Implementation:
     dropout_mask: Callable[..., torch.Tensor]
     unsupported: Callable[[Call], Optional[str]]
     needs_seed: bool = False
+    run_mixed: Optional[Callable[[MixedCall], torch.Tensor]] = None
+    unsupported_mixed: Optional[Callable[[MixedCall], Optional[str]]] = None
+    run_dora: Optional[Callable[[Call], torch.Tensor]] = None
 
 
 _REGISTRY: dict[tuple[str, str], Implementation] = {}
+# A further active DoRA adapter's composition (lorakern.dora.further_term), set by attach_dora.
+_DORA_FURTHER: list[Callable[..., torch.Tensor]] = []
 
 
 def register(implementation: Implementation) -> None:
@@ -78,6 +132,15 @@ def register(implementation: Implementation) -> None:
         raise LorakernError(f"an implementation is named one of {PREFERENCE} for a base in {BASE_KINDS}, got "
                             f"{implementation.name!r} for {implementation.base!r}")
     _REGISTRY[(implementation.name, implementation.base)] = implementation
+
+
+def attach_dora(runs: dict[tuple[str, str], Callable[[Call], torch.Tensor]], further: Callable[..., torch.Tensor]
+                ) -> None:
+    """Give the registered implementations {(name, base): run} a DoRA run, and set how a further active
+    DoRA adapter composes (lorakern.dora calls this when imported; dispatch itself holds no DoRA math)."""
+    for key, run in runs.items():
+        _REGISTRY[key] = dataclasses.replace(_REGISTRY[key], run_dora=run)
+    _DORA_FURTHER[:] = [further]
 
 
 @torch.compiler.assume_constant_result
@@ -106,8 +169,8 @@ def requested_backend(requested: Optional[str] = None) -> str:
     return choice
 
 
-def verdict(name: str, call: Call) -> Optional[str]:
-    """None when implementation ``name`` takes ``call``, else why not."""
+def verdict(name: str, call: Union[Call, MixedCall]) -> Optional[str]:
+    """None when implementation ``name`` takes ``call`` (a single- or mixed-adapter call), else why not."""
     # loaded before the registry is read: under torch.compile a registry read before the import would stay
     # stale in the trace (_load itself runs at trace time, outside the graph)
     if name in _LAZY_MODULES and not _load(name):
@@ -115,10 +178,17 @@ def verdict(name: str, call: Call) -> Optional[str]:
     implementation = _REGISTRY.get((name, call.base))
     if implementation is None:
         return f"no {name} implementation for a {call.base} base"
+    if isinstance(call, MixedCall):
+        if implementation.run_mixed is None:
+            return f"no mixed-adapter path in the {name} implementation for a {call.base} base yet"
+        return None if implementation.unsupported_mixed is None else implementation.unsupported_mixed(call)
+    if call.magnitude is not None and implementation.run_dora is None:
+        return (f"no DoRA in the {name} implementation yet (its epilogue does not apply the magnitude scale); "
+                f"the torch implementation runs DoRA")
     return implementation.unsupported(call)
 
 
-def choose(call: Call, requested: Optional[str] = None) -> tuple[Implementation, dict[str, str]]:
+def choose(call: Union[Call, MixedCall], requested: Optional[str] = None) -> tuple[Implementation, dict[str, str]]:
     """(the implementation for ``call``, {name: why declined} of those tried before it).
 
     auto tries PREFERENCE in order (triton only for CUDA tensors); an explicit choice that cannot take the
@@ -142,7 +212,7 @@ def choose(call: Call, requested: Optional[str] = None) -> tuple[Implementation,
     raise LorakernError(f"no implementation takes this call: {declined}")
 
 
-def explain(call: Call, requested: Optional[str] = None) -> str:
+def explain(call: Union[Call, MixedCall], requested: Optional[str] = None) -> str:
     """A line per implementation: which one runs ``call`` and why each other one does not."""
     try:
         chosen, declined = choose(call, requested)
@@ -180,36 +250,90 @@ def compute_dtype_of(x: torch.Tensor, base: str, compute_dtype: Optional[torch.d
 
 
 def lora_forward(x: torch.Tensor, base: str, weight: Any, bias: Optional[torch.Tensor],
-                 adapters: Sequence[tuple[torch.Tensor, torch.Tensor, float, float]], *, seed: Optional[Any] = None,
-                 compute_dtype: Optional[torch.dtype] = None, requested: Optional[str] = None) -> torch.Tensor:
+                 adapters: Sequence[tuple], *, seed: Optional[Any] = None,
+                 compute_dtype: Optional[torch.dtype] = None, requested: Optional[str] = None,
+                 base_norm_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x W^T + b + sum over ``adapters`` (A, B, s, dropout_p) of s (dropout(x) A^T) B^T.
 
+    An adapter given as (A, B, s, dropout_p, magnitude) is DoRA (lorakern.dora): the first runs through the
+    chosen implementation, a further one composes as PEFT does (``lorakern.dora.further_term``);
+    ``base_norm_sq`` is the frozen base's cached ||W_i||^2 they use.
     Every operand is cast to the compute dtype (``compute_dtype_of``); a 4-bit base with a compute_dtype
     returns y in x's dtype, as bitsandbytes' Linear4bit. LoRA parameters of another dtype are cast on the
     fly; their gradients come back in their own dtype. ``seed`` fixes the first adapter's dropout mask
     (``Implementation.dropout_mask`` rebuilds it)."""
     if not adapters:
         raise LorakernError("lora_forward needs at least one adapter (the base alone runs through the base layer)")
-    lora_A, lora_B, scaling, dropout_p = adapters[0]
+    lora_A, lora_B, scaling, dropout_p, *dora = adapters[0]
     call = prepare(x, base, weight, bias, lora_A, lora_B, scaling, dropout_p, compute_dtype)
+    call.magnitude = dora[0] if dora else None
+    call.base_norm_sq = base_norm_sq
     with torch.autocast(x.device.type, enabled=False):
         implementation, _ = choose(call, requested)
         call.seed = _seed_for(implementation, dropout_p, seed)
-        y = implementation.run(call)
-        for lora_A, lora_B, scaling, dropout_p in adapters[1:]:
-            y = y + lora_term(call.x, lora_A.to(call.x.dtype), lora_B.to(call.x.dtype), scaling, dropout_p)
+        y = implementation.run(call) if call.magnitude is None else implementation.run_dora(call)
+        for lora_A, lora_B, scaling, dropout_p, *dora in adapters[1:]:
+            lora_A, lora_B = lora_A.to(call.x.dtype), lora_B.to(call.x.dtype)
+            if dora:
+                y = _DORA_FURTHER[0](y, call.x, call.weight, call.bias, lora_A, lora_B, scaling, dropout_p, dora[0],
+                                     base_norm_sq)
+            else:
+                y = y + lora_term(call.x, lora_A, lora_B, scaling, dropout_p)
     return y.to(x.dtype) if base == "nf4" and compute_dtype is not None else y
+
+
+def lora_forward_mixed(x: torch.Tensor, base: str, weight: Any, bias: Optional[torch.Tensor],
+                       adapters: Sequence[Optional[tuple[torch.Tensor, torch.Tensor, float, float]]], groups: Any, *,
+                       seed: Optional[Any] = None, compute_dtype: Optional[torch.dtype] = None,
+                       requested: Optional[str] = None) -> torch.Tensor:
+    """y where row i of the flattened x gets x_i W^T + b + (its slot's adapter term, if any).
+
+    ``adapters`` has one entry per slot of ``groups`` (lorakern.rows.TokenGroups: slot, order, offsets,
+    counts over the rows of x flattened to (M, K)); None where this layer lacks that adapter. Casts as
+    ``lora_forward`` does; y has x's leading shape. When every row uses one adapter (the host counts say
+    so, in eager) this is that adapter's single-adapter call, so a one-adapter batch costs what it did."""
+    rows = x.numel() // x.shape[-1] if x.dim() else 0
+    whole = [a for a, count in enumerate(groups.counts) if count == rows and rows]
+    others = [a for a in range(len(adapters)) if not whole or a != whole[0]]
+    if whole and adapters[whole[0]] is not None and all(adapters[a] is None for a in others):
+        # every row uses one adapter (known in eager only) and no other adapter is there to get its zero
+        # gradient: the single-adapter call, at its cost
+        return lora_forward(x, base, weight, bias, [adapters[whole[0]]], seed=seed, compute_dtype=compute_dtype,
+                            requested=requested)
+    call = prepare_mixed(x, base, weight, bias, adapters, groups, compute_dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        implementation, _ = choose(call, requested)
+        p = max([0.0] + [a[3] for a in call.adapters if a is not None])
+        call.seed = _seed_for(implementation, p, seed)
+        y = implementation.run_mixed(call)
+    y = y.reshape(*x.shape[:-1], y.shape[-1])
+    return y.to(x.dtype) if base == "nf4" and compute_dtype is not None else y
+
+
+def prepare_mixed(x: torch.Tensor, base: str, weight: Any, bias: Optional[torch.Tensor],
+                  adapters: Sequence[Optional[tuple[torch.Tensor, torch.Tensor, float, float]]], groups: Any,
+                  compute_dtype: Optional[torch.dtype] = None) -> MixedCall:
+    """The MixedCall for these operands: x flattened to (M, K), everything cast to the compute dtype."""
+    dtype = compute_dtype_of(x, base, compute_dtype)
+    cast = lambda t: None if t is None else t.to(dtype)
+    if len(adapters) != len(groups.counts) and not torch.compiler.is_compiling():
+        raise LorakernError(f"{len(adapters)} adapters given for {len(groups.counts)} slots; give one entry per slot "
+                            f"(None where the layer lacks that adapter)")
+    cast_adapters = [None if a is None else (cast(a[0]), cast(a[1]), float(a[2]), float(a[3])) for a in adapters]
+    return MixedCall(cast(x.reshape(-1, x.shape[-1])), base, cast(weight) if base == "dense" else weight, cast(bias),
+                     cast_adapters, groups.slot, groups.order, groups.offsets, groups.counts)
 
 
 def prepare(x: torch.Tensor, base: str, weight: Any, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
             lora_B: torch.Tensor, scaling: float, dropout_p: float = 0.0,
-            compute_dtype: Optional[torch.dtype] = None) -> Call:
+            compute_dtype: Optional[torch.dtype] = None, magnitude: Optional[torch.Tensor] = None) -> Call:
     """The call for these operands, each cast to the compute dtype (``compute_dtype_of``; a 4-bit base's
     storage is passed as it is). Casts are not autocast ops, so this reads autocast's state and casts alike."""
     dtype = compute_dtype_of(x, base, compute_dtype)
     cast = lambda t: None if t is None else t.to(dtype)
     return Call(cast(x), base, cast(weight) if base == "dense" else weight, cast(bias), cast(lora_A), cast(lora_B),
-                scaling, dropout_p)
+                scaling, dropout_p, magnitude=magnitude)
 
-__all__ = ["BACKEND_CHOICES", "BACKEND_ENV", "Call", "Implementation", "choose", "explain", "lora_forward", "lora_term",
-           "prepare", "register", "requested_backend", "verdict"]
+__all__ = ["BACKEND_CHOICES", "BACKEND_ENV", "Call", "Implementation", "MixedCall", "attach_dora", "choose", "explain",
+           "lora_forward", "lora_forward_mixed", "lora_term", "prepare", "prepare_mixed", "register",
+           "requested_backend", "verdict"]

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from lorakern import dispatch, native
+from lorakern import dispatch, mixed, mixed_c, native
 from lorakern.dispatch import Call, Implementation
 from lorakern.errors import LorakernError
 
@@ -70,9 +71,9 @@ class LoraLinearFunction(torch.autograd.Function):
         form = choose_formulation(rows, in_features, out_features, r, x_lora is not None, x.dtype)
         if form.forward == "merged":
             # y = x (W + s B A)^T + b: one N x K weight formed, the base GEMM runs on it; u only if dB is needed
-            merged = torch.addmm(weight, lora_B, lora_A, alpha=scaling)
+            merged = merged_weight(weight, lora_B, lora_A, scaling)
             y = torch.addmm(bias, x2, merged.t()) if bias is not None else x2 @ merged.t()
-            del merged
+            del merged  # a workspace: nothing may hold it past this call
             u = _lora_input_product(library, xl2, lora_A) if need_u else None
         elif library is not None:
             # u = x~ A^T and y = b + s u B^T in one pass over x~ (lorakern/native/lora_cpu.c)
@@ -132,7 +133,7 @@ class LoraLinearFunction(torch.autograd.Function):
         if need_x:
             if merged_dx:
                 # W + s B A formed again here rather than kept from the forward (N x K per layer held until now)
-                dx = g @ torch.addmm(weight, lora_B, lora_A, alpha=ctx.scaling)
+                dx = g @ merged_weight(weight, lora_B, lora_A, ctx.scaling)
             elif ctx.lora_separate:
                 dx = g @ weight
                 dxl = term
@@ -223,6 +224,40 @@ def choose_formulation(rows: int, in_features: int, out_features: int, r: int, l
     return Formulation(forward, backward, f"cost model: M={rows}, K={in_features}, N={out_features}, r={r}")
 
 
+class _Workspaces(threading.local):
+    """Per thread: one buffer per (shape, dtype) for W' = W + s B A, reused by every merged call."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+
+_WORKSPACES = _Workspaces()
+
+
+def merged_weight(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W' = W + s B A for one merged call, in a workspace kept per thread and (shape, dtype) on the CPU.
+
+    Why: a fresh N x K tensor per call came from fresh pages in a default process (glibc returns large
+    blocks to the OS), and faulting them in cost more than forming W' (768 x 768: ~580 faults per call;
+    4096 x 4096: a 64 MB W' took 24-27 ms fresh). The caller must not keep the result past its call: the
+    next merged call of that shape overwrites it (forward and backward use it within the call; activation
+    checkpointing recomputes a forward inside the backward, never while another call holds the buffer).
+    One buffer per distinct layer shape and thread stays allocated; ``release_workspaces`` frees them. Under
+    torch.compile's tracing, and off the CPU, W' is a fresh tensor."""
+    if torch.compiler.is_compiling() or weight.device.type != "cpu":
+        return torch.addmm(weight, lora_B, lora_A, alpha=scaling)
+    key = (tuple(weight.shape), weight.dtype)
+    buffer = _WORKSPACES.buffers.get(key)
+    if buffer is None:
+        buffer = _WORKSPACES.buffers[key] = torch.empty(weight.shape, dtype=weight.dtype)
+    return torch.addmm(weight, lora_B, lora_A, alpha=scaling, out=buffer)
+
+
+def release_workspaces() -> None:
+    """Free this thread's W' workspaces (the next merged call allocates again)."""
+    _WORKSPACES.buffers.clear()
+
+
 def _lora_input_product(library, x_lora: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
     """u = x~ A^T alone (the merged forward still needs it for dB): the C pass with no y, or BLAS."""
     if library is None:
@@ -277,16 +312,23 @@ NATIVE_MAX_RANK = 256  # lora_cpu.c keeps four rows' r coefficients on the stack
 
 def _c_unsupported(call: Call) -> Optional[str]:
     """Why the C kernels cannot take ``call``: fp32 on the CPU, eager, at least one row, r <= 256, built."""
-    if call.x.device.type != "cpu":
-        return f"CPU only (the input is on {call.x.device})"
-    if call.x.dtype != torch.float32:
-        return f"fp32 only (this call computes in {call.x.dtype})"
-    if torch.compiler.is_compiling():
-        return "eager only (torch.compile traces the plain-torch formulation)"
-    if call.x.numel() == 0:
-        return "no rows"
+    common = _c_unsupported_common(call.x)
+    if common is not None:
+        return common
     if call.rank > NATIVE_MAX_RANK:
         return f"r={call.rank} > {NATIVE_MAX_RANK}"
+    return None
+
+
+def _c_unsupported_common(x: torch.Tensor) -> Optional[str]:
+    if x.device.type != "cpu":
+        return f"CPU only (the input is on {x.device})"
+    if x.dtype != torch.float32:
+        return f"fp32 only (this call computes in {x.dtype})"
+    if torch.compiler.is_compiling():
+        return "eager only (torch.compile traces the plain-torch formulation)"
+    if x.numel() == 0:
+        return "no rows"
     if native.lora_library() is None:
         _, why = native.build_status()
         return f"not built: {why}"
@@ -320,10 +362,29 @@ def _run(call: Call, library) -> torch.Tensor:
                                     library)
 
 
+def _dense_base_output(call) -> torch.Tensor:
+    return torch.nn.functional.linear(call.x, call.weight, call.bias)
+
+
 dispatch.register(Implementation("torch", "dense", lambda call: _run(call, None), torch_dropout_mask,
-                                 lambda call: None))
+                                 lambda call: None,
+                                 run_mixed=lambda call: mixed.run_torch(call, _dense_base_output, torch_dropout_mask)))
+def _c_mixed_unsupported(call) -> Optional[str]:
+    """Why the C mixed path (lorakern.mixed_c) cannot take ``call``: a dense base and the single-adapter rules."""
+    if call.base != "dense":
+        return f"dense bases only (this layer's base is {call.base})"
+    common = _c_unsupported_common(call.x)
+    if common is not None:
+        return common
+    top = max([0] + [a[0].shape[0] for a in call.adapters if a is not None])
+    if top > NATIVE_MAX_RANK:
+        return f"r={top} > {NATIVE_MAX_RANK}"
+    return None
+
+
 dispatch.register(Implementation("c", "dense", lambda call: _run(call, native.lora_library()), torch_dropout_mask,
-                                 _c_unsupported))
+                                 _c_unsupported,
+                                 run_mixed=mixed_c.run_mixed, unsupported_mixed=_c_mixed_unsupported))
 
 
 def check_operands(x, weight, bias, lora_A, lora_B) -> None:

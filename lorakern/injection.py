@@ -11,6 +11,7 @@ names in ``model.lorakern_active``. Only the active adapters train, as in PEFT.
 from __future__ import annotations
 
 import copy
+import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Optional, Union
 
@@ -19,8 +20,11 @@ from torch import nn
 
 from lorakern.config import ALL_LINEAR, BIAS_MODES, LoraConfig
 from lorakern.errors import AdapterError, LorakernError
+from lorakern.inits import rewrites_base
 from lorakern.layer import DEFAULT_ADAPTER, LoraLinear, is_linear_like
+from lorakern.layer_types import LORA_LAYERS, SUPPORTED, can_take_lora, new_lora_layer
 from lorakern.nf4.modules import LinearNF4
+from lorakern.rows import pending, wrapper_forward
 
 # Heads of transformers' sequence-classification models, kept out of "all-linear" like PEFT does.
 _CLASSIFIER_HEAD_NAMES = ("classifier", "score")
@@ -30,7 +34,11 @@ class ModulesToSaveWrapper(nn.Module):
     """A module trained in full per adapter (PEFT's wrapper of the same name and keys): the original stays
     as it was (``original_module``, frozen) and each adapter trains its own copy
     (``modules_to_save.<adapter>``). The forward runs the active adapter's copy, or the original when no
-    active adapter has one or adapters are disabled."""
+    active adapter has one or adapters are disabled. In a mixed batch (lorakern.adapter_rows) each row
+    runs its own adapter's copy."""
+
+    row_groups = None  # set by lorakern.adapter_rows for the duration of a mixed batch
+    pending_rows = None  # an ended block's rows until its backward ends (lorakern.rows.pending)
 
     def __init__(self, original: nn.Module, adapter_name: str) -> None:
         super().__init__()
@@ -64,6 +72,9 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args, **kwargs):
+        groups = self.row_groups if self.pending_rows is None else (self.row_groups or pending(self))
+        if groups is not None and not self.disabled:
+            return wrapper_forward(self, groups, args, kwargs)
         return self.active_module(*args, **kwargs)
 
     def __getattr__(self, name: str):
@@ -73,8 +84,9 @@ class ModulesToSaveWrapper(nn.Module):
             return getattr(self.active_module, name)  # head.out_proj, head.weight, ... as on the module itself
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every LoRA layer of ``model`` by name: LoraLinear, LoraEmbedding, LoraConv."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
 
 
 def _wrappers(model: nn.Module) -> dict[str, ModulesToSaveWrapper]:
@@ -116,9 +128,13 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         matched = is_linear_like(module) or isinstance(module, LoraLinear) if all_linear else config.matches_target(name)
         if not matched:
             continue
-        if not (is_linear_like(module) or isinstance(module, LoraLinear)):
-            raise LorakernError(f"target module {name!r} is a {type(module).__name__}; LoRA applies to nn.Linear and "
-                                f"transformers Conv1D only. Narrow target_modules so that it names linear layers only")
+        if rewrites_base(config.init) and not (is_linear_like(module) or isinstance(module, LoraLinear)):
+            raise LorakernError(f"init_lora_weights={config.init!r} decomposes the weight of a Linear layer, but target "
+                                f"{name!r} is a {type(module).__name__}; leave it out of target_modules (a second "
+                                f"adapter with init_lora_weights=True can adapt it)")
+        if not (can_take_lora(module) or isinstance(module, LORA_LAYERS)):
+            raise LorakernError(f"target module {name!r} is a {type(module).__name__}; LoRA applies to {SUPPORTED}. "
+                                f"Narrow target_modules so that it names only layers of those types")
         targets.append(name)
     return targets
 
@@ -153,8 +169,13 @@ def _quant_kwargs(config: LoraConfig) -> dict:
 
 def _layer_kwargs(config: LoraConfig, name: str) -> dict:
     r, alpha = config.rank_and_alpha(name)
-    return {"r": r, "alpha": alpha, "dropout": config.lora_dropout, "use_rslora": config.use_rslora,
-            "init": config.init}
+    kwargs = {"r": r, "alpha": alpha, "dropout": config.lora_dropout, "use_rslora": config.use_rslora,
+              "init": config.init}
+    if config.use_dora:
+        kwargs["use_dora"] = True
+    if config.init == "loftq":  # only Linear layers take LoftQ (find_targets refuses the others)
+        kwargs["loftq_iter"] = config.loftq_config.get("loftq_iter", 1)
+    return kwargs
 
 
 def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.Module:
@@ -182,6 +203,12 @@ def add_adapter_undoable(model: nn.Module, adapter_name: str, config: LoraConfig
         raise AdapterError(f"adapter {adapter_name!r} asks for quantize={config.quantize!r} but the model's base was "
                            f"built with quantize={next(iter(configs.values())).quantize!r}; adapters share one base")
     targets = find_targets(model, config)
+    rewriting = [n for n, c in {**configs, adapter_name: config}.items() if rewrites_base(c.init)]
+    if configs and rewriting:
+        warnings.warn(f"adapters {rewriting} rewrote (or will rewrite) the base weights of their layers: with them "
+                      f"inactive those layers compute the residual, not the original W, so this model's adapters do "
+                      f"not combine as plain LoRAs do. Convert them to plain LoRA adapters (save_adapter(..., "
+                      f"path_initial_model_for_weight_conversion=...)); PEFT warns the same", stacklevel=3)
     if not targets:
         seen = [name for name, m in model.named_modules() if name and (is_linear_like(m) or isinstance(m, LoraLinear))]
         raise LorakernError(
@@ -196,7 +223,7 @@ def add_adapter_undoable(model: nn.Module, adapter_name: str, config: LoraConfig
 
     def undo() -> None:
         for module in added:
-            if isinstance(module, LoraLinear) and adapter_name in module.adapters:
+            if isinstance(module, LORA_LAYERS) and adapter_name in module.adapters:
                 module.delete_adapter(adapter_name)
             elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
                 del module.modules_to_save[adapter_name]
@@ -223,13 +250,12 @@ def add_adapter_undoable(model: nn.Module, adapter_name: str, config: LoraConfig
                                                               q["compute_dtype"], q["quant_storage"]))
         for name in targets:
             module = model.get_submodule(name)
-            if isinstance(module, LoraLinear):
+            if isinstance(module, LORA_LAYERS):
                 module.add_adapter(adapter_name, **_layer_kwargs(config, name))
                 added.append(module)
                 continue
             quant = _quant_kwargs(config) if config.quantize and not config.keeps_full_precision(name) else {}
-            edits.replace(name, LoraLinear.from_linear(module, adapter_name=adapter_name,
-                                                       **_layer_kwargs(config, name), **quant))
+            edits.replace(name, new_lora_layer(module, name, adapter_name, quant, **_layer_kwargs(config, name)))
         for name in _saved_module_names(model, config):
             module = model.get_submodule(name)
             if isinstance(module, ModulesToSaveWrapper):
@@ -300,13 +326,19 @@ def _apply_active(model: nn.Module) -> None:
     """Freeze everything, then make the active adapters' tensors trainable: their A and B, their copies of
     the modules_to_save, and the biases their configs name (PEFT's rules)."""
     names = model.lorakern_active
-    layers, configs = lora_layers(model), _configs(model)
+    layers = lora_layers(model)
     for param in model.parameters():
         param.requires_grad_(False)
     for wrapper in _wrappers(model).values():
         wrapper.set_adapter(names)  # the active adapter's copy trains
     for layer in layers.values():
         layer.set_adapter(names)  # the active adapters' A and B train
+    _train_biases(model, names, layers)
+
+
+def _train_biases(model: nn.Module, names: list[str], layers: dict[str, LoraLinear]) -> None:
+    """Make trainable the biases the configs of ``names`` name (PEFT's bias="lora_only" / "all")."""
+    configs = _configs(model)
     for name in names:
         if configs[name].bias == "lora_only":
             for layer in layers.values():

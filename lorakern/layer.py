@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, Optional, Union
+import weakref
+from typing import Optional
 
 import torch
 from torch import nn
 
-from lorakern import dispatch
+from lorakern import dispatch, dora, dora_merge, inits, mixed
 from lorakern import functional  # noqa: F401  registers the dense torch and C implementations
 from lorakern.nf4 import lora as _nf4_lora  # noqa: F401  registers the NF4 torch implementation
 from lorakern.adapter import LoraAdapter, check_hyperparameters
@@ -22,15 +23,17 @@ from lorakern.bases import DenseBase, NF4Base
 from lorakern.errors import AdapterError, LorakernError
 from lorakern.functional import check_operands
 from lorakern.linear_like import is_conv1d, is_linear_like
+from lorakern.named_adapters import NamedAdapters
 from lorakern.nf4.codec import quantize_nf4
 from lorakern.nf4.modules import check_nf4_input
 from lorakern.nf4.storage import NF4Storage
+from lorakern.rows import pending
 
 DEFAULT_ADAPTER = "default"
 _QUANT_KWARGS = ("blocksize", "double_quant", "compute_dtype", "lora_dtype", "quant_storage")
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(NamedAdapters, nn.Module):
     """A drop-in nn.Linear with named low-rank adapters on a frozen base.
 
     ``weight`` and ``bias`` keep nn.Linear's names (a 4-bit base writes bitsandbytes' keys under
@@ -39,9 +42,13 @@ class LoraLinear(nn.Module):
     ``dropout`` are the active adapter's (the first, when several are active).
     """
 
+    row_groups = None  # a mixed batch's lorakern.rows.RowGroups, set by lorakern.adapter_rows for its block
+    pending_rows = None  # an ended block's rows until its backward ends (lorakern.rows.pending)
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 8,
                  alpha: Optional[float] = None, dropout: float = 0.0, use_rslora: bool = False, init="kaiming",
-                 fan_in_fan_out: bool = False, device=None, dtype=None, adapter_name: str = DEFAULT_ADAPTER) -> None:
+                 fan_in_fan_out: bool = False, device=None, dtype=None, adapter_name: str = DEFAULT_ADAPTER,
+                 use_dora: bool = False) -> None:
         super().__init__()
         check_hyperparameters(r, alpha, dropout, init)
         factory = {"device": device, "dtype": dtype}
@@ -51,13 +58,13 @@ class LoraLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
         self.reset_base_parameters()
-        self.adapters = nn.ModuleDict()
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disabled = False  # set by lorakern.disable_adapters: the layer computes its base alone
+        self._init_adapters()
         self.dropout_seed: Optional[int] = None  # fixes the LoRA dropout mask (None: a fresh draw per call)
         self.backend: Optional[str] = None  # None follows $LORAKERN_BACKEND / auto; a name pins this layer
-        self.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        self._dora_cache: dict = {}  # DoRA: the base's ||W_i||^2 (keyed by the base's identity and version)
+        self._merged_norms: dict[str, torch.Tensor] = {}  # DoRA: the norm each merged adapter was merged with
+        self.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init,
+                         use_dora=use_dora)
 
     # ---- building -------------------------------------------------------------------------------------
     @classmethod
@@ -67,10 +74,14 @@ class LoraLinear(nn.Module):
 
         ``quantize="nf4"`` stores the frozen weight in NF4 instead (QLoRA; takes ``blocksize``,
         ``double_quant``, ``compute_dtype``, ``lora_dtype`` and ``quant_storage`` too). Other keyword
-        arguments configure the adapter (r, alpha, dropout, use_rslora, init)."""
+        arguments configure the adapter (r, alpha, dropout, use_rslora, init, use_dora)."""
         if quantize not in (None, "nf4"):
             raise LorakernError(f"quantize={quantize!r} is not a known quant type; use quantize='nf4' or None")
         quant = {k: kwargs.pop(k) for k in _QUANT_KWARGS if k in kwargs}
+        init, loftq_iter = kwargs.pop("init", "kaiming"), kwargs.pop("loftq_iter", 1)
+        if init == "loftq" and quantize is None:
+            raise LorakernError("init='loftq' fits the adapter to the quantization error of an NF4 base; pass "
+                                "quantize='nf4' with it (with inject: keep the layer out of quantize_skip)")
         if quant and quantize is None:
             raise LorakernError(f"{', '.join(quant)}= applies to a quantized base only; pass quantize='nf4' with it")
         if not is_linear_like(linear):
@@ -80,8 +91,10 @@ class LoraLinear(nn.Module):
         weight = linear.weight
         out_in = weight.t() if conv else weight
         with torch.device("meta"):
+            # an init from the base weight runs below, once the real base is in place
             layer = cls(out_in.shape[1], out_in.shape[0], bias=linear.bias is not None, fan_in_fan_out=conv,
-                        dtype=weight.dtype, adapter_name=adapter_name, **kwargs)
+                        dtype=weight.dtype, adapter_name=adapter_name,
+                        init="kaiming" if inits.rewrites_base(init) else init, **kwargs)
         if quantize is None:
             layer.weight = linear.weight
             layer.weight.requires_grad_(False)
@@ -99,8 +112,12 @@ class LoraLinear(nn.Module):
             layer.bias.requires_grad_(False)
         adapter = layer.adapters[adapter_name]
         layer.adapters[adapter_name] = LoraAdapter(adapter.in_features, adapter.out_features, adapter.r, adapter.alpha,
-                                                   adapter.dropout, adapter.use_rslora, adapter.init,
-                                                   device=weight.device, dtype=lora_dtype)
+                                                   adapter.dropout, adapter.use_rslora, init,
+                                                   device=weight.device, dtype=lora_dtype, use_dora=adapter.use_dora)
+        if inits.rewrites_base(init):
+            inits.initialize(layer, adapter_name, source=out_in, loftq_iter=loftq_iter)
+        if adapter.use_dora:  # from the base as the init left it, as PEFT
+            layer.reset_magnitude(adapter_name)
         return layer
 
     def reset_base_parameters(self) -> None:
@@ -113,19 +130,45 @@ class LoraLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def reset_lora_parameters(self, init=None) -> None:
+        super().reset_lora_parameters(init)
         for name in self.active_adapters:
-            self.adapters[name].reset_parameters(init)
+            if self.adapters[name].use_dora:
+                self.reset_magnitude(name)
+
+    @torch.no_grad()
+    def reset_magnitude(self, name: Optional[str] = None) -> None:
+        """DoRA: set adapter ``name``'s magnitude to the row norms of W + s B A, as PEFT initialises it."""
+        adapter = self.adapters[name] if name is not None else self._active()
+        if not adapter.use_dora:
+            raise AdapterError(f"adapter {name!r} is plain LoRA (no magnitude vector); add it with use_dora=True")
+        if adapter.lora_magnitude_vector.is_meta:
+            return
+        norm = dora.weight_norm(self.base.operand(self), adapter.lora_A, adapter.lora_B, adapter.scaling,
+                                self._base_norm_sq())
+        adapter.lora_magnitude_vector.copy_(norm)
+
+    def _base_norm_sq(self) -> torch.Tensor:
+        """||W_i||^2 of the frozen base, computed once and kept until the base changes: merge, unmerge and a
+        state-dict load clear it, and it is recomputed when the weight tensor is another one or was written
+        in place (its version counter; a write through ``weight.data`` bypasses that counter: call
+        ``layer._dora_cache.clear()`` after one)."""
+        tensor = self.weight if self.base.kind == "dense" else self.nf4.packed_storage
+        key = (tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device)
+        cached = self._dora_cache.get("base_norm_sq")
+        if cached is None or cached[0]() is not tensor or cached[1] != key:
+            cached = (weakref.ref(tensor), key, dora.row_norms_sq(self.base.operand(self)))
+            self._dora_cache["base_norm_sq"] = cached
+        return cached[2]
 
     # ---- named adapters ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
-                    use_rslora: bool = False, init="kaiming", dtype: Optional[torch.dtype] = None) -> LoraAdapter:
+                    use_rslora: bool = False, init="kaiming", dtype: Optional[torch.dtype] = None,
+                    loftq_iter: int = 1, use_dora: bool = False) -> LoraAdapter:
         """A new adapter ``name`` on this base. The first one becomes active; later ones are added inactive
-        (``set_adapter`` switches), as in PEFT."""
-        if not isinstance(name, str) or not name or "." in name:
-            raise AdapterError(f"an adapter name is a non-empty string without '.', got {name!r}")
-        if name in self.adapters:
-            raise AdapterError(f"this layer already has an adapter named {name!r} (adapters: {list(self.adapters)}); "
-                               f"pick another name or delete_adapter({name!r}) first")
+        (``set_adapter`` switches), as in PEFT. An init from the base weight ("pissa", "olora": see
+        lorakern.inits) rewrites a dense base to its residual and is refused beside other adapters.
+        ``use_dora``: DoRA, its magnitude set to the row norms of W + s B A (lorakern.dora)."""
+        self._check_new_name(name)
         if r > min(self.in_features, self.out_features):
             warnings.warn(f"r={r} exceeds min(in_features, out_features)={min(self.in_features, self.out_features)}: "
                           f"the update B A cannot reach rank {r}", stacklevel=3)
@@ -133,55 +176,31 @@ class LoraLinear(nn.Module):
         reference = existing.lora_A if existing is not None else None
         device = reference.device if reference is not None else self._base_device()
         dtype = dtype or (reference.dtype if reference is not None else self._base_float_dtype())
+        inits.check_layer(self, name, init)
         adapter = LoraAdapter(self.in_features, self.out_features, r, alpha, dropout, use_rslora, init, device=device,
-                              dtype=dtype)
-        self.adapters[name] = adapter
-        if not self.active_adapters:
-            self.active_adapters = [name]
-        else:
-            adapter.requires_grad_(False)
+                              dtype=dtype, use_dora=use_dora)
+        self._register(name, adapter)
+        if inits.rewrites_base(adapter.init):
+            try:
+                inits.initialize(self, name, loftq_iter=loftq_iter)
+            except BaseException:  # the layer as it was: no adapter, the base untouched
+                del self.adapters[name]
+                self.active_adapters = [n for n in self.active_adapters if n != name]
+                raise
+        if use_dora:
+            self.reset_magnitude(name)
         return adapter
 
-    def set_adapter(self, names: Union[str, Iterable[str]]) -> None:
-        """Make ``names`` (those this layer has) the active adapters: they compute and train; others freeze."""
-        names = [names] if isinstance(names, str) else list(names)
-        self.active_adapters = [n for n in names if n in self.adapters]
-        for name, adapter in self.adapters.items():
-            adapter.requires_grad_(name in self.active_adapters)
-
     def delete_adapter(self, name: str) -> None:
-        if name not in self.adapters:
-            raise AdapterError(f"no adapter named {name!r} in this layer; it has {list(self.adapters)}")
-        if name in self.merged_adapters:
-            raise AdapterError(f"adapter {name!r} is merged into the weight; unmerge() before deleting it")
-        del self.adapters[name]
-        self.active_adapters = [n for n in self.active_adapters if n != name]
+        super().delete_adapter(name)
+        self._merged_norms.pop(name, None)
 
-    def _active(self) -> LoraAdapter:
-        name = self.active_adapters[0] if self.active_adapters else next(iter(self.adapters), None)
-        if name is None:
-            raise AdapterError("this LoraLinear has no adapter; add one with layer.add_adapter(name, r=...)")
-        return self.adapters[name]
-
-    # the active adapter's, as PEFT users read them on a single-adapter layer
-    def _adapter_attribute(name: str, doc: str):  # noqa: N805  (a property factory used in the class body)
-        def get(self):
-            return getattr(self._active(), name)
-
-        def set_(self, value):
-            setattr(self._active(), name, value)
-
-        return property(get, set_, doc=doc)
-
+    # the active adapter's factors, as PEFT users read them on a single-adapter layer
     lora_A = property(lambda self: self._active().lora_A, doc="the active adapter's A (r x in)")
     lora_B = property(lambda self: self._active().lora_B, doc="the active adapter's B (out x r)")
-    scaling = _adapter_attribute("scaling", "the active adapter's s (alpha / r, or alpha / sqrt(r) with rsLoRA)")
-    dropout = _adapter_attribute("dropout", "the active adapter's LoRA dropout probability")
-    use_rslora = _adapter_attribute("use_rslora", "whether the active adapter was built with rsLoRA's scaling")
-    r = property(lambda self: self._active().r, doc="the active adapter's rank")
-    alpha = property(lambda self: self._active().alpha, doc="the active adapter's alpha")
-    init = property(lambda self: self._active().init, doc="the active adapter's init rule")
-    del _adapter_attribute
+    lora_magnitude_vector = property(lambda self: self._active().lora_magnitude_vector,
+                                     doc="the active adapter's DoRA magnitude (out,), None for plain LoRA")
+    use_dora = property(lambda self: self._active().use_dora, doc="whether the active adapter is DoRA")
 
     # ---- the base -------------------------------------------------------------------------------------
     @property
@@ -207,32 +226,46 @@ class LoraLinear(nn.Module):
     def _base_float_dtype(self) -> torch.dtype:
         return self.weight.dtype if self.base.kind == "dense" else torch.float32
 
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
-
     # ---- compute --------------------------------------------------------------------------------------
-    def _unmerged_active(self) -> list[LoraAdapter]:
-        return [self.adapters[n] for n in self.active_adapters if n not in self.merged_adapters]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         adapters = [] if self.disabled else self._unmerged_active()
         if self.base.kind == "dense":
             check_operands(x, self.base.operand(self), self.bias, self._active().lora_A, self._active().lora_B)
         else:
             check_nf4_input(x, self.nf4)
+        groups = self.row_groups if self.pending_rows is None else (self.row_groups or pending(self))
+        if groups is not None and not self.disabled:
+            return mixed.layer_forward(self, x, groups)
         if not adapters:
             return self.base.forward(self, x)
         training = self.training
+        norm_sq = None
+        if any(a.use_dora for a in adapters):
+            if self.merged_adapters:
+                raise LorakernError(f"DoRA adapters {[n for n in self.active_adapters if self.adapters[n].use_dora]} "
+                                    f"would run on a weight holding merged adapters {self.merged_adapters}, but their "
+                                    f"norm is the unmerged weight's; unmerge() first, or merge every active adapter")
+            norm_sq = self._base_norm_sq()
         return dispatch.lora_forward(
             x, self.base.kind, self.base.operand(self), self.bias,
-            [(a.lora_A, a.lora_B, a.scaling, a.dropout if training else 0.0) for a in adapters],
-            seed=self.dropout_seed, compute_dtype=self.compute_dtype, requested=self.backend)
+            [(a.lora_A, a.lora_B, a.scaling, a.dropout if training else 0.0)
+             + ((a.lora_magnitude_vector,) if a.use_dora else ()) for a in adapters],
+            seed=self.dropout_seed, compute_dtype=self.compute_dtype, requested=self.backend, base_norm_sq=norm_sq)
+
+    def forward_rows(self, x: torch.Tensor, row_adapter: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """A mixed batch without a model: row i of x flattened to (M, K) uses adapter ``names[row_adapter[i]]``
+        (-1: the base alone). See lorakern.adapter_rows for whole models."""
+        if self.base.kind == "dense":
+            check_operands(x, self.base.operand(self), self.bias, self._active().lora_A, self._active().lora_B)
+        else:
+            check_nf4_input(x, self.nf4)
+        return mixed.forward_rows(self, x, row_adapter, names)
 
     def _call_for(self, x: torch.Tensor) -> dispatch.Call:
         adapter = self._active()
         return dispatch.prepare(x, self.base.kind, self.base.operand(self), self.bias, adapter.lora_A, adapter.lora_B,
-                                adapter.scaling, adapter.dropout if self.training else 0.0, self.compute_dtype)
+                                adapter.scaling, adapter.dropout if self.training else 0.0, self.compute_dtype,
+                                magnitude=adapter.lora_magnitude_vector)
 
     def dispatch_report(self, x: torch.Tensor) -> str:
         """Which implementation runs this layer on ``x``, and why each other one does not."""
@@ -259,21 +292,23 @@ class LoraLinear(nn.Module):
         return total
 
     def merge(self, safe: bool = True, adapter_names: Optional[list[str]] = None, requantize: bool = False) -> None:
-        """Fold the active adapters' s B A (or ``adapter_names``') into the base weight.
+        """Fold the active adapters' s B A (or ``adapter_names``') into the base weight (a DoRA adapter as
+        PEFT does: W' = (m / n) (W + s B A) row-wise, n from the unmerged weight and kept for unmerge).
 
         A dense weight absorbs them in place (``safe``: a non-finite result raises and W is untouched). A
         4-bit weight cannot absorb them exactly: ``requantize=True`` decodes, adds and requantizes (a
         warning reports the error that adds); without it merge raises and says what to do instead."""
-        names = [n for n in (adapter_names or self.active_adapters) if n not in self.merged_adapters]
-        for name in names:
-            if name not in self.adapters:
-                raise AdapterError(f"no adapter named {name!r} in this layer; it has {list(self.adapters)}")
+        names = self._names_to_merge(adapter_names)
         if not names:
-            warnings.warn("merge() called on a layer whose active adapters are already merged; nothing to do",
-                          stacklevel=2)
             return
         what = f"LoraLinear({self.in_features}, {self.out_features}) adapters {names}"
-        if self.base.merges_in_place:
+        if any(self.adapters[n].use_dora for n in names):
+            if not (self.base.merges_in_place or requantize):
+                raise LorakernError("a 4-bit base cannot absorb the update exactly: merge(requantize=True) "
+                                    "requantizes (and reports the error that adds), lorakern.merge_and_unload(model) "
+                                    "gives full-precision layers, layer.to_linear() one full-precision nn.Linear")
+            dora_merge.merge(self, names, safe, what)
+        elif self.base.merges_in_place:
             self.base.add_(self, self._delta_out_in(names), safe, what)
         elif requantize:
             self.base.requantize_(self, self._delta_out_in(names), safe, what)
@@ -282,14 +317,23 @@ class LoraLinear(nn.Module):
                                 "(and reports the error that adds), lorakern.merge_and_unload(model) gives "
                                 "full-precision layers, layer.to_linear() one full-precision nn.Linear")
         self.merged_adapters += names
+        self._dora_cache.clear()
 
     def unmerge(self, requantize: bool = False) -> None:
         """Subtract the merged adapters' s B A again (a 4-bit base requantizes, only when asked)."""
         if not self.merged_adapters:
             warnings.warn("unmerge() called on a layer that is not merged; nothing to do", stacklevel=2)
             return
-        delta = -self._delta_out_in(self.merged_adapters)
         what = f"LoraLinear({self.in_features}, {self.out_features}) adapters {self.merged_adapters}"
+        if any(self.adapters[n].use_dora for n in self.merged_adapters):
+            if not (self.base.merges_in_place or requantize):
+                raise LorakernError("this 4-bit layer's merge was requantized; unmerge(requantize=True) requantizes "
+                                    "back (with its own rounding error)")
+            dora_merge.unmerge(self, what)
+            self.merged_adapters = []
+            self._dora_cache.clear()
+            return
+        delta = -self._delta_out_in(self.merged_adapters)
         if self.base.merges_in_place:
             self.base.add_(self, delta, False, what)
         elif requantize:
@@ -298,6 +342,7 @@ class LoraLinear(nn.Module):
             raise LorakernError("this 4-bit layer's merge was requantized; unmerge(requantize=True) requantizes back "
                                 "(with its own rounding error)")
         self.merged_adapters = []
+        self._dora_cache.clear()
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
@@ -306,7 +351,9 @@ class LoraLinear(nn.Module):
         dtype = self.base.dtype(self)
         weight = self.base.decoded(self, torch.promote_types(dtype, torch.float32))
         names = [n for n in self.active_adapters if n not in self.merged_adapters]
-        if names:
+        if any(self.adapters[n].use_dora for n in names):
+            weight, _ = dora_merge.compose(self, weight, dora_merge.unmerged(self, weight), names)
+        elif names:
             weight = weight + self._delta_out_in(names)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight = nn.Parameter(weight.to(dtype).contiguous(), requires_grad=False)
@@ -319,6 +366,16 @@ class LoraLinear(nn.Module):
         not as this layer is."""
         return self.base.module(self)
 
+    merged_base = to_linear  # the name every LoRA layer type answers to (lorakern.merge_and_unload)
+
+    def peft_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``adapter_name``'s live tensors under PEFT's key suffixes (after ``<module>.``)."""
+        adapter = self.adapters[adapter_name]
+        tensors = {"lora_A.weight": adapter.lora_A, "lora_B.weight": adapter.lora_B}
+        if adapter.use_dora:  # PEFT's key: no ".weight"
+            tensors["lora_magnitude_vector"] = adapter.lora_magnitude_vector
+        return tensors
+
     # ---- state dict: a 4-bit base writes bitsandbytes' keys under "weight" ------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -327,6 +384,7 @@ class LoraLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        self._dora_cache.clear()
         if self.base.kind == "nf4":
             self.base.load(self, state_dict, prefix, missing_keys, error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -1,6 +1,7 @@
 """The benchmark's providers compute the same layer, its memory tracker counts honestly, and its quick
 mode runs end to end through the CLI (no timing assertions)."""
 import json
+import statistics
 import subprocess
 import sys
 
@@ -30,6 +31,11 @@ def test_every_provider_computes_the_reference_output_and_gradients(name):
     x, W, A, B, b, g = map(f64, (o.x, o.W, o.A, o.B, o.b, o.grad))
     if name == bench.FROZEN:
         expected_y, expected_grads = x @ W.T + b, [g @ W]
+    elif "DoRA" in name:  # the magnitude the providers use: 1.1 x the row norms of W + s B A
+        m = 1.1 * core.dora.weight_norm(W, A, B, o.s)
+        expected_y = core.dora.forward(x, W, A, B, m, b, o.s)
+        ref = core.dora.backward(x, W, A, B, m, g, o.s)
+        expected_grads = [ref["dx"], ref["dA"], ref["dB"], ref["dm"]]
     else:
         expected_y = core.forward(x, W, A, B, b, o.s)
         ref = core.backward(x, W, A, B, g, o.s)
@@ -120,7 +126,13 @@ def test_quick_cli_run_writes_json_markdown_and_plot(tmp_path, capsys):
     assert {r["mode"] for r in rows} == set(bench.MODES)
     assert len(rows) == len(PROVIDERS) * len(bench.MODES)
     assert all(r["ratio_median"] > 0 and len(r["samples"]) == 2 and r["peak_bytes"] > 0 for r in rows)
-    assert all(r["ratio_min"] == r["ratio_paired"] == 1.0 for r in rows if r["provider"] == bench.FROZEN)
+    # every ratio recomputed from the stored samples against the frozen layer's row of the same shape and mode
+    base = {(r["shape"], r["mode"]): r for r in rows if r["provider"] == bench.FROZEN}
+    for r in rows:
+        frozen = base[(r["shape"], r["mode"])]
+        assert r["min_ms"] == min(r["samples"]) and r["ratio_min"] == pytest.approx(r["min_ms"] / frozen["min_ms"])
+        paired = statistics.median(v / b for v, b in zip(r["samples"], frozen["samples"]))
+        assert r["ratio_paired"] == pytest.approx(paired), r["provider"]
     assert all(r["ratio_paired"] > 0 and r["faults_per_call"] >= 0 for r in rows)
     assert data["machine"]["malloc"] == "default"
     assert {r["operation"] for r in data["nf4"]} == {"quantize", "dequantize", "forward (4-bit layer)"}

@@ -129,3 +129,34 @@ def test_merged_form_in_inference_and_on_a_transposed_weight(record):
     expected = conv(x) + layer.scaling * (x @ layer.lora_A.t()) @ layer.lora_B.t()
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
     assert record == [("merged", "merged")]
+
+
+def test_merged_layers_of_one_shape_share_the_workspace_without_mixing_results():
+    """Two layers of one shape run merged (the W' workspace reused by both, forward and backward, and by an
+    activation-checkpointed recompute) give what each gives run factored."""
+    torch.manual_seed(0)
+    first, second = (random_layer(K, K, r, torch.float32) for _ in range(2))
+    for layer in (first, second):
+        torch.nn.init.normal_(layer.lora_B)  # a non-zero B A, so a W' of the other layer would show
+    x = torch.randn(40, K)
+
+    def run(form, checkpoint):
+        for p in (*first.parameters(), *second.parameters()):
+            p.grad = None
+        with pinned_formulation(form):
+            middle = torch.utils.checkpoint.checkpoint(first, x, use_reentrant=False) if checkpoint else first(x)
+            y = second(torch.tanh(middle))
+            y.square().sum().backward()
+        return [y.detach()] + [p.grad.clone() for p in (first.lora_A, first.lora_B, second.lora_A, second.lora_B)]
+
+    functional.release_workspaces()
+    expected = run("factored", False)
+    for checkpoint in (False, True):
+        got = run("merged", checkpoint)
+        for name, a, b in zip(["y", "A1", "B1", "A2", "B2"], got, expected):
+            # the two forms round differently (fp32, reductions of 16..40); another layer's W' would be O(1) off
+            error = float((a - b).abs().max() / b.abs().max())
+            assert error < 1e-5, f"{name} (checkpoint={checkpoint}): relative error {error:.2g}"
+    assert (tuple(first.weight.shape), torch.float32) in functional._WORKSPACES.buffers
+    functional.release_workspaces()
+    assert not functional._WORKSPACES.buffers

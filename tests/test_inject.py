@@ -42,7 +42,7 @@ class Toy(nn.Module):
         ({"modules_to_save": "classifier"}, TypeError, "modules_to_save must be a list"),
         ({"rank_pattern": {"query": 0}}, ValueError, r"rank_pattern\['query'\] must be a positive int"),
         ({"alpha_pattern": {"query": -1}}, ValueError, r"alpha_pattern\['query'\] must be a positive number"),
-        ({"init": "pissa"}, ValueError, "init must be one of"),
+        ({"init": "eva"}, ValueError, "init must be one of"),
     ],
     ids=["r", "alpha", "dropout", "empty-targets", "no-targets", "target-type", "bad-regex", "bias", "mts-type",
          "rank-pattern", "alpha-pattern", "init"],

@@ -2,11 +2,12 @@
 there is no CUDA), compiled on a CUDA machine. Shapes stay small: the interpreter is slow."""
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from lorakern.kernels import lora_linear as kl
 from lorakern.testing import TOLERANCE, assert_matches_reference, compare_layer, random_layer
+
+import strategies
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16] + ([torch.float64] if kl.INTERPRETED else [])
@@ -19,35 +20,43 @@ def triton_layer(*args, **kwargs):
     return layer
 
 
-@settings(max_examples=40)
-@given(
-    lead=st.lists(st.integers(1, 7), min_size=0, max_size=2).filter(lambda s: len(s) < 2 or s[0] * s[1] <= 70),
-    in_features=st.integers(1, 200),
-    out_features=st.integers(1, 200),
-    r=st.integers(1, 64),
-    dtype=st.sampled_from(KERNEL_DTYPES),
-    dropout=st.sampled_from([0.0, 0.1, 0.5]),
-    bias=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_matches_reference(lead, in_features, out_features, r, dtype, dropout, bias, seed):
-    layer = triton_layer(in_features, out_features, r, dtype, bias=bias, dropout=dropout, seed=seed).train()
-    x = torch.randn(*lead, in_features, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    assert_matches_reference(compare_layer(layer, x.to(device=DEVICE, dtype=dtype), seed=seed))
+def test_tile_classes_follow_the_interpreted_configs():
+    """The strategies' tile classes are those the interpreted kernels run: SMALL_M and 32-wide blocks."""
+    from lorakern.kernels.configs import _small_m_configs, get_autotune_config
+
+    assert strategies.SMALL_M == kl.SMALL_M
+    if kl.INTERPRETED:
+        for kind in ("fwd", "bwd"):
+            config = get_autotune_config(kind, torch.float32, 16)[0].kwargs
+            assert config["BLOCK_M"] == config["BLOCK_N"] == config["BLOCK_K"] == strategies.BLOCK
+        small = _small_m_configs(torch.float32)[0].kwargs
+        assert small["BLOCK_M"] == kl.SMALL_M and small["BLOCK_N"] == small["BLOCK_K"] == strategies.BLOCK
 
 
-@settings(max_examples=20)
-@given(M=st.integers(1, 70), K=st.integers(2, 120), N=st.integers(1, 120), r=st.integers(1, 40),
-       dtype=st.sampled_from(KERNEL_DTYPES), layout=st.sampled_from(["transposed", "strided", "3-D permuted"]))
-def test_non_contiguous_inputs(M, K, N, r, dtype, layout):
-    layer = triton_layer(K, N, r, dtype, dropout=0.1, seed=M).train()
-    base = torch.randn(2 * K, 2 * M, generator=torch.Generator().manual_seed(N), dtype=torch.float64)
-    x = {
-        "transposed": base[:K, :M].t(),
-        "strided": base.t()[::2, ::2],
-        "3-D permuted": base[:K, : (M // 2 + 1) * 2].reshape(K, M // 2 + 1, 2).permute(2, 1, 0),
-    }[layout].to(device=DEVICE, dtype=dtype)
-    assert_matches_reference(compare_layer(layer, x, seed=M))
+SEEN = []
+
+
+@given(case=strategies.lora_cases(KERNEL_DTYPES))
+def _triton_matches_reference(case):
+    SEEN.append(case)
+    layer = triton_layer(case.K, case.N, case.r, case.dtype, bias=case.bias, dropout=case.dropout, seed=case.seed)
+    assert_matches_reference(compare_layer(layer.train(), strategies.make_input(case, DEVICE), seed=case.seed))
+
+
+def test_matches_reference():
+    """Forward (tiled and split-K), backward and dropout, on every tile class, layout, rank class and dtype
+    (the stated shares asserted on the examples that ran)."""
+    SEEN.clear()
+    _triton_matches_reference()
+    strategies.assert_shares(SEEN, strategies.axes_for(KERNEL_DTYPES))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("index", range(len(strategies.EXPLICIT)), ids=strategies.explicit_id)
+def test_explicit_tile_classes(index, dtype):
+    case = strategies.explicit_case(index, dtype)
+    layer = triton_layer(case.K, case.N, case.r, dtype, bias=case.bias, dropout=case.dropout, seed=index).train()
+    assert_matches_reference(compare_layer(layer, strategies.make_input(case, DEVICE), seed=index))
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
@@ -153,18 +162,17 @@ def test_layer_errors_match_the_torch_path():
 
 
 def test_autocast_on_the_kernel_path():
+    """Under autocast the kernels compute in bf16: against the float64 reference on the operands cast to it."""
     layer = triton_layer(24, 12, 4, torch.float32)
     x = torch.randn(5, 24, device=DEVICE, requires_grad=True)
     dtype = torch.bfloat16
     with torch.autocast(DEVICE, dtype=dtype):
+        comparison = compare_layer(layer, x)
         y = layer(x)
-    assert y.dtype == dtype
+    assert comparison.dtype == dtype and y.dtype == dtype
+    assert_matches_reference(comparison)
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32 and layer.lora_A.grad.dtype == torch.float32
-    layer.backend = "torch"
-    with torch.autocast(DEVICE, dtype=dtype):
-        reference = layer(x.detach())
-    torch.testing.assert_close(y, reference, **dict(zip(("rtol", "atol"), (2 * TOLERANCE[dtype][0],) * 2)))
 
 
 @pytest.mark.parametrize("M", [40, 11], ids=["tiled", "small-M split-K"])
@@ -200,36 +208,57 @@ def test_kernels_never_form_BA(M):
     assert (M, N) not in backward.shapes
 
 
-@settings(max_examples=25)
-@given(
-    lead=st.lists(st.integers(1, 5), min_size=0, max_size=2),
-    in_features=st.integers(1, 150), out_features=st.integers(1, 150), r=st.integers(1, 40),
-    blocksize=st.sampled_from([32, 64, 256]), double_quant=st.booleans(),
-    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), dropout=st.sampled_from([0.0, 0.2]),
-    seed=st.integers(0, 2**16),
-)
-def test_nf4_base_kernels_match_reference(lead, in_features, out_features, r, blocksize, double_quant, dtype,
-                                          dropout, seed):
-    """The fused NF4 path: W decoded tile by tile inside the GEMMs, against core on the decoded weight."""
+NF4_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+NF4_EXTRA = dict(blocksize=st.sampled_from([32, 64, 256]), double_quant=st.booleans())
+NF4_SEEN = []
+
+
+def nf4_layer(case, backend: str):
+    """A LoRA layer on an NF4 base quantized from a random nn.Linear, B random, bias trained."""
     import warnings
 
     from torch import nn
 
     from lorakern import LoraLinear
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(case.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        layer = LoraLinear.from_linear(nn.Linear(in_features, out_features), quantize="nf4", blocksize=blocksize,
-                                       double_quant=double_quant, compute_dtype=dtype, lora_dtype=dtype, r=r,
-                                       dropout=dropout).to(DEVICE)
+        linear = nn.Linear(case.K, case.N, bias=case.bias)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(linear.weight.shape, generator=gen) / case.K ** 0.5)
+        layer = LoraLinear.from_linear(linear, quantize="nf4", compute_dtype=case.dtype, lora_dtype=case.dtype, r=case.r,
+                                       dropout=case.dropout, **case.extra)
     with torch.no_grad():
-        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) / r ** 0.5)
-    layer.bias.requires_grad_(True)
-    layer.backend = "triton"
-    layer.train()
-    x = torch.randn(*lead, in_features, generator=gen).to(device=DEVICE, dtype=dtype)
-    assert_matches_reference(compare_layer(layer, x, seed=seed))
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) / case.r ** 0.5)
+    if case.bias:
+        layer.bias.requires_grad_(True)
+    layer.backend = backend
+    return layer.train()
+
+
+@given(case=strategies.lora_cases(NF4_DTYPES, **NF4_EXTRA))
+def _nf4_triton_matches_reference(case):
+    NF4_SEEN.append(case)
+    layer = nf4_layer(case, "triton").to(DEVICE)
+    assert_matches_reference(compare_layer(layer, strategies.make_input(case, DEVICE), seed=case.seed))
+
+
+def test_nf4_base_kernels_match_reference():
+    """The fused NF4 path (W decoded tile by tile inside the GEMMs) against core on the weight core decodes
+    from the packed bytes: every tile class, layout, rank class, dtype, blocksize and double quantization."""
+    NF4_SEEN.clear()
+    _nf4_triton_matches_reference()
+    strategies.assert_shares(NF4_SEEN, strategies.axes_for(
+        NF4_DTYPES, blocksize=[f"blocksize={b}" for b in (32, 64, 256)],
+        double_quant=["double_quant=False", "double_quant=True"]))
+
+
+@pytest.mark.parametrize("index", range(len(strategies.EXPLICIT)), ids=strategies.explicit_id)
+def test_nf4_explicit_tile_classes(index):
+    case = strategies.explicit_case(index, NF4_DTYPES[index % 3], blocksize=64, double_quant=index % 2 == 0)
+    layer = nf4_layer(case, "triton").to(DEVICE)
+    assert_matches_reference(compare_layer(layer, strategies.make_input(case, DEVICE), seed=index))
 
 
 def test_nf4_kernel_decodes_like_the_torch_path():

@@ -5,49 +5,47 @@ import warnings
 import pytest
 import torch
 from hypothesis import given
-from hypothesis import strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lorakern import LoraLinear, LoraLinearFunction
 from lorakern.testing import TOLERANCE, assert_matches_reference, compare_layer, random_layer
 
+import strategies
+
 DTYPES = list(TOLERANCE)
 DTYPE_IDS = [str(d).replace("torch.", "") for d in DTYPES]
 
 
-@given(
-    lead=st.lists(st.integers(1, 9), min_size=0, max_size=2),
-    in_features=st.integers(1, 200),
-    out_features=st.integers(1, 200),
-    r=st.integers(1, 64),
-    dtype=st.sampled_from(DTYPES),
-    dropout=st.sampled_from([0.0, 0.0, 0.25]),
-    bias=st.booleans(),
-    alpha=st.one_of(st.none(), st.floats(0.5, 64.0)),
-    rslora=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_matches_reference(lead, in_features, out_features, r, dtype, dropout, bias, alpha, rslora, seed):
-    layer = random_layer(in_features, out_features, r, dtype, bias=bias, alpha=alpha, dropout=dropout, seed=seed)
-    layer.use_rslora = rslora
-    if rslora:
-        layer.scaling = layer.alpha / math.sqrt(r)
-    layer.train()
-    x = torch.randn(*lead, in_features, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    assert_matches_reference(compare_layer(layer, x.to(dtype), seed=seed))
+def torch_layer(case):
+    layer = random_layer(case.K, case.N, case.r, case.dtype, bias=case.bias, alpha=case.alpha, dropout=case.dropout,
+                         seed=case.seed, use_rslora=case.use_rslora).train()
+    layer.backend = "torch"
+    return layer
 
 
-@given(
-    M=st.integers(1, 40), K=st.integers(2, 120), N=st.integers(1, 120), r=st.integers(1, 17),
-    dtype=st.sampled_from(DTYPES), layout=st.sampled_from(["transposed", "strided", "sliced"]),
-)
-def test_non_contiguous_inputs(M, K, N, r, dtype, layout):
-    layer = random_layer(K, N, r, dtype, seed=M * K)
-    base = torch.randn(K * 2, M * 2, generator=torch.Generator().manual_seed(N), dtype=torch.float64).to(dtype)
-    x = {"transposed": base[:K, :M].t(), "strided": base.t()[::2, ::2], "sliced": base.t()[:M, 1:K + 1]}[layout]
-    assert not x.is_contiguous() or M == 1
-    assert_matches_reference(compare_layer(layer, x, seed=M))
+SEEN = []
+
+
+@given(case=strategies.lora_cases(DTYPES, scaling=True))
+def _torch_path_matches_reference(case):
+    SEEN.append(case)
+    assert_matches_reference(compare_layer(torch_layer(case), strategies.make_input(case), seed=case.seed))
+
+
+def test_matches_reference():
+    """The torch path, output and every gradient, on every tile class, layout, rank class and dtype (the
+    stated shares asserted on the examples that ran)."""
+    SEEN.clear()
+    _torch_path_matches_reference()
+    strategies.assert_shares(SEEN, strategies.axes_for(DTYPES))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("index", range(len(strategies.EXPLICIT)), ids=strategies.explicit_id)
+def test_explicit_tile_classes(index, dtype):
+    case = strategies.explicit_case(index, dtype)
+    assert_matches_reference(compare_layer(torch_layer(case), strategies.make_input(case), seed=index))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -55,6 +53,7 @@ def test_non_contiguous_inputs(M, K, N, r, dtype, layout):
 def test_weird_shapes(dtype, shape):
     M, K, N, r = shape
     layer = random_layer(K, N, r, dtype, dropout=0.1, seed=M).train()
+    layer.backend = "torch"
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(K), dtype=torch.float64).to(dtype)
     assert_matches_reference(compare_layer(layer, x))
 
@@ -146,15 +145,18 @@ def test_torch_dropout_mask_keeps_the_expected_share():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_autocast(dtype):
+    """Under autocast the layer computes in the autocast dtype: output and gradients against the float64
+    reference on the operands cast to it (not against the layer itself cast)."""
     layer = random_layer(24, 12, 4, torch.float32)
+    layer.backend = "torch"
     x = torch.randn(5, 24, requires_grad=True)
     with torch.autocast("cpu", dtype=dtype):
+        comparison = compare_layer(layer, x)
         y = layer(x)
-    assert y.dtype == dtype
+    assert comparison.dtype == dtype and y.dtype == dtype
+    assert_matches_reference(comparison)
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32 and layer.lora_A.grad.dtype == torch.float32
-    reference = layer.to(dtype)(x.detach().to(dtype))
-    torch.testing.assert_close(y, reference)
 
 
 def test_keeps_the_input_dtype_with_fp32_adapter_on_bf16_base():

@@ -236,9 +236,9 @@ def test_peft_config_fields_are_accepted_and_unsupported_ones_refused_by_name():
         (16, 32, 0.05, "lora_only", True, "gaussian")
     assert sorted(ours.target_modules) == ["q", "v"] and ours.rank_pattern == {"v": 4} and ours.task_type == "SEQ_CLS"
     assert LoraConfig(target_modules=["q"]).lora_alpha == PeftLoraConfig().lora_alpha == 8  # PEFT's default
-    for field, value in [("use_dora", True), ("lora_bias", True), ("layer_replication", [(0, 2)]),
-                         ("loftq_config", {"loftq_bits": 4}), ("init_lora_weights", "pissa")]:
-        with pytest.raises(ConfigError, match=field if field != "init_lora_weights" else "init_lora_weights='pissa'"):
+    for field, value in [("lora_bias", True), ("layer_replication", [(0, 2)]),
+                         ("init_lora_weights", "corda")]:
+        with pytest.raises(ConfigError, match=field if field != "init_lora_weights" else "init_lora_weights='corda'"):
             LoraConfig(**{**peft_config.to_dict(), field: value})
     with pytest.raises(ConfigError, match="both alpha= and lora_alpha="):
         LoraConfig(target_modules=["q"], alpha=4, lora_alpha=8)

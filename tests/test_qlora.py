@@ -4,7 +4,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -13,6 +13,8 @@ from lorakern import LoraConfig, LoraLinear, inject, lora_layers, merge_and_unlo
 from lorakern import quant
 from lorakern.core import nf4
 from lorakern.testing import assert_matches_reference, compare_layer
+
+import strategies
 
 
 def bnb_module():
@@ -43,36 +45,57 @@ def test_torch_quantizer_is_bit_identical_to_core(dtype, double_quant):
         assert np.array_equal(decoded.numpy(), nf4.nf4_dequantize(ref))
 
 
-@settings(max_examples=25)
-@given(
-    lead=st.lists(st.integers(1, 5), min_size=0, max_size=2),
-    in_features=st.integers(1, 150), out_features=st.integers(1, 150), r=st.integers(1, 32),
-    blocksize=st.sampled_from([32, 64, 256]), double_quant=st.booleans(),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16]), dropout=st.sampled_from([0.0, 0.2]),
-    chunk=st.sampled_from([None, 37]), seed=st.integers(0, 2**16),
-)
-def test_lora_on_nf4_base_matches_reference(lead, in_features, out_features, r, blocksize, double_quant, dtype,
-                                            dropout, chunk, seed):
-    """Output and every gradient against lorakern.core on the decoded weight (chunked decoding too)."""
-    gen = torch.Generator().manual_seed(seed)
-    linear = nn.Linear(in_features, out_features)
+NF4_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+NF4_SEEN = []
+
+
+def torch_nf4_layer(case):
+    """A LoRA layer on an NF4 base (torch path) quantized from a random nn.Linear, B and bias random."""
+    gen = torch.Generator().manual_seed(case.seed)
+    linear = nn.Linear(case.K, case.N, bias=case.bias)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        layer = LoraLinear.from_linear(linear, quantize="nf4", blocksize=blocksize, double_quant=double_quant,
-                                       compute_dtype=dtype, lora_dtype=dtype, r=r, dropout=dropout)
+        layer = LoraLinear.from_linear(linear, quantize="nf4", compute_dtype=case.dtype, lora_dtype=case.dtype, r=case.r,
+                                       dropout=case.dropout, blocksize=case.extra["blocksize"],
+                                       double_quant=case.extra["double_quant"])
     with torch.no_grad():
-        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) / r ** 0.5)
-        layer.bias.copy_(torch.randn(out_features, generator=gen))
-    layer.bias.requires_grad_(True)
-    layer.train()
-    x = torch.randn(*lead, in_features, generator=gen).to(dtype)
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) / case.r ** 0.5)
+        if case.bias:
+            layer.bias.copy_(torch.randn(case.N, generator=gen))
+    if case.bias:
+        layer.bias.requires_grad_(True)
+    layer.backend = "torch"
+    return layer.train()
+
+
+@given(case=strategies.lora_cases(NF4_DTYPES, blocksize=st.sampled_from([32, 64, 256]), double_quant=st.booleans(),
+                                  chunk=st.sampled_from([None, 37])))
+def _torch_nf4_matches_reference(case):
+    NF4_SEEN.append(case)
+    layer = torch_nf4_layer(case)
     old_chunk = quant.CHUNK_ELEMENTS
-    quant.CHUNK_ELEMENTS = chunk or old_chunk
+    quant.CHUNK_ELEMENTS = case.extra["chunk"] or old_chunk
     try:
-        comparison = compare_layer(layer, x, seed=seed)
+        comparison = compare_layer(layer, strategies.make_input(case), seed=case.seed)
     finally:
         quant.CHUNK_ELEMENTS = old_chunk
     assert_matches_reference(comparison)
+
+
+def test_lora_on_nf4_base_matches_reference():
+    """Output and every gradient against lorakern.core on the weight core decodes from the packed bytes
+    (chunked decoding too): every tile class, layout, rank class, dtype, blocksize and double quantization."""
+    NF4_SEEN.clear()
+    _torch_nf4_matches_reference()
+    strategies.assert_shares(NF4_SEEN, strategies.axes_for(
+        NF4_DTYPES, blocksize=[f"blocksize={b}" for b in (32, 64, 256)],
+        double_quant=["double_quant=False", "double_quant=True"], chunk=["chunk=None", "chunk=37"]))
+
+
+@pytest.mark.parametrize("index", range(len(strategies.EXPLICIT)), ids=strategies.explicit_id)
+def test_lora_on_nf4_base_explicit_tile_classes(index):
+    case = strategies.explicit_case(index, NF4_DTYPES[index % 3], blocksize=64, double_quant=index % 2 == 0)
+    assert_matches_reference(compare_layer(torch_nf4_layer(case), strategies.make_input(case), seed=index))
 
 
 def test_buffers_move_with_to_and_ignore_dtype_casts():
@@ -302,6 +325,34 @@ def test_bad_input(call, error, message):
         call()
 
 
+def _weight_with(values: dict, shape=(6, 70), dtype=torch.float32) -> torch.Tensor:
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for index, value in values.items():
+        w[index] = value
+    return w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_non_finite_weights_are_refused_naming_count_and_first_index(dtype):
+    """NaN or inf would make a block's absmax NaN: the torch codec, core and quantize="nf4" refuse them."""
+    w = _weight_with({(4, 1): float("inf"), (2, 5): float("nan"), (5, 69): float("-inf")}, dtype=dtype)
+    message = r"shape \(6, 70\) holding NaN or inf: 3 non-finite elements, the first at index \(2, 5\) \(nan\)"
+    with pytest.raises(ValueError, match=message):
+        quant.quantize_nf4(w)
+    with pytest.raises(ValueError, match=message):
+        nf4.nf4_quantize(w.float().numpy())
+    linear = nn.Linear(70, 6)
+    with torch.no_grad():
+        linear.weight.copy_(w.float())
+    with pytest.raises(ValueError, match=message):
+        LoraLinear.from_linear(linear, quantize="nf4", r=2)
+    one = _weight_with({(0, 3): float("-inf")}, dtype=dtype)
+    with pytest.raises(ValueError, match=r"1 non-finite element, the first at index \(0, 3\) \(-inf\)"):
+        quant.quantize_nf4(one)
+    with pytest.raises(ValueError, match=r"1 non-finite element, the first at index \(0, 3\) \(-inf\)"):
+        nf4.nf4_quantize(one.float().numpy())
+
+
 def test_4bit_layer_refuses_in_place_merge():
     layer = LoraLinear.from_linear(nn.Linear(8, 8), quantize="nf4", r=2)
     with pytest.raises(ValueError, match="cannot absorb the update exactly: merge\\(requantize=True\\)"):
@@ -342,9 +393,14 @@ def test_qlora_training_run(batch):
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in packed.items()), "the packed NF4 weights changed"
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
-    changed = {n for n, p in model.named_parameters() if n in trainable and not torch.equal(p, trainable[n])}
-    assert {n for n in changed if "lora_" in n} and {n for n in changed if "classifier" in n}
-    assert changed <= set(trainable)
+    # exactly the parameters the config makes trainable: every LoRA A and B, every bias (bias="all"), the
+    # LayerNorms' and the classifier's trainable copies (modules_to_save; their originals stay frozen), and
+    # each of them moved
+    expected = {n for n, p in model.named_parameters() if "original_module" not in n and (
+                "lora_" in n or n.endswith(".bias") or "LayerNorm" in n or n.startswith("classifier."))}
+    assert set(trainable) == expected, sorted(set(trainable) ^ expected)
+    unchanged = [n for n, p in model.named_parameters() if n in trainable and torch.equal(p, trainable[n])]
+    assert not unchanged, f"trainable parameters that did not move: {unchanged}"
 
 
 def test_merge_and_unload_gives_full_precision_and_requantize_reports(batch):

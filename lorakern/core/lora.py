@@ -184,3 +184,69 @@ def init_lora(
     else:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     return A, np.zeros((out_features, r))
+
+
+def _mixed_operands(x, W, adapters, row_adapter):
+    x, W = _as_f64("x", x), _as_f64("W", W)
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D (rows, in_features) for a mixed batch, got shape {x.shape}")
+    slots = np.asarray(row_adapter).astype(np.int64)
+    if slots.shape != (x.shape[0],) or np.any(slots < -1) or np.any(slots >= len(adapters)):
+        raise ValueError(f"row_adapter must give each of the {x.shape[0]} rows a slot in -1..{len(adapters) - 1}")
+    factors = []
+    for slot, adapter in enumerate(adapters):
+        if adapter is None:
+            factors.append(None)
+            continue
+        A, B, s = _as_f64(f"A[{slot}]", adapter[0]), _as_f64(f"B[{slot}]", adapter[1]), float(adapter[2])
+        _check_shapes(x, W, A, B, None)
+        factors.append((A, B, s))
+    return x, W, factors, slots
+
+
+def mixed_forward(x, W, adapters, row_adapter, b=None, dropout_masks=None) -> np.ndarray:
+    """A mixed-adapter batch, row by row: y_i = x_i W^T + b + s_a (x~_i A_a^T) B_a^T with a = row_adapter[i],
+    and no LoRA term where a = -1 or ``adapters[a]`` is None (a layer without that adapter).
+
+    x (M, K); ``adapters`` one (A, B, s) or None per slot; ``dropout_masks`` None or one (M, K) mask (or
+    None) per slot, already divided by (1 - p). Each row is computed on its own (no grouping), so the
+    reference shares nothing with the gathered or masked formulations it checks."""
+    x, W, factors, slots = _mixed_operands(x, W, adapters, row_adapter)
+    y = x @ W.T
+    if b is not None:
+        y = y + _as_f64("b", b)
+    for i, slot in enumerate(slots):
+        if slot < 0 or factors[slot] is None:
+            continue
+        A, B, s = factors[slot]
+        mask = None if dropout_masks is None or dropout_masks[slot] is None else dropout_masks[slot][i]
+        x_lora = x[i] if mask is None else x[i] * _as_f64("dropout_mask", mask)
+        y[i] = y[i] + s * ((x_lora @ A.T) @ B.T)
+    return y
+
+
+def mixed_backward(x, W, adapters, row_adapter, dy, dropout_masks=None) -> dict:
+    """Gradients of sum(dy * y) for y = mixed_forward(x, W, adapters, row_adapter, b, dropout_masks), row
+    by row: row i of adapter a adds s (g_i B) A * mask_i to dx_i, s (g_i B)^T x~_i to dA_a and
+    s g_i^T (x~_i A^T) to dB_a. Returns dx (M, K), dA and dB (lists per slot: zeros for an adapter with no
+    rows, None for a slot whose adapter is None) and db."""
+    x, W, factors, slots = _mixed_operands(x, W, adapters, row_adapter)
+    dy = _as_f64("dy", dy)
+    if dy.shape != (x.shape[0], W.shape[0]):
+        raise ValueError(f"dy must have shape {(x.shape[0], W.shape[0])}, got {dy.shape}")
+    dx = dy @ W
+    dA = [None if f is None else np.zeros_like(f[0]) for f in factors]
+    dB = [None if f is None else np.zeros_like(f[1]) for f in factors]
+    for i, slot in enumerate(slots):
+        if slot < 0 or factors[slot] is None:
+            continue
+        A, B, s = factors[slot]
+        mask = None if dropout_masks is None or dropout_masks[slot] is None else _as_f64("dropout_mask",
+                                                                                        dropout_masks[slot][i])
+        x_lora = x[i] if mask is None else x[i] * mask
+        gB = dy[i] @ B  # (r,)
+        dx_lora = s * (gB @ A)
+        dx[i] = dx[i] + (dx_lora if mask is None else dx_lora * mask)
+        dA[slot] = dA[slot] + s * np.outer(gB, x_lora)
+        dB[slot] = dB[slot] + s * np.outer(dy[i], x_lora @ A.T)
+    return {"dx": dx, "dA": dA, "dB": dB, "db": dy.sum(axis=0)}

@@ -147,12 +147,25 @@ def check_blocksize(blocksize: int) -> None:
         raise ValueError(f"blocksize {blocksize!r} is not allowed; use one of {BLOCKSIZES} (64 is bitsandbytes' default)")
 
 
+def non_finite_message(count: int, first: tuple, value: float, shape: tuple) -> str:
+    """The refusal of a weight holding NaN or inf (shared with the torch quantizer)."""
+    return (f"cannot quantize a weight of shape {tuple(shape)} holding NaN or inf: {count} non-finite element"
+            f"{'s' if count != 1 else ''}, the first at index {tuple(first)} ({value}); a block's absmax would be "
+            f"NaN or inf and decode the whole block to NaN. Find where the weight diverged, or replace them "
+            f"(e.g. torch.nan_to_num) before quantizing")
+
+
 def _as_float32(w) -> np.ndarray:
     array = np.asarray(w)
     if not np.issubdtype(array.dtype, np.floating):
         raise TypeError(f"NF4 quantizes floating-point weights, got dtype {array.dtype}; cast the weight to float first")
     if array.size == 0:
         raise ValueError(f"cannot quantize an empty weight of shape {array.shape}")
+    bad = ~np.isfinite(array)
+    if bad.any():
+        first = np.unravel_index(int(np.argmax(bad)), array.shape)
+        raise ValueError(non_finite_message(int(bad.sum()), tuple(int(i) for i in first), float(array[first]),
+                                            array.shape))
     return array.astype(np.float32, copy=False).reshape(-1)
 
 

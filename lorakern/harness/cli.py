@@ -88,6 +88,8 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--grad-accum", type=int, default=defaults.grad_accum, help="micro-batches per optimiser step")
     group.add_argument("--eval-batch-size", type=int, default=defaults.eval_batch_size)
     group.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    group.add_argument("--loraplus-lr-ratio", type=float, default=None, help="LoRA+: B's learning rate is lr times "
+                       "this (e.g. 16); default off (one AdamW group)")
     group.add_argument("--adam-betas", type=float, nargs=2, default=list(defaults.betas))
     group.add_argument("--adam-eps", type=float, default=defaults.eps)
     group.add_argument("--seed", type=int, default=defaults.seed)
@@ -119,7 +121,8 @@ def run_options(args: argparse.Namespace):
     train = TrainConfig(warmup_epochs=args.warmup_epochs, decay_epochs=args.decay_epochs, batch_size=args.batch_size,
                         grad_accum=args.grad_accum, eval_batch_size=args.eval_batch_size,
                         weight_decay=args.weight_decay, betas=tuple(args.adam_betas), eps=args.adam_eps,
-                        seed=args.seed, precision=args.precision, device=args.device, progress=not args.no_progress)
+                        seed=args.seed, precision=args.precision, device=args.device, progress=not args.no_progress,
+                        loraplus_lr_ratio=args.loraplus_lr_ratio)
     return RunOptions(model=args.model, data=args.data, out=args.out, recipe=args.recipe, head=args.head, lora=lora,
                       train=train, lr=args.lr, max_length=args.max_length, compare=args.compare, resume=args.resume,
                       skip_bad_rows=args.skip_bad_rows)
@@ -137,9 +140,35 @@ def _print_summary(summary: dict) -> bool:
     return summary["reload_agrees"]
 
 
+def _glue_tasks(text: str) -> list[str]:
+    """--task: one GLUE task, "all", or (with --mixed) several, comma-separated."""
+    from lorakern.harness.data import GLUE_TASKS
+
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in GLUE_TASKS and t != "all"]
+    if unknown or not tasks or ("all" in tasks and len(tasks) > 1):
+        raise argparse.ArgumentTypeError(f"--task {text!r}: choose from {', '.join([*GLUE_TASKS, 'all'])} "
+                                         f"(several, comma-separated, with --mixed)")
+    return tasks
+
+
 def run_glue_command(args: argparse.Namespace) -> int:
     from lorakern.harness.glue import run_glue
 
+    tasks = args.task
+    if args.mixed:
+        from lorakern.harness.mixed import run_glue_mixed
+
+        result = run_glue_mixed(tasks, run_options(args))
+        for summary in result["tasks"].values():
+            print(f"\n{summary['task']} (mixed): {result['out']}")
+            print(summary["table"])
+        print(f"\nwrote {result['out']}/adapter/<task>/ (one PEFT multi-adapter folder) and metrics.json")
+        return 0 if all(s["reload_agrees"] for s in result["tasks"].values()) else 1
+    if len(tasks) > 1:
+        raise ValueError(f"--task {','.join(tasks)}: several tasks train together with --mixed; without it give one "
+                         f"task (or all)")
+    args.task = tasks[0]
     result = run_glue(args.task, run_options(args))
     summaries = result.values() if args.task == "all" else [result]
     return 0 if all([_print_summary(s) for s in summaries]) else 1
@@ -158,7 +187,10 @@ def add_commands(sub) -> None:
     from lorakern.harness.data import GLUE_TASKS
 
     glue = sub.add_parser("glue", help="fine-tune with LoRA on a GLUE task and report its metrics")
-    glue.add_argument("--task", required=True, choices=[*GLUE_TASKS, "all"])
+    glue.add_argument("--task", required=True, type=_glue_tasks, metavar="|".join([*GLUE_TASKS, "all"]),
+                      help="a GLUE task, or all; with --mixed several, comma-separated (sst2,mrpc,rte)")
+    glue.add_argument("--mixed", action="store_true", help="train the tasks at once: one adapter and head per task, "
+                      "batches mixed across tasks (lorakern.adapter_rows)")
     add_run_flags(glue)
     glue.set_defaults(handler=run_glue_command)
     squad = sub.add_parser("squad", help="fine-tune with LoRA on SQuAD v1.1 or v2.0")

@@ -169,7 +169,8 @@ def _run_plan(plan: TaskPlan, backbone: Backbone, options: RunOptions, data_labe
                     f", global: {context.world_size} processes take about {config.batch_size // context.world_size}"
                     f" each" if context.enabled else ""),
                 "processes": context.describe(),
-                "AdamW": f"betas {config.betas}, eps {config.eps:g}, weight decay {config.weight_decay:g}",
+                "AdamW": f"betas {config.betas}, eps {config.eps:g}, weight decay {config.weight_decay:g}" + (
+                    f", LoRA+ (B's lr x {config.loraplus_lr_ratio:g})" if config.loraplus_lr_ratio else ""),
                 "precision": _precision_line(config), "seed": config.seed, **plan.settings,
                 "trainable parameters": f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"}
     if options.resume:

@@ -60,6 +60,8 @@ class TrainConfig:
     optimiser step. batch_size is per optimiser step (the global batch under torchrun, shared by the
     ranks); with grad_accum=k it is split into k micro-batches.
     precision: "auto" is fp16 autocast on CUDA (the seed) and fp32 on CPU.
+    loraplus_lr_ratio: None, one AdamW group; a ratio, LoRA+'s groups (lorakern.loraplus: B at lr * ratio,
+    weight_decay on the groups PEFT's create_loraplus_optimizer decays).
     """
 
     lr: float = 4e-5
@@ -75,11 +77,15 @@ class TrainConfig:
     precision: str = "auto"
     device: str = "auto"
     progress: bool = True
+    loraplus_lr_ratio: Optional[float] = None
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
+            raise ValueError(f"loraplus_lr_ratio must be positive (B's lr over A's; LoRA+ suggests 16), got "
+                             f"{self.loraplus_lr_ratio}; leave it unset for plain AdamW")
         if self.warmup_epochs < 0 or self.decay_epochs < 0 or self.epochs < 1:
             raise ValueError(f"need warmup_epochs >= 0, decay_epochs >= 0 and at least one epoch, got "
                              f"{self.warmup_epochs} + {self.decay_epochs}")
@@ -112,6 +118,8 @@ class TrainConfig:
         data = asdict(self)
         data.pop("progress")
         data.pop("device")
+        if data["loraplus_lr_ratio"] is None:
+            data.pop("loraplus_lr_ratio")  # runs from before LoRA+ resume as they were
         data["betas"] = list(self.betas)
         return data
 
@@ -297,8 +305,15 @@ def train(model: nn.Module, features: list, collate: Callable, loss_fn: Callable
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters; inject LoRA (a recipe) before training")
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
-                                  weight_decay=config.weight_decay)
+    if config.loraplus_lr_ratio is None:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
+                                      weight_decay=config.weight_decay)
+    else:
+        from lorakern.loraplus import loraplus_optimizer
+
+        optimizer = loraplus_optimizer(model, torch.optim.AdamW, lr=config.lr,
+                                       loraplus_lr_ratio=config.loraplus_lr_ratio,
+                                       loraplus_weight_decay=config.weight_decay, betas=config.betas, eps=config.eps)
     micro = config.batch_size // config.grad_accum
     steps_per_epoch = math.ceil(math.ceil(len(features) / micro) / config.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -1,7 +1,8 @@
 """Small C libraries for the CPU, compiled on first use; torch code serves without them.
 
 ``library()``: the NF4 codec (nf4_cpu.c, bit-identical to the torch path, so no fused multiply-adds).
-``lora_library()``: the rank-r products of a LoRA layer (lora_cpu.c, fp32, fused multiply-adds allowed).
+``lora_library()``: the rank-r products of a LoRA layer and DoRA's scaled epilogue (lora_cpu.c, fp32, fused
+multiply-adds allowed).
 
 One source per library, built for an ISA level (``LEVELS``): ``avx512`` (x86-64 with AVX-512 F/BW/DQ/VL,
 16 floats per vector), ``avx2`` (x86-64 with AVX2 and FMA, 8), ``generic`` (any x86-64: SSE2, 4; or any
@@ -72,6 +73,13 @@ _LIBRARIES = {
             "lora_forward_f32": (None, [_POINTER] * 4 + [_FLOAT] + [_I64] * 4 + [_POINTER] * 2 + [_INT]),
             "lora_backward_f32": (None, [_POINTER] * 5 + [_FLOAT] + [_I64] * 4 + [_POINTER] * 4 + [_INT]),
             "lora_backward_scratch": (_I64, [_I64, _I64, _I64, _INT]),
+            "lora_mixed_forward_f32": (None, [_POINTER] * 3 + [_I64] + [_POINTER] * 5 + [_I64] * 4 + [_POINTER] * 2
+                                       + [_INT]),
+            "lora_mixed_backward_f32": (None, [_POINTER] * 5 + [_I64] + [_POINTER] * 4 + [_I64] * 4
+                                        + [_POINTER] * 4 + [_INT]),
+            "lora_mixed_backward_scratch": (_I64, [_I64, _I64, _POINTER, _POINTER, _I64, _INT]),
+            "dora_forward_f32": (None, [_POINTER] * 5 + [_FLOAT] + [_I64] * 4 + [_POINTER] * 3 + [_INT, _INT]),
+            "dora_scale_grad_f32": (None, [_POINTER] * 3 + [_I64] * 2 + [_POINTER] * 3 + [_INT]),
         },
     ),
 }

@@ -2,7 +2,7 @@
  *
  *   forward:  u = x~ A^T                      (M x r, kept for the backward)
  *             y = b + s u B^T                 (M x N, the base GEMM then accumulates x W^T onto it)
- *   backward: gB = g B                        (never stored: four rows at a time, in registers)
+ *   backward: gB = g B                        (a chunk of 64 rows at a time, never the whole M x r)
  *             dx~ = s gB A                    (M x K, the base GEMM then accumulates g W onto it)
  *             dA = s gB^T x~,  dB^T = s u^T g (r x K and r x N, per-thread partial sums, then reduced;
  *                                             dB in a pass over g of its own, see lora_backward_f32)
@@ -180,25 +180,69 @@ static void rank_update4(float *const rows[ROWS], const float *init, const float
     }
 }
 
-/* acc[j * ld + n] += sum_q coef[q * r + j] * row_q[n]: four rows' outer products with their r coefficients.
- * One vector of each row stays in registers over all j: one load and one store per four multiply-adds. */
-static void accumulate4(float *acc, int64_t ld, const float *coef, const float *const rows[ROWS], int64_t r,
-                        int64_t len) {
-    const float *a0 = rows[0], *a1 = rows[1], *a2 = rows[2], *a3 = rows[3];
-    int64_t n = 0;
-    for (; n + LANES <= len; n += LANES) {
-        vf x0 = load(a0 + n), x1 = load(a1 + n), x2 = load(a2 + n), x3 = load(a3 + n);
-        IN_REGISTER(x0); IN_REGISTER(x1); IN_REGISTER(x2); IN_REGISTER(x3);
-        for (int64_t j = 0; j < r; ++j) {
-            float *out = acc + j * ld + n;
-            store(out, load(out) + splat(coef[0 * r + j]) * x0 + splat(coef[1 * r + j]) * x1
-                           + splat(coef[2 * r + j]) * x2 + splat(coef[3 * r + j]) * x3);
+/* Rows of acc a register tile holds: JT rows by two vectors (AVX-512: 16 accumulators of its 32 registers;
+ * 16-register ISAs: 8), plus the two vectors of x and one broadcast. */
+#if LANES == 16
+#define JT 8
+#else
+#define JT 4
+#endif
+
+/* acc[j * ld + n .. + nv LANES] for jt rows j from j0: sum over the `rows` rows t of coef_t[j] * x_t[n ..],
+ * added to acc once. Inlined with constant jt and nv, so `s` lives in registers. */
+static inline __attribute__((always_inline)) void accumulate_tile(float *acc, int64_t ld, const float *const *coef,
+                                                                  const float *const *x, int64_t rows, int64_t j0,
+                                                                  int jt, int64_t n, int nv) {
+    vf s[JT][2];
+    for (int a = 0; a < jt; ++a) s[a][0] = s[a][1] = splat(0);
+    for (int64_t t = 0; t < rows; ++t) {
+        const float *xt = x[t] + n, *ct = coef[t] + j0;
+        vf x0 = load(xt), x1 = nv > 1 ? load(xt + LANES) : x0;
+        IN_REGISTER(x0); IN_REGISTER(x1);
+        for (int a = 0; a < jt; ++a) {
+            vf c = splat(ct[a]);
+            s[a][0] += c * x0;
+            if (nv > 1) s[a][1] += c * x1;
         }
     }
+    for (int a = 0; a < jt; ++a)
+        for (int b = 0; b < nv; ++b) {
+            float *out = acc + (j0 + a) * ld + n + b * LANES;
+            store(out, load(out) + s[a][b]);
+        }
+}
+
+/* acc[j * ld + n] += sum over t < rows of coef_t[j] * x_t[n]: the outer products of a chunk of rows (row t of
+ * x and its r coefficients through the pointers x[t] and coef[t]) summed into an r x len partial. The sum over
+ * the chunk runs in registers, tile by tile (JT rows of acc by two vectors: two loads of x and JT broadcasts
+ * per 2 JT multiply-adds), and acc is read and written once per chunk: accumulating four rows at a time
+ * instead read and wrote all of acc every four rows (r = 16, K = 4096: a 256 KB partial through L2 M/4 times). */
+static void accumulate_rows(float *acc, int64_t ld, const float *const *coef, int64_t r, const float *const *x,
+                            int64_t len, int64_t rows) {
+    int64_t n = 0;
+    for (; n + 2 * LANES <= len; n += 2 * LANES) {
+        int64_t j = 0;
+        for (; j + JT <= r; j += JT) accumulate_tile(acc, ld, coef, x, rows, j, JT, n, 2);
+        for (; j < r; ++j) accumulate_tile(acc, ld, coef, x, rows, j, 1, n, 2);
+    }
+    for (; n + LANES <= len; n += LANES) {
+        int64_t j = 0;
+        for (; j + JT <= r; j += JT) accumulate_tile(acc, ld, coef, x, rows, j, JT, n, 1);
+        for (; j < r; ++j) accumulate_tile(acc, ld, coef, x, rows, j, 1, n, 1);
+    }
     for (; n < len; ++n)
-        for (int64_t j = 0; j < r; ++j)
-            acc[j * ld + n] += coef[0 * r + j] * a0[n] + coef[1 * r + j] * a1[n] + coef[2 * r + j] * a2[n]
-                               + coef[3 * r + j] * a3[n];
+        for (int64_t j = 0; j < r; ++j) {
+            float sum = 0.0f;
+            for (int64_t t = 0; t < rows; ++t) sum += coef[t][j] * x[t][n];
+            acc[j * ld + n] += sum;
+        }
+}
+
+/* Pointers to `rows` rows: row t of a row-major matrix with rows of `len` floats is base + index(t) * len,
+ * index(t) = first + t, or order[first + t] when order is given (rows grouped by adapter). */
+static void row_pointers(const float *base, int64_t len, const int64_t *order, int64_t first, int64_t rows,
+                         const float **out) {
+    for (int64_t t = 0; t < rows; ++t) out[t] = base + (order ? order[first + t] : first + t) * len;
 }
 
 /* Row pointers for the block starting at row i0 of a (M x len) matrix. Rows past M read row i0 again and
@@ -238,6 +282,23 @@ void lora_forward_f32(const float *x_lora, const float *A, const float *Bt, cons
     }
 }
 
+/* This thread's number and the team's size inside a parallel region (0 and 1 without OpenMP). */
+static inline int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+static inline int team_size(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
 /* Row stride of a per-thread partial sum: a power-of-two row length (4096 floats) would put every row of
  * the r rows in the same L1 set, and updating them together thrashes it (measured 2.5x slower). */
 static int64_t padded(int64_t len) {
@@ -274,55 +335,308 @@ void lora_backward_f32(const float *g, const float *x_lora, const float *u, cons
     int need_gB = dx != NULL || dA != NULL;
     #pragma omp parallel num_threads(threads)
     {
+        int tid = thread_id(), team = team_size();
+        float *pA = partial + tid * per_thread, *pB = pA + r * ldK;
+        if (dA) memset(pA, 0, (size_t)(r * ldK) * sizeof(float));
+        if (dBt) memset(pB, 0, (size_t)(r * ldN) * sizeof(float));
+        float coef[ROWS * 256];
+        float *spare = dx ? (float *)malloc((size_t)K * sizeof(float)) : NULL;
+        float *gB = need_gB ? (float *)malloc((size_t)(CHUNK_BLOCKS * ROWS * r) * sizeof(float)) : NULL;
+        /* Rows go in chunks of CHUNK_BLOCKS * ROWS: dB over the chunk's rows of g first, then g B and dx four
+         * rows at a time, then dA over the chunk. The partial sums are updated once per chunk (in registers,
+         * accumulate_rows), and the second read of the chunk's g and x~ hits L2. */
+        #pragma omp for schedule(static)
+        for (int64_t chunk = 0; chunk < blocks; chunk += CHUNK_BLOCKS) {
+            int64_t last = chunk + CHUNK_BLOCKS < blocks ? chunk + CHUNK_BLOCKS : blocks;
+            int64_t row0 = chunk * ROWS, rows = (last * ROWS < M ? last * ROWS : M) - row0;
+            const float *grows[CHUNK_BLOCKS * ROWS], *crows[CHUNK_BLOCKS * ROWS];
+            row_pointers(g, N, NULL, row0, rows, grows);
+            if (dBt) {
+                row_pointers(u, r, NULL, row0, rows, crows);
+                accumulate_rows(pB, ldN, crows, r, grows, N, rows);
+            }
+            for (int64_t blk = chunk; need_gB && blk < last; ++blk) {
+                int64_t i0 = blk * ROWS;
+                int valid = (int)(M - i0 < ROWS ? M - i0 : ROWS);
+                float *gBblk = gB + (i0 - row0) * r;
+                const float *gr[ROWS];
+                block_rows(g, i0, M, N, gr);
+                dots4(gr, Bt, r, N, gBblk);  /* rows past M (only in the last block) are never read below */
+                if (dx) {
+                    float *dr[ROWS];
+                    block_rows_out(dx, i0, M, K, spare, dr);
+                    for (int64_t e = 0; e < ROWS * r; ++e) coef[e] = e < valid * r ? scaling * gBblk[e] : 0.0f;
+                    rank_update4(dr, NULL, coef, A, r, K);
+                }
+            }
+            if (dA) {
+                const float *xrows[CHUNK_BLOCKS * ROWS];
+                row_pointers(gB, r, NULL, 0, rows, crows);
+                row_pointers(x_lora, K, NULL, row0, rows, xrows);
+                accumulate_rows(pA, ldK, crows, r, xrows, K, rows);
+            }
+        }
+        stream_fence();  /* this thread's streamed rows are visible before the region ends */
+        free(spare);
+        free(gB);
+        /* the implicit barrier of `omp for` above: every partial is complete; reduce them column-wise */
+        if (dA) reduce_partials(dA, partial, per_thread, ldK, team, r, K, scaling);
+        if (dBt) reduce_partials(dBt, partial + r * ldK, per_thread, ldN, team, r, N, scaling);
+    }
+}
+
+/* ---- Mixed-adapter batches: each row of x~ uses the adapter of its slot ---------------------------------
+ * Rows come grouped by slot: slot a's rows are order[offsets[a] .. offsets[a + 1]) (n_slots slots); rows of
+ * no slot (order[offsets[n_slots] ..), base only) and rows of a slot whose A[a] is NULL (a layer without that
+ * adapter) get no rank-r term. Per slot: A[a] (r[a] x K), Bt[a] (r[a] x N), scaling[a]. u is M x r_max, row i's
+ * first r[slot] entries used. The kernels are the single-adapter ones over gathered row pointers. */
+
+/* Four-row blocks of the slots' segments, numbered across slots: `first_block[a]` is slot a's first. */
+static int64_t segment_blocks(const int64_t *offsets, const float *const *A, int64_t n_slots, int64_t unit,
+                              int64_t *first_block) {
+    int64_t total = 0;
+    for (int64_t a = 0; a < n_slots; ++a) {
+        first_block[a] = total;
+        if (A[a]) total += (offsets[a + 1] - offsets[a] + unit - 1) / unit;
+    }
+    first_block[n_slots] = total;
+    return total;
+}
+
+static int64_t slot_of_block(const int64_t *first_block, int64_t n_slots, int64_t blk) {
+    int64_t a = 0;
+    while (first_block[a + 1] <= blk) ++a;  /* slots without blocks have first_block[a + 1] == first_block[a] */
+    return a;
+}
+
+/* Rows of the batch that get no rank-r term: rows of no slot, and the rows of slots without an adapter. */
+static void fill_plain_rows(const int64_t *order, const int64_t *offsets, const float *const *A, int64_t n_slots,
+                            int64_t M, const float *fill, int64_t len, float *out) {
+    #pragma omp for schedule(static)
+    for (int64_t p = 0; p < M; ++p) {
+        int64_t a = 0;
+        while (a < n_slots && offsets[a + 1] <= p) ++a;
+        if (a < n_slots && A[a]) continue;
+        float *row = out + order[p] * len;
+        if (fill) memcpy(row, fill, (size_t)len * sizeof(float));
+        else memset(row, 0, (size_t)len * sizeof(float));
+    }
+}
+
+/* Forward: u_i = x~_i A_a^T and y_i = b + s_a u_i B_a^T for each row i of slot a; y_i = b (0 without bias) for
+ * the rows without a term. The base GEMM then accumulates x W^T onto every row of y. */
+void lora_mixed_forward_f32(const float *x_lora, const int64_t *order, const int64_t *offsets, int64_t n_slots,
+                            const float *const *A, const float *const *Bt, const int64_t *ranks, const float *scaling,
+                            const float *bias, int64_t M, int64_t K, int64_t N, int64_t r_max, float *u, float *y,
+                            int threads) {
+    int64_t first_block[n_slots + 1];
+    int64_t blocks = segment_blocks(offsets, A, n_slots, ROWS, first_block);
+    #pragma omp parallel num_threads(threads)
+    {
+        float ublk[ROWS * 256], coef[ROWS * 256];
+        float *spare = (float *)malloc((size_t)N * sizeof(float));
+        fill_plain_rows(order, offsets, A, n_slots, M, bias, N, y);
+        #pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+            int64_t a = slot_of_block(first_block, n_slots, blk), r = ranks[a];
+            int64_t p0 = offsets[a] + (blk - first_block[a]) * ROWS;
+            int valid = (int)(offsets[a + 1] - p0 < ROWS ? offsets[a + 1] - p0 : ROWS);
+            const float *xr[ROWS];
+            float *yr[ROWS];
+            for (int q = 0; q < ROWS; ++q) {
+                int64_t i = order[p0 + (q < valid ? q : 0)];
+                xr[q] = x_lora + i * K;
+                yr[q] = q < valid ? y + i * N : spare;
+            }
+            dots4(xr, A[a], r, K, ublk);
+            for (int q = 0; q < valid; ++q) memcpy(u + order[p0 + q] * r_max, ublk + q * r, r * sizeof(float));
+            for (int64_t e = 0; e < ROWS * r; ++e) coef[e] = scaling[a] * ublk[e];
+            rank_update4(yr, bias, coef, Bt[a], r, N);
+        }
+        stream_fence();
+        free(spare);
+    }
+}
+
+/* Floats of scratch `lora_mixed_backward_f32` needs: per thread, an r[a] x (K + N) partial per adapter. */
+int64_t lora_mixed_backward_scratch(int64_t K, int64_t N, const int64_t *ranks, const float *const *A, int64_t n_slots,
+                                    int threads) {
+    int64_t per_thread = 0;
+    for (int64_t a = 0; a < n_slots; ++a)
+        if (A[a]) per_thread += ranks[a] * (padded(K) + padded(N));
+    return (int64_t)threads * per_thread;
+}
+
+/* Backward, per slot a and row i of it: gB_i = g_i B_a; dx~_i = s_a gB_i A_a (rows without a term: 0; the base
+ * GEMM then accumulates g W onto every row); dA_a = s_a sum_i gB_i^T x~_i; dB_a^T = s_a sum_i u_i^T g_i. The sums
+ * run per thread over chunks of up to 64 rows of one slot (accumulate_rows), then reduced. NULL outputs are
+ * skipped: dx, or dA[a] / dBt[a] of an adapter whose factor needs no gradient. */
+void lora_mixed_backward_f32(const float *g, const float *x_lora, const float *u, const int64_t *order,
+                             const int64_t *offsets, int64_t n_slots, const float *const *A, const float *const *Bt,
+                             const int64_t *ranks, const float *scaling, int64_t M, int64_t K, int64_t N,
+                             int64_t r_max, float *dx, float *const *dA, float *const *dBt, float *partial,
+                             int threads) {
+    const int64_t chunk_rows = CHUNK_BLOCKS * ROWS;
+    int64_t first_chunk[n_slots + 1], part[n_slots + 1];
+    int64_t chunks = segment_blocks(offsets, A, n_slots, chunk_rows, first_chunk);
+    int64_t ldK = padded(K), ldN = padded(N);
+    part[0] = 0;
+    for (int64_t a = 0; a < n_slots; ++a) part[a + 1] = part[a] + (A[a] ? ranks[a] * (ldK + ldN) : 0);
+    int64_t per_thread = part[n_slots];
+    #pragma omp parallel num_threads(threads)
+    {
+        int tid = thread_id(), team = team_size();
+        float *mine = partial + tid * per_thread;
+        memset(mine, 0, (size_t)per_thread * sizeof(float));
+        float coef[ROWS * 256];
+        float *gB = (float *)malloc((size_t)(chunk_rows * r_max) * sizeof(float));
+        float *spare = (float *)malloc((size_t)K * sizeof(float));
+        if (dx) fill_plain_rows(order, offsets, A, n_slots, M, NULL, K, dx);
+        #pragma omp for schedule(static)
+        for (int64_t c = 0; c < chunks; ++c) {
+            int64_t a = slot_of_block(first_chunk, n_slots, c), r = ranks[a];
+            int64_t p0 = offsets[a] + (c - first_chunk[a]) * chunk_rows;
+            int64_t rows = offsets[a + 1] - p0 < chunk_rows ? offsets[a + 1] - p0 : chunk_rows;
+            float *pA = mine + part[a], *pB = pA + r * ldK;
+            const float *grows[CHUNK_BLOCKS * ROWS], *crows[CHUNK_BLOCKS * ROWS], *xrows[CHUNK_BLOCKS * ROWS];
+            row_pointers(g, N, order, p0, rows, grows);
+            if (dBt[a]) {
+                row_pointers(u, r_max, order, p0, rows, crows);
+                accumulate_rows(pB, ldN, crows, r, grows, N, rows);
+            }
+            if (!dx && !dA[a]) continue;
+            for (int64_t t0 = 0; t0 < rows; t0 += ROWS) {
+                int valid = (int)(rows - t0 < ROWS ? rows - t0 : ROWS);
+                const float *gr[ROWS];
+                for (int q = 0; q < ROWS; ++q) gr[q] = grows[t0 + (q < valid ? q : 0)];
+                dots4(gr, Bt[a], r, N, gB + t0 * r);  /* rows past `valid` land in gB's spare rows, never read */
+                if (dx) {
+                    float *dr[ROWS];
+                    for (int q = 0; q < ROWS; ++q) dr[q] = q < valid ? dx + order[p0 + t0 + q] * K : spare;
+                    for (int64_t e = 0; e < ROWS * r; ++e) coef[e] = e < valid * r ? scaling[a] * gB[t0 * r + e] : 0.0f;
+                    rank_update4(dr, NULL, coef, A[a], r, K);
+                }
+            }
+            if (dA[a]) {
+                row_pointers(gB, r, NULL, 0, rows, crows);
+                row_pointers(x_lora, K, order, p0, rows, xrows);
+                accumulate_rows(pA, ldK, crows, r, xrows, K, rows);
+            }
+        }
+        stream_fence();
+        free(gB);
+        free(spare);
+        /* the implicit barrier of `omp for` above: every partial is complete */
+        for (int64_t a = 0; a < n_slots; ++a) {
+            if (!A[a]) continue;
+            if (dA[a]) reduce_partials(dA[a], partial + part[a], per_thread, ldK, team, ranks[a], K, scaling[a]);
+            if (dBt[a])
+                reduce_partials(dBt[a], partial + part[a] + ranks[a] * ldK, per_thread, ldN, team,
+                                ranks[a], N, scaling[a]);
+        }
+    }
+}
+
+/* ---- DoRA (lorakern/dora.py): the magnitude scale c = m / n (per output column) in the epilogue ---------- */
+
+/* row_q[n] = c[n] * t + b[n], t = base_q[n] + sum_j coef[q * r + j] * mat[j * len + n], for four rows q;
+ * t is also written to keep_q[n] when keep is not NULL (the backward's z). base and row may be the same rows. */
+static void scaled_update4(float *const rows[ROWS], float *const keep[ROWS], const float *const base[ROWS],
+                           const float *scale, const float *bias, const float *coef, const float *mat, int64_t r,
+                           int64_t len) {
+    int64_t n = 0;
+    for (; n + LANES <= len; n += LANES) {
+        vf t0 = load(base[0] + n), t1 = load(base[1] + n), t2 = load(base[2] + n), t3 = load(base[3] + n);
+        for (int64_t j = 0; j < r; ++j) {
+            vf m = load(mat + j * len + n);
+            IN_REGISTER(m);
+            t0 += splat(coef[0 * r + j]) * m; t1 += splat(coef[1 * r + j]) * m;
+            t2 += splat(coef[2 * r + j]) * m; t3 += splat(coef[3 * r + j]) * m;
+        }
+        if (keep[0]) { store(keep[0] + n, t0); store(keep[1] + n, t1); store(keep[2] + n, t2); store(keep[3] + n, t3); }
+        vf c = load(scale + n), b = bias ? load(bias + n) : splat(0);
+        store(rows[0] + n, c * t0 + b); store(rows[1] + n, c * t1 + b);
+        store(rows[2] + n, c * t2 + b); store(rows[3] + n, c * t3 + b);
+    }
+    for (; n < len; ++n)
+        for (int q = 0; q < ROWS; ++q) {
+            float t = base[q][n];
+            for (int64_t j = 0; j < r; ++j) t += coef[q * r + j] * mat[j * len + n];
+            if (keep[q]) keep[q][n] = t;
+            rows[q][n] = scale[n] * t + (bias ? bias[n] : 0.0f);
+        }
+}
+
+/* DoRA forward, after BLAS wrote z = x W^T (M x N): u = x A^T, then in the same pass over the rows
+ * z += s u B^T (kept when `keep_z`) and y = c * z + b (bias may be NULL; y may be z itself when !keep_z).
+ * The scale costs no pass over y of its own. r <= 256. */
+void dora_forward_f32(const float *x, const float *A, const float *Bt, const float *bias, const float *scale,
+                      float scaling, int64_t M, int64_t K, int64_t N, int64_t r, float *u, float *z, float *y,
+                      int keep_z, int threads) {
+    int64_t blocks = (M + ROWS - 1) / ROWS;
+    #pragma omp parallel num_threads(threads)
+    {
+        float ublk[ROWS * 256], coef[ROWS * 256];
+        float *spare = (float *)malloc((size_t)N * sizeof(float) * 2);
+        #pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+            int64_t i0 = blk * ROWS;
+            const float *xr[ROWS];
+            block_rows(x, i0, M, K, xr);
+            dots4(xr, A, r, K, ublk);
+            for (int q = 0; q < ROWS && i0 + q < M; ++q) memcpy(u + (i0 + q) * r, ublk + q * r, r * sizeof(float));
+            for (int64_t e = 0; e < ROWS * r; ++e) coef[e] = scaling * ublk[e];
+            float *yr[ROWS], *kr[ROWS];
+            const float *zr[ROWS];
+            block_rows_out(y, i0, M, N, spare, yr);
+            for (int q = 0; q < ROWS; ++q) {
+                /* rows past M read a zeroed spare row and write the other one */
+                zr[q] = i0 + q < M ? z + (i0 + q) * N : spare + N;
+                kr[q] = keep_z ? (i0 + q < M ? z + (i0 + q) * N : spare + N) : NULL;
+            }
+            if (i0 + ROWS > M) memset(spare + N, 0, (size_t)N * sizeof(float));
+            scaled_update4(yr, kr, zr, scale, bias, coef, Bt, r, N);
+        }
+        free(spare);
+    }
+}
+
+/* DoRA backward's first pass: gc = g * c (columns scaled: the LoRA backward then runs on gc) and, when z is
+ * not NULL, gz[n] = sum_i g[i, n] z[i, n] (dm = gz / n). `partial` holds threads * N floats. */
+void dora_scale_grad_f32(const float *g, const float *z, const float *scale, int64_t M, int64_t N, float *gc,
+                         float *gz, float *partial, int threads) {
+    #pragma omp parallel num_threads(threads)
+    {
         int tid = 0, team = 1;
 #ifdef _OPENMP
         tid = omp_get_thread_num();
         team = omp_get_num_threads();
 #endif
-        float *pA = partial + tid * per_thread, *pB = pA + r * ldK;
-        if (dA) memset(pA, 0, (size_t)(r * ldK) * sizeof(float));
-        if (dBt) memset(pB, 0, (size_t)(r * ldN) * sizeof(float));
-        float gB[ROWS * 256], coef[ROWS * 256];
-        float *spare = dx ? (float *)malloc((size_t)K * sizeof(float)) : NULL;
-        /* Rows go in chunks of CHUNK_ROWS: dB over the chunk's rows of g first, then g B, dx and dA over the
-         * same rows. dB has a loop of its own because its r x N partial and dA's r x K partial, updated
-         * together, evicted each other from L1 (768 x 768, r = 8: 3.0 ms in one loop, 2.4 ms in two whole
-         * passes); in chunks the second read of g hits L2 instead of memory. */
+        float *acc = partial + tid * N;
+        if (z) memset(acc, 0, (size_t)N * sizeof(float));
         #pragma omp for schedule(static)
-        for (int64_t chunk = 0; chunk < blocks; chunk += CHUNK_BLOCKS) {
-            int64_t last = chunk + CHUNK_BLOCKS < blocks ? chunk + CHUNK_BLOCKS : blocks;
-            for (int64_t blk = chunk; dBt && blk < last; ++blk) {
-                int64_t i0 = blk * ROWS;
-                int valid = (int)(M - i0 < ROWS ? M - i0 : ROWS);
-                const float *gr[ROWS];
-                block_rows(g, i0, M, N, gr);
-                for (int64_t e = 0; e < ROWS * r; ++e) coef[e] = e < valid * r ? u[i0 * r + e] : 0.0f;
-                accumulate4(pB, ldN, coef, gr, r, N);
+        for (int64_t i = 0; i < M; ++i) {
+            const float *gi = g + i * N;
+            float *oi = gc + i * N;
+            int64_t n = 0;
+            for (; n + LANES <= N; n += LANES) {
+                vf gv = load(gi + n);
+                store(oi + n, gv * load(scale + n));
+                if (z) store(acc + n, load(acc + n) + gv * load(z + i * N + n));
             }
-            for (int64_t blk = chunk; need_gB && blk < last; ++blk) {
-                int64_t i0 = blk * ROWS;
-                int valid = (int)(M - i0 < ROWS ? M - i0 : ROWS);
-                const float *gr[ROWS];
-                block_rows(g, i0, M, N, gr);
-                dots4(gr, Bt, r, N, gB);
-                for (int64_t e = valid * r; e < ROWS * r; ++e) gB[e] = 0.0f;  /* rows past M add nothing */
-                if (dx) {
-                    float *dr[ROWS];
-                    block_rows_out(dx, i0, M, K, spare, dr);
-                    for (int64_t e = 0; e < ROWS * r; ++e) coef[e] = scaling * gB[e];
-                    rank_update4(dr, NULL, coef, A, r, K);
-                }
-                if (dA) {
-                    const float *xr[ROWS];
-                    block_rows(x_lora, i0, M, K, xr);
-                    accumulate4(pA, ldK, gB, xr, r, K);
-                }
+            for (; n < N; ++n) {
+                oi[n] = gi[n] * scale[n];
+                if (z) acc[n] += gi[n] * z[i * N + n];
             }
         }
-        stream_fence();  /* this thread's streamed rows are visible before the region ends */
-        free(spare);
-        /* the implicit barrier of `omp for` above: every partial is complete; reduce them column-wise */
-        if (dA) reduce_partials(dA, partial, per_thread, ldK, team, r, K, scaling);
-        if (dBt) reduce_partials(dBt, partial + r * ldK, per_thread, ldN, team, r, N, scaling);
+        /* the implicit barrier of `omp for`: every partial is complete */
+        if (z) {
+            #pragma omp for schedule(static)
+            for (int64_t n = 0; n < N; ++n) {
+                float sum = 0.0f;
+                for (int t = 0; t < team; ++t) sum += partial[t * N + n];
+                gz[n] = sum;
+            }
+        }
     }
 }

@@ -65,6 +65,11 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         raise TypeError(f"NF4 quantizes floating-point weights, got dtype {weight.dtype}; cast the weight to float first")
     if weight.numel() == 0:
         raise LorakernError(f"cannot quantize an empty weight of shape {tuple(weight.shape)}")
+    bad = ~torch.isfinite(weight.detach())
+    if bad.any():
+        first = tuple(int(i) for i in torch.unravel_index(bad.reshape(-1).int().argmax(), weight.shape))
+        raise LorakernError(nf4_core.non_finite_message(int(bad.sum()), first, float(weight.detach()[first]),
+                                                        tuple(weight.shape)))
     device = weight.device
     flat = weight.detach().reshape(-1).to(torch.float32)
     packed, absmax = _blockwise(flat, blocksize, torch.from_numpy(nf4_core.NF4_MIDPOINTS).to(device), pack=True)

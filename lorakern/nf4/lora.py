@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from lorakern import dispatch
+import torch
+
+from lorakern import dispatch, mixed
 from lorakern.dispatch import Call, Implementation
 from lorakern.functional import _dropped_out, torch_dropout_mask
 from lorakern.nf4.modules import NF4LinearFunction
@@ -20,4 +22,9 @@ def _unsupported(call: Call) -> Optional[str]:
     return None
 
 
-dispatch.register(Implementation("torch", "nf4", _run, torch_dropout_mask, _unsupported))
+def _base_output(call) -> torch.Tensor:
+    return NF4LinearFunction.apply(call.x, None, call.weight, call.bias, None, None, 0.0)
+
+
+dispatch.register(Implementation("torch", "nf4", _run, torch_dropout_mask, _unsupported,
+                                 run_mixed=lambda call: mixed.run_torch(call, _base_output, torch_dropout_mask)))

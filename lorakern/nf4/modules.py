@@ -141,6 +141,14 @@ class NF4LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        # The forward ran with autocast off (lora_forward, nf4_linear). A backward called inside an autocast
+        # region (loss.backward() in the `with` block) would otherwise recast g @ B to autocast's dtype,
+        # which then meets A in the compute dtype.
+        with torch.autocast(grad_y.device.type, enabled=False):
+            return NF4LinearFunction._backward(ctx, grad_y)
+
+    @staticmethod
+    def _backward(ctx, grad_y):
         x_lora, u, lora_A, lora_B = ctx.saved_tensors
         need_x, need_xl, _, need_b, need_A, need_B, _ = ctx.needs_input_grad
         storage, s = ctx.storage, ctx.scaling

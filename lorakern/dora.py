@@ -1,0 +1,258 @@
+"""DoRA (weight-decomposed LoRA) on a dense or NF4 base, as PEFT defines it, without forming B A.
+
+    n = row norms of (W + s B A), detached (no gradient flows through n)      (N,)
+    c = m / n                                                                 (N,), m the magnitude vector
+    y = x W^T + b + (c - 1) (x~ W^T) + c s (x~ A^T) B^T                        x~ = dropout(x)
+      = c (x W^T + s (x A^T) B^T) + b                                         without dropout (x~ = x)
+
+The norm never forms B A: for output row i,
+    n_i^2 = ||W_i||^2 + 2 s <B_i, (W A^T)_i> + s^2 B_i (A A^T) B_i^T
+one N x r product W A^T and an r x r Gram matrix per call; ||W_i||^2 of a frozen base is computed once
+by the layer (``row_norms_sq``) and passed in. The identity subtracts: where W_i + s (BA)_i is much smaller
+than W_i its relative error grows as ||W_i||^2 / n_i^2 (never the case for a trained DoRA layer).
+
+Importing this module attaches ``run`` to lorakern.dispatch's torch (dense, NF4) and c implementations
+(``dispatch.attach_dora``) and ``further_term``, which composes a further active DoRA adapter as PEFT does.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from lorakern import dispatch, native
+from lorakern.errors import LorakernError
+from lorakern.functional import _dropped_out, _ptr, _rank_r_grads_native, _rank_r_grads_torch
+from lorakern.nf4 import lora as _nf4_lora  # noqa: F401  registers the NF4 torch implementation DoRA attaches to
+from lorakern.nf4.storage import NF4Storage
+
+Weight = Union[torch.Tensor, NF4Storage]
+
+
+def _accumulation(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_norms_sq(weight: Weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """||W_i||^2 for every output row i, in ``dtype`` (default fp32, fp64 for an fp64 weight; an NF4 weight
+    decoded chunk by chunk)."""
+    if dtype is None:
+        dtype = torch.float32 if isinstance(weight, NF4Storage) else _accumulation(weight.dtype)
+    with torch.no_grad():
+        if isinstance(weight, NF4Storage):
+            out = torch.empty(weight.shape[0], dtype=dtype, device=weight.packed_storage.device)
+            for r0, chunk in weight.row_chunks(dtype):
+                out[r0:r0 + chunk.shape[0]] = chunk.square().sum(dim=1)
+            return out
+        return weight.detach().to(dtype).square().sum(dim=1)
+
+
+_CHUNK_ELEMENTS = 1 << 20  # rows of a half-precision W up-cast at a time (4 MB of fp32)
+
+
+def _weight_At(weight: Weight, lora_A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W A^T (N x r) in ``dtype`` (fp32 or fp64), accumulated in it: a half-precision W is up-cast a chunk
+    of rows at a time, since W A^T rounded to bf16 would round away the norm's cross term."""
+    A_t = lora_A.to(dtype).t()
+    if isinstance(weight, NF4Storage):
+        out = A_t.new_empty(weight.shape[0], lora_A.shape[0])
+        for r0, chunk in weight.row_chunks(dtype):
+            torch.mm(chunk, A_t, out=out[r0:r0 + chunk.shape[0]])
+        return out
+    if weight.dtype == dtype:
+        return weight @ A_t
+    out = A_t.new_empty(weight.shape[0], lora_A.shape[0])
+    step = max(1, _CHUNK_ELEMENTS // max(weight.shape[1], 1))
+    for r0 in range(0, weight.shape[0], step):
+        torch.mm(weight[r0:r0 + step].to(dtype), A_t, out=out[r0:r0 + step])
+    return out
+
+
+def _base_mm(x2: torch.Tensor, weight: Weight) -> torch.Tensor:
+    """x W^T (M x N), a new tensor."""
+    if isinstance(weight, NF4Storage):
+        out = x2.new_empty(x2.shape[0], weight.shape[0])
+        for r0, chunk in weight.row_chunks(x2.dtype):
+            torch.mm(x2, chunk.t(), out=out[:, r0:r0 + chunk.shape[0]])
+        return out
+    return x2 @ weight.t()
+
+
+def _add_base_grad(out: Optional[torch.Tensor], g: torch.Tensor, weight: Weight) -> torch.Tensor:
+    """out + g W (M x K), accumulated into ``out`` in place (a new tensor when out is None)."""
+    if isinstance(weight, NF4Storage):
+        out = g.new_zeros(g.shape[0], weight.shape[1]) if out is None else out
+        for r0, chunk in weight.row_chunks(g.dtype):
+            out.addmm_(g[:, r0:r0 + chunk.shape[0]], chunk)
+        return out
+    return g @ weight if out is None else out.addmm_(g, weight)
+
+
+def weight_norm(weight: Weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                base_norm_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """n_i = ||W_i + s (B A)_i|| without forming B A (module docstring), detached, in fp32 (fp64 for fp64
+    operands). ``base_norm_sq``: the cached ||W_i||^2 (computed here when None)."""
+    with torch.no_grad():
+        acc = _accumulation(lora_A.dtype)
+        w2 = row_norms_sq(weight, acc) if base_norm_sq is None else base_norm_sq.to(acc)
+        A, B = lora_A.detach(), lora_B.detach()
+        WA = _weight_At(weight, A, acc)
+        A, B = A.to(acc), B.to(acc)
+        gram = A @ A.t()
+        # ||W_i||^2 + 2 s <B_i, (W A^T)_i> + s^2 B_i (A A^T) B_i^T
+        n2 = w2 + (2.0 * scaling) * (B * WA).sum(dim=1) + (scaling * scaling) * ((B @ gram) * B).sum(dim=1)
+        return n2.clamp_min_(0.0).sqrt_()
+
+
+class DoraLinearFunction(torch.autograd.Function):
+    """y = c (x W^T + s u B^T) + b, u = x A^T (no dropout), or with x~ = dropout(x) on the LoRA branch
+    y = x W^T + b + c z~ - x~ W^T,  z~ = x~ W^T + s u B^T,  u = x~ A^T; c = m / n, n detached.
+
+    Derivation, with g = dL/dy (M, N) and gc = g diag(c) (each column scaled by c):
+        y depends on m only through c = m / n (n a constant):   dL/dm_j = sum_i g_ij z_ij / n_j
+        through u = x~ A^T and the term c s u B^T:  dL/du = s gc B
+            dL/dA = s (gc B)^T x~          dL/dB = s gc^T u
+        through x~ W^T (dropout on: coefficient c - 1):  dL/dx~ = (gc - g) W + s (gc B) A
+        through x W^T (coefficient 1 with dropout, c without):
+            with dropout: dL/dx = g W (and autograd carries dL/dx~ back through the mask)
+            without:      dL/dx = gc W + s (gc B) A       (x~ = x: both terms land on x)
+        dL/db = sum_rows g
+    So the backward is plain LoRA's backward (lorakern.functional) run on gc, plus dm. Saved: x~ (for dA),
+    u (for dB), z (M x N, for dm: dividing y - b by c instead would lose precision where b dominates), c, n.
+    The base weight is frozen (DoRA trains A, B and m).
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, magnitude, scaling: float, base_norm_sq, library):
+        in_features, out_features = x.shape[-1], lora_B.shape[0]
+        x2 = x.reshape(-1, in_features)
+        separate = x_lora is not None
+        xl2 = x_lora.reshape(-1, in_features) if separate else x2
+        need_m = ctx.needs_input_grad[6]
+        norm = weight_norm(weight, lora_A, lora_B, scaling, base_norm_sq)
+        scale = (magnitude.detach().to(norm.dtype) / norm).to(x.dtype)  # c
+        B_t = lora_B.t().contiguous()
+        if library is not None and not separate:
+            u, z, y = _forward_native(library, x2, weight, bias, lora_A, B_t, scale, scaling, need_m)
+        else:
+            # u = x~ A^T;  z = x~ W^T + s u B^T
+            u = xl2 @ lora_A.t()
+            base_lora = _base_mm(xl2, weight)
+            z = torch.addmm(base_lora, u, B_t, alpha=scaling) if separate else base_lora.addmm_(u, B_t, alpha=scaling)
+            if separate:
+                # y = x W^T + b + c z~ - x~ W^T
+                y = _base_mm(x2, weight)
+                if bias is not None:
+                    y.add_(bias)
+                y.addcmul_(z, scale).sub_(base_lora)
+            elif need_m:
+                # y = c z + b (z kept for dm)
+                y = torch.addcmul(bias, z, scale) if bias is not None else z * scale
+            else:
+                # nothing needs z: scaled in place
+                y = z.mul_(scale) if bias is None else z.mul_(scale).add_(bias)
+                z = None
+        ctx.weight = weight if isinstance(weight, NF4Storage) else None
+        ctx.scaling, ctx.x_shape, ctx.separate, ctx.has_bias = scaling, x.shape, separate, bias is not None
+        ctx.library, ctx.m_dtype = library, magnitude.dtype
+        needs = ctx.needs_input_grad
+        ctx.save_for_backward(xl2 if needs[4] else None, u if needs[5] else None, z if need_m else None,
+                              None if isinstance(weight, NF4Storage) else weight, lora_A, lora_B, scale, norm)
+        return y.reshape(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_lora, u, z, dense_weight, lora_A, lora_B, scale, norm = ctx.saved_tensors
+        weight = ctx.weight if ctx.weight is not None else dense_weight
+        need_x, need_xl, _, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:7]
+        g = grad_y.reshape(-1, lora_B.shape[0])
+        if ctx.library is not None:
+            # gc = g diag(c) and gz = sum_rows(g * z) in one pass over g (lora_cpu.c, dora_scale_grad_f32)
+            g = g.contiguous()  # an expanded gradient (from .sum()) has stride 0
+            gc, gz = _scale_grad_native(ctx.library, g, z if need_m else None, scale)
+        else:
+            # gc = g diag(c)
+            gc = g * scale
+            gz = (g * z).sum(dim=0, dtype=norm.dtype) if need_m else None
+        want_term = need_xl or (need_x and not ctx.separate)
+        rank_r = _rank_r_grads_native if ctx.library is not None else _rank_r_grads_torch
+        term, dA, dB = rank_r(ctx.library, gc, x_lora, u, lora_A, lora_B, ctx.scaling, want_term, need_A, need_B)
+        dx = dxl = dm = db = None
+        if ctx.separate:
+            if need_x:
+                # dx = g W
+                dx = _add_base_grad(None, g, weight).reshape(ctx.x_shape)
+            if need_xl:
+                # dx~ = s (gc B) A + (gc - g) W
+                dxl = _add_base_grad(term, gc - g, weight).reshape(ctx.x_shape)
+        elif need_x:
+            # dx = s (gc B) A + gc W: the base GEMM accumulates onto the rank-r term
+            dx = _add_base_grad(term, gc, weight).reshape(ctx.x_shape)
+        if need_m:
+            # dm_j = sum_i g_ij z_ij / n_j
+            dm = (gz.to(norm.dtype) / norm).to(ctx.m_dtype)
+        if need_b and ctx.has_bias:
+            db = g.sum(dim=0)
+        return dx, dxl, None, db, dA, dB, dm, None, None, None
+
+
+def _forward_native(library, x2, weight, bias, lora_A, B_t, scale, scaling, need_m):
+    """The fp32 CPU forward: BLAS writes z = x W^T, then one C pass over the rows computes u = x A^T and
+    finishes y = c (z + s u B^T) + b in the same pass (lora_cpu.c, dora_forward_f32): the magnitude scale
+    costs no pass of its own. z (with its rank-r term) is kept only when m trains."""
+    rows, (out_features, r) = x2.shape[0], (weight.shape[0], lora_A.shape[0])
+    x2, A = x2.contiguous(), lora_A.contiguous()  # named: the copies outlive the call
+    b = None if bias is None else bias.contiguous()
+    c = scale.contiguous()
+    z = torch.mm(x2, weight.t())
+    y = x2.new_empty(rows, out_features) if need_m else z
+    u = x2.new_empty(rows, r)
+    library.dora_forward_f32(_ptr(x2), _ptr(A), _ptr(B_t), _ptr(b), _ptr(c), scaling, rows, x2.shape[1],
+                             out_features, r, _ptr(u), _ptr(z), _ptr(y), int(need_m), torch.get_num_threads())
+    return u, (z if need_m else None), y
+
+
+def _scale_grad_native(library, g, z, scale):
+    rows, out_features = g.shape
+    threads = torch.get_num_threads()
+    gc = torch.empty_like(g)
+    gz = g.new_empty(out_features) if z is not None else None
+    partial = g.new_empty(threads * out_features if z is not None else 0)
+    library.dora_scale_grad_f32(_ptr(g), _ptr(z), _ptr(scale.contiguous()), rows, out_features, _ptr(gc), _ptr(gz),
+                                _ptr(partial), threads)
+    return gc, gz
+
+
+def run(call, library=None) -> torch.Tensor:
+    """The DoRA forward for a dispatch Call with a magnitude (dense or NF4 base)."""
+    if isinstance(call.weight, torch.Tensor) and call.weight.requires_grad:
+        raise LorakernError("DoRA here trains A, B and the magnitude on a frozen base, but the base weight requires "
+                            "grad; freeze it (weight.requires_grad_(False)) or use plain LoRA")
+    x_lora = _dropped_out(call.x, call.dropout_p, call.seed)
+    return DoraLinearFunction.apply(call.x, x_lora, call.weight, call.bias, call.lora_A, call.lora_B, call.magnitude,
+                                    call.scaling, call.base_norm_sq, library)
+
+
+def further_term(y: torch.Tensor, x: torch.Tensor, weight: Weight, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                 lora_B: torch.Tensor, scaling: float, dropout_p: float, magnitude: torch.Tensor,
+                 base_norm_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A further active DoRA adapter on top of y (the base and the adapters before it), as PEFT composes
+    them: y + (c - 1) (y - b) + c s (x A^T) B^T without dropout (it scales everything before it), and
+    y + (c - 1) (x~ W^T) + c s (x~ A^T) B^T with x~ = dropout(x). Plain torch; autograd differentiates it."""
+    norm = weight_norm(weight, lora_A, lora_B, scaling, base_norm_sq)
+    scale = (magnitude.to(norm.dtype) / norm).to(y.dtype)
+    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    if dropout_p > 0:
+        x_lora = torch.nn.functional.dropout(x, dropout_p, training=True)
+        base_part = _base_mm(x_lora.reshape(-1, x.shape[-1]), weight).reshape(y.shape)
+    else:
+        x_lora = x
+        base_part = y - bias if bias is not None else y
+    return y + (scale - 1) * base_part + scale * ((x_lora @ lora_A.t()) @ lora_B.t() * scaling)
+
+
+dispatch.attach_dora({("torch", "dense"): lambda call: run(call, None),
+                      ("c", "dense"): lambda call: run(call, native.lora_library()),
+                      ("torch", "nf4"): run}, further_term)
+
+__all__ = ["DoraLinearFunction", "further_term", "row_norms_sq", "run", "weight_norm"]

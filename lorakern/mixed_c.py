@@ -1,0 +1,148 @@
+"""The C implementation of a mixed-adapter batch on a dense base (fp32, CPU): each row of x uses the adapter
+of its slot, all adapters in one pass over the rows (lorakern/native/lora_cpu.c, ``lora_mixed_*``).
+
+    y_i = x_i W^T + b + s_a (x~_i A_a^T) B_a^T   for row i of slot a;   y_i = x_i W^T + b for a base-only row
+
+The rows arrive grouped by slot (``order``/``offsets`` of the call, one sort per batch); the C kernels walk
+each slot's rows through gathered row pointers, so nothing is copied into per-adapter batches. The base GEMMs
+stay with BLAS and accumulate onto the rank-r results (beta = 1), as in the single-adapter C path
+(lorakern.functional.LoraLinearFunction).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+
+from lorakern import native
+
+_Adapters = Sequence[Optional[tuple[torch.Tensor, torch.Tensor, float, float]]]
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _addresses(tensors: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+    """An int64 array of the tensors' data pointers (0 for None): a C ``const float *const *``."""
+    return torch.tensor([0 if t is None else t.data_ptr() for t in tensors], dtype=torch.int64)
+
+
+class _Plan:
+    """The call's grouping and per-slot constants, in the form the C kernels read (host int64 / fp32 arrays)."""
+
+    def __init__(self, adapters: _Adapters, order: torch.Tensor, offsets: torch.Tensor) -> None:
+        self.present = [a is not None for a in adapters]
+        self.order = order.to(torch.int64).contiguous()
+        self.offsets = offsets.to(torch.int64).contiguous()
+        self.ranks = torch.tensor([0 if a is None else a[0].shape[0] for a in adapters], dtype=torch.int64)
+        self.scaling = torch.tensor([0.0 if a is None else float(a[2]) for a in adapters], dtype=torch.float32)
+        self.r_max = max(1, int(self.ranks.max())) if len(adapters) else 1
+
+
+class MixedLoraFunction(torch.autograd.Function):
+    """y = x W^T + b + (each row's) s_a (x~ A_a^T) B_a^T, with a hand-written backward.
+
+    Derivation, per row i of slot a, g = dL/dy (M, N), u_i = x~_i A_a^T (saved from the forward):
+        dL/dx~_i = s_a (g_i B_a) A_a        (rows without an adapter: 0)
+        dL/dx_i  = g_i W  (+ dL/dx~_i when x~ is x itself)
+        dL/dA_a  = s_a sum_{i in a} (g_i B_a)^T x~_i
+        dL/dB_a  = s_a sum_{i in a} g_i^T u_i
+        dL/db    = sum_i g_i
+    Each adapter's sums run only over its own rows (its segment of ``order``), so an adapter learns from its
+    rows alone and an adapter with no rows gets a zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_lora, weight, bias, plan: _Plan, library, *factors):
+        K, N = x.shape[-1], weight.shape[0]
+        x2 = x.reshape(-1, K).contiguous()
+        xl2 = x2 if x_lora is None else x_lora.reshape(-1, K).contiguous()
+        rows = x2.shape[0]
+        A = [factors[2 * a].contiguous() if plan.present[a] else None for a in range(len(plan.present))]
+        B_t = [factors[2 * a + 1].t().contiguous() if plan.present[a] else None for a in range(len(plan.present))]
+        b = None if bias is None else bias.contiguous()
+        u = x2.new_empty(rows, plan.r_max)
+        y = x2.new_empty(rows, N)
+        A_addr, Bt_addr = _addresses(A), _addresses(B_t)
+        # u_i = x~_i A_a^T and y_i = b + s_a u_i B_a^T per row of slot a (b alone for the other rows)
+        library.lora_mixed_forward_f32(
+            _ptr(xl2), _ptr(plan.order), _ptr(plan.offsets), len(A), _ptr(A_addr), _ptr(Bt_addr), _ptr(plan.ranks),
+            _ptr(plan.scaling), _ptr(b), rows, K, N, plan.r_max, _ptr(u), _ptr(y), torch.get_num_threads(),
+        )
+        # y += x W^T: the base GEMM accumulates onto every row, in place
+        y.addmm_(x2, weight.t())
+        ctx.plan, ctx.library, ctx.x_shape = plan, library, x.shape
+        ctx.lora_separate, ctx.has_bias = x_lora is not None, bias is not None
+        ctx.save_for_backward(xl2, u, x2 if ctx.needs_input_grad[2] else None, weight, *[t for t in A + B_t
+                                                                                     if t is not None])
+        return y.reshape(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        plan, library = ctx.plan, ctx.library
+        xl2, u, x2, weight, *kept = ctx.saved_tensors
+        n = len(plan.present)
+        count = sum(plan.present)
+        A = [None] * n
+        B_t = [None] * n
+        present = [a for a in range(n) if plan.present[a]]
+        for position, a in enumerate(present):
+            A[a], B_t[a] = kept[position], kept[count + position]
+        need_x, need_xl, need_W, need_b = ctx.needs_input_grad[:4]
+        factor_needs = ctx.needs_input_grad[6:]
+        g = grad_y.reshape(-1, weight.shape[0]).contiguous()
+        rows, K, N = g.shape[0], weight.shape[1], weight.shape[0]
+        want_term = need_xl or (need_x and not ctx.lora_separate)
+        term = g.new_empty(rows, K) if want_term else None
+        dA = [A[a].new_empty(A[a].shape) if plan.present[a] and factor_needs[2 * a] else None for a in range(n)]
+        dB_t = [B_t[a].new_empty(B_t[a].shape) if plan.present[a] and factor_needs[2 * a + 1] else None
+                for a in range(n)]
+        A_addr, Bt_addr, dA_addr, dBt_addr = _addresses(A), _addresses(B_t), _addresses(dA), _addresses(dB_t)
+        threads = torch.get_num_threads()
+        scratch = g.new_empty(library.lora_mixed_backward_scratch(K, N, _ptr(plan.ranks), _ptr(A_addr), n, threads))
+        # per slot a: s_a (g B_a) A_a into term's rows, dA_a = s_a (g B_a)^T x~, dB_a^T = s_a u^T g over a's rows
+        library.lora_mixed_backward_f32(
+            _ptr(g), _ptr(xl2), _ptr(u), _ptr(plan.order), _ptr(plan.offsets), n, _ptr(A_addr), _ptr(Bt_addr),
+            _ptr(plan.ranks), _ptr(plan.scaling), rows, K, N, plan.r_max, _ptr(term), _ptr(dA_addr), _ptr(dBt_addr),
+            _ptr(scratch), threads,
+        )
+        dx = dxl = None
+        if need_x:
+            if ctx.lora_separate:
+                dx, dxl = (g @ weight).reshape(ctx.x_shape), term
+            else:
+                # dx = s (g B) A + g W: the base GEMM accumulates onto the rank-r term, in place
+                dx = term.addmm_(g, weight).reshape(ctx.x_shape)
+        elif need_xl:
+            dxl = term
+        if dxl is not None:
+            dxl = dxl.reshape(ctx.x_shape)
+        db = g.sum(dim=0) if need_b and ctx.has_bias else None
+        dW = g.t() @ x2 if need_W else None
+        grads = []
+        for a in range(n):
+            grads += [dA[a], None if dB_t[a] is None else dB_t[a].t()]
+        return (dx, dxl, dW, db, None, None, *grads)
+
+
+def mixed_dropout(x: torch.Tensor, slot: torch.Tensor, adapters: _Adapters, seed: Optional[Any]) -> Optional[torch.Tensor]:
+    """x~: each row dropped out with its slot's p (inverted dropout), or None when no adapter drops out.
+    The mask is torch.rand over x's shape (a generator seeded with ``seed``, else torch's global one)."""
+    p = [0.0 if a is None else float(a[3]) for a in adapters]
+    if not any(p):
+        return None
+    p_row = torch.tensor(p + [0.0], dtype=torch.float32, device=x.device)[slot.clamp(min=-1)]  # -1: the last, 0
+    generator = None if seed is None else torch.Generator(device=x.device).manual_seed(int(seed))
+    keep = torch.rand(x.shape, generator=generator, device=x.device) >= p_row[:, None]
+    return x * (keep.to(x.dtype) / (1.0 - p_row)[:, None].to(x.dtype))
+
+
+def run_mixed(call: Any) -> torch.Tensor:
+    """y for a mixed call (lorakern.dispatch.MixedCall: x (M, K), dense weight, per-slot adapters, grouping)."""
+    x_lora = mixed_dropout(call.x, call.slot, call.adapters, call.seed)
+    plan = _Plan(call.adapters, call.order, call.offsets)
+    factors = []
+    for adapter in call.adapters:
+        factors += [None, None] if adapter is None else [adapter[0], adapter[1]]
+    return MixedLoraFunction.apply(call.x, x_lora, call.weight, call.bias, plan, native.lora_library(), *factors)

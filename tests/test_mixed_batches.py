@@ -1,0 +1,507 @@
+"""Mixed-adapter batches: each row runs (and trains) its own adapter. The torch path against the float64
+row-by-row reference (lorakern.core.mixed_forward / mixed_backward), outputs and every gradient, dense and
+NF4 bases; training two adapters in one mixed run against training each alone; the model-level API
+(lorakern.adapter_rows) on a tiny RoBERTa with per-row heads, under torch.compile, activation
+checkpointing and DDP; and the errors that leave the model as it was."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+from torch import nn
+
+import lorakern
+from conftest import tiny_roberta_classifier
+from lorakern import LoraConfig, core, dispatch, inject, lora_layers, native
+from lorakern.errors import AdapterError, LorakernError
+from lorakern.nf4.codec import quantize_nf4
+from lorakern.nf4.storage import NF4Storage
+from lorakern.rows import group_rows
+
+
+def f64(t):
+    return t.detach().double().numpy()
+
+
+def make_case(rows, ranks, present, K, N, dtype, base, seed):
+    """Operands of one mixed call: ``rows`` slot per row, ``ranks`` (r, alpha) per slot, ``present`` per slot
+    (False: the layer lacks that adapter)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(rows), K, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    W = torch.randn(N, K, generator=gen, dtype=torch.float64).to(dtype)
+    b = torch.randn(N, generator=gen, dtype=torch.float64).to(dtype)
+    factors = []
+    for (r, alpha), here in zip(ranks, present):
+        A = (torch.randn(r, K, generator=gen, dtype=torch.float64) * 0.5).to(dtype).requires_grad_()
+        B = (torch.randn(N, r, generator=gen, dtype=torch.float64) * 0.5).to(dtype).requires_grad_()
+        factors.append((A, B, r, alpha) if here else None)
+    dy = torch.randn(len(rows), N, generator=gen, dtype=torch.float64).to(dtype)
+    if base == "nf4":
+        state = core.nf4_quantize(W.float().numpy(), 64, double_quant=False)
+        weight, W_ref = NF4Storage(quantize_nf4(W.float(), 64, False)), core.nf4_dequantize(state)
+    else:
+        weight, W_ref = W, f64(W)
+    return x, weight, W_ref, b, factors, dy
+
+
+def run_mixed(x, weight, b, factors, rows, base, dy, backend="torch"):
+    adapters = [None if f is None else (f[0], f[1], f[3] / f[2], 0.0) for f in factors]
+    groups = group_rows(torch.tensor(rows, dtype=torch.int64), len(factors))
+    y = dispatch.lora_forward_mixed(x, base, weight, b, adapters, groups, requested=backend)
+    y.backward(dy)
+    grads = {"dx": x.grad}
+    for slot, f in enumerate(factors):
+        if f is not None:
+            grads[f"dA{slot}"], grads[f"dB{slot}"] = f[0].grad, f[1].grad
+    return y, grads
+
+
+def reference(x, W_ref, b, factors, rows, dy):
+    # s recomputed from r and alpha, never read from the code under test
+    adapters = [None if f is None else (f64(f[0]), f64(f[1]), core.scaling(f[2], f[3])) for f in factors]
+    y = core.mixed_forward(f64(x), W_ref, adapters, rows, f64(b))
+    back = core.mixed_backward(f64(x), W_ref, adapters, rows, f64(dy))
+    grads = {"dx": back["dx"]}
+    for slot, f in enumerate(factors):
+        if f is not None:
+            grads[f"dA{slot}"], grads[f"dB{slot}"] = back["dA"][slot], back["dB"][slot]
+    return y, grads
+
+
+def tolerance(dtype):
+    return (1e-10, 1e-10) if dtype == torch.float64 else (2e-5, 2e-5)
+
+
+def assert_matches(got, want, dtype, what):
+    rtol, atol = tolerance(dtype)
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    np.testing.assert_allclose(f64(got), want, rtol=rtol, atol=atol * scale, err_msg=what)
+
+
+ASSIGNMENTS = st.integers(1, 3).flatmap(lambda n: st.tuples(
+    st.just(n),
+    st.lists(st.integers(-1, n - 1), min_size=1, max_size=9),
+    st.lists(st.tuples(st.sampled_from([1, 2, 3, 5, 8, 16, 64]), st.sampled_from([1.0, 4.0, 16.0])),
+             min_size=n, max_size=n),
+    st.lists(st.booleans(), min_size=n, max_size=n),
+))
+
+
+@given(case=ASSIGNMENTS, K=st.sampled_from([1, 3, 8, 17]), N=st.sampled_from([1, 4, 13]),
+       kind=st.sampled_from(["fp32", "fp64", "nf4", "fp32-c"]), seed=st.integers(0, 2**16))
+@example(case=(2, [0, 0, 0, 0], [(4, 8.0), (2, 4.0)], [True, True]), K=8, N=4, kind="fp64", seed=0)  # one adapter only
+@example(case=(3, [0, 2, 0, 2], [(1, 1.0), (64, 16.0), (3, 4.0)], [True, True, True]), K=17, N=13, kind="fp32",
+         seed=1)  # an adapter with no rows, ranks 1 and 64
+@example(case=(2, [-1, 1, -1, 0, -1], [(2, 4.0), (5, 1.0)], [True, True]), K=3, N=4, kind="fp64", seed=2)  # base rows
+@example(case=(1, [-1, -1, -1], [(8, 16.0)], [True]), K=8, N=4, kind="fp32", seed=3)  # every row base-only
+@example(case=(1, [0, 0, 0], [(8, 16.0)], [True]), K=8, N=4, kind="fp32", seed=6)  # one slot: the single-adapter call
+@example(case=(2, [0, 1, 1, 0], [(2, 4.0), (3, 4.0)], [True, False]), K=8, N=4, kind="fp64", seed=4)  # layer lacks one
+@example(case=(2, [1, 0, -1, 1, 0], [(4, 4.0), (16, 16.0)], [True, True]), K=17, N=13, kind="nf4", seed=5)  # NF4 base
+@example(case=(3, [2, 0, -1, 2, 0], [(4, 4.0), (64, 16.0), (1, 2.0)], [True, True, False]), K=17, N=13, kind="fp32-c",
+         seed=7)  # the C kernels, an adapter with no rows and one the layer lacks
+def test_torch_and_c_paths_match_the_row_by_row_reference(case, K, N, kind, seed):
+    n, rows, ranks, present = case
+    dtype = torch.float64 if kind == "fp64" else torch.float32
+    base = "nf4" if kind == "nf4" else "dense"
+    if base == "nf4":
+        K = 64  # NF4 blocks of 64
+    backend = "c" if kind == "fp32-c" and native.lora_library() is not None else "torch"
+    x, weight, W_ref, b, factors, dy = make_case(rows, ranks, present, K, N, dtype, base, seed)
+    y, grads = run_mixed(x, weight, b, factors, rows, base, dy, backend)
+    y_ref, grads_ref = reference(x, W_ref, b, factors, rows, dy)
+    assert_matches(y, y_ref, dtype, "y")
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        assert_matches(grads[name], grads_ref[name], dtype, name)
+
+
+def test_seeded_dropout_uses_each_adapters_mask_rows_and_matches_the_reference():
+    from lorakern.functional import torch_dropout_mask
+
+    rows, ps = [1, 0, -1, 1, 0, 0], [0.25, 0.5]
+    x, weight, W_ref, b, factors, dy = make_case(rows, [(3, 6.0), (2, 2.0)], [True, True], 9, 5, torch.float64,
+                                                 "dense", 7)
+    adapters = [(f[0], f[1], f[3] / f[2], p) for f, p in zip(factors, ps)]
+    groups = group_rows(torch.tensor(rows), 2)
+    y = dispatch.lora_forward_mixed(x, "dense", weight, b, adapters, groups, seed=11, requested="torch")
+    y.backward(dy)
+    # the mask a single-adapter call with seed 11 and that adapter's p draws for the whole x
+    masks = [f64(torch_dropout_mask(11, x.shape, p, "cpu")) for p in ps]
+    ref = [(f64(f[0]), f64(f[1]), core.scaling(f[2], f[3])) for f in factors]
+    assert_matches(y, core.mixed_forward(f64(x), W_ref, ref, rows, f64(b), masks), torch.float64, "y")
+    back = core.mixed_backward(f64(x), W_ref, ref, rows, f64(dy), masks)
+    assert_matches(x.grad, back["dx"], torch.float64, "dx")
+    for slot, f in enumerate(factors):
+        assert_matches(f[0].grad, back["dA"][slot], torch.float64, f"dA{slot}")
+        assert_matches(f[1].grad, back["dB"][slot], torch.float64, f"dB{slot}")
+    with pytest.raises(AssertionError):  # the masks matter: without them the reference disagrees
+        assert_matches(y, core.mixed_forward(f64(x), W_ref, ref, rows, f64(b)), torch.float64, "y")
+
+
+def test_the_comparison_fails_when_output_or_gradient_is_off_by_four_bounds():
+    rows = [0, 1, -1, 0, 1]
+    for dtype in (torch.float32, torch.float64):
+        x, weight, W_ref, b, factors, dy = make_case(rows, [(2, 4.0), (3, 1.0)], [True, True], 8, 5, dtype, "dense", 0)
+        y, grads = run_mixed(x, weight, b, factors, rows, "dense", dy)
+        y_ref, grads_ref = reference(x, W_ref, b, factors, rows, dy)
+        rtol, atol = tolerance(dtype)
+        for got, want, what in ((y, y_ref, "y"), (grads["dA1"], grads_ref["dA1"], "dA1"), (grads["dx"], grads_ref["dx"], "dx")):
+            bump = 4 * (atol * max(1.0, np.abs(want).max()) + rtol * np.abs(want).max())
+            off = got.detach().clone()
+            off.view(-1)[0] += bump
+            with pytest.raises(AssertionError):
+                assert_matches(off, want, dtype, what)
+
+
+def test_all_rows_one_adapter_equals_the_single_adapter_layer_and_dispatch_explains_mixed_calls():
+    torch.manual_seed(0)
+    layer = lorakern.LoraLinear(12, 7, r=4, alpha=8)
+    layer.add_adapter("b", r=2)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    layer.set_adapter(["default", "b"])  # the layer-level form leaves requires_grad to its caller
+    y = layer.forward_rows(x, torch.zeros(15, dtype=torch.int64), ["default", "b"])
+    y.sum().backward()
+    mixed = (y.detach(), x.grad.clone(), layer.lora_A.grad.clone(), layer.adapters["b"].lora_A.grad.clone())
+    x.grad = layer.lora_A.grad = layer.lora_B.grad = None
+    layer.set_adapter("default")
+    single = layer(x)
+    single.sum().backward()
+    torch.testing.assert_close(mixed[0], single.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mixed[1], x.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mixed[2], layer.lora_A.grad, rtol=1e-6, atol=1e-6)
+    assert torch.count_nonzero(mixed[3]) == 0  # the adapter with no rows: a zero gradient, not None
+    call = dispatch.prepare_mixed(x.detach(), "dense", layer.weight, layer.bias,
+                                  [(layer.lora_A, layer.lora_B, 2.0, 0.0)], group_rows(torch.zeros(15), 1))
+    report = dispatch.explain(call)
+    assert "runs: c" in report or "c: not built" in report, report
+    assert "torch: takes it too" in report or "runs: torch" in report, report
+    with pytest.raises(LorakernError, match="row_adapter holds 2"):
+        layer.forward_rows(x, torch.full((15,), 2), ["default", "b"])
+    with pytest.raises(AdapterError, match="unknown adapter"):
+        layer.forward_rows(x, torch.zeros(15, dtype=torch.int64), ["nope"])
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q = nn.Linear(8, 6)
+        self.v = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.v(torch.relu(self.q(x)))))
+
+
+def toy_two_adapters():
+    model = inject(Toy(), LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"], modules_to_save=["head"]), "a")
+    lorakern.add_adapter(model, "b", LoraConfig(r=3, lora_alpha=3, target_modules=["q"], modules_to_save=["head"]))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapters." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+
+def test_training_two_adapters_mixed_equals_training_each_alone_on_its_rows():
+    gen = torch.Generator().manual_seed(2)
+    data = [(torch.randn(6, 4, 8, generator=gen), torch.randn(6, 4, 3, generator=gen)) for _ in range(3)]
+    rows = ["a", "b", "b", None, "a", "b"]
+    mixed = toy_two_adapters()
+    params = [p for n, p in mixed.named_parameters() if ".adapters." in n or ".modules_to_save." in n]
+    optimizer = torch.optim.SGD(params, lr=0.005)
+    for x, y in data:
+        optimizer.zero_grad()
+        with lorakern.adapter_rows(mixed, rows):
+            loss = ((mixed(x) - y) ** 2).sum()  # summed over rows: each adapter's loss is its rows' sum
+        loss.backward()
+        optimizer.step()
+    for name in ("a", "b"):
+        alone = toy_two_adapters()
+        lorakern.set_adapter(alone, name)
+        mine = [i for i, r in enumerate(rows) if r == name]
+        optimizer = torch.optim.SGD([p for p in alone.parameters() if p.requires_grad], lr=0.005)
+        for x, y in data:
+            optimizer.zero_grad()
+            ((alone(x[mine]) - y[mine]) ** 2).sum().backward()
+            optimizer.step()
+        trained = {n: p for n, p in mixed.named_parameters() if f".{name}." in n}
+        assert trained
+        for n, p in alone.named_parameters():
+            if n in trained:
+                torch.testing.assert_close(trained[n], p, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    base_rows = torch.randn(1, 4, 8)
+    with lorakern.adapter_rows(mixed, [None]):
+        out = mixed(base_rows)
+    with lorakern.disable_adapters(mixed):
+        torch.testing.assert_close(out, mixed(base_rows), rtol=0, atol=0)
+
+
+def test_compiled_mixed_batch_has_no_graph_breaks_and_matches_eager():
+    model = toy_two_adapters()
+    x = torch.randn(4, 3, 8)
+    rows = ["b", None, "a", "b"]
+
+    def loss_and_grads(fn):
+        for p in model.parameters():
+            p.grad = None
+        with lorakern.adapter_rows(model, rows):
+            out = fn(x)
+            out.square().sum().backward()
+        return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    eager_out, eager_grads = loss_and_grads(model)
+    with lorakern.adapter_rows(model, rows):
+        explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(model, backend="aot_eager")
+    compiled_out, compiled_grads = loss_and_grads(compiled)
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-6)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for name in eager_grads:
+        torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with lorakern.adapter_rows(model, ["a", "a", None, "b"]):  # other rows, same adapters: no recompile
+        compiled(x).sum().backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def roberta_two_tasks(quantize=None):
+    quant = {"quantize": "nf4", "quantize_skip": ["classifier"]} if quantize else {}
+    model = tiny_roberta_classifier()
+    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"],
+                             **quant), adapter_name="sst2")
+    # "mrpc" leaves "value" alone and adds "key" (dense): a layer each adapter lacks. A 4-bit model's
+    # untargeted layers are LinearNF4, which a later adapter cannot target.
+    mrpc_targets = ["query"] if quantize else ["query", "key"]
+    lorakern.add_adapter(model, "mrpc", LoraConfig(r=2, lora_alpha=3, target_modules=mrpc_targets,
+                                                   modules_to_save=["classifier"], **quant))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapters." in name or ".modules_to_save." in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+def model_state(model):
+    return (list(model.lorakern_active), {n: p.requires_grad for n, p in model.named_parameters()},
+            {n: list(m.active_adapters) for n, m in lora_layers(model).items()})
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_each_row_of_a_roberta_batch_gets_its_adapter_and_head_and_trains_only_it(quantize):
+    model = roberta_two_tasks(quantize)
+    before = model_state(model)
+    ids = torch.randint(3, 64, (5, 9), generator=torch.Generator().manual_seed(3))
+    rows = ["sst2", "mrpc", None, "sst2", "mrpc"]
+    with lorakern.adapter_rows(model, rows):
+        logits = model(input_ids=ids).logits
+        assert lorakern.active_adapters(model) == ["sst2", "mrpc"]
+    assert model_state(model)[0] == before[0] and model_state(model)[2] == before[2]  # active set restored
+    # requires_grad stays as the block set it until the block's backward has run (autograd skips a tensor
+    # that no longer requires a gradient), then is restored
+    assert model_state(model)[1] != before[1]
+    logits[[1, 4]].sum().backward()  # only mrpc's rows
+    assert model_state(model) == before
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all(".mrpc." in n for n in grads), grads
+    assert any("modules_to_save.mrpc" in n for n in grads) and any("query.adapters.mrpc" in n for n in grads)
+    for name in ("sst2", "mrpc"):
+        lorakern.set_adapter(model, name)
+        with torch.no_grad():
+            alone = model(input_ids=ids).logits
+        mine = [i for i, r in enumerate(rows) if r == name]
+        torch.testing.assert_close(logits[mine].detach(), alone[mine], rtol=1e-5, atol=1e-6)
+    with lorakern.disable_adapters(model), torch.no_grad():
+        torch.testing.assert_close(logits[2].detach(), model(input_ids=ids).logits[2], rtol=0, atol=0)
+
+
+def test_activation_checkpointing_gives_the_same_gradients_with_backward_inside_or_after_the_block():
+    labels = torch.tensor([0, 1, 1, 0])
+    ids = torch.randint(3, 64, (4, 7), generator=torch.Generator().manual_seed(4))
+    rows = ["mrpc", "sst2", None, "mrpc"]
+
+    def grads(checkpointing, backward_inside):
+        model = roberta_two_tasks().train()
+        before = model_state(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(3)
+        with lorakern.adapter_rows(model, rows):
+            loss = nn.functional.cross_entropy(model(input_ids=ids).logits, labels)
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:  # the recomputation runs after the block: it still gets the block's rows
+            loss.backward()
+        assert model_state(model) == before
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads(False, True)
+    assert any(".sst2." in n for n in plain) and any(".mrpc." in n for n in plain)
+    for checkpointed in (grads(True, True), grads(True, False)):
+        assert plain.keys() == checkpointed.keys()
+        for name in plain:
+            torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_bad_rows_give_clear_errors_and_leave_the_model_as_it_was():
+    model = roberta_two_tasks()
+    ids = torch.randint(3, 64, (3, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before_out = model(input_ids=ids).logits
+    before = model_state(model)
+    with pytest.raises(AdapterError, match=r"unknown adapter\(s\) \['cola'\].*\['sst2', 'mrpc'\]"):
+        with lorakern.adapter_rows(model, ["sst2", "cola", None]):
+            pass
+    with pytest.raises(LorakernError, match="gave 2 row names but .* shape \\(3, 6, 32\\)|gave 2 row names"):
+        with lorakern.adapter_rows(model, ["sst2", "mrpc"]):
+            model(input_ids=ids)
+    with pytest.raises(TypeError, match="one adapter name"):
+        with lorakern.adapter_rows(model, "sst2"):
+            pass
+    with pytest.raises(AdapterError, match="do not nest"):
+        with lorakern.adapter_rows(model, ["sst2"] * 3), lorakern.adapter_rows(model, ["mrpc"] * 3):
+            pass
+    with pytest.raises(AdapterError, match="has no adapters"):
+        with lorakern.adapter_rows(Toy(), ["a"]):
+            pass
+    assert model_state(model) == before
+    assert all(m.row_groups is None for m in model.modules() if hasattr(m, "row_groups"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before_out, rtol=0, atol=0)
+
+
+DDP_WORKER = r'''
+import json, os, sys
+import torch, torch.distributed as dist
+from torch import nn
+import lorakern
+from lorakern import LoraConfig, inject
+
+def build():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    inject(model, LoraConfig(r=2, target_modules=["0", "2"], modules_to_save=["2"]), "a")
+    lorakern.add_adapter(model, "b", LoraConfig(r=3, lora_alpha=6, target_modules=["0"]))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapters." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+def main():
+    out = sys.argv[1]
+    model = build()
+    gen = torch.Generator().manual_seed(2)
+    xs, ys = torch.randn(4, 8, 8, generator=gen), torch.randn(4, 8, 4, generator=gen)
+    rows = ["a", "b", None, "a", "b", "b", "a", None]
+    rank, world = 0, 1
+    wrapped = model
+    if "RANK" in os.environ:
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        from torch.nn.parallel import DistributedDataParallel
+        with lorakern.adapter_rows(model, rows, active=["a", "b"]):  # every adapter trainable: DDP reduces them all
+            wrapped = DistributedDataParallel(model)
+    mine = rows[rank::world] if world > 1 else rows
+    params = [p for n, p in model.named_parameters() if ".adapters." in n or ".modules_to_save." in n]
+    optimizer = torch.optim.SGD(params, lr=0.05)
+    for x, y in zip(xs, ys):
+        optimizer.zero_grad()
+        x, y = (x[rank::world], y[rank::world]) if world > 1 else (x, y)
+        with lorakern.adapter_rows(model, mine, active=["a", "b"]):
+            # DDP averages the ranks' gradients: each rank's share of the global sum / 8, times the world size
+            loss = ((wrapped(x) - y) ** 2).sum() / 8 * world
+            loss.backward()
+        optimizer.step()
+    if rank == 0:
+        torch.save({n: p.detach() for n, p in model.named_parameters() if ".adapters." in n or ".modules_to_save." in n}, out)
+    if world > 1:
+        del wrapped
+        dist.barrier()
+        dist.destroy_process_group()
+        os._exit(0)
+
+main()
+'''
+
+
+def test_ddp_two_ranks_train_a_mixed_batch_as_one_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            str(script), str(tmp_path / "two.pt")], env=env, capture_output=True, text=True, timeout=300)
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one.keys() == two.keys() and any(".b." in n for n in one)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_bench_adapters_providers_compute_the_same_mixed_batch():
+    """lorakern bench --adapters: every provider computes the same y (the timings compare like with like)."""
+    from lorakern.bench import Shape, make_operands
+    from lorakern.bench_mixed import _mixed_providers
+
+    shape = Shape("tiny", 24, 16, 12, 4)
+    o = make_operands(shape, torch.float32, "cpu")
+    x3 = o.x.detach().reshape(6, 4, 16).requires_grad_(True)
+    built = {name: make() for name, make in _mixed_providers(o, x3, 3, ("fwd",)).items()}
+    outputs = {name: b.forward().detach() for name, b in built.items()}
+    mixed = outputs.pop("lorakern mixed")
+    frozen = outputs.pop("frozen nn.Linear")
+    assert (mixed - frozen).abs().max() > 1e-3  # the adapters do contribute
+    assert outputs
+    for name, y in outputs.items():
+        torch.testing.assert_close(y, mixed, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_a_merged_layer_is_refused_and_the_model_left_as_it_was():
+    model = toy_two_adapters()
+    before = model_state(model)
+    model.q.merge()
+    with pytest.raises(AdapterError, match=r"\['q'\] have merged adapters.*unmerge\(\)"):
+        with lorakern.adapter_rows(model, ["a", "b"]):
+            pass
+    assert model_state(model) == before and model.q.row_groups is None
+
+
+def test_lorakern_check_compares_the_mixed_paths_and_fails_on_a_wrong_one(monkeypatch):
+    import dataclasses
+
+    from lorakern.check import mixed_rows
+
+    rows = mixed_rows(torch.device("cpu"))
+    assert any(r[0] == "mixed: torch" and r[1] == "float32" and r[-1] == "pass" for r in rows), rows
+    assert all(r[-1] in ("pass", "n/a") for r in rows), rows
+    real = dispatch._REGISTRY[("torch", "dense")]
+
+    def off_by_a_little(call):
+        y = real.run_mixed(call)
+        return y + 1e-3 * y.detach().abs().amax()
+
+    monkeypatch.setitem(dispatch._REGISTRY, ("torch", "dense"), dataclasses.replace(real, run_mixed=off_by_a_little))
+    assert any(r[0] == "mixed: torch" and r[-1] == "FAIL" for r in mixed_rows(torch.device("cpu")))
+
+
+def test_a_dora_adapter_in_a_mixed_batch_is_refused_by_name():
+    from lorakern import LoraLinear
+    from lorakern.errors import LorakernError
+
+    layer = LoraLinear(8, 6, r=2)
+    layer.add_adapter("dora", r=2, use_dora=True)
+    x = torch.randn(3, 8)
+    with pytest.raises(LorakernError, match=r"DoRA adapters \['dora'\] cannot run in a mixed-adapter batch"):
+        layer.forward_rows(x, torch.tensor([0, 1, -1]), ["default", "dora"])

@@ -1,0 +1,219 @@
+"""The C kernels of a mixed-adapter batch (lorakern/mixed_c.py, ``lora_mixed_*`` in lorakern/native/lora_cpu.c)
+against a float64 NumPy reference written here, per row: the row's adapter, or none. Every ISA level this CPU
+executes; the output and every gradient; rows grouped across the four-row blocks and 64-row chunks of the
+kernels, base-only rows, adapters with no rows, a layer without one of the adapters, ranks 1..64 mixed,
+dropout with a seed (mask recomputed here), partial gradients; a perturbed result fails the comparison."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from lorakern import mixed_c, native
+from lorakern.testing import bound
+
+LEVELS = [level.name for level in native.levels_here()]
+
+
+@pytest.fixture(params=LEVELS)
+def library(request, monkeypatch):
+    """The library built for one ISA level this CPU executes, each in turn, as the one the kernels use."""
+    level = next(level for level in native.levels_here() if level.name == request.param)
+    built = native.lora_library(level)
+    if built is None:
+        pytest.skip(f"no C library for {level.name}: {native.build_status()}")
+    monkeypatch.setattr(native, "lora_library", lambda: built)
+    return built
+
+
+def grouped(slot: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """order (rows sorted by slot, stable, base-only rows last) and offsets (n_slots + 1), built here."""
+    key = [n_slots if s < 0 else s for s in slot.tolist()]
+    order = sorted(range(len(key)), key=lambda i: key[i])
+    offsets = [sum(1 for k in key if k < a) for a in range(n_slots + 1)]
+    return torch.tensor(order, dtype=torch.int64), torch.tensor(offsets, dtype=torch.int64)
+
+
+def make_call(M, K, N, ranks, slots, present, bias, dropout, seed, generator):
+    rand = lambda *shape: torch.randn(*shape, generator=generator)
+    x = rand(M, K).requires_grad_()
+    adapters = []
+    for a, r in enumerate(ranks):
+        if not present[a]:
+            adapters.append(None)
+            continue
+        A, B = (rand(r, K) / K ** 0.5).requires_grad_(), rand(N, r).requires_grad_()
+        adapters.append((A, B, 0.5 + a, dropout[a]))
+    slot = torch.tensor(slots, dtype=torch.int64)
+    order, offsets = grouped(slot, len(ranks))
+    return SimpleNamespace(x=x, base="dense", weight=rand(N, K) / K ** 0.5, bias=rand(N) if bias else None,
+                           adapters=adapters, slot=slot, order=order, offsets=offsets,
+                           counts=tuple(int(c) for c in offsets.diff()), seed=seed)
+
+
+def reference(call, ranks, grad_y: np.ndarray) -> dict[str, np.ndarray]:
+    """y and every gradient in float64, row by row; the dropout mask recomputed from the seed (torch.rand of
+    the input's shape from a generator seeded with it; a row keeps an element where the draw is >= its p)."""
+    x = call.x.detach().double().numpy()
+    W = call.weight.double().numpy()
+    M, K = x.shape
+    keep_draw = torch.rand((M, K), generator=torch.Generator().manual_seed(call.seed)).double().numpy() \
+        if call.seed is not None else None
+    y = x @ W.T + (0.0 if call.bias is None else call.bias.double().numpy())
+    dx = grad_y @ W
+    grads = {}
+    for a, adapter in enumerate(call.adapters):
+        if adapter is None:
+            continue
+        A, B = adapter[0].detach().double().numpy(), adapter[1].detach().double().numpy()
+        s, p = 0.5 + a, adapter[3]  # the scaling this test gave adapter a, recomputed
+        rows = [i for i in range(M) if call.slot[i] == a]
+        xl = x[rows]
+        if p > 0:
+            xl = xl * (keep_draw[rows] >= p) / (1.0 - p)
+        g = grad_y[rows]
+        u = xl @ A.T
+        y[rows] += s * u @ B.T
+        gB = g @ B
+        mask = (keep_draw[rows] >= p) / (1.0 - p) if p > 0 else 1.0
+        dx[rows] += s * (gB @ A) * mask
+        grads[f"A{a}"] = s * gB.T @ xl
+        grads[f"B{a}"] = s * g.T @ u
+    return {"y": y, "x": dx, **grads}
+
+
+def errors(call, ranks, expected, y) -> dict[str, float]:
+    """Relative errors (to each result's largest reference element) of y and every gradient computed."""
+    out = {"y": y.detach().double().numpy(), "x": call.x.grad.double().numpy()}
+    for a, adapter in enumerate(call.adapters):
+        if adapter is not None:
+            out[f"A{a}"], out[f"B{a}"] = adapter[0].grad.double().numpy(), adapter[1].grad.double().numpy()
+    rel = {}
+    for key, value in out.items():
+        scale = max(np.abs(expected[key]).max(), 1e-30) if expected[key].size else 1.0
+        rel[key] = float(np.abs(value - expected[key]).max() / scale) if value.size else 0.0
+    return rel
+
+
+def run_and_compare(call, ranks, perturb: float = 0.0) -> dict[str, float]:
+    y = mixed_c.run_mixed(call)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
+    (y * grad_y).sum().backward()
+    expected = reference(call, ranks, grad_y.double().numpy())
+    if perturb:
+        y = y + perturb * float(np.abs(expected["y"]).max())
+    return errors(call, ranks, expected, y)
+
+
+def assert_within(rel: dict[str, float], K: int, N: int, r_max: int) -> None:
+    limit = 4 * bound(torch.float32, max(K, N, r_max))
+    worst = max(rel, key=rel.get)
+    assert rel[worst] <= limit, f"{worst}: relative error {rel[worst]:.3g} > {limit:.3g} ({rel})"
+
+
+# Rows around the kernels' units: four-row blocks, 64-row chunks (a slot of 65 rows spans two chunks).
+@st.composite
+def mixed_cases(draw):
+    n = draw(st.integers(1, 4))
+    ranks = draw(st.lists(st.integers(1, 64), min_size=n, max_size=n))
+    M = draw(st.sampled_from([1, 3, 4, 5, 63, 64, 65, 131]))
+    slots = draw(st.lists(st.integers(-1, n - 1), min_size=M, max_size=M))
+    present = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    K, N = draw(st.integers(1, 70)), draw(st.integers(1, 70))
+    return M, K, N, ranks, slots, present, draw(st.booleans())
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # the fixture is the same for every example
+@given(case=mixed_cases())
+@example(case=(131, 37, 41, [3, 8, 5], [0] * 65 + [1] * 3 + [-1] * 3 + [2] * 60, [True, True, True], True))
+@example(case=(64, 33, 17, [64, 1], [1] * 64, [True, True], False))  # slot 0 has no rows: zero gradients
+@example(case=(9, 16, 48, [7, 2], [0, -1, 1, 0, -1, 1, 0, 0, 1], [True, False], True))  # a layer lacks slot 1
+@example(case=(5, 1, 1, [1], [-1] * 5, [True], False))  # base-only rows only
+def test_mixed_c_matches_the_reference(library, case):
+    M, K, N, ranks, slots, present, bias = case
+    call = make_call(M, K, N, ranks, slots, present, bias, [0.0] * len(ranks), None, torch.Generator().manual_seed(M))
+    assert_within(run_and_compare(call, ranks), K, N, max(ranks))
+    for a, adapter in enumerate(call.adapters):
+        if adapter is not None and not any(s == a for s in slots):
+            assert not adapter[0].grad.any() and not adapter[1].grad.any(), f"adapter {a} has no rows"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dropout_with_a_seed_on_one_thread_and_two(library, threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ranks = [4, 6]
+        slots = [0, 1, -1, 1, 0, 0, 1] * 11
+        call = make_call(len(slots), 40, 24, ranks, slots, [True, True], True, [0.3, 0.1], 1234,
+                         torch.Generator().manual_seed(3))
+        assert_within(run_and_compare(call, ranks), 40, 24, 6)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("frozen", ["x", "A", "B", "one adapter"])
+def test_partial_gradients(library, frozen):
+    ranks, slots = [5, 3], [0, 1, 1, -1, 0] * 9
+    call = make_call(len(slots), 21, 30, ranks, slots, [True, True], True, [0.0, 0.0], None,
+                     torch.Generator().manual_seed(5))
+    if frozen == "x":
+        call.x.requires_grad_(False)
+    for a, (A, B, _, _) in enumerate(call.adapters):
+        if frozen == "A" or (frozen == "one adapter" and a == 1):
+            A.requires_grad_(False)
+        if frozen == "B" or (frozen == "one adapter" and a == 1):
+            B.requires_grad_(False)
+    y = mixed_c.run_mixed(call)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
+    (y * grad_y).sum().backward()
+    expected = reference(call, ranks, grad_y.double().numpy())
+    limit = 4 * bound(torch.float32, 30)
+    got = {"y": y.detach(), "x": call.x.grad}
+    for a, (A, B, _, _) in enumerate(call.adapters):
+        got[f"A{a}"], got[f"B{a}"] = A.grad, B.grad
+    for key, value in got.items():
+        needed = key == "y" or {"x": call.x, **{f"A{a}": ad[0] for a, ad in enumerate(call.adapters)},
+                                **{f"B{a}": ad[1] for a, ad in enumerate(call.adapters)}}[key].requires_grad
+        if not needed:
+            assert value is None, f"{key} needs no gradient but got one"
+            continue
+        rel = float((value.double().numpy() - expected[key]).__abs__().max() / np.abs(expected[key]).max())
+        assert rel <= limit, f"{key}: {rel:.3g} > {limit:.3g}"
+
+
+def test_one_adapter_for_every_row_equals_the_single_adapter_path(library):
+    from lorakern.functional import LoraLinearFunction
+
+    ranks, M = [6], 70
+    call = make_call(M, 31, 29, ranks, [0] * M, [True], True, [0.0], None, torch.Generator().manual_seed(9))
+    A, B, s, _ = call.adapters[0]
+    single = LoraLinearFunction.apply(call.x, None, call.weight, call.bias, A, B, s, library)
+    mixed = mixed_c.run_mixed(call)
+    limit = 4 * bound(torch.float32, 31)
+    assert float((mixed - single).detach().abs().max() / single.detach().abs().max()) <= limit
+
+
+def test_a_perturbed_result_fails_the_comparison(library):
+    """4x the bound added to y must fail the check the other tests use: the comparison can fail."""
+    ranks, slots = [8, 3], [0, 1, -1] * 30
+    call = make_call(len(slots), 48, 40, ranks, slots, [True, True], True, [0.0, 0.0], None,
+                     torch.Generator().manual_seed(11))
+    rel = run_and_compare(call, ranks, perturb=4 * 4 * bound(torch.float32, 48))
+    with pytest.raises(AssertionError):
+        assert_within(rel, 48, 40, 8)
+
+
+def test_declines_what_it_cannot_run():
+    from lorakern.functional import _c_mixed_unsupported
+
+    x = torch.randn(4, 8, dtype=torch.float64)
+    call = SimpleNamespace(x=x, base="dense", adapters=[(torch.randn(2, 8), torch.randn(3, 2), 1.0, 0.0)])
+    assert "fp32 only" in _c_mixed_unsupported(call)
+    call.base = "nf4"
+    assert "dense bases only" in _c_mixed_unsupported(call)
+    call.base, call.x = "dense", x.float()
+    call.adapters = [(torch.randn(300, 8), torch.randn(3, 300), 1.0, 0.0)]
+    assert "r=300 > 256" in _c_mixed_unsupported(call)
