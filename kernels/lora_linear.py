@@ -20,8 +20,7 @@ kernels with lorakern.dispatch (lorakern.kernels.BACKENDS names it). The code, b
                   autograd) and lora_linear_triton
     mixed_forward.py, mixed_backward.py, mixed_launchers.py, mixed_ops.py
                   the same four roles for mixed-adapter batches (each row its own adapter, one launch per
-                  pass): segmented kernels, launchers, the ops lorakern::mixed_lora_fwd / _bwd, run_mixed;
-                  mixed_entry_points hands run_mixed and unsupported_mixed to the dispatch
+                  pass): segmented kernels, launchers, the ops lorakern::mixed_lora_fwd / _bwd, run_mixed
 """
 from __future__ import annotations
 
@@ -95,15 +94,11 @@ def _unsupported(call: dispatch.Call):
     return unsupported(call.x, call.weight, call.lora_A)
 
 
-def mixed_entry_points():
-    """(run_mixed, unsupported_mixed): the segmented kernels' entry points for a lorakern.dispatch.MixedCall,
-    dense and NF4 bases alike, for the Implementation's ``run_mixed`` / ``unsupported_mixed`` fields."""
-    return run_mixed, unsupported_mixed
-
-
-# one implementation for dense and NF4 weights alike (the kernels decode NF4 tiles where they load them)
+# one implementation for dense and NF4 weights alike (the kernels decode NF4 tiles where they load them); mixed-
+# adapter batches run the segmented kernels (kernels/mixed_*.py) for both bases too
 for _base in dispatch.BASE_KINDS:
-    dispatch.register(dispatch.Implementation("triton", _base, _run, dropout_mask, _unsupported, needs_seed=True))
+    dispatch.register(dispatch.Implementation("triton", _base, _run, dropout_mask, _unsupported, needs_seed=True,
+                                              run_mixed=run_mixed, unsupported_mixed=unsupported_mixed))
 
 __all__ = [  # re-exported: every name the single-file module had, so lora_linear.X keeps working
     "_atomic_add", "_AUTOTUNED", "_autotuned", "_backward", "_bwd_epilogue", "_check", "_CONFIGS", "_CONFIGS_NF4",
@@ -115,5 +110,5 @@ __all__ = [  # re-exported: every name the single-file module had, so lora_linea
     "_weight_parts", "dropout_mask", "get_autotune_config", "INTERPRETED", "lora_backward", "lora_forward",
     "lora_linear_triton", "MAX_RANK", "rank_pad", "RANK_PADS", "SMALL_M", "unsupported",
     # the segmented kernels of mixed-adapter batches
-    "mixed_entry_points", "mixed_lora_triton", "run_mixed", "unsupported_mixed",
+    "mixed_lora_triton", "run_mixed", "unsupported_mixed",
 ]

@@ -7,9 +7,6 @@ than, equal to and longer than a tile, starting mid-tile, a second column group,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional
-
 import numpy as np
 import pytest
 import torch
@@ -17,6 +14,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from lorakern import core
+from lorakern.dispatch import MixedCall
 from lorakern.core import nf4 as nf4_core
 from lorakern.kernels import lora_linear as kl
 from lorakern.kernels.mixed_ops import mixed_lora_triton, run_mixed, unsupported_mixed
@@ -24,22 +22,6 @@ from lorakern.testing import bound, magnitudes, rel_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
-
-
-@dataclass
-class MixedCall:
-    """A local copy of lorakern.dispatch.MixedCall's fields (the dataclass lives on another branch)."""
-
-    x: torch.Tensor
-    base: str
-    weight: Any
-    bias: Optional[torch.Tensor]
-    adapters: list
-    slot: torch.Tensor
-    order: torch.Tensor
-    offsets: torch.Tensor
-    counts: tuple
-    seed: Optional[Any] = None
 
 
 def grouping(slot: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
@@ -383,3 +365,23 @@ def test_never_forms_BA():
     for shapes in (forward.shapes, backward.shapes):
         assert (N, K) not in shapes and (K, N) not in shapes, "B @ A (or its transpose) was formed"
     assert forward.shapes.count((M, N)) == 1 and (M, N) not in backward.shapes
+
+
+def test_the_dispatch_sends_a_mixed_call_to_the_segmented_kernels():
+    """lorakern.dispatch finds triton's run_mixed (a pinned backend, CPU tensors under the interpreter)."""
+    from lorakern import dispatch
+    from lorakern.rows import group_rows
+
+    x = torch.randn(6, 8)
+    adapters = [(torch.randn(2, 8), torch.randn(5, 2), 0.5, 0.0), (torch.randn(3, 8), torch.randn(5, 3), 2.0, 0.0)]
+    groups = group_rows(torch.tensor([0, 1, -1, 1, 0, 0]), 2)
+    W = torch.randn(5, 8)
+    call = dispatch.prepare_mixed(x, "dense", W, None, adapters, groups)
+    assert dispatch.verdict("triton", call) is None
+    y = dispatch.lora_forward_mixed(x, "dense", W, None, adapters, groups, requested="triton")
+    expected = x @ W.t()
+    for row, slot in enumerate([0, 1, -1, 1, 0, 0]):
+        if slot >= 0:
+            A, B, s, _ = adapters[slot]
+            expected[row] += s * (x[row] @ A.t()) @ B.t()
+    assert float((y - expected).abs().max()) <= 4 * bound(torch.float32, 8) * float(expected.abs().max())
