@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a CUDA machine: the kernel tests compiled (not interpreted), `lorakern check` on CUDA, then the
-# kernel benchmark. Writes its logs and tables to $OUT (default: ./device_out). Budget: <= 8 minutes.
+# kernel benchmark, then the segmented (mixed-adapter) kernels' tests and benchmark. Writes its logs and
+# tables to $OUT (default: ./device_out). Budget: <= 8 minutes for steps 1-4, <= 11 with steps 5-6.
 #
 #   OUT=/some/dir bash benchmarks/device_check.sh
 #
@@ -37,5 +38,16 @@ timeout 180 lorakern bench --device cuda --dtype bfloat16 --shapes 4096x4096,768
 # 4. QLoRA: NF4 forward at M = 1, 16, 4096, 8192 and a training step (bitsandbytes and PEFT rows appear
 #    where they are installed; carry their wheels, see the device tool's README). 90 seconds at most.
 timeout 90 $PY benchmarks/bench_qlora.py --device cuda --rounds 5 --out "$OUT" 2>&1 | tee "$OUT/qlora.txt" || status=1
+
+# 5. The segmented kernels of mixed-adapter batches, compiled, against the float64 reference (the fixed
+#    cases; the hypothesis draws would autotune a new shape each). 90 seconds at most.
+timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_mixed.py -k "not assignments" -x 2>&1 \
+  | tee "$OUT/mixed_tests.txt" || status=1
+
+# 6. Mixed batch at the issue's target: bf16, 8192 tokens, 4096 x 4096, r = 16, 8 adapters; y, dx, dA, dB
+#    against float64 torch, then forward (target <= 1.10x) and forward + backward against the frozen
+#    base x W^T (cuBLAS). 90 seconds at most.
+timeout 90 $PY benchmarks/bench_mixed.py --device cuda --tokens 8192 --shape 4096x4096 --rank 16 --adapters 8 \
+  --rounds 5 --out "$OUT" 2>&1 | tee "$OUT/mixed.txt" || status=1
 
 exit $status

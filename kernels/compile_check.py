@@ -1,6 +1,6 @@
 """Compile every kernel and autotune config for real GPUs on a machine without one.
 
-    python -m lorakern.kernels.compile_check --arch 80 --arch 90 [--json report.json]
+    python -m lorakern.kernels.compile_check --arch 80 --arch 90 [--kernel mixed_fwd] [--json report.json]
 
 For each (kernel, dtype, config, arch, padded rank) this builds PTX and a cubin with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, reads registers and spill bytes
@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = ("bfloat16", "float16", "float32")
 WEIGHTS = ("dense", "nf4")
+# fwd, bwd, small: the single-adapter kernels; mixed_fwd, mixed_bwd: the segmented kernels of mixed batches
+KINDS = ("fwd", "bwd", "small", "mixed_fwd", "mixed_bwd")
 _PTR = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
 
 
@@ -60,6 +62,11 @@ def _ptxas() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
+# the row grouping and per-slot scalars of the segmented kernels (mixed_launchers.py passes these dtypes)
+_SEGMENT_PTRS = {"order_ptr": "*i64", "offsets_ptr": "*i64", "ranks_ptr": "*i32", "scaling_ptr": "*fp32",
+                 "dropout_ptr": "*fp32"}
+
+
 def _signature(kind: str, dtype: str, r_pad: int, meta: dict, weight: str = "dense"):
     """(signature, constexprs, attrs) of a typical launch, specialised as Triton's JIT would specialise it:
     contiguous inner strides (== 1), 16-byte aligned pointers, and strides, N and K multiples of 16
@@ -68,9 +75,12 @@ def _signature(kind: str, dtype: str, r_pad: int, meta: dict, weight: str = "den
 
     from lorakern.kernels.backward import _lora_bwd_kernel
     from lorakern.kernels.forward import _lora_fwd_kernel
+    from lorakern.kernels.mixed_backward import _mixed_bwd_kernel
+    from lorakern.kernels.mixed_forward import _mixed_fwd_kernel
     from lorakern.kernels.small_m import _lora_small_m_kernel
 
-    kernel = {"fwd": _lora_fwd_kernel, "bwd": _lora_bwd_kernel, "small": _lora_small_m_kernel}[kind]
+    kernel = {"fwd": _lora_fwd_kernel, "bwd": _lora_bwd_kernel, "small": _lora_small_m_kernel,
+              "mixed_fwd": _mixed_fwd_kernel, "mixed_bwd": _mixed_bwd_kernel}[kind]
     ptr = _PTR[dtype]
     constexprs = dict(meta)
     constexprs.update(R_PAD=r_pad, DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
@@ -83,7 +93,7 @@ def _signature(kind: str, dtype: str, r_pad: int, meta: dict, weight: str = "den
         constexprs.update(HAS_BIAS=True, HAS_DROPOUT=True)
         inner_strides = {"stride_xk", "stride_ak", "stride_br"} | ({"stride_wk"} if not nf4 else set())
         fp32_ptrs = {"y_ptr", "u_ptr"}
-    elif kind == "fwd":
+    elif kind in ("fwd", "mixed_fwd"):
         constexprs.update(HAS_BIAS=True, HAS_DROPOUT=True)
         inner_strides = {"stride_xk", "stride_ak", "stride_br", "stride_yn", "stride_ur"} | ({"stride_wk"} if not nf4 else set())
         fp32_ptrs = set()
@@ -99,7 +109,9 @@ def _signature(kind: str, dtype: str, r_pad: int, meta: dict, weight: str = "den
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            if nf4 and name in ("w_ptr", "wq_absmax_ptr"):
+            if name in _SEGMENT_PTRS:
+                signature[name] = _SEGMENT_PTRS[name]
+            elif nf4 and name in ("w_ptr", "wq_absmax_ptr"):
                 signature[name] = "*u8"
             elif nf4 and name.startswith("wq_"):
                 signature[name] = "*fp32"
@@ -165,11 +177,11 @@ def compile_config(kind: str, dtype: str, arch: int, r_pad: int, config, weight:
     )
 
 
-def all_jobs(archs=(80, 90), dtypes=DTYPES, weights=WEIGHTS) -> list[tuple]:
+def all_jobs(archs=(80, 90), dtypes=DTYPES, weights=WEIGHTS, kinds=KINDS) -> list[tuple]:
     from lorakern.kernels.configs import RANK_PADS
 
     jobs = []
-    for kind in ("fwd", "bwd", "small"):
+    for kind in kinds:
         for weight in weights:
             for dtype in dtypes:
                 for r_pad in RANK_PADS:
@@ -183,10 +195,10 @@ def _run(job):
     return compile_one(*job)
 
 
-def run(archs=(80, 90), dtypes=DTYPES, weights=WEIGHTS, workers: int = 2) -> list[Report]:
+def run(archs=(80, 90), dtypes=DTYPES, weights=WEIGHTS, workers: int = 2, kinds=KINDS) -> list[Report]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise ValueError("compile checks need compiled kernels: run with TRITON_INTERPRET=0")
-    jobs = all_jobs(archs, dtypes, weights)
+    jobs = all_jobs(archs, dtypes, weights, kinds)
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(_run, jobs))
 
@@ -206,11 +218,12 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT))
     parser.add_argument("--dtype", action="append", choices=DTYPES)
     parser.add_argument("--weight", action="append", choices=WEIGHTS, help="dense W or the NF4 (QLoRA) base")
+    parser.add_argument("--kernel", action="append", choices=KINDS, help="only these kernels (default: all)")
     parser.add_argument("--json", help="also write the reports as JSON here")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     reports = run(tuple(args.arch or (80, 90)), tuple(args.dtype or DTYPES), tuple(args.weight or WEIGHTS),
-                  workers=args.workers)
+                  workers=args.workers, kinds=tuple(args.kernel or KINDS))
     print(markdown(reports))
     if args.json:
         from lorakern._io import atomic_write_bytes

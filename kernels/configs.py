@@ -58,6 +58,26 @@ _CONFIGS_NF4 = {
     ("bwd", 32, 64): [(16, 32, 32, 1, 4, 1), (32, 32, 16, 1, 4, 1)],
 }
 RANK_PADS = (16, 32, 64)
+# The segmented kernels of mixed-adapter batches (mixed_forward.py, mixed_backward.py) use the tables above,
+# except the (weight, family, width, R_PAD, config) entries of _MIXED_FAILED, which spill on sm_80 or sm_90
+# with the registers of the gathered rows, plus the _MIXED_EXTRA configs where that left none or few (both
+# found by the same compile checks, 2026-11-30).
+_MIXED_FAILED = frozenset({
+    ("dense", "fwd", 16, 32, (128, 128, 64, 1, 8, 3)), ("dense", "fwd", 16, 64, (128, 128, 32, 2, 8, 4)),
+    ("nf4", "fwd", 16, 16, (128, 128, 32, 1, 8, 2)), ("nf4", "fwd", 16, 16, (64, 64, 32, 1, 4, 2)),
+    ("nf4", "fwd", 16, 64, (64, 128, 32, 1, 4, 2)),
+    ("dense", "bwd", 16, 64, (128, 64, 64, 1, 8, 4)), ("dense", "bwd", 16, 64, (64, 64, 64, 1, 4, 3)),
+    ("dense", "bwd", 32, 16, (32, 32, 32, 1, 4, 2)), ("dense", "bwd", 32, 16, (32, 64, 32, 1, 4, 2)),
+    ("dense", "bwd", 32, 32, (16, 64, 32, 1, 4, 2)), ("dense", "bwd", 32, 64, (16, 64, 32, 1, 4, 2)),
+    ("nf4", "bwd", 16, 64, (64, 64, 32, 1, 4, 2)), ("nf4", "bwd", 32, 64, (32, 32, 16, 1, 4, 1)),
+    ("nf4", "fwd", 16, 32, (64, 64, 32, 1, 4, 2)), ("dense", "bwd", 16, 32, (128, 64, 64, 1, 8, 4)),
+    ("dense", "bwd", 16, 64, (128, 128, 32, 1, 8, 3)), ("nf4", "bwd", 32, 16, (16, 32, 32, 1, 4, 1)),
+})
+_MIXED_EXTRA = {
+    ("dense", "fwd", 16, 64): [(64, 64, 64, 4, 4, 4), (128, 128, 32, 1, 8, 3)],
+    ("dense", "bwd", 32, 32): [(16, 32, 32, 1, 4, 2)],
+    ("dense", "bwd", 32, 64): [(16, 32, 32, 1, 4, 2)],
+}
 # The decoding kernel (M <= SMALL_M): (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) per weight format and input
 # width, under the same compile checks.
 SMALL_M = 16
@@ -75,15 +95,22 @@ def rank_pad(r: int) -> int:
 
 
 def get_autotune_config(kind: str, dtype: torch.dtype, r_pad: int, weight: str = "dense") -> list[triton.Config]:
-    """Configs for ``kind`` ("fwd": TILES_N, or "bwd": TILES_K), input dtype, padded rank and weight format."""
-    tiles = "TILES_N" if kind == "fwd" else "TILES_K"
+    """Configs for ``kind`` ("fwd": TILES_N, or "bwd": TILES_K; "mixed_fwd" / "mixed_bwd" the segmented kernels
+    of a mixed-adapter batch: the same tables minus _MIXED_FAILED plus _MIXED_EXTRA), input dtype, padded rank
+    and weight format."""
+    tiles = "TILES_N" if kind.endswith("fwd") else "TILES_K"
     if INTERPRETED:  # one small config: the interpreter is slow, and autotuning it measures nothing
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, tiles: 2, "GROUP_M": 2})]
     width = 32 if dtype == torch.float32 else 16
     table = _CONFIGS if weight == "dense" else _CONFIGS_NF4
+    family = kind.removeprefix("mixed_")
+    entries = table.get((family, width, r_pad), [])
+    if kind.startswith("mixed_"):
+        entries = [c for c in entries if (weight, family, width, r_pad, c) not in _MIXED_FAILED]
+        entries += _MIXED_EXTRA.get((weight, family, width, r_pad), [])
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, tiles: t, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, t, w, s in table.get((kind, width, r_pad), [])
+        for bm, bn, bk, t, w, s in entries
     ]
 
 
@@ -97,7 +124,7 @@ def _autotuned(kernel, kind: str, dtype: torch.dtype, r_pad: int, weight: str):
         if not configs:
             raise ValueError(f"no {kind} config of the {weight} kernels has passed the compile checks for {dtype} at "
                              f"R_PAD={r_pad}; set LORAKERN_BACKEND=torch")
-        reset = ["da_ptr", "db_ptr", "dbias_ptr"] if kind == "bwd" else None
+        reset = ["da_ptr", "db_ptr", "dbias_ptr"] if kind.endswith("bwd") else None
         _AUTOTUNED[key] = triton.autotune(configs, key=["M", "N", "K", "R"], reset_to_zero=reset)(kernel)
     return _AUTOTUNED[key], {}
 

@@ -18,6 +18,9 @@ kernels with lorakern.dispatch (lorakern.kernels.BACKENDS names it). The code, b
     launchers.py  check -> allocate -> launch: lora_forward, lora_backward, dropout_mask, unsupported
     ops.py        the torch.library custom ops lorakern::lora_linear_fwd / _bwd (fake implementations,
                   autograd) and lora_linear_triton
+    mixed_forward.py, mixed_backward.py, mixed_launchers.py, mixed_ops.py
+                  the same four roles for mixed-adapter batches (each row its own adapter, one launch per
+                  pass): segmented kernels, launchers, the ops lorakern::mixed_lora_fwd / _bwd, run_mixed
 """
 from __future__ import annotations
 
@@ -66,6 +69,7 @@ from lorakern.kernels.ops import (
     _weight_parts,
     lora_linear_triton,
 )
+from lorakern.kernels.mixed_ops import mixed_lora_triton, run_mixed, unsupported_mixed
 from lorakern.kernels.small_m import _lora_small_m_kernel
 from lorakern.kernels.tiles import (
     _atomic_add,
@@ -90,9 +94,11 @@ def _unsupported(call: dispatch.Call):
     return unsupported(call.x, call.weight, call.lora_A)
 
 
-# one implementation for dense and NF4 weights alike (the kernels decode NF4 tiles where they load them)
+# one implementation for dense and NF4 weights alike (the kernels decode NF4 tiles where they load them); mixed-
+# adapter batches run the segmented kernels (kernels/mixed_*.py) for both bases too
 for _base in dispatch.BASE_KINDS:
-    dispatch.register(dispatch.Implementation("triton", _base, _run, dropout_mask, _unsupported, needs_seed=True))
+    dispatch.register(dispatch.Implementation("triton", _base, _run, dropout_mask, _unsupported, needs_seed=True,
+                                              run_mixed=run_mixed, unsupported_mixed=unsupported_mixed))
 
 __all__ = [  # re-exported: every name the single-file module had, so lora_linear.X keeps working
     "_atomic_add", "_AUTOTUNED", "_autotuned", "_backward", "_bwd_epilogue", "_check", "_CONFIGS", "_CONFIGS_NF4",
@@ -103,4 +109,6 @@ __all__ = [  # re-exported: every name the single-file module had, so lora_linea
     "_setup_context", "_small_m_configs", "_store", "_tile_ids", "_TL_DTYPES", "_weight_args", "_weight_from_parts",
     "_weight_parts", "dropout_mask", "get_autotune_config", "INTERPRETED", "lora_backward", "lora_forward",
     "lora_linear_triton", "MAX_RANK", "rank_pad", "RANK_PADS", "SMALL_M", "unsupported",
+    # the segmented kernels of mixed-adapter batches
+    "mixed_lora_triton", "run_mixed", "unsupported_mixed",
 ]

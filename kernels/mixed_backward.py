@@ -1,0 +1,160 @@
+"""The segmented backward kernel: dx, every adapter's dA and dB, and dbias of a mixed-adapter batch, one launch.
+
+With g = dL/dy (M, N), row i in slot a, m_i its dropout mask / (1 - p_a):
+    dx_i = g_i W + s_a ((g_i B_a) A_a) * m_i      (g_i W alone for base-only rows and absent adapters)
+    dA_a = s_a sum over a's rows of (g_i B_a)^T x~_i,   dB_a = s_a sum over a's rows of g_i^T u_i
+    db   = sum over all rows of g
+(the derivation is in mixed_lora_triton's docstring, mixed_ops.py). The tiles are the forward's: one
+adapter per tile (mixed_forward._segment_tile), so the segmented reduction is each tile's partial dA_a
+and dB_a added atomically into slice a of the (n_slots, R, K) and (n_slots, N, R) fp32 accumulators.
+Launched by mixed_backward (mixed_launchers.py).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from lorakern.kernels.mixed_forward import _load_rows, _segment_tile, _store_rows, _tile_rows
+from lorakern.kernels.tiles import _dot, _dropout_keep, _keep_scale, _load, _load_weight, _tile_ids
+
+
+@triton.jit
+def _atomic_add_slice(ptr, value, rows, cols, n_rows, n_cols, stride_rows):
+    """ptr[rows, cols] += value inside one adapter's slice of a contiguous accumulator, masked to (n_rows, n_cols)."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tl.atomic_add(ptr + rows[:, None] * stride_rows + cols[None, :], value, mask=mask)
+
+
+@triton.jit
+def _mixed_bwd_epilogue(acc, gb_scaled, a_tile_ptr, x_ptr, dx_ptr, da_tile_ptr, rows, row_ok, offs_k, offs_r, K,
+                        rank, stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk,
+                        dropout_p, seed, keep_scale, use_lora,
+                        HAS_DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr,
+                        ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    if use_lora:
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, rows, offs_k, K, dropout_p)
+        if NEED_DX:
+            # dx = g W + ((s_a gB) A_a) * keep / (1 - p_a), with the A_a tile (R_PAD, BLOCK_K)
+            a_tile = _load(a_tile_ptr, offs_r, offs_k, stride_ar, stride_ak, rank, K)
+            if HAS_DROPOUT:
+                lora = _dot(gb_scaled, a_tile, tl.zeros(acc.shape, dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
+                acc += tl.where(keep, lora * keep_scale, 0.0)
+            else:
+                acc = _dot(gb_scaled, a_tile, acc, DOT_PRECISION, UPCAST)
+        if NEED_DA:
+            x_tile = _load_rows(x_ptr, rows, row_ok, offs_k, stride_xm, stride_xk, K)
+            if HAS_DROPOUT:
+                x_tile = tl.where(keep, x_tile.to(ACC_DTYPE) * keep_scale, 0.0).to(x_tile.dtype)
+            # dA_a += (s_a gB)^T x~
+            part = _dot(tl.trans(gb_scaled), x_tile,
+                        tl.zeros((gb_scaled.shape[1], x_tile.shape[1]), dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
+            _atomic_add_slice(da_tile_ptr, part, offs_r, offs_k, rank, K, K)
+    if NEED_DX:
+        _store_rows(dx_ptr, acc, rows, row_ok, offs_k, stride_dxm, stride_dxk, K)
+
+
+@triton.jit
+def _mixed_bwd_kernel(
+    # pointers (a_ptr, b_ptr: the stacked adapters; da_ptr (n_slots, R, K), db_ptr (n_slots, N, R), dbias_ptr (N,):
+    # contiguous fp32 accumulators; w_ptr dense W, or NF4 packed bytes with the wq_* statistics)
+    g_ptr, w_ptr, a_ptr, b_ptr, x_ptr, u_ptr, dx_ptr, da_ptr, db_ptr, dbias_ptr,
+    order_ptr, offsets_ptr, ranks_ptr, scaling_ptr, dropout_ptr,
+    wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr,
+    # sizes
+    M, N, K, R, n_slots,
+    # strides
+    stride_gm, stride_gn, stride_wn, stride_wk, stride_aa, stride_ar, stride_ak, stride_ba, stride_bn, stride_br,
+    stride_xm, stride_xk, stride_um, stride_ur, stride_dxm, stride_dxk,
+    # scalars
+    seed, wq_offset, wq_blocksize,
+    # meta-parameters
+    HAS_DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, NEED_DB: tl.constexpr,
+    NEED_DBIAS: tl.constexpr, W_NF4: tl.constexpr, W_NESTED: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES_K: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """For one adapter's tile of up to BLOCK_M rows (gathered through order) and TILES_K tiles of BLOCK_K columns of x:
+
+        gB    = g B_a                   (BLOCK_M, R_PAD), in the first tile's N loop, from the g tiles that
+                                        loop already loads for g W; never written to memory
+        dx    = g W + ((s_a gB) A_a) * keep / (1 - p_a)
+        dA_a += (s_a gB)^T x~           atomically, into slot a's slice
+    and, in the programs of the first column group, a second pass over the same g rows:
+        dB_a += s_a g^T u,  dbias += sum_rows g      atomically
+    Base-only rows and absent adapters (rank 0) get dx = g W and add to dbias only.
+    """
+    pid = tl.program_id(0)
+    num_tiles_k = tl.cdiv(K, BLOCK_K)
+    pid_m, pid_g = _tile_ids(pid, tl.cdiv(M, BLOCK_M) + n_slots, tl.cdiv(num_tiles_k, TILES_K), GROUP_M)
+    seg, start, end, rank = _segment_tile(offsets_ptr, ranks_ptr, n_slots, M, pid_m, BLOCK_M)
+    if seg < 0:
+        return
+    use_lora = rank > 0
+    slot = tl.minimum(seg, tl.maximum(n_slots - 1, 0))  # a valid slot index for the pointers below
+    scaling = tl.load(scaling_ptr + slot, mask=use_lora, other=0.0)
+    dropout_p = tl.load(dropout_ptr + slot, mask=use_lora, other=0.0)
+    keep_scale = _keep_scale(dropout_p)
+    a_tile_ptr = a_ptr + slot.to(tl.int64) * stride_aa
+    b_tile_ptr = b_ptr + slot.to(tl.int64) * stride_ba
+    da_tile_ptr = da_ptr + slot.to(tl.int64) * R * K
+    db_tile_ptr = db_ptr + slot.to(tl.int64) * N * R
+    rows, row_ok = _tile_rows(order_ptr, start, end, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+
+    # First K tile: g W and gB = g B_a in one N loop.
+    offs_k = pid_g * TILES_K * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
+    gb = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        g_tile = _load_rows(g_ptr, rows, row_ok, offs_n, stride_gm, stride_gn, N)
+        if NEED_DX:
+            # acc += g W, with the W tile (BLOCK_N, BLOCK_K)
+            w_tile = _load_weight(w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr, wq_offset,
+                                  wq_blocksize, offs_n, offs_k, stride_wn, stride_wk, N, K, False, W_NF4, W_NESTED,
+                                  g_ptr.dtype.element_ty)
+            acc = _dot(g_tile, w_tile, acc, DOT_PRECISION, UPCAST)
+        # gB += g B_a, with the B_a tile (BLOCK_N, R_PAD); no branch on use_lora in the N loop (see the
+        # forward's K loop): without an adapter the tile is masked to rank 0 and gB is never used
+        gb = _dot(g_tile, _load(b_tile_ptr, offs_n, offs_r, stride_bn, stride_br, N, rank), gb, DOT_PRECISION, UPCAST)
+    gb_scaled = (gb * scaling).to(g_ptr.dtype.element_ty)
+    _mixed_bwd_epilogue(acc, gb_scaled, a_tile_ptr, x_ptr, dx_ptr, da_tile_ptr, rows, row_ok, offs_k, offs_r, K, rank,
+                        stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk, dropout_p, seed,
+                        keep_scale, use_lora, HAS_DROPOUT, NEED_DX, NEED_DA, ACC_DTYPE, DOT_PRECISION, UPCAST)
+
+    if NEED_DB or NEED_DBIAS:
+        if pid_g == 0:
+            u_tile = _load_rows(u_ptr, rows, row_ok, offs_r, stride_um, stride_ur, rank)
+            for n0 in range(0, N, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                g_tile = _load_rows(g_ptr, rows, row_ok, offs_n, stride_gm, stride_gn, N)
+                if NEED_DB:
+                    if use_lora:
+                        # dB_a += s_a g^T u
+                        part = _dot(tl.trans(g_tile), u_tile, tl.zeros((BLOCK_N, R_PAD), dtype=ACC_DTYPE),
+                                    DOT_PRECISION, UPCAST)
+                        _atomic_add_slice(db_tile_ptr, part * scaling, offs_n, offs_r, N, rank, R)
+                if NEED_DBIAS:
+                    # dbias += sum_rows g
+                    tl.atomic_add(dbias_ptr + offs_n, tl.sum(g_tile.to(ACC_DTYPE), axis=0), mask=offs_n < N)
+
+    # The program's other K tiles: g W alone, then the same epilogue.
+    if NEED_DX or NEED_DA:
+        for t in tl.static_range(1, TILES_K):
+            tile_k = pid_g * TILES_K + t
+            if tile_k < num_tiles_k:
+                offs_k = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
+                acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
+                if NEED_DX:
+                    for n0 in range(0, N, BLOCK_N):
+                        offs_n = n0 + tl.arange(0, BLOCK_N)
+                        w_tile = _load_weight(w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr,
+                                              wq_offset, wq_blocksize, offs_n, offs_k, stride_wn, stride_wk, N, K,
+                                              False, W_NF4, W_NESTED, g_ptr.dtype.element_ty)
+                        acc = _dot(_load_rows(g_ptr, rows, row_ok, offs_n, stride_gm, stride_gn, N), w_tile, acc,
+                                   DOT_PRECISION, UPCAST)
+                _mixed_bwd_epilogue(acc, gb_scaled, a_tile_ptr, x_ptr, dx_ptr, da_tile_ptr, rows, row_ok, offs_k,
+                                    offs_r, K, rank, stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm,
+                                    stride_dxk, dropout_p, seed, keep_scale, use_lora, HAS_DROPOUT, NEED_DX, NEED_DA,
+                                    ACC_DTYPE, DOT_PRECISION, UPCAST)

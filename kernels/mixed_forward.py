@@ -1,0 +1,170 @@
+"""The segmented forward kernel: a mixed-adapter batch, y = x W^T + b + s_a (x~ A_a^T) B_a^T per row, one launch.
+
+Rows are grouped by adapter: ``order`` lists the row indices sorted by slot (base-only rows last) and
+``offsets`` (n_slots + 1) where each slot's rows start, so slot a's rows are order[offsets[a]:offsets[a+1]]
+and the base-only rows order[offsets[n_slots]:M]. The M tiles are laid over each segment separately
+(segment s has cdiv(count_s, BLOCK_M) tiles, its last one partial), so no tile mixes adapters: a program
+loads one adapter's A and B, and its K loop and epilogue are those of the single-adapter kernel
+(forward.py) with the rows gathered through ``order`` and the results scattered back to them. Also the
+per-tile helpers the backward (mixed_backward.py) shares. Launched by mixed_forward (mixed_launchers.py).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from lorakern.kernels.tiles import _dot, _dropout_keep, _keep_scale, _load, _load_weight, _tile_ids
+
+
+@triton.jit
+def _segment_tile(offsets_ptr, ranks_ptr, n_slots, M, pid_m, BLOCK_M: tl.constexpr):
+    """(segment, first sorted position, end of the segment, adapter rank) of M tile ``pid_m``.
+
+    Segments 0..n_slots-1 are the slots, segment n_slots the base-only rows (rank 0, as is a slot whose
+    adapter is absent); segment -1 when pid_m is past the last tile (the grid is the bound
+    cdiv(M, BLOCK_M) + n_slots, since the counts live on the device).
+    """
+    seg = -1
+    start = 0
+    end = 0
+    first_tile = 0
+    for s in range(0, n_slots + 1):
+        s_start = tl.load(offsets_ptr + s).to(tl.int32)
+        s_end = tl.load(offsets_ptr + s + 1, mask=s < n_slots, other=M).to(tl.int32)
+        n_tiles = tl.cdiv(s_end - s_start, BLOCK_M)
+        hit = (pid_m >= first_tile) & (pid_m < first_tile + n_tiles)
+        seg = tl.where(hit, s, seg)
+        start = tl.where(hit, s_start + (pid_m - first_tile) * BLOCK_M, start)
+        end = tl.where(hit, s_end, end)
+        first_tile += n_tiles
+    rank = tl.load(ranks_ptr + seg, mask=(seg >= 0) & (seg < n_slots), other=0)
+    return seg, start, end, rank
+
+
+@triton.jit
+def _tile_rows(order_ptr, start, end, BLOCK_M: tl.constexpr):
+    """(row indices, in-segment flags) of the tile at sorted positions start .. start + BLOCK_M.
+
+    The indices are narrowed to int32 (M * max(K, N) < 2**31 is a launch condition, as for the
+    single-adapter kernels): int64 row offsets cost the registers that made 22 configs spill."""
+    pos = start + tl.arange(0, BLOCK_M)
+    row_ok = pos < end
+    rows = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int32)
+    return rows, row_ok
+
+
+@triton.jit
+def _load_rows(ptr, rows, row_ok, cols, stride_rows, stride_cols, n_cols):
+    """The tile at ptr[rows, cols] (rows gathered), zero where not row_ok or cols >= n_cols."""
+    mask = row_ok[:, None] & (cols[None, :] < n_cols)
+    return tl.load(ptr + rows[:, None] * stride_rows + cols[None, :] * stride_cols, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, value, rows, row_ok, cols, stride_rows, stride_cols, n_cols):
+    mask = row_ok[:, None] & (cols[None, :] < n_cols)
+    tl.store(ptr + rows[:, None] * stride_rows + cols[None, :] * stride_cols, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mixed_fwd_epilogue(acc, u_scaled, b_tile_ptr, bias_ptr, y_ptr, rows, row_ok, offs_n, offs_r, N, rank,
+                        stride_bn, stride_br, stride_ym, stride_yn, use_lora,
+                        HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        UPCAST: tl.constexpr):
+    if use_lora:
+        # y = acc + (s_a u) B_a^T, with the B_a^T tile (R_PAD, BLOCK_N)
+        acc = _dot(u_scaled, _load(b_tile_ptr, offs_r, offs_n, stride_br, stride_bn, rank, N), acc,
+                   DOT_PRECISION, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
+    _store_rows(y_ptr, acc, rows, row_ok, offs_n, stride_ym, stride_yn, N)
+
+
+@triton.jit
+def _mixed_fwd_kernel(
+    # pointers: operands (a_ptr (n_slots, R, K) and b_ptr (n_slots, N, R) the stacked, zero-padded adapters;
+    # w_ptr dense W or NF4 packed bytes with the wq_* statistics), the row grouping, per-slot scalars
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr,
+    order_ptr, offsets_ptr, ranks_ptr, scaling_ptr, dropout_ptr,
+    wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr,
+    # sizes
+    M, N, K, R, n_slots,
+    # strides
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_aa, stride_ar, stride_ak, stride_ba, stride_bn, stride_br,
+    stride_ym, stride_yn, stride_um, stride_ur,
+    # scalars
+    seed, wq_offset, wq_blocksize,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, W_NF4: tl.constexpr, W_NESTED: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES_N: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """For one adapter's tile of up to BLOCK_M rows (gathered through order) and TILES_N tiles of BLOCK_N columns:
+
+        y[rows] = x[rows] W^T + b + s_a u B_a^T,   u[rows] = x~[rows] A_a^T   (a: the tile's slot)
+
+    u is accumulated in the K loop of the first N tile from the x tiles the base GEMM loads, reused for
+    the other N tiles, and written out by the first column group. Base-only rows and slots without an
+    adapter (rank 0) get x W^T + b alone: their programs skip the rank-r products.
+    """
+    pid = tl.program_id(0)
+    num_tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_g = _tile_ids(pid, tl.cdiv(M, BLOCK_M) + n_slots, tl.cdiv(num_tiles_n, TILES_N), GROUP_M)
+    seg, start, end, rank = _segment_tile(offsets_ptr, ranks_ptr, n_slots, M, pid_m, BLOCK_M)
+    if seg < 0:
+        return
+    use_lora = rank > 0
+    slot = tl.minimum(seg, tl.maximum(n_slots - 1, 0))  # a valid slot index for the pointers below
+    scaling = tl.load(scaling_ptr + slot, mask=use_lora, other=0.0)
+    dropout_p = tl.load(dropout_ptr + slot, mask=use_lora, other=0.0)
+    keep_scale = _keep_scale(dropout_p)
+    a_tile_ptr = a_ptr + slot.to(tl.int64) * stride_aa
+    b_tile_ptr = b_ptr + slot.to(tl.int64) * stride_ba
+    rows, row_ok = _tile_rows(order_ptr, start, end, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+
+    # First N tile: the base GEMM and u in one K loop.
+    offs_n = pid_g * TILES_N * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    u = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x_tile = _load_rows(x_ptr, rows, row_ok, offs_k, stride_xm, stride_xk, K)
+        # acc += x W^T, with the W^T tile (BLOCK_K, BLOCK_N)
+        w_tile = _load_weight(w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr, wq_offset,
+                              wq_blocksize, offs_n, offs_k, stride_wn, stride_wk, N, K, True, W_NF4, W_NESTED,
+                              y_ptr.dtype.element_ty)
+        acc = _dot(x_tile, w_tile, acc, DOT_PRECISION, UPCAST)
+        if HAS_DROPOUT:
+            # the mask of the row's own index, as the single-adapter kernels draw it with this slot's p
+            keep = _dropout_keep(seed, rows, offs_k, K, dropout_p)
+            x_tile = tl.where(keep, x_tile.to(ACC_DTYPE) * keep_scale, 0.0).to(x_tile.dtype)
+        # u += x~ A_a^T, with the A_a^T tile (BLOCK_K, R_PAD). No branch on use_lora in the K loop (it kept
+        # the A loads out of the software pipeline): without an adapter the tile is masked to rank 0, reads
+        # nothing, and u is never used.
+        u = _dot(x_tile, _load(a_tile_ptr, offs_k, offs_r, stride_ak, stride_ar, K, rank), u, DOT_PRECISION, UPCAST)
+    if use_lora:
+        if pid_g == 0:
+            _store_rows(u_ptr, u, rows, row_ok, offs_r, stride_um, stride_ur, rank)
+    u_scaled = (u * scaling).to(y_ptr.dtype.element_ty)
+    _mixed_fwd_epilogue(acc, u_scaled, b_tile_ptr, bias_ptr, y_ptr, rows, row_ok, offs_n, offs_r, N, rank,
+                        stride_bn, stride_br, stride_ym, stride_yn, use_lora, HAS_BIAS, ACC_DTYPE, DOT_PRECISION,
+                        UPCAST)
+
+    # The program's other N tiles: the base GEMM alone, then the same epilogue.
+    for t in tl.static_range(1, TILES_N):
+        tile_n = pid_g * TILES_N + t
+        if tile_n < num_tiles_n:
+            offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                w_tile = _load_weight(w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr,
+                                      wq_offset, wq_blocksize, offs_n, offs_k, stride_wn, stride_wk, N, K, True,
+                                      W_NF4, W_NESTED, y_ptr.dtype.element_ty)
+                acc = _dot(_load_rows(x_ptr, rows, row_ok, offs_k, stride_xm, stride_xk, K), w_tile, acc,
+                           DOT_PRECISION, UPCAST)
+            _mixed_fwd_epilogue(acc, u_scaled, b_tile_ptr, bias_ptr, y_ptr, rows, row_ok, offs_n, offs_r, N, rank,
+                                stride_bn, stride_br, stride_ym, stride_yn, use_lora, HAS_BIAS, ACC_DTYPE,
+                                DOT_PRECISION, UPCAST)
