@@ -72,7 +72,8 @@ def _check_mixed(x2, weight, bias, a_stack, b_stack, ranks, scalings, dropouts, 
         raise ValueError(f"shapes do not fit: x {tuple(x2.shape)}, W {tuple(weight.shape)}, stacked A "
                          f"{tuple(a_stack.shape)}, stacked B {tuple(b_stack.shape)}, bias "
                          f"{None if bias is None else tuple(bias.shape)}, {offsets.shape[0] - 1} slots; expected x "
-                         f"(M, {K}), A ({stacked}, R, {K}), B ({stacked}, {N}, R), bias ({N},)")
+                         f"(M, {K}), A ({stacked}, R, {K}), B ({stacked}, {N}, R), bias ({N},): offsets needs one entry "
+                         f"per adapter slot plus one (lorakern.rows.group_rows builds it)")
     expected = {"ranks": (ranks, (stacked,), torch.int32), "scalings": (scalings, (stacked,), torch.float32),
                 "dropouts": (dropouts, (stacked,), torch.float32), "order": (order, (M,), torch.int64),
                 "offsets": (offsets, tuple(offsets.shape), torch.int64)}

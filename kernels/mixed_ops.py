@@ -135,9 +135,10 @@ def mixed_lora_triton(x2: torch.Tensor, weight, bias: Optional[torch.Tensor],
     ranks = torch.tensor([0 if a is None else a[0].shape[0] for a in slots], dtype=torch.int32, device=x2.device)
     scalings = torch.tensor([0.0 if a is None else float(a[2]) for a in slots], dtype=torch.float32, device=x2.device)
     dropout_ps = [0.0 if a is None else float(a[3]) for a in slots]
-    for p in dropout_ps:
+    for slot, p in enumerate(dropout_ps):
         if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+            raise ValueError(f"the adapter of slot {slot} has dropout_p={p}; it must be in [0, 1): use 0.0 to "
+                             f"disable dropout")
     dropouts = torch.tensor(dropout_ps, dtype=torch.float32, device=x2.device)
     # operands in x's dtype (no-ops when they are already; gradients flow back through the casts)
     bias = None if bias is None else bias.to(x2.dtype)

@@ -435,6 +435,6 @@ def lora_linear(
     """
     check_operands(x, weight, bias, lora_A, lora_B)
     if not 0.0 <= dropout_p < 1.0:
-        raise LorakernError(f"dropout_p must be in [0, 1), got {dropout_p}")
+        raise LorakernError(f"dropout_p must be in [0, 1), got {dropout_p}; use 0.0 to disable dropout")
     return dispatch.lora_forward(x, "dense", weight, bias, [(lora_A, lora_B, scaling, dropout_p)], seed=seed,
                                  requested=backend)

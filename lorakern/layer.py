@@ -171,7 +171,8 @@ class LoraLinear(NamedAdapters, nn.Module):
         self._check_new_name(name)
         if r > min(self.in_features, self.out_features):
             warnings.warn(f"r={r} exceeds min(in_features, out_features)={min(self.in_features, self.out_features)}: "
-                          f"the update B A cannot reach rank {r}", stacklevel=3)
+                          f"the update B A cannot reach rank {r}; use r <= {min(self.in_features, self.out_features)} "
+                          f"for the same update with fewer parameters", stacklevel=3)
         existing = next(iter(self.adapters.values()), None)
         reference = existing.lora_A if existing is not None else None
         device = reference.device if reference is not None else self._base_device()

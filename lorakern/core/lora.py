@@ -24,7 +24,9 @@ INITS = ("kaiming", "gaussian", "normal")
 def _as_f64(name: str, array) -> np.ndarray:
     out = np.asarray(array, dtype=np.float64)
     if not np.all(np.isfinite(out)):
-        raise ValueError(f"{name} holds non-finite values; the reference needs finite inputs")
+        bad = np.argwhere(~np.isfinite(out))
+        raise ValueError(f"{name} holds {len(bad)} non-finite values, the first at index {tuple(int(i) for i in bad[0])} "
+                         f"({out[tuple(bad[0])]}); the reference needs finite inputs: pass finite values")
     return out
 
 

@@ -160,7 +160,8 @@ def _as_float32(w) -> np.ndarray:
     if not np.issubdtype(array.dtype, np.floating):
         raise TypeError(f"NF4 quantizes floating-point weights, got dtype {array.dtype}; cast the weight to float first")
     if array.size == 0:
-        raise ValueError(f"cannot quantize an empty weight of shape {array.shape}")
+        raise ValueError(f"cannot quantize an empty weight of shape {array.shape}: NF4 needs at least one element; "
+                         f"leave this layer out of quantization or give it a real weight")
     bad = ~np.isfinite(array)
     if bad.any():
         first = np.unravel_index(int(np.argmax(bad)), array.shape)

@@ -64,7 +64,8 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     if not weight.is_floating_point():
         raise TypeError(f"NF4 quantizes floating-point weights, got dtype {weight.dtype}; cast the weight to float first")
     if weight.numel() == 0:
-        raise LorakernError(f"cannot quantize an empty weight of shape {tuple(weight.shape)}")
+        raise LorakernError(f"cannot quantize an empty weight of shape {tuple(weight.shape)}: NF4 needs at least one "
+                            f"element; leave this layer out of quantization (quantize_skip) or give it a real weight")
     bad = ~torch.isfinite(weight.detach())
     if bad.any():
         first = tuple(int(i) for i in torch.unravel_index(bad.reshape(-1).int().argmax(), weight.shape))
