@@ -10,6 +10,7 @@ from torch import nn
 from lorakern import core
 from lorakern.errors import ConfigError
 from lorakern.inits import rewrites_base
+from lorakern.named_adapters import adapter_hyperparameters
 
 # init_lora_weights values a layer takes (PEFT's names; "normal" is the seed's rule, lorakern's own):
 # True / "kaiming": A kaiming-uniform (a = sqrt(5)), B zeros (PEFT's default); "gaussian": A ~ N(0, 1/r^2),
@@ -35,6 +36,22 @@ def check_hyperparameters(r, alpha, dropout, init) -> None:
                           f"of subspace iterations, e.g. 'pissa_niter_4' (EVA and CorDA are not implemented yet)")
 
 
+def init_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, init, r: int) -> None:
+    """A by the init rule, B zeros (both kaiming-uniform for init False), in place; any factor layout (a Linear's
+    (r, in), a convolution's (r, C, *k)): kaiming-uniform reads the fan-in from the tensor, as nn.init does."""
+    if lora_A.is_meta:
+        return
+    with torch.no_grad():
+        if init in ("kaiming", False):
+            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        else:
+            nn.init.normal_(lora_A, std=core.init_std(init, r, lora_A[0].numel()))
+        if init is False:
+            nn.init.kaiming_uniform_(lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(lora_B)
+
+
 class LoraAdapter(nn.Module):
     """lora_A (r x in) and lora_B (out x r) with s = alpha / r (alpha / sqrt(r) with rsLoRA) and the LoRA
     dropout probability. The update it adds is s B A, applied as s (dropout(x) A^T) B^T.
@@ -48,12 +65,7 @@ class LoraAdapter(nn.Module):
         super().__init__()
         check_hyperparameters(r, alpha, dropout, init)
         self.in_features, self.out_features = in_features, out_features
-        self.r = r
-        self.alpha = float(r if alpha is None else alpha)
-        self.use_rslora = use_rslora
-        self.scaling = core.scaling(r, self.alpha, use_rslora)
-        self.dropout = float(dropout)
-        self.init = "kaiming" if init is True else init
+        adapter_hyperparameters(self, r, alpha, dropout, use_rslora, init)
         factory = {"device": device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
@@ -72,17 +84,7 @@ class LoraAdapter(nn.Module):
             raise ConfigError(f"init {init!r} is computed from the base weight once, when the layer adds the adapter "
                               f"(the base then holds the residual): it cannot be reset; reset with init=True or "
                               f"'gaussian', or add a fresh adapter")
-        if self.lora_A.is_meta:
-            return
-        with torch.no_grad():
-            if init in ("kaiming", False):
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            else:
-                nn.init.normal_(self.lora_A, std=core.init_std(init, self.r, self.in_features))
-            if init is False:
-                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(self.lora_B)
+        init_factors(self.lora_A, self.lora_B, init, self.r)
 
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """s B A as (out, in), computed in ``dtype`` (fp32 at least)."""

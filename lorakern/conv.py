@@ -14,14 +14,13 @@ makes the merged kernel compute the same function.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakern.adapter import check_hyperparameters
+from lorakern.adapter import check_hyperparameters, init_factors
 from lorakern.errors import ConfigError, LorakernError
 from lorakern.layer import DEFAULT_ADAPTER
 from lorakern.named_adapters import InPlaceMerge, NamedAdapters, adapter_hyperparameters, check_plain_adapter
@@ -50,18 +49,8 @@ class ConvAdapter(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self, init=None) -> None:
-        init = self.init if init is None else ("kaiming" if init is True else init)
-        if self.lora_A.is_meta:
-            return
-        with torch.no_grad():
-            if init in ("kaiming", False):
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            else:
-                nn.init.normal_(self.lora_A, std=1.0 / self.r if init == "gaussian" else 1.0)
-            if init is False:
-                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(self.lora_B)
+        init_factors(self.lora_A, self.lora_B, self.init if init is None else ("kaiming" if init is True else init),
+                     self.r)
 
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """s B ∘ A as one (O, C, *k) kernel: delta[o, c, t] = s sum_j B[o, j] A[j, c, t] (groups 1 only),
