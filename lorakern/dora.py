@@ -22,7 +22,8 @@ import torch
 
 from lorakern import dispatch, native
 from lorakern.errors import LorakernError
-from lorakern.functional import _dropped_out, _ptr, _rank_r_grads_native, _rank_r_grads_torch
+from lorakern.functional import _dropped_out, _rank_r_grads_native, _rank_r_grads_torch
+from lorakern.native import pointer as _ptr
 from lorakern.nf4 import lora as _nf4_lora  # noqa: F401  registers the NF4 torch implementation DoRA attaches to
 from lorakern.nf4.storage import NF4Storage
 

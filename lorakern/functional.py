@@ -18,6 +18,7 @@ import torch
 from lorakern import dispatch, mixed, mixed_c, native
 from lorakern.dispatch import Call, Implementation
 from lorakern.errors import LorakernError
+from lorakern.native import pointer as _ptr
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -333,10 +334,6 @@ def _c_unsupported_common(x: torch.Tensor) -> Optional[str]:
         _, why = native.build_status()
         return f"not built: {why}"
     return None
-
-
-def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
-    return None if t is None else t.data_ptr()
 
 
 def torch_dropout_mask(seed: int, shape, p: float, device) -> torch.Tensor:

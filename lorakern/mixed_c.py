@@ -15,12 +15,9 @@ from typing import Any, Optional, Sequence
 import torch
 
 from lorakern import native
+from lorakern.native import pointer as _ptr
 
 _Adapters = Sequence[Optional[tuple[torch.Tensor, torch.Tensor, float, float]]]
-
-
-def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
-    return None if t is None else t.data_ptr()
 
 
 def _addresses(tensors: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
@@ -74,29 +71,23 @@ class MixedLoraFunction(torch.autograd.Function):
         y.addmm_(x2, weight.t())
         ctx.plan, ctx.library, ctx.x_shape = plan, library, x.shape
         ctx.lora_separate, ctx.has_bias = x_lora is not None, bias is not None
-        ctx.save_for_backward(xl2, u, x2 if ctx.needs_input_grad[2] else None, weight, *[t for t in A + B_t
-                                                                                     if t is not None])
+        ctx.save_for_backward(xl2, u, x2 if ctx.needs_input_grad[2] else None, weight, *A, *B_t)  # None: no adapter
         return y.reshape(*x.shape[:-1], N)
 
     @staticmethod
     def backward(ctx, grad_y):
         plan, library = ctx.plan, ctx.library
-        xl2, u, x2, weight, *kept = ctx.saved_tensors
+        xl2, u, x2, weight, *factors = ctx.saved_tensors
         n = len(plan.present)
-        count = sum(plan.present)
-        A = [None] * n
-        B_t = [None] * n
-        present = [a for a in range(n) if plan.present[a]]
-        for position, a in enumerate(present):
-            A[a], B_t[a] = kept[position], kept[count + position]
+        A, B_t = factors[:n], factors[n:]
         need_x, need_xl, need_W, need_b = ctx.needs_input_grad[:4]
         factor_needs = ctx.needs_input_grad[6:]
         g = grad_y.reshape(-1, weight.shape[0]).contiguous()
         rows, K, N = g.shape[0], weight.shape[1], weight.shape[0]
         want_term = need_xl or (need_x and not ctx.lora_separate)
         term = g.new_empty(rows, K) if want_term else None
-        dA = [A[a].new_empty(A[a].shape) if plan.present[a] and factor_needs[2 * a] else None for a in range(n)]
-        dB_t = [B_t[a].new_empty(B_t[a].shape) if plan.present[a] and factor_needs[2 * a + 1] else None
+        dA = [A[a].new_empty(A[a].shape) if A[a] is not None and factor_needs[2 * a] else None for a in range(n)]
+        dB_t = [B_t[a].new_empty(B_t[a].shape) if B_t[a] is not None and factor_needs[2 * a + 1] else None
                 for a in range(n)]
         A_addr, Bt_addr, dA_addr, dBt_addr = _addresses(A), _addresses(B_t), _addresses(dA), _addresses(dB_t)
         threads = torch.get_num_threads()

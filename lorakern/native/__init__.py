@@ -85,6 +85,11 @@ _LIBRARIES = {
 }
 
 
+def pointer(tensor) -> Optional[int]:
+    """The address a C function takes for ``tensor`` (a torch tensor), or None (NULL) for None."""
+    return None if tensor is None else tensor.data_ptr()
+
+
 class NativeBuildError(OSError):
     """A C library could not be built: the compiler is missing or failed (the message has its first lines)."""
 
