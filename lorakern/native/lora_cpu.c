@@ -255,6 +255,16 @@ static void block_rows_out(float *base, int64_t i0, int64_t M, int64_t len, floa
     for (int q = 0; q < ROWS; ++q) rows[q] = i0 + q < M ? base + (i0 + q) * len : spare;
 }
 
+/* ublk (four rows of r) = x~ A^T for the rows i0 .. i0 + 3 (rows past M repeat row i0), and the rows below M
+ * stored into u (M x r). */
+static void block_u(const float *x, const float *A, int64_t i0, int64_t M, int64_t K, int64_t r, float *u,
+                    float *ublk) {
+    const float *xr[ROWS];
+    block_rows(x, i0, M, K, xr);
+    dots4(xr, A, r, K, ublk);
+    for (int q = 0; q < ROWS && i0 + q < M; ++q) memcpy(u + (i0 + q) * r, ublk + q * r, r * sizeof(float));
+}
+
 /* Forward: u = x~ A^T; y = b + s u B^T when y is not NULL (bias may be NULL). r <= 256. */
 void lora_forward_f32(const float *x_lora, const float *A, const float *Bt, const float *bias, float scaling,
                       int64_t M, int64_t K, int64_t N, int64_t r, float *u, float *y, int threads) {
@@ -266,10 +276,7 @@ void lora_forward_f32(const float *x_lora, const float *A, const float *Bt, cons
         #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; ++blk) {
             int64_t i0 = blk * ROWS;
-            const float *xr[ROWS];
-            block_rows(x_lora, i0, M, K, xr);
-            dots4(xr, A, r, K, ublk);
-            for (int q = 0; q < ROWS && i0 + q < M; ++q) memcpy(u + (i0 + q) * r, ublk + q * r, r * sizeof(float));
+            block_u(x_lora, A, i0, M, K, r, u, ublk);
             if (y) {
                 float *yr[ROWS];
                 block_rows_out(y, i0, M, N, spare, yr);
@@ -581,10 +588,7 @@ void dora_forward_f32(const float *x, const float *A, const float *Bt, const flo
         #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; ++blk) {
             int64_t i0 = blk * ROWS;
-            const float *xr[ROWS];
-            block_rows(x, i0, M, K, xr);
-            dots4(xr, A, r, K, ublk);
-            for (int q = 0; q < ROWS && i0 + q < M; ++q) memcpy(u + (i0 + q) * r, ublk + q * r, r * sizeof(float));
+            block_u(x, A, i0, M, K, r, u, ublk);
             for (int64_t e = 0; e < ROWS * r; ++e) coef[e] = scaling * ublk[e];
             float *yr[ROWS], *kr[ROWS];
             const float *zr[ROWS];
