@@ -14,8 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lorakern.kernels.mixed_forward import _load_rows, _segment_tile, _store_rows, _tile_rows
-from lorakern.kernels.tiles import _dot, _dropout_keep, _keep_scale, _load, _load_weight, _tile_ids
+from lorakern.kernels.mixed_forward import _load_rows, _segment_tile, _slot_constants, _store_rows, _tile_rows
+from lorakern.kernels.tiles import _dot, _dropout_keep, _load, _load_weight, _tile_ids
 
 
 @triton.jit
@@ -91,10 +91,7 @@ def _mixed_bwd_kernel(
     if seg < 0:
         return
     use_lora = rank > 0
-    slot = tl.minimum(seg, tl.maximum(n_slots - 1, 0))  # a valid slot index for the pointers below
-    scaling = tl.load(scaling_ptr + slot, mask=use_lora, other=0.0)
-    dropout_p = tl.load(dropout_ptr + slot, mask=use_lora, other=0.0)
-    keep_scale = _keep_scale(dropout_p)
+    slot, scaling, dropout_p, keep_scale = _slot_constants(seg, use_lora, n_slots, scaling_ptr, dropout_ptr)
     a_tile_ptr = a_ptr + slot.to(tl.int64) * stride_aa
     b_tile_ptr = b_ptr + slot.to(tl.int64) * stride_ba
     da_tile_ptr = da_ptr + slot.to(tl.int64) * R * K

@@ -42,6 +42,16 @@ def _segment_tile(offsets_ptr, ranks_ptr, n_slots, M, pid_m, BLOCK_M: tl.constex
 
 
 @triton.jit
+def _slot_constants(seg, use_lora, n_slots, scaling_ptr, dropout_ptr):
+    """(slot, s, dropout p, 1 / (1 - p)) of a tile's segment; slot is clamped to a valid index for the
+    per-slot pointers (base-only tiles, use_lora False, read nothing through it)."""
+    slot = tl.minimum(seg, tl.maximum(n_slots - 1, 0))
+    scaling = tl.load(scaling_ptr + slot, mask=use_lora, other=0.0)
+    dropout_p = tl.load(dropout_ptr + slot, mask=use_lora, other=0.0)
+    return slot, scaling, dropout_p, _keep_scale(dropout_p)
+
+
+@triton.jit
 def _tile_rows(order_ptr, start, end, BLOCK_M: tl.constexpr):
     """(row indices, in-segment flags) of the tile at sorted positions start .. start + BLOCK_M.
 
@@ -115,10 +125,7 @@ def _mixed_fwd_kernel(
     if seg < 0:
         return
     use_lora = rank > 0
-    slot = tl.minimum(seg, tl.maximum(n_slots - 1, 0))  # a valid slot index for the pointers below
-    scaling = tl.load(scaling_ptr + slot, mask=use_lora, other=0.0)
-    dropout_p = tl.load(dropout_ptr + slot, mask=use_lora, other=0.0)
-    keep_scale = _keep_scale(dropout_p)
+    slot, scaling, dropout_p, keep_scale = _slot_constants(seg, use_lora, n_slots, scaling_ptr, dropout_ptr)
     a_tile_ptr = a_ptr + slot.to(tl.int64) * stride_aa
     b_tile_ptr = b_ptr + slot.to(tl.int64) * stride_ba
     rows, row_ok = _tile_rows(order_ptr, start, end, BLOCK_M)
