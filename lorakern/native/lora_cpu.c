@@ -331,21 +331,37 @@ static void reduce_partials(float *out, const float *partial, int64_t stride, in
         }
 }
 
-/* Backward. g (M x N); x_lora (M x K, needed for dA); u (M x r, needed for dB); outputs that are NULL are
- * skipped: dx (M x K) = s gB A, dA (r x K) = s gB^T x~, dBt (r x N) = s u^T g. `partial` holds
- * lora_backward_scratch(K, N, r, threads) floats for the per-thread sums. r <= 256. */
-void lora_backward_f32(const float *g, const float *x_lora, const float *u, const float *A, const float *Bt,
-                       float scaling, int64_t M, int64_t K, int64_t N, int64_t r, float *dx, float *dA, float *dBt,
-                       float *partial, int threads) {
+/* acc[n] += sum over t < rows of a_t[n] * b_t[n]: column sums of the elementwise product of two chunks of
+ * rows (DoRA's sum_rows(g * z)), four rows per read and write of acc. */
+static void accumulate_products(float *acc, const float *const *a, const float *const *b, int64_t rows,
+                                int64_t len) {
+    int64_t t = 0;
+    for (; t + ROWS <= rows; t += ROWS) {
+        int64_t n = 0;
+        for (; n + LANES <= len; n += LANES)
+            store(acc + n, load(acc + n) + load(a[t] + n) * load(b[t] + n) + load(a[t + 1] + n) * load(b[t + 1] + n)
+                           + load(a[t + 2] + n) * load(b[t + 2] + n) + load(a[t + 3] + n) * load(b[t + 3] + n));
+        for (; n < len; ++n)
+            acc[n] += a[t][n] * b[t][n] + a[t + 1][n] * b[t + 1][n] + a[t + 2][n] * b[t + 2][n] + a[t + 3][n] * b[t + 3][n];
+    }
+    for (; t < rows; ++t)
+        for (int64_t n = 0; n < len; ++n) acc[n] += a[t][n] * b[t][n];
+}
+
+/* The backward's passes (lora_backward_f32; dora_backward_f32 adds z and gz). */
+static void backward_passes(const float *g, const float *x_lora, const float *u, const float *A, const float *Bt,
+                            float scaling, int64_t M, int64_t K, int64_t N, int64_t r, float *dx, float *dA,
+                            float *dBt, float *partial, const float *z, float *gz, int threads) {
     int64_t blocks = (M + ROWS - 1) / ROWS;
-    int64_t ldK = padded(K), ldN = padded(N), per_thread = r * (ldK + ldN);
+    int64_t ldK = padded(K), ldN = padded(N), per_thread = r * (ldK + ldN) + (z ? ldN : 0);
     int need_gB = dx != NULL || dA != NULL;
     #pragma omp parallel num_threads(threads)
     {
         int tid = thread_id(), team = team_size();
-        float *pA = partial + tid * per_thread, *pB = pA + r * ldK;
+        float *pA = partial + tid * per_thread, *pB = pA + r * ldK, *pZ = pB + r * ldN;
         if (dA) memset(pA, 0, (size_t)(r * ldK) * sizeof(float));
         if (dBt) memset(pB, 0, (size_t)(r * ldN) * sizeof(float));
+        if (z) memset(pZ, 0, (size_t)ldN * sizeof(float));
         float coef[ROWS * 256];
         float *spare = dx ? (float *)malloc((size_t)K * sizeof(float)) : NULL;
         float *gB = need_gB ? (float *)malloc((size_t)(CHUNK_BLOCKS * ROWS * r) * sizeof(float)) : NULL;
@@ -361,6 +377,11 @@ void lora_backward_f32(const float *g, const float *x_lora, const float *u, cons
             if (dBt) {
                 row_pointers(u, r, NULL, row0, rows, crows);
                 accumulate_rows(pB, ldN, crows, r, grows, N, rows);
+            }
+            if (z) {  /* the chunk's rows of g are in L2 from the dB pass: gz costs a read of z only */
+                const float *zrows[CHUNK_BLOCKS * ROWS];
+                row_pointers(z, N, NULL, row0, rows, zrows);
+                accumulate_products(pZ, grows, zrows, rows, N);
             }
             for (int64_t blk = chunk; need_gB && blk < last; ++blk) {
                 int64_t i0 = blk * ROWS;
@@ -389,7 +410,30 @@ void lora_backward_f32(const float *g, const float *x_lora, const float *u, cons
         /* the implicit barrier of `omp for` above: every partial is complete; reduce them column-wise */
         if (dA) reduce_partials(dA, partial, per_thread, ldK, team, r, K, scaling);
         if (dBt) reduce_partials(dBt, partial + r * ldK, per_thread, ldN, team, r, N, scaling);
+        if (z) reduce_partials(gz, partial + r * (ldK + ldN), per_thread, ldN, team, 1, N, 1.0f);
     }
+}
+
+/* Backward. g (M x N); x_lora (M x K, needed for dA); u (M x r, needed for dB); outputs that are NULL are
+ * skipped: dx (M x K) = s gB A, dA (r x K) = s gB^T x~, dBt (r x N) = s u^T g. `partial` holds
+ * lora_backward_scratch(K, N, r, threads) floats for the per-thread sums. r <= 256. */
+void lora_backward_f32(const float *g, const float *x_lora, const float *u, const float *A, const float *Bt,
+                       float scaling, int64_t M, int64_t K, int64_t N, int64_t r, float *dx, float *dA, float *dBt,
+                       float *partial, int threads) {
+    backward_passes(g, x_lora, u, A, Bt, scaling, M, K, N, r, dx, dA, dBt, partial, NULL, NULL, threads);
+}
+
+/* DoRA's backward with the magnitude scale folded into the operands (lorakern/dora.py): the LoRA backward above
+ * on g with Bt = (c B)^T, and gz[n] = sum_i g[i, n] z[i, n] (z: M x N) in the pass that computes dB, where the
+ * rows of g are still in cache. `partial` holds dora_backward_scratch(K, N, r, threads) floats. */
+void dora_backward_f32(const float *g, const float *x_lora, const float *u, const float *A, const float *Bt,
+                       float scaling, int64_t M, int64_t K, int64_t N, int64_t r, float *dx, float *dA, float *dBt,
+                       const float *z, float *gz, float *partial, int threads) {
+    backward_passes(g, x_lora, u, A, Bt, scaling, M, K, N, r, dx, dA, dBt, partial, z, gz, threads);
+}
+
+int64_t dora_backward_scratch(int64_t K, int64_t N, int64_t r, int threads) {
+    return lora_backward_scratch(K, N, r, threads) + (int64_t)threads * padded(N);
 }
 
 /* ---- Mixed-adapter batches: each row of x~ uses the adapter of its slot ---------------------------------
