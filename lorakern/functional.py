@@ -34,11 +34,12 @@ class LoraLinearFunction(torch.autograd.Function):
         dL/dx~ = s (g B) A        since y depends on x~ only through u = x~ A^T and s u B^T
         dL/dx  = g W  (+ dL/dx~ when x~ is x itself)
         dL/dA  = s (g B)^T x~     the r x K gradient: (g B) is M x r, computed once
-        dL/dB  = s g^T u = s (u^T g)^T   u saved from the forward, never recomputed
+        dL/dB  = s g^T u = s (u^T g)^T   u saved from the factored forward; after a merged one (which
+                                          computes no u) the backward forms it from x~ as it reads x~ for dA
         dL/db  = sum_rows g
         dL/dW  = g^T x            only when the base weight is trainable
-    Saved for backward: x~ (x when there is no dropout) and u (M x r, only when B trains); x itself only
-    when W trains. The only M x N tensor is y itself.
+    Saved for backward: x~ (x when there is no dropout) and u (M x r, only when B trains, factored forward
+    only); x itself only when W trains. The only M x N tensor is y itself.
 
     Why it is written this way (CPU, measured with ``lorakern bench``): the rank-r GEMMs are memory bound
     and the big GEMM is not, so every rank-r term that lands in an M x N (or M x K) result is written
@@ -71,11 +72,12 @@ class LoraLinearFunction(torch.autograd.Function):
         need_u = ctx.needs_input_grad[5]  # u = x~ A^T is kept only for dB = s g^T u
         form = choose_formulation(rows, in_features, out_features, r, x_lora is not None, x.dtype)
         if form.forward == "merged":
-            # y = x (W + s B A)^T + b: one N x K weight formed, the base GEMM runs on it; u only if dB is needed
+            # y = x (W + s B A)^T + b: one N x K weight formed, the base GEMM runs on it. u = x A^T is left to
+            # the backward, whose pass over x for dA computes it chunk by chunk (no pass over x here)
             merged = merged_weight(weight, lora_B, lora_A, scaling)
             y = torch.addmm(bias, x2, merged.t()) if bias is not None else x2 @ merged.t()
             del merged  # a workspace: nothing may hold it past this call
-            u = _lora_input_product(library, xl2, lora_A) if need_u else None
+            u = None
         elif library is not None:
             # u = x~ A^T and y = b + s u B^T in one pass over x~ (lorakern/native/lora_cpu.c)
             B_t = lora_B.t().contiguous()  # r x N: a few KB
@@ -109,7 +111,7 @@ class LoraLinearFunction(torch.autograd.Function):
         ctx.lora_separate = x_lora is not None
         ctx.has_bias = bias is not None
         ctx.save_for_backward(
-            xl2 if ctx.needs_input_grad[4] else None,
+            xl2 if ctx.needs_input_grad[4] or (need_u and u is None) else None,  # x~ for dA, and for u when deferred
             u if need_u else None,
             x2 if ctx.needs_input_grad[2] else None,
             weight,
@@ -163,15 +165,18 @@ class Formulation:
 
 FORMULATION_ENV = "LORAKERN_FORMULATION"
 FORMULATION_CHOICES = ("auto", "factored", "merged")
-# Forming W' = W + s B A (an addmm over r into a fresh N x K tensor that the GEMM then reads instead of W)
-# costs about N K (r + MERGE_OVERHEAD) multiply-adds of the thin kernels' time. Measured (2 cores, fp32,
-# lorakern/native/lora_cpu.c, AVX-512 and AVX2 builds): the rank-r term of y runs at ~0.024 ns per
-# multiply-add; W' took 0.17-0.23 ms at 768 x 768 r=8 when its memory is reused (c ~ 12), but in a default
-# process glibc often hands W' fresh pages (~580 page faults for 2.4 MB), and at 4096 x 4096 r=16 the
-# fresh 64 MB W' took 24-27 ms (c ~ 65). Side by side in `lorakern bench` (benchmarks/RESULTS.md,
-# 2026-11-30) merged lost at 768 x 768 r=8 and 4096 x 4096 r=16 with 4096 tokens and won at r=64, so
-# c = 64: merged only where it wins by a margin.
-MERGE_OVERHEAD = 64
+# Forming W' = W + s B A (an addmm over r into this thread's N x K workspace that the GEMM then reads instead
+# of W) costs about N K (r + c) multiply-adds of the thin kernels' time (~0.024 ns each on 2 cores, fp32,
+# lorakern/native/lora_cpu.c), c for writing and reading W'. The two sides differ in what merging saves:
+# - forward: the factored form's C pass over x and y (reads x for u, writes b + s u B^T) goes entirely, since
+#   the merged forward leaves u to the backward's pass over x; W' at 768 x 768 r=8 takes ~0.14 ms from the
+#   workspace. Measured side by side (2026-11-30, 768 x 768 r=8, glibc keeping freed memory so that page
+#   faults do not decide): merged 1.02-1.04x the frozen layer vs factored 1.04-1.09x at 1024 and 4096 tokens,
+#   a tie at 512. c = 4: merged from M > 1.5 K at r=8.
+# - backward: merged saves only the write of dx's rank-r term (g B is still needed for dA): a tie at 4096
+#   tokens, merged behind at 1024. c = 64: merged only where the term's M K r clearly dominates (M > 9 N).
+FORWARD_MERGE_OVERHEAD = 4
+BACKWARD_MERGE_OVERHEAD = 64
 _PINNED: list[str] = []
 
 
@@ -192,16 +197,17 @@ def choose_formulation(rows: int, in_features: int, out_features: int, r: int, l
                        dtype: torch.dtype) -> Formulation:
     """The cheaper formulation for one call, by the cost of the work the two forms do not share.
 
-    Counted in multiply-adds (M rows, K in, N out; u = x~ A^T, the M K r both forms compute for dB, and
-    g B, dA and dB, which both backward forms compute, are left out):
+    Counted in multiply-adds (M rows, K in, N out; u = x~ A^T, the M K r both forms compute for dB (the
+    factored forward, or the backward's pass over x~ after a merged forward), and g B, dA and dB, which both
+    backward forms compute, are left out):
         forward   factored: the rank-r term of y, s u B^T            M N r
-                  merged:   W' = W + s B A, then x W'^T              N K (r + c)
-                  -> merged when M N r > N K (r + c), i.e. M > K (1 + c / r)
+                  merged:   W' = W + s B A, then x W'^T              N K (r + c_f)
+                  -> merged when M N r > N K (r + c_f), i.e. M > K (1 + c_f / r)
         backward  factored: the rank-r term of dx, s (g B) A         M K r
-                  merged:   W' formed again, then g W'               N K (r + c)
-                  -> merged when M K r > N K (r + c), i.e. M > N (1 + c / r)
-    with c = MERGE_OVERHEAD for writing and reading W' (forming it is an N x K x r GEMM that BLAS runs
-    well below its peak; the term it replaces is one of the thin kernels). W' is formed again in the backward rather than
+                  merged:   W' formed again, then g W'               N K (r + c_b)
+                  -> merged when M K r > N K (r + c_b), i.e. M > N (1 + c_b / r)
+    with c_f = FORWARD_MERGE_OVERHEAD and c_b = BACKWARD_MERGE_OVERHEAD for writing and reading W' and for
+    what each side's merge does not save (measured; see above). W' is formed again in the backward rather than
     kept, so the merged form holds no N x K tensor between the passes.
 
     Merged is declined, whatever the cost, when dropout is on (the LoRA branch sees dropout(x), not x,
@@ -219,9 +225,9 @@ def choose_formulation(rows: int, in_features: int, out_features: int, r: int, l
         return Formulation("factored", "factored", f"{dtype}: W + s B A would round away s B A")
     if pinned != "auto":
         return Formulation(pinned, pinned, f"pinned by {FORMULATION_ENV}={pinned}")
-    merge_cost = in_features * out_features * (r + MERGE_OVERHEAD)
-    forward = "merged" if rows * out_features * r > merge_cost else "factored"
-    backward = "merged" if rows * in_features * r > merge_cost else "factored"
+    weight_size = in_features * out_features
+    forward = "merged" if rows * out_features * r > weight_size * (r + FORWARD_MERGE_OVERHEAD) else "factored"
+    backward = "merged" if rows * in_features * r > weight_size * (r + BACKWARD_MERGE_OVERHEAD) else "factored"
     return Formulation(forward, backward, f"cost model: M={rows}, K={in_features}, N={out_features}, r={r}")
 
 
@@ -265,20 +271,11 @@ def release_workspaces() -> None:
     _WORKSPACES.buffers.clear()
 
 
-def _lora_input_product(library, x_lora: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
-    """u = x~ A^T alone (the merged forward still needs it for dB): the C pass with no y, or BLAS."""
-    if library is None:
-        return x_lora @ lora_A.t()
-    x_lora, A = x_lora.contiguous(), lora_A.contiguous()
-    rows, (r, K) = x_lora.shape[0], A.shape
-    u = x_lora.new_empty(rows, r)
-    library.lora_forward_f32(_ptr(x_lora), _ptr(A), None, None, 1.0, rows, K, 0, r, _ptr(u), None,
-                             torch.get_num_threads())
-    return u
-
-
 def _rank_r_grads_torch(library, g, x_lora, u, lora_A, lora_B, s, want_term, need_A, need_B):
-    """(s (g B) A or None, dA or None, dB or None) with torch: (g B) is M x r, computed once for both."""
+    """(s (g B) A or None, dA or None, dB or None) with torch: (g B) is M x r, computed once for both. u None:
+    the forward kept none (merged), u = x~ A^T here."""
+    if need_B and u is None:
+        u = x_lora @ lora_A.t()
     gB = g @ lora_B.t().contiguous().t() if want_term or need_A else None
     term = dA = dB = None
     if want_term:
@@ -295,7 +292,8 @@ def _rank_r_grads_torch(library, g, x_lora, u, lora_A, lora_B, s, want_term, nee
 
 def _rank_r_grads_native(library, g, x_lora, u, lora_A, lora_B, s, want_term, need_A, need_B):
     """The same in C (lorakern/native/lora_cpu.c): dB^T = s u^T g in one pass over g, then g B four rows at
-    a time (never stored), s (g B) A and dA = s (g B)^T x~ in one pass over the rows of g and x~."""
+    a time (never stored), s (g B) A and dA = s (g B)^T x~ in one pass over the rows of g and x~. u None (the
+    merged forward kept none): the pass computes u = x~ A^T from each chunk of x~ before its dB."""
     (r, K), N = lora_A.shape, g.shape[1]
     g = g.contiguous()  # an expanded gradient (from .sum()) has stride 0
     rows = g.shape[0]
@@ -305,7 +303,7 @@ def _rank_r_grads_native(library, g, x_lora, u, lora_A, lora_B, s, want_term, ne
     dB_t = lora_B.new_empty(r, N) if need_B else None
     scratch = g.new_empty(library.lora_backward_scratch(K, N, r, threads) if need_A or need_B else 0)
     # named, so that every contiguous copy outlives the call that reads it
-    x_lora = x_lora.contiguous() if need_A else None
+    x_lora = x_lora.contiguous() if need_A or (need_B and u is None) else None
     A, B_t = lora_A.contiguous(), lora_B.t().contiguous()
     library.lora_backward_f32(
         _ptr(g), _ptr(x_lora), _ptr(u if need_B else None), _ptr(A), _ptr(B_t), s, rows, K, N, r,

@@ -354,7 +354,7 @@ static void backward_passes(const float *g, const float *x_lora, const float *u,
                             float *dBt, float *partial, const float *z, float *gz, int threads) {
     int64_t blocks = (M + ROWS - 1) / ROWS;
     int64_t ldK = padded(K), ldN = padded(N), per_thread = r * (ldK + ldN) + (z ? ldN : 0);
-    int need_gB = dx != NULL || dA != NULL;
+    int need_gB = dx != NULL || dA != NULL, u_from_x = dBt != NULL && u == NULL;
     #pragma omp parallel num_threads(threads)
     {
         int tid = thread_id(), team = team_size();
@@ -365,6 +365,8 @@ static void backward_passes(const float *g, const float *x_lora, const float *u,
         float coef[ROWS * 256];
         float *spare = dx ? (float *)malloc((size_t)K * sizeof(float)) : NULL;
         float *gB = need_gB ? (float *)malloc((size_t)(CHUNK_BLOCKS * ROWS * r) * sizeof(float)) : NULL;
+        /* u_from_x: the chunk's u = x~ A^T, computed here (the merged forward keeps no u) */
+        float *uc = u_from_x ? (float *)malloc((size_t)(CHUNK_BLOCKS * ROWS * r) * sizeof(float)) : NULL;
         /* Rows go in chunks of CHUNK_BLOCKS * ROWS: dB over the chunk's rows of g first, then g B and dx four
          * rows at a time, then dA over the chunk. The partial sums are updated once per chunk (in registers,
          * accumulate_rows), and the second read of the chunk's g and x~ hits L2. */
@@ -375,7 +377,16 @@ static void backward_passes(const float *g, const float *x_lora, const float *u,
             const float *grows[CHUNK_BLOCKS * ROWS], *crows[CHUNK_BLOCKS * ROWS];
             row_pointers(g, N, NULL, row0, rows, grows);
             if (dBt) {
-                row_pointers(u, r, NULL, row0, rows, crows);
+                if (u_from_x) {  /* four rows at a time; rows past the chunk repeat its first row into uc's spare rows */
+                    for (int64_t t0 = 0; t0 < rows; t0 += ROWS) {
+                        const float *xr[ROWS];
+                        for (int q = 0; q < ROWS; ++q) xr[q] = x_lora + (row0 + t0 + (t0 + q < rows ? q : 0)) * K;
+                        dots4(xr, A, r, K, uc + t0 * r);
+                    }
+                    row_pointers(uc, r, NULL, 0, rows, crows);
+                } else {
+                    row_pointers(u, r, NULL, row0, rows, crows);
+                }
                 accumulate_rows(pB, ldN, crows, r, grows, N, rows);
             }
             if (z) {  /* the chunk's rows of g are in L2 from the dB pass: gz costs a read of z only */
@@ -407,6 +418,7 @@ static void backward_passes(const float *g, const float *x_lora, const float *u,
         stream_fence();  /* this thread's streamed rows are visible before the region ends */
         free(spare);
         free(gB);
+        free(uc);
         /* the implicit barrier of `omp for` above: every partial is complete; reduce them column-wise */
         if (dA) reduce_partials(dA, partial, per_thread, ldK, team, r, K, scaling);
         if (dBt) reduce_partials(dBt, partial + r * ldK, per_thread, ldN, team, r, N, scaling);
@@ -414,7 +426,8 @@ static void backward_passes(const float *g, const float *x_lora, const float *u,
     }
 }
 
-/* Backward. g (M x N); x_lora (M x K, needed for dA); u (M x r, needed for dB); outputs that are NULL are
+/* Backward. g (M x N); x_lora (M x K, needed for dA); u (M x r, for dB: when NULL, u = x~ A^T is computed
+ * chunk by chunk from x_lora, which must then be given); outputs that are NULL are
  * skipped: dx (M x K) = s gB A, dA (r x K) = s gB^T x~, dBt (r x N) = s u^T g. `partial` holds
  * lora_backward_scratch(K, N, r, threads) floats for the per-thread sums. r <= 256. */
 void lora_backward_f32(const float *g, const float *x_lora, const float *u, const float *A, const float *Bt,
