@@ -1,5 +1,6 @@
 """``lorakern glue --task a,b --mixed``: tasks trained at once on one base, batches mixed across tasks, give
-each task what training it alone gives (same shared base, dropout off), and save one PEFT multi-adapter folder."""
+each task what training it alone gives (same shared base, dropout off), save one PEFT multi-adapter folder,
+and resume from an epoch checkpoint exactly. (Under torchrun: tests/test_harness_distributed.py.)"""
 import os
 
 import pytest
@@ -47,6 +48,10 @@ def test_mixed_flag_errors():
     assert main(["glue", "--task", "sst2,rte", "--no-progress"]) == 2  # several tasks need --mixed
     with pytest.raises(ValueError, match="share one head shape"):
         run_glue_mixed(["sst2", "stsb"])
+    with pytest.raises(ValueError, match=r"--mixed does not take --loraplus-lr-ratio"):
+        run_glue_mixed(["sst2", "rte"], train=TrainConfig(loraplus_lr_ratio=16.0))
+    with pytest.raises(ValueError, match=r"--mixed takes --grad-accum 1"):
+        run_glue_mixed(["sst2", "rte"], train=TrainConfig(grad_accum=2))
 
 
 RESUME = TrainConfig(warmup_epochs=1, decay_epochs=2, batch_size=32, progress=False)

@@ -12,8 +12,16 @@ What makes each task's numbers those of training it alone (``run_glue_mixed`` wi
 - shared trainable tensors would learn from every task, so the recipe's biases stay frozen (bias="none").
 With dropout on, the masks depend on the whole batch, so the curves then differ from the alone runs'.
 
-Writes ``<out>/adapter/<task>/`` (PEFT's multi-adapter layout, one folder per adapter) and
-``<out>/metrics.json``; the adapters are reloaded into a freshly built model and scored again.
+Checkpoints and --resume are train.py's (checkpoint.py): the same file, with every task's tensors and
+``{task: state}`` for the optimisers and schedulers (``Keyed``); each task's batch order for epoch e comes
+from (its seed, e), so the epoch is the data position. Under torchrun each task's batch is dealt out to
+the ranks as train.py deals one batch, each task's loss weighted by the rank's share of that task's batch;
+DDP is built inside an adapter_rows block naming every task and every step names them all (``active=``),
+so each task's tensors get a gradient on every rank at every step (zero without rows), as the reducer needs.
+
+Writes ``<out>/adapter/<task>/`` (PEFT's multi-adapter layout, one folder per adapter),
+``<out>/metrics.json`` and ``<out>/checkpoints/``; the adapters are reloaded into a freshly built model
+and scored again.
 """
 from __future__ import annotations
 

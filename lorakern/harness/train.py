@@ -7,7 +7,7 @@ uninterrupted one:
   goes into every checkpoint;
 - a checkpoint is written at the end of each epoch, after evaluation, with the trainable tensors, the
   optimiser, the scheduler, the gradient scaler, the RNG states and the history so far, so resuming
-  continues exactly where the uninterrupted run would.
+  continues exactly where the uninterrupted run would (checkpoint.py: the format, shared with mixed.py).
 
 Under torchrun (distributed.py) the same code runs on every rank:
 - ``batch_size`` is the global batch. Every rank draws the same batch order; rank r takes items r, r + N,
