@@ -62,7 +62,8 @@ def _epochs(run: dict) -> list[dict]:
 
 
 def _adapters(out) -> dict:
-    return {task: load_file(str(out / "adapter" / task / "adapter_model.safetensors")) for task in os.listdir(out / "adapter")}
+    return {task: load_file(str(out / "adapter" / task / "adapter_model.safetensors"))
+            for task in os.listdir(out / "adapter")}
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,8 @@ def test_mixed_resume_refuses_other_checkpoints_naming_the_fix(uninterrupted, tm
         run_glue("sst2", out=str(tmp_path / "single"), train=RESUME, resume=str(out))
     for tasks in (["sst2", "mrpc"], ["rte", "sst2"]):
         with pytest.raises(ValueError, match=rf"a --mixed run of tasks sst2,rte, this run trains {','.join(tasks)}; "
-                                             r"resume with --task sst2,rte --mixed \(the same tasks in the same order\)"):
+                                             r"resume with --task sst2,rte --mixed \(the same tasks in the same "
+                                             r"order\)"):
             run_glue_mixed(tasks, out=str(tmp_path / "other"), train=RESUME, resume=str(out))
     with pytest.raises(ValueError, match=r"other settings \(train: checkpoint .*'lr': 0\.005"):
         run_glue_mixed(["sst2", "rte"], out=str(tmp_path / "lr"), train=RESUME, lr=1e-3, resume=str(out))
@@ -130,3 +132,24 @@ def test_mixed_resume_refuses_other_checkpoints_naming_the_fix(uninterrupted, tm
     assert "epoch-1.pt is a checkpoint of a single-task run (glue-rte), not of a --mixed run; resume it without " \
            "--mixed, or run --task sst2,rte --mixed without --resume" in err
     assert not os.path.exists(tmp_path / "cli" / "checkpoints" / "epoch-1.pt")  # refused before any training
+
+
+def test_keyed_states_load_only_into_the_same_tasks():
+    from lorakern.harness.checkpoint import Keyed
+
+    params = {t: torch.nn.Parameter(torch.ones(2)) for t in ("sst2", "rte")}
+    optimizers = {t: torch.optim.AdamW([p], lr=0.1) for t, p in params.items()}
+    for p in params.values():
+        p.grad = torch.ones(2)
+    for opt in optimizers.values():
+        opt.step()
+    saved = Keyed(optimizers).state_dict()
+    fresh = Keyed({t: torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=0.1) for t in ("sst2", "rte")})
+    fresh.load_state_dict(saved)
+    assert fresh.state_dict()["rte"]["state"][0]["step"] == 1
+    other = Keyed({t: torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=0.1) for t in ("rte", "sst2")})
+    with pytest.raises(ValueError, match=r"holds states for \['sst2', 'rte'\], this run has \['rte', 'sst2'\]"):
+        other.load_state_dict(saved)
+    with pytest.raises(ValueError, match=r"holds states for one \(a single-task run's\)"):
+        other.load_state_dict(optimizers["sst2"].state_dict())
+    assert all(not opt.state for opt in other.items.values())  # refused before any state changed

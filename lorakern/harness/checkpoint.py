@@ -106,7 +106,8 @@ class Keyed:
 
     def check(self, state) -> None:
         if not isinstance(state, dict) or list(state) != list(self.items):
-            found = list(state) if isinstance(state, dict) else "one (a single-task run)"
+            single = not isinstance(state, dict) or "param_groups" in state or "base_lrs" in state
+            found = "one (a single-task run's)" if single else list(state)
             raise ValueError(f"the checkpoint holds states for {found}, this run has {list(self.items)}; resume "
                              f"with the same tasks in the same order")
 
@@ -165,17 +166,16 @@ def _check_mode(path: str, saved: dict, fingerprint: dict) -> None:
     was, now = saved.get("mixed"), fingerprint.get("mixed")
     if was == now:
         return
-    tasks = lambda names: ",".join(names)
     if now is None:
-        raise ValueError(f"{path} is a checkpoint of a --mixed run (tasks {tasks(was)}); resume it with --task "
-                         f"{tasks(was)} --mixed, or run {fingerprint.get('task')} without --resume")
+        raise ValueError(f"{path} is a checkpoint of a --mixed run (tasks {','.join(was)}); resume it with --task "
+                         f"{','.join(was)} --mixed, or start this run ({fingerprint.get('task')}) without --resume")
     if was is None:
         raise ValueError(f"{path} is a checkpoint of a single-task run ({saved.get('task')}), not of a --mixed run; "
-                         f"resume it without --mixed, or run --task {tasks(now)} --mixed without --resume")
-    raise ValueError(f"{path} is a checkpoint of a --mixed run of tasks {tasks(was)}, this run trains {tasks(now)}; "
-                     f"resume with --task {tasks(was)} --mixed (the same tasks in the same order), or run without "
+                         f"resume it without --mixed, or run --task {','.join(now)} --mixed without --resume")
+    saved_tasks, tasks = ",".join(was), ",".join(now)
+    raise ValueError(f"{path} is a checkpoint of a --mixed run of tasks {saved_tasks}, this run trains {tasks}; "
+                     f"resume with --task {saved_tasks} --mixed (the same tasks in the same order), or run without "
                      f"--resume")
-
 
 
 def _restore_rng(state: dict, context: distributed.Context, seed: int) -> None:

@@ -164,7 +164,8 @@ def _run(tasks: list[str], specs: list, options: RunOptions, config, vocabulary:
 
 
 def _write_metrics(out_dir: str, payload: dict) -> None:
-    atomic_write_bytes(os.path.join(out_dir, "metrics.json"), (json.dumps(payload, indent=2, default=str) + "\n").encode())
+    text = json.dumps(payload, indent=2, default=str) + "\n"
+    atomic_write_bytes(os.path.join(out_dir, "metrics.json"), text.encode())
 
 
 def _task_parameters(model, task: str) -> dict:
