@@ -15,7 +15,7 @@ import torch
 
 from lorakern.cli import main
 from lorakern.harness import distributed
-from lorakern.harness.train import _restore_rng, _rng_state
+from lorakern.harness.checkpoint import _restore_rng, _rng_state
 
 EPOCHS = ["--warmup-epochs", "1", "--decay-epochs", "2", "--no-progress"]
 
@@ -130,6 +130,73 @@ def test_squad_on_two_ranks_scores_what_one_process_scores(tmp_path, one_thread)
     load_adapter(fresh, str(tmp_path / "two" / "adapter"))
     final = json.loads((tmp_path / "two" / "metrics.json").read_text())["final"]
     assert plan.evaluate(fresh, TrainConfig(progress=False, device="cpu")) == final
+
+
+def test_mixed_on_two_ranks_follows_one_process(no_dropout_model, tmp_path, one_thread):
+    """`--mixed` under torchrun: each task's batch dealt out to 2 ranks gives one process's per-step losses
+    (to fp32 rounding), metrics and adapters; rank 0 writes the folder; its checkpoint resumes in one process.
+    RTE is cut to 100 training rows so it runs out before SST-2 (its tensors then get zero gradients under DDP
+    and its optimiser rests), and batch 15 leaves SST-2 a last batch of 1 row: rank 1 then has no row at all."""
+    from safetensors.torch import load_file
+
+    from lorakern.harness.data import FIXTURES
+    from lorakern.harness.mixed import run_glue_mixed
+    from lorakern.harness.run import RunOptions
+    from lorakern.harness.train import TrainConfig
+
+    data = tmp_path / "data"
+    for folder in ("SST-2", "RTE"):
+        (data / folder).mkdir(parents=True)
+        for split in ("train", "dev"):
+            lines = open(os.path.join(FIXTURES, "glue", folder, f"{split}.tsv")).read().splitlines(keepends=True)
+            (data / folder / f"{split}.tsv").write_text("".join(lines[:101] if folder == "RTE" and split == "train"
+                                                                else lines))
+    flags = ["glue", "--task", "sst2,rte", "--mixed", "--model", no_dropout_model, "--head", "hf", "--lr", "5e-3",
+             "--max-length", "64", "--batch-size", "15", "--data", str(data),
+             "--lora-modules-to-save", "LayerNorm,classifier,word_embeddings",
+             "--warmup-epochs", "1", "--decay-epochs", "1", "--no-progress"]
+    assert main([*flags, "--out", str(tmp_path / "one")]) == 0
+    ran = torchrun(["-m", "lorakern", *flags, "--out", "two"], cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.count("sst2 (mixed):") == 1 and ran.stdout.count("rte (mixed):") == 1  # rank 0 prints
+
+    def tasks_of(out):
+        return {task: [row[task] for row in curve(out)] for task in ("sst2", "rte")}
+
+    one, two = tasks_of(tmp_path / "one"), tasks_of(tmp_path / "two")
+    assert [len(row["step_losses"]) for row in one["rte"]] == [7, 7]  # 100 rows: 7 steps of the 18
+    assert one["sst2"][-1]["dev/accuracy"] >= 0.85  # it learns (chance: 0.5): the curves are not flat lines
+    for task in one:
+        torch.testing.assert_close(torch.tensor([row["step_losses"] for row in two[task]]),
+                                   torch.tensor([row["step_losses"] for row in one[task]]), rtol=1e-5, atol=1e-7)
+        assert [{k: v for k, v in row.items() if "/" in k} for row in two[task]] == \
+               [{k: v for k, v in row.items() if "/" in k} for row in one[task]]
+        trained = load_file(str(tmp_path / "two" / "adapter" / task / "adapter_model.safetensors"))
+        reference = load_file(str(tmp_path / "one" / "adapter" / task / "adapter_model.safetensors"))
+        assert trained.keys() == reference.keys()
+        for name in reference:
+            torch.testing.assert_close(trained[name], reference[name], rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(AssertionError):  # the bound notices a few times itself on one step
+        losses = torch.tensor([row["step_losses"] for row in one["sst2"]])
+        torch.testing.assert_close(losses * (1 + 5e-5 * (torch.arange(losses.numel()) == 3).view_as(losses)),
+                                   losses, rtol=1e-5, atol=1e-7)
+
+    assert sorted(os.listdir(tmp_path)) == ["data", "one", "two"]  # rank 0 alone wrote; nothing beside it
+    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))
+    assert not [n for _, _, files in os.walk(tmp_path / "two") for n in files if n.endswith(".tmp")]
+    checkpoint = torch.load(tmp_path / "two" / "checkpoints" / "epoch-1.pt", weights_only=True)
+    assert len(checkpoint["rng_ranks"]) == 2 and list(checkpoint["optimizer"]) == ["sst2", "rte"]
+
+    # Without dropout the RNG does not matter: the 2-rank checkpoint continues in one process to the same end.
+    options = RunOptions(model=no_dropout_model, head="hf", lr=5e-3, max_length=64, data=str(data),
+                         lora={"modules_to_save": ["LayerNorm", "classifier", "word_embeddings"]},
+                         train=TrainConfig(warmup_epochs=1, decay_epochs=1, batch_size=15, progress=False))
+    resumed = run_glue_mixed(["sst2", "rte"], options, out=str(tmp_path / "resumed"),
+                             resume=str(tmp_path / "two" / "checkpoints" / "epoch-1.pt"))
+    for task in one:
+        assert resumed["tasks"][task]["final"] == {k: v for k, v in one[task][-1].items() if "/" in k}
+        torch.testing.assert_close(torch.tensor(resumed["history"][-1][task]["step_losses"]),
+                                   torch.tensor(one[task][-1]["step_losses"]), rtol=1e-5, atol=1e-7)
 
 
 HELPERS = r'''

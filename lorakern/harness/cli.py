@@ -160,11 +160,14 @@ def run_glue_command(args: argparse.Namespace) -> int:
         from lorakern.harness.mixed import run_glue_mixed
 
         result = run_glue_mixed(tasks, run_options(args))
+        agree = all(s["reload_agrees"] for s in result["tasks"].values())
+        if result.get("rank", 0) != 0:  # under torchrun rank 0 prints (and writes) for all
+            return 0 if agree else 1
         for summary in result["tasks"].values():
             print(f"\n{summary['task']} (mixed): {result['out']}")
             print(summary["table"])
-        print(f"\nwrote {result['out']}/adapter/<task>/ (one PEFT multi-adapter folder) and metrics.json")
-        return 0 if all(s["reload_agrees"] for s in result["tasks"].values()) else 1
+        print(f"\nwrote {result['out']}/adapter/<task>/ (one PEFT multi-adapter folder), metrics.json, checkpoints/")
+        return 0 if agree else 1
     if len(tasks) > 1:
         raise ValueError(f"--task {','.join(tasks)}: several tasks train together with --mixed; without it give one "
                          f"task (or all)")

@@ -7,7 +7,7 @@ uninterrupted one:
   goes into every checkpoint;
 - a checkpoint is written at the end of each epoch, after evaluation, with the trainable tensors, the
   optimiser, the scheduler, the gradient scaler, the RNG states and the history so far, so resuming
-  continues exactly where the uninterrupted run would.
+  continues exactly where the uninterrupted run would (checkpoint.py: the format, shared with mixed.py).
 
 Under torchrun (distributed.py) the same code runs on every rank:
 - ``batch_size`` is the global batch. Every rank draws the same batch order; rank r takes items r, r + N,
@@ -34,20 +34,17 @@ import io
 import json
 import math
 import os
-import random
-import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
 from lorakern._io import atomic_write_bytes
 from lorakern.harness import distributed
+from lorakern.harness.checkpoint import CHECKPOINT_DIR, resume_from, save_checkpoint, seed_everything
 
-CHECKPOINT_DIR = "checkpoints"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
@@ -124,12 +121,6 @@ class TrainConfig:
         return data
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """The seed's multiplier of the peak lr: linear 0 -> 1 over warm-up, then linear 1 -> 0."""
     def factor(step: int) -> float:
@@ -137,61 +128,6 @@ def schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
             return step / warmup_steps
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
     return factor
-
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_torch(obj, path: str) -> None:
-    """torch.save, atomically (a kill mid-write leaves the previous checkpoint intact)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def find_checkpoint(path: str) -> str:
-    """A checkpoint file, or the latest epoch-N.pt of a run folder (or of its checkpoints/ folder)."""
-    if os.path.isfile(path):
-        return path
-    for folder in (os.path.join(path, CHECKPOINT_DIR), path):
-        if os.path.isdir(folder):
-            epochs = [(int(m.group(1)), name) for name in os.listdir(folder)
-                      if (m := re.fullmatch(r"epoch-(\d+)\.pt", name))]
-            if epochs:
-                return os.path.join(folder, max(epochs)[1])
-    raise ValueError(f"--resume {path!r}: no checkpoint there; give a run folder holding {CHECKPOINT_DIR}/"
-                     f"epoch-N.pt or the path of one such file")
-
-
-def load_checkpoint(path: str, fingerprint: dict) -> dict:
-    path = find_checkpoint(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a truncated or foreign file
-        raise ValueError(f"{path} is not a readable lorakern checkpoint ({exc}); resume from another epoch") from exc
-    saved = state.get("fingerprint", {})
-    differ = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-    if differ:
-        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {fingerprint.get(k)!r}" for k in differ[:6])
-        raise ValueError(f"{path} was written by a run with other settings ({details}); resume with the same "
-                         f"task, model, data, recipe and training flags")
-    state["path"] = path
-    return state
 
 
 def _batches(n: int, batch_size: int, generator: Optional[torch.Generator]) -> list[list[int]]:
@@ -273,18 +209,6 @@ def _wrap_ddp(model: nn.Module, probe: Callable[[], torch.Tensor], device: torch
                                    find_unused_parameters=find_unused, **{buffers: False})
 
 
-def _restore_rng(state: dict, context: distributed.Context, seed: int) -> None:
-    """The RNG state of this rank at the checkpoint; on another number of ranks rank 0 takes the saved
-    rank 0 state and the others reseed (their dropout masks then differ from the uninterrupted run's)."""
-    ranks = state.get("rng_ranks")
-    if context.enabled and ranks is not None and len(ranks) == context.world_size:
-        _set_rng_state(ranks[context.rank])
-    elif context.is_main:
-        _set_rng_state(state["rng"])
-    else:
-        seed_everything(seed + context.rank)
-
-
 def train(model: nn.Module, features: list, collate: Callable, loss_fn: Callable, evaluate: Callable,
           config: TrainConfig, out_dir: str, fingerprint: dict, resume: Optional[str] = None) -> list[dict]:
     """Train ``model`` (its trainable parameters) and return the per-epoch history.
@@ -322,22 +246,9 @@ def train(model: nn.Module, features: list, collate: Callable, loss_fn: Callable
     fingerprint = {**fingerprint, "train": config.fingerprint()}
     history: list[dict] = []
     start_epoch = 1
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}  # what a checkpoint holds
     if resume:
-        state = distributed.broadcast_from_main(lambda: load_checkpoint(resume, fingerprint))
-        names = {n for n, p in model.named_parameters() if p.requires_grad}
-        if set(state["model"]) != names:
-            raise ValueError(f"{state['path']} holds other trainable tensors than this model; resume with the "
-                             f"same recipe and LoRA flags")
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in names:
-                    param.copy_(state["model"][name].to(param.device))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        _restore_rng(state, context, config.seed)
-        history = list(state["history"])
-        start_epoch = state["epoch"] + 1
+        history, start_epoch = resume_from(resume, fingerprint, trainable, optimizer, scheduler, scaler, config.seed)
     else:
         seed_everything(config.seed + rank)
     if context.is_main:
@@ -386,19 +297,12 @@ def train(model: nn.Module, features: list, collate: Callable, loss_fn: Callable
                "train_seconds": round(time.perf_counter() - started, 3)}
         row.update(evaluate(model))
         history.append(row)
-        rng_states = distributed.all_gather_objects(_rng_state())
+        save_checkpoint(out_dir, epoch, trainable, optimizer, scheduler, scaler, history, fingerprint)
         if not context.is_main:
             continue
         if config.progress:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "train_seconds", "lr"))
             tqdm.write(f"epoch {epoch}/{config.epochs}: {shown}")
-        trainable = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-        checkpoint = {"epoch": epoch, "model": trainable, "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states[0],
-                      "history": history, "fingerprint": fingerprint}
-        if context.enabled:
-            checkpoint["rng_ranks"] = rng_states
-        save_torch(checkpoint, os.path.join(out_dir, CHECKPOINT_DIR, f"epoch-{epoch}.pt"))
         write_history(out_dir, history)
     del net  # the DDP wrapper (its reducer holds the process group)
     return history
