@@ -22,7 +22,7 @@ import torch
 
 from lorakern import dispatch, native
 from lorakern.errors import LorakernError
-from lorakern.functional import _dropped_out, _rank_r_grads_native, _rank_r_grads_torch, weight_workspace
+from lorakern.functional import _dropped_out, _rank_r_grads_native, _rank_r_grads_torch, merged_weight
 from lorakern.native import pointer as _ptr
 from lorakern.nf4 import lora as _nf4_lora  # noqa: F401  registers the NF4 torch implementation DoRA attaches to
 from lorakern.nf4.storage import NF4Storage
@@ -120,8 +120,9 @@ class DoraLinearFunction(torch.autograd.Function):
         dL/db = sum_rows g
     So the backward is plain LoRA's backward (lorakern.functional) run on gc, plus dm. Saved: x~ (for dA),
     u (for dB), z (M x N, for dm: dividing y - b by c instead would lose precision where b dominates), c, n.
-    On the fp32 CPU path with at least as many rows as input features (``folds_scale``) gc is never formed:
-    gc W = g (diag(c) W) and gc B = g (diag(c) B) (_folded_grads_native), and z is kept as x W^T alone.
+    On the fp32 CPU path with at least as many rows as input features (``folds_scale``) the call runs
+    merged and gc is never formed: z = x (W + s B A)^T, gc (W + s B A) = g diag(c) (W + s B A) and
+    gc B = g (diag(c) B) (_forward_native, _folded_grads_native).
     The base weight is frozen (DoRA trains A, B and m).
     """
 
@@ -135,10 +136,10 @@ class DoraLinearFunction(torch.autograd.Function):
         norm = weight_norm(weight, lora_A, lora_B, scaling, base_norm_sq)
         scale = (magnitude.detach().to(norm.dtype) / norm).to(x.dtype)  # c
         B_t = lora_B.t().contiguous()
-        # the fp32 CPU path folds c into the operands (see folds_scale); z is then x W^T alone
+        # the fp32 CPU path runs merged with c folded in (see folds_scale): no u in the forward
         folded = library is not None and not separate and folds_scale(x2.shape[0], in_features)
         if library is not None and not separate:
-            u, z, y = _forward_native(library, x2, weight, bias, lora_A, B_t, scale, scaling, need_m, folded)
+            u, z, y = _forward_native(library, x2, weight, bias, lora_A, lora_B, B_t, scale, scaling, need_m, folded)
         else:
             # u = x~ A^T;  z = x~ W^T + s u B^T
             u = xl2 @ lora_A.t()
@@ -161,8 +162,9 @@ class DoraLinearFunction(torch.autograd.Function):
         ctx.scaling, ctx.x_shape, ctx.separate, ctx.has_bias = scaling, x.shape, separate, bias is not None
         ctx.library, ctx.m_dtype, ctx.folded = library, magnitude.dtype, folded
         needs = ctx.needs_input_grad
-        keep_u = needs[5] or (folded and need_m)  # the folded dm needs s u^T g too
-        ctx.save_for_backward(xl2 if needs[4] else None, u if keep_u else None, z if need_m else None,
+        # x~ for dA, and after a folded forward (no u) for the u that dB needs
+        ctx.save_for_backward(xl2 if needs[4] or (folded and needs[5]) else None, u if needs[5] else None,
+                              z if need_m else None,
                               None if isinstance(weight, NF4Storage) else weight, lora_A, lora_B, scale, norm)
         return y.reshape(*x.shape[:-1], out_features)
 
@@ -173,7 +175,7 @@ class DoraLinearFunction(torch.autograd.Function):
         need_x, need_xl, _, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:7]
         g = grad_y.reshape(-1, lora_B.shape[0])
         if ctx.folded:
-            dx, dA, dB, gz = _folded_grads_native(ctx.library, g, x_lora, u, z if need_m else None, weight, lora_A,
+            dx, dA, dB, gz = _folded_grads_native(ctx.library, g, x_lora, z if need_m else None, weight, lora_A,
                                                   lora_B, scale, ctx.scaling, need_x, need_A, need_B)
             # dm_j = sum_i g_ij z_ij / n_j
             dm = (gz.to(norm.dtype) / norm).to(ctx.m_dtype) if need_m else None
@@ -209,75 +211,71 @@ class DoraLinearFunction(torch.autograd.Function):
         return dx, dxl, None, db, dA, dB, dm, None, None, None
 
 
-def _forward_native(library, x2, weight, bias, lora_A, B_t, scale, scaling, need_m, folded):
-    """The fp32 CPU forward: BLAS writes z = x W^T, then one C pass over the rows computes u = x A^T and
-    finishes y = c (z + s u B^T) + b in the same pass (lora_cpu.c, dora_forward_f32): the magnitude scale
-    costs no pass of its own. z is kept only when m trains: with its rank-r term, or (``folded``) as x W^T
-    alone, the backward adding the rank-r term's share of dm from s u^T g (_folded_grads_native). Returns
-    (u, z or None, y)."""
+def _forward_native(library, x2, weight, bias, lora_A, lora_B, B_t, scale, scaling, need_m, folded):
+    """The fp32 CPU forward. Returns (u or None, z or None, y); z is kept only when m trains.
+
+    ``folded`` (folds_scale: at least as many rows as input features): W' = W + s B A is formed in this
+    thread's workspace (N K r multiply-adds, cheaper here than the M N r rank-r term) and
+        z = x W'^T,  y = c z + b                  (m trains: z kept for dm)
+        y = x (diag(c) W')^T + b                  (nothing needs z: one GEMM, no pass over y)
+    with no u: the backward forms u from x in the pass that reads x for dA.
+    Otherwise BLAS writes x W^T and one C pass over the rows computes u = x A^T and finishes
+    y = c (x W^T + s u B^T) + b (lora_cpu.c, dora_forward_f32): the magnitude scale costs no pass of its own."""
     rows, (out_features, r) = x2.shape[0], (weight.shape[0], lora_A.shape[0])
-    x2, A = x2.contiguous(), lora_A.contiguous()  # named: the copies outlive the call
     b = None if bias is None else bias.contiguous()
     c = scale.contiguous()
-    threads = torch.get_num_threads()
-    if folded and not need_m:
-        # y = x (diag(c) W)^T + s u (diag(c) B)^T + b: plain LoRA's C pass writes u and b + s u (c B)^T, and the
-        # base GEMM on diag(c) W (this thread's workspace) accumulates onto it; no z is kept
-        Bc_t = B_t * c
-        u, y = x2.new_empty(rows, r), x2.new_empty(rows, out_features)
-        library.lora_forward_f32(_ptr(x2), _ptr(A), _ptr(Bc_t), _ptr(b), scaling, rows, x2.shape[1], out_features, r,
-                                 _ptr(u), _ptr(y), threads)
-        y.addmm_(x2, torch.mul(weight, c[:, None], out=weight_workspace(weight)).t())
-        return u, None, y
+    if folded:
+        merged = merged_weight(weight, lora_B, lora_A, scaling)  # a workspace: not kept past this call
+        if not need_m:
+            merged.mul_(c[:, None])
+            return None, None, (torch.addmm(b, x2, merged.t()) if b is not None else x2 @ merged.t())
+        z = x2 @ merged.t()
+        return None, z, (torch.addcmul(b, z, c) if b is not None else z * c)
+    x2, A = x2.contiguous(), lora_A.contiguous()  # named: the copies outlive the call
     z = torch.mm(x2, weight.t())
     y = x2.new_empty(rows, out_features) if need_m else z
     u = x2.new_empty(rows, r)
-    keep_z = need_m and not folded  # folded: z stays x W^T (the pass reads it, writes y only)
     library.dora_forward_f32(_ptr(x2), _ptr(A), _ptr(B_t), _ptr(b), _ptr(c), scaling, rows, x2.shape[1],
-                             out_features, r, _ptr(u), _ptr(z), _ptr(y), int(keep_z), threads)
+                             out_features, r, _ptr(u), _ptr(z), _ptr(y), int(need_m), torch.get_num_threads())
     return u, (z if need_m else None), y
 
 
 def folds_scale(rows: int, in_features: int) -> bool:
-    """Whether the fp32 CPU path folds c into the operands (diag(c) W: N x K values formed per call, in a
-    workspace) rather than scaling an M x N operand (z in the forward, g in the backward): the fold wins when
-    N K <= M N, i.e. when there are at least as many rows as input features."""
+    """Whether the fp32 CPU path runs merged with c folded into the operands (W + s B A and diag(c) B, N K r
+    multiply-adds per call, in a workspace) rather than through u and a scaled M x N operand (z in the
+    forward, g in the backward, M N r for the rank-r term): when there are at least as many rows as input
+    features."""
     return rows >= in_features
 
 
-def _folded_grads_native(library, g, x_lora, u, z, weight, lora_A, lora_B, scale, scaling, need_x, need_A, need_B):
-    """The fp32 CPU backward without forming gc = g diag(c). With W_c = diag(c) W and B_c = diag(c) B:
-        gc W = g W_c        gc B = g B_c        gc^T u = diag(c) g^T u
-    so plain LoRA's C backward runs on g with B_c (dx's term s (g B_c) A, dA = s (g B_c)^T x~, and
-    P = s u^T g), dB = diag(c) P^T, dx = g W_c + the term. ``z`` here is x W^T alone (the folded forward
-    keeps no rank-r term), so
-        sum_i g_ij z_ij (full z) = sum_i g_ij (x W^T)_ij + sum_k P_kj B_jk
-    the first sum in the pass that computes P (lora_cpu.c, dora_backward_f32), the second from P and B.
-    Returns (dx, dA, dB, gz), None where not needed."""
+def _folded_grads_native(library, g, x_lora, z, weight, lora_A, lora_B, scale, scaling, need_x, need_A, need_B):
+    """The fp32 CPU backward after a folded forward, without forming gc = g diag(c). With B_c = diag(c) B
+    and W'' = diag(c) (W + s B A):
+        dx = gc (W + s B A) = g W''          gc B = g B_c          gc^T u = diag(c) g^T u
+    so plain LoRA's C backward runs on g with B_c and no u (it forms u = x~ A^T from each chunk of x~
+    before its dB): dA = s (g B_c)^T x~, P = s u^T g, dB = diag(c) P^T; gz = sum_rows(g * z) (z = x W'^T,
+    the whole z) in the pass that computes P, where the rows of g are still in cache (lora_cpu.c,
+    dora_backward_f32); dx one GEMM on W'' (this thread's workspace). Returns (dx, dA, dB, gz)."""
     g = g.contiguous()  # an expanded gradient (from .sum()) has stride 0
     (rows, N), (r, K) = g.shape, lora_A.shape
     threads = torch.get_num_threads()
     c = scale.contiguous()
-    term = g.new_empty(rows, K) if need_x else None
     dA = lora_A.new_empty(r, K) if need_A else None
-    dB_t = lora_B.new_empty(r, N) if need_B or z is not None else None
+    dB_t = lora_B.new_empty(r, N) if need_B else None
     gz = g.new_empty(N) if z is not None else None
-    scratch = g.new_empty(library.dora_backward_scratch(K, N, r, threads))
-    # named, so that every contiguous copy outlives the call that reads it
-    x_lora = x_lora.contiguous() if need_A else None
-    A, Bc_t = lora_A.contiguous(), (lora_B * c[:, None]).t().contiguous()
-    library.dora_backward_f32(_ptr(g), _ptr(x_lora), _ptr(u if dB_t is not None else None), _ptr(A), _ptr(Bc_t),
-                              scaling, rows, K, N, r, _ptr(term), _ptr(dA), _ptr(dB_t), _ptr(z), _ptr(gz),
-                              _ptr(scratch), threads)
-    if gz is not None:
-        # gz_j += sum_k P_kj B_jk: the rank-r term's share
-        gz.add_((dB_t * lora_B.t()).sum(dim=0))
+    if need_A or need_B or z is not None:
+        scratch = g.new_empty(library.dora_backward_scratch(K, N, r, threads))
+        # named, so that every contiguous copy outlives the call that reads it
+        x_lora = x_lora.contiguous() if need_A or need_B else None
+        A, Bc_t = lora_A.contiguous(), (lora_B * c[:, None]).t().contiguous()
+        library.dora_backward_f32(_ptr(g), _ptr(x_lora), None, _ptr(A), _ptr(Bc_t), scaling, rows, K, N, r, None,
+                                  _ptr(dA), _ptr(dB_t), _ptr(z), _ptr(gz), _ptr(scratch), threads)
     # dB = diag(c) P^T: the columns of P = s u^T g scaled
     dB = (dB_t * c).t() if need_B else None
     dx = None
     if need_x:
-        # dx = s (g B_c) A + g W_c: the base GEMM on diag(c) W (this thread's workspace) accumulates onto the term
-        dx = term.addmm_(g, torch.mul(weight, c[:, None], out=weight_workspace(weight)))
+        # dx = g diag(c) (W + s B A)
+        dx = g @ merged_weight(weight, lora_B, lora_A, scaling).mul_(c[:, None])
     return dx, dA, dB, gz
 
 

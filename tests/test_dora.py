@@ -151,29 +151,34 @@ def test_c_path_matches_reference(shape, dropout, level, monkeypatch):
     layer = dora_layer(K, N, r, torch.float32, bias=M % 2 == 0, dropout=dropout, seed=M, backend="c").train()
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(K), dtype=torch.float32)
     assert_matches_reference(compare_dora(layer, x, seed=M))
-    # the scaled epilogue without dropout (with it, PEFT's x~ W^T term runs in torch); the backward folds c into
-    # B and W when M >= K (no dropout), else it forms gc (and dm) in a pass of its own
+    # M >= K without dropout: merged with c folded in (no C pass in the forward, the backward's pass forms u
+    # from x); else the scaled epilogue (with dropout PEFT's x~ W^T term runs in torch) and a gc pass
     folded = M >= K and dropout == 0
-    expected = (["dora_forward_f32"] if dropout == 0 else []) + (
-        ["dora_backward_scratch", "dora_backward_f32"] if folded
-        else ["dora_scale_grad_f32", "lora_backward_scratch", "lora_backward_f32"])
+    if folded:
+        expected = ["dora_backward_scratch", "dora_backward_f32"]
+    else:
+        expected = (["dora_forward_f32"] if dropout == 0 else []) + ["dora_scale_grad_f32", "lora_backward_scratch",
+                                                                     "lora_backward_f32"]
     assert spy.calls == expected, spy.calls
-    # inference: nothing needs z, so y is scaled where the base GEMM wrote it, or (M >= K) plain LoRA's forward
-    # runs on c B and c W
+    # inference: nothing needs z, so y is scaled where the base GEMM wrote it, or (M >= K) one GEMM on
+    # diag(c) (W + s B A)
     layer.eval()
     spy.calls.clear()
     with torch.no_grad():
         y = layer(x)
-    assert spy.calls == (["lora_forward_f32"] if M >= K else ["dora_forward_f32"]), spy.calls
+    assert spy.calls == ([] if M >= K else ["dora_forward_f32"]), spy.calls
     a = layer.adapters["default"]
     ref = core.dora.forward(f64(x), f64(layer.weight), f64(a.lora_A), f64(a.lora_B), f64(a.lora_magnitude_vector),
                             f64(layer.bias), core.scaling(a.r, a.alpha))
     np.testing.assert_allclose(f64(y), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("trains", [("x", "lora_A", "lora_B"), ("lora_magnitude_vector",), ("lora_A", "lora_magnitude_vector"),
+                                    ("x", "lora_B")], ids=["m-frozen", "only-m", "A-and-m", "x-and-B"])
 @pytest.mark.parametrize("shape", [(70, 64, 37, 5), (9, 64, 37, 5)], ids=["folded", "scaled-g"])
-def test_c_path_with_a_frozen_magnitude_matches_reference(shape, monkeypatch):
-    """m frozen: no z is kept; the forward (M >= K: on c B and c W) and the backward against core.dora."""
+def test_c_path_with_any_subset_of_gradients_matches_reference(shape, trains, monkeypatch):
+    """Each subset of x, A, B, m needing a gradient (m frozen: no z is kept; A and B frozen: only dm's pass;
+    B trains with A frozen: the folded backward still forms u from x) against core.dora."""
     from lorakern import native
 
     monkeypatch.setenv("LORAKERN_NATIVE", "1")
@@ -182,17 +187,19 @@ def test_c_path_with_a_frozen_magnitude_matches_reference(shape, monkeypatch):
     M, K, N, r = shape
     layer = dora_layer(K, N, r, torch.float32, seed=M, backend="c").train()
     a = layer.adapters["default"]
-    a.lora_magnitude_vector.requires_grad_(False)
-    x = torch.randn(M, K, generator=torch.Generator().manual_seed(K), dtype=torch.float32, requires_grad=True)
+    for name in ("lora_A", "lora_B", "lora_magnitude_vector"):
+        getattr(a, name).requires_grad_(name in trains)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(K), dtype=torch.float32, requires_grad="x" in trains)
     y = layer(x)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(M), dtype=torch.float32)
-    dx, dA, dB = torch.autograd.grad(y, [x, a.lora_A, a.lora_B], dy)
+    got = dict(zip(trains, torch.autograd.grad(y, [x if n == "x" else getattr(a, n) for n in trains], dy)))
     W, A, B, m, b = f64(layer.weight), f64(a.lora_A), f64(a.lora_B), f64(a.lora_magnitude_vector), f64(layer.bias)
     s = core.scaling(a.r, a.alpha)
     ref = {"y": core.dora.forward(f64(x), W, A, B, m, b, s), **core.dora.backward(f64(x), W, A, B, m, f64(dy), s)}
-    for name, got in (("y", y), ("dx", dx), ("dA", dA), ("dB", dB)):
+    keys = {"x": "dx", "lora_A": "dA", "lora_B": "dB", "lora_magnitude_vector": "dm"}
+    for name, value in [("y", y)] + [(keys[n], got[n]) for n in trains]:
         want = ref[name]
-        np.testing.assert_allclose(f64(got), want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), err_msg=name)
+        np.testing.assert_allclose(f64(value), want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), err_msg=name)
 
 
 @pytest.mark.parametrize("name", ["y", "dx", "dA", "dB", "dm"])
