@@ -9,15 +9,12 @@ Ratios are paired: each round's lorakern (or PEFT) time over the same round's ba
 """
 import argparse
 import copy
-import json
-import os
 import statistics
 
 import torch
 from torch import nn
 
 from lorakern import bench
-from lorakern._io import atomic_write_bytes
 from lorakern.conv import LoraConv
 from lorakern.embedding import LoraEmbedding
 
@@ -97,10 +94,8 @@ def main(argv=None) -> int:
     table = markdown(rows)
     print(table)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         payload = {"machine": bench.machine(), "device": args.device, "rows": rows}
-        atomic_write_bytes(os.path.join(args.out, "embedding_conv.json"), json.dumps(payload, indent=2).encode())
-        atomic_write_bytes(os.path.join(args.out, "embedding_conv.md"), (table + "\n").encode())
+        bench.write_results(args.out, "embedding_conv", payload, table)
     return 0
 
 

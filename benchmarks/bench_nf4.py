@@ -3,12 +3,8 @@
     python benchmarks/bench_nf4.py [--device cpu] [--rows 4096 --cols 4096 --tokens 256] [--out DIR]
 """
 import argparse
-import json
-import os
-
 
 from lorakern import bench
-from lorakern._io import atomic_write_bytes
 
 
 def main(argv=None) -> int:
@@ -24,10 +20,8 @@ def main(argv=None) -> int:
     table = bench.nf4_markdown(rows)
     print(table)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         payload = {"machine": bench.machine(), "device": args.device, "rows": rows}
-        atomic_write_bytes(os.path.join(args.out, "nf4.json"), json.dumps(payload, indent=2).encode())
-        atomic_write_bytes(os.path.join(args.out, "nf4.md"), (table + "\n").encode())
+        bench.write_results(args.out, "nf4", payload, table)
     return 0
 
 
