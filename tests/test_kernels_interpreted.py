@@ -163,16 +163,10 @@ def test_layer_errors_match_the_torch_path():
 
 def test_autocast_on_the_kernel_path():
     """Under autocast the kernels compute in bf16: against the float64 reference on the operands cast to it."""
-    layer = triton_layer(24, 12, 4, torch.float32)
-    x = torch.randn(5, 24, device=DEVICE, requires_grad=True)
-    dtype = torch.bfloat16
-    with torch.autocast(DEVICE, dtype=dtype):
-        comparison = compare_layer(layer, x)
-        y = layer(x)
-    assert comparison.dtype == dtype and y.dtype == dtype
-    assert_matches_reference(comparison)
-    y.float().sum().backward()
-    assert x.grad.dtype == torch.float32 and layer.lora_A.grad.dtype == torch.float32
+    from test_layer import check_autocast
+
+    check_autocast(triton_layer(24, 12, 4, torch.float32), torch.randn(5, 24, device=DEVICE, requires_grad=True),
+                   torch.bfloat16)
 
 
 @pytest.mark.parametrize("M", [40, 11], ids=["tiled", "small-M split-K"])

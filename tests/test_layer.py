@@ -143,20 +143,24 @@ def test_torch_dropout_mask_keeps_the_expected_share():
     assert (mask > 0).float().mean().item() == pytest.approx(0.75, abs=0.01)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_autocast(dtype):
-    """Under autocast the layer computes in the autocast dtype: output and gradients against the float64
-    reference on the operands cast to it (not against the layer itself cast)."""
-    layer = random_layer(24, 12, 4, torch.float32)
-    layer.backend = "torch"
-    x = torch.randn(5, 24, requires_grad=True)
-    with torch.autocast("cpu", dtype=dtype):
+def check_autocast(layer, x: torch.Tensor, dtype: torch.dtype) -> None:
+    """Under autocast to ``dtype`` the fp32 ``layer`` computes in ``dtype``: output and gradients against the
+    float64 reference on the operands cast to it (not against the layer itself cast); the gradients of the
+    fp32 leaves stay fp32. test_kernels_interpreted.py runs it on the kernel path."""
+    with torch.autocast(x.device.type, dtype=dtype):
         comparison = compare_layer(layer, x)
         y = layer(x)
     assert comparison.dtype == dtype and y.dtype == dtype
     assert_matches_reference(comparison)
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32 and layer.lora_A.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast(dtype):
+    layer = random_layer(24, 12, 4, torch.float32)
+    layer.backend = "torch"
+    check_autocast(layer, torch.randn(5, 24, requires_grad=True), dtype)
 
 
 def test_keeps_the_input_dtype_with_fp32_adapter_on_bf16_base():
