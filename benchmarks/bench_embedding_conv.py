@@ -92,10 +92,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rows = measure(SHAPES_QUICK if args.quick else SHAPES, args.device, 2 if args.quick else args.rounds)
     table = markdown(rows)
-    print(table)
-    if args.out:
-        payload = {"machine": bench.machine(), "device": args.device, "rows": rows}
-        bench.write_results(args.out, "embedding_conv", payload, table)
+    bench.report(table, args.out, "embedding_conv", device=args.device, rows=rows)
     return 0
 
 

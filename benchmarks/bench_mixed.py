@@ -139,10 +139,7 @@ def main(argv=None) -> int:
     times = timing(call, rounds, args.device)
     shape = f"{dtype}, {tokens} tokens, {K}x{N}, r={rank}, {adapters} adapters, {args.device}"
     table = markdown(checks, times, shape)
-    print(table)
-    if args.out:
-        payload = {"machine": bench.machine(), "shape": shape, "checks": checks, "rows": times}
-        bench.write_results(args.out, "mixed", payload, table)
+    bench.report(table, args.out, "mixed", shape=shape, checks=checks, rows=times)
     return 0 if all(c["ok"] for c in checks) else 1
 
 

@@ -18,10 +18,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rows = bench.measure_nf4(args.rows, args.cols, args.tokens, args.device, args.rounds)
     table = bench.nf4_markdown(rows)
-    print(table)
-    if args.out:
-        payload = {"machine": bench.machine(), "device": args.device, "rows": rows}
-        bench.write_results(args.out, "nf4", payload, table)
+    bench.report(table, args.out, "nf4", device=args.device, rows=rows)
     return 0
 
 

@@ -109,10 +109,7 @@ def main(argv=None) -> int:
     rows = forward_rows(width, tokens, args.device, dtype, rounds)
     rows += training_rows(width, layers, train_tokens, args.device, dtype, rounds)
     table = bench.reference_markdown(rows)
-    print(table)
-    if args.out:
-        payload = {"machine": bench.machine(), "device": args.device, "dtype": str(dtype), "rows": rows}
-        bench.write_results(args.out, "qlora", payload, table)
+    bench.report(table, args.out, "qlora", device=args.device, dtype=str(dtype), rows=rows)
     return 0
 
 

@@ -620,6 +620,14 @@ def write_results(out_dir: str, stem: str, payload: dict, text: str) -> None:
     atomic_write_bytes(os.path.join(out_dir, f"{stem}.md"), (text if text.endswith("\n") else text + "\n").encode())
 
 
+def report(table: str, out_dir: Optional[str], stem: str, **fields) -> None:
+    """Print a benchmark script's ``table``; with ``out_dir``, write it as ``stem``.md and ``{"machine": ...,
+    **fields}`` as ``stem``.json."""
+    print(table)
+    if out_dir:
+        write_results(out_dir, stem, {"machine": machine(), **fields}, table)
+
+
 def reference_markdown(rows: list[dict]) -> str:
     """The table of rows timing lorakern against a reference (keys benchmark, reference, lorakern_ms,
     reference_ms, ratio), as benchmarks/bench_qlora.py and bench_mixed.py report them."""
