@@ -90,21 +90,28 @@ class _RecordShapes(TorchDispatchMode):
         return out
 
 
+def allocations(layer, x: torch.Tensor, grad: torch.Tensor, recorder=_RecordShapes) -> tuple[list, list]:
+    """The shapes ``recorder`` sees allocated by layer(x) and by its backward from ``grad``; asserts that
+    neither formed an N x K tensor (B @ A or its transpose). test_kernels_interpreted.py runs it on the kernels."""
+    with recorder() as forward:
+        y = layer(x)
+    with recorder() as backward:
+        y.backward(grad)
+    N, K = layer.out_features, layer.in_features
+    for shapes in (forward.shapes, backward.shapes):
+        assert (N, K) not in shapes and (K, N) not in shapes, "B @ A (or its transpose) was formed"
+    return forward.shapes, backward.shapes
+
+
 def test_never_forms_BA_and_keeps_one_output_sized_tensor():
     M, K, N, r = 11, 13, 17, 3
     layer = random_layer(K, N, r, torch.float32)
     x = torch.randn(M, K, requires_grad=True)
-    grad = torch.randn(M, N)
-    saved = []
+    saved = []  # packed in forward only (the backward builds no graph), so the hooks may span both
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
-        with _RecordShapes() as forward:
-            y = layer(x)
-    with _RecordShapes() as backward:
-        y.backward(grad)
-    for shapes in (forward.shapes, backward.shapes):
-        assert (N, K) not in shapes and (K, N) not in shapes, "B @ A (or its transpose) was formed"
-    assert forward.shapes.count((M, N)) == 1, f"M x N temporaries in forward: {forward.shapes}"
-    assert (M, N) not in backward.shapes, f"M x N temporary in backward: {backward.shapes}"
+        forward, backward = allocations(layer, x, torch.randn(M, N))
+    assert forward.count((M, N)) == 1, f"M x N temporaries in forward: {forward}"
+    assert (M, N) not in backward, f"M x N temporary in backward: {backward}"
     activations = [s for s in saved if s not in {(N, K), (r, K), (N, r)}]
     assert sorted(activations) == sorted([(M, K), (M, r)]), f"saved activations: {activations}"
 
