@@ -91,13 +91,14 @@ class _RecordShapes(TorchDispatchMode):
 
 
 def allocations(layer, x: torch.Tensor, grad: torch.Tensor, recorder=_RecordShapes) -> tuple[list, list]:
-    """The shapes ``recorder`` sees allocated by layer(x) and by its backward from ``grad``; asserts that
-    neither formed an N x K tensor (B @ A or its transpose). test_kernels_interpreted.py runs it on the kernels."""
+    """The shapes ``recorder`` sees allocated by y = layer(x) (any callable) and by y's backward from ``grad``;
+    asserts that neither formed an N x K tensor (B @ A or its transpose; K = x's last dim, N = grad's).
+    test_kernels_interpreted.py runs it on the kernels."""
     with recorder() as forward:
         y = layer(x)
     with recorder() as backward:
         y.backward(grad)
-    N, K = layer.out_features, layer.in_features
+    N, K = grad.shape[-1], x.shape[-1]
     for shapes in (forward.shapes, backward.shapes):
         assert (N, K) not in shapes and (K, N) not in shapes, "B @ A (or its transpose) was formed"
     return forward.shapes, backward.shapes
