@@ -9,15 +9,12 @@ Ratios are paired: each round's lorakern (or PEFT) time over the same round's ba
 """
 import argparse
 import copy
-import json
-import os
 import statistics
 
 import torch
 from torch import nn
 
 from lorakern import bench
-from lorakern._io import atomic_write_bytes
 from lorakern.conv import LoraConv
 from lorakern.embedding import LoraEmbedding
 
@@ -95,12 +92,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rows = measure(SHAPES_QUICK if args.quick else SHAPES, args.device, 2 if args.quick else args.rounds)
     table = markdown(rows)
-    print(table)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        payload = {"machine": bench.machine(), "device": args.device, "rows": rows}
-        atomic_write_bytes(os.path.join(args.out, "embedding_conv.json"), json.dumps(payload, indent=2).encode())
-        atomic_write_bytes(os.path.join(args.out, "embedding_conv.md"), (table + "\n").encode())
+    bench.report(table, args.out, "embedding_conv", device=args.device, rows=rows)
     return 0
 
 

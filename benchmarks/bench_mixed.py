@@ -13,8 +13,6 @@ lorakern.testing (the tests' rule). Then times, side by side (< 1: lorakern fast
 Exit status 1 when a correctness check fails.
 """
 import argparse
-import json
-import os
 from types import SimpleNamespace
 
 import torch
@@ -22,7 +20,6 @@ import torch
 # first: without CUDA, importing lorakern.kernels turns the interpreter on before anything imports triton
 from lorakern.kernels.mixed_ops import run_mixed  # isort: skip
 from lorakern import bench
-from lorakern._io import atomic_write_bytes
 from lorakern.testing import bound
 
 
@@ -118,11 +115,7 @@ def markdown(checks: list[dict], times: list[dict], shape: str) -> str:
     lines = [f"Mixed-adapter batch, {shape}", "", "| check | worst rel. error | bound | ok |", "|---|---:|---:|---|"]
     lines += [f"| {c['check']} | {c['worst_rel_error']:.3g} | {c['bound']:.3g} | {'yes' if c['ok'] else 'NO'} |"
               for c in checks]
-    lines += ["", "| benchmark | reference | lorakern ms | reference ms | lorakern / reference |",
-              "|---|---|---:|---:|---:|"]
-    lines += [f"| {t['benchmark']} | {t['reference']} | {t['lorakern_ms']:.3f} | {t['reference_ms']:.3f} | "
-              f"{t['ratio']:.3f} |" for t in times]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + bench.reference_markdown(times)
 
 
 def main(argv=None) -> int:
@@ -146,12 +139,7 @@ def main(argv=None) -> int:
     times = timing(call, rounds, args.device)
     shape = f"{dtype}, {tokens} tokens, {K}x{N}, r={rank}, {adapters} adapters, {args.device}"
     table = markdown(checks, times, shape)
-    print(table)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        payload = {"machine": bench.machine(), "shape": shape, "checks": checks, "rows": times}
-        atomic_write_bytes(os.path.join(args.out, "mixed.json"), json.dumps(payload, indent=2).encode())
-        atomic_write_bytes(os.path.join(args.out, "mixed.md"), (table + "\n").encode())
+    bench.report(table, args.out, "mixed", shape=shape, checks=checks, rows=times)
     return 0 if all(c["ok"] for c in checks) else 1
 
 

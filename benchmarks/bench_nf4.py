@@ -3,12 +3,8 @@
     python benchmarks/bench_nf4.py [--device cpu] [--rows 4096 --cols 4096 --tokens 256] [--out DIR]
 """
 import argparse
-import json
-import os
-
 
 from lorakern import bench
-from lorakern._io import atomic_write_bytes
 
 
 def main(argv=None) -> int:
@@ -22,12 +18,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rows = bench.measure_nf4(args.rows, args.cols, args.tokens, args.device, args.rounds)
     table = bench.nf4_markdown(rows)
-    print(table)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        payload = {"machine": bench.machine(), "device": args.device, "rows": rows}
-        atomic_write_bytes(os.path.join(args.out, "nf4.json"), json.dumps(payload, indent=2).encode())
-        atomic_write_bytes(os.path.join(args.out, "nf4.md"), (table + "\n").encode())
+    bench.report(table, args.out, "nf4", device=args.device, rows=rows)
     return 0
 
 

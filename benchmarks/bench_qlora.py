@@ -9,15 +9,12 @@ Rows, each a ratio measured in the same run (< 1: lorakern is faster than the re
 - a training step (forward + backward) through a stack of such layers.
 """
 import argparse
-import json
-import os
 import warnings
 
 import torch
 from torch import nn
 
 from lorakern import LoraLinear, bench
-from lorakern._io import atomic_write_bytes
 
 
 def _bnb():
@@ -97,13 +94,6 @@ def training_rows(width: int, layers: int, tokens: int, device: str, dtype: torc
             for name, values in samples.items() if name != "lorakern QLoRA"]
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| benchmark | reference | lorakern ms | reference ms | lorakern / reference |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {r['benchmark']} | {r['reference']} | {r['lorakern_ms']:.3f} | {r['reference_ms']:.3f} | "
-              f"{r['ratio']:.3f} |" for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -118,13 +108,8 @@ def main(argv=None) -> int:
         width, tokens, layers, train_tokens, rounds = 4096, [1, 16, 4096, 8192], 4, 4096, args.rounds
     rows = forward_rows(width, tokens, args.device, dtype, rounds)
     rows += training_rows(width, layers, train_tokens, args.device, dtype, rounds)
-    table = markdown(rows)
-    print(table)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        payload = {"machine": bench.machine(), "device": args.device, "dtype": str(dtype), "rows": rows}
-        atomic_write_bytes(os.path.join(args.out, "qlora.json"), json.dumps(payload, indent=2).encode())
-        atomic_write_bytes(os.path.join(args.out, "qlora.md"), (table + "\n").encode())
+    table = bench.reference_markdown(rows)
+    bench.report(table, args.out, "qlora", device=args.device, dtype=str(dtype), rows=rows)
     return 0
 
 

@@ -613,6 +613,30 @@ def machine() -> dict:
     return info
 
 
+def write_results(out_dir: str, stem: str, payload: dict, text: str) -> None:
+    """``stem``.json (``payload``) and ``stem``.md (``text``, newline-terminated) in ``out_dir``, each atomically."""
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write_bytes(os.path.join(out_dir, f"{stem}.json"), json.dumps(payload, indent=2).encode())
+    atomic_write_bytes(os.path.join(out_dir, f"{stem}.md"), (text if text.endswith("\n") else text + "\n").encode())
+
+
+def report(table: str, out_dir: Optional[str], stem: str, **fields) -> None:
+    """Print a benchmark script's ``table``; with ``out_dir``, write it as ``stem``.md and ``{"machine": ...,
+    **fields}`` as ``stem``.json."""
+    print(table)
+    if out_dir:
+        write_results(out_dir, stem, {"machine": machine(), **fields}, table)
+
+
+def reference_markdown(rows: list[dict]) -> str:
+    """The table of rows timing lorakern against a reference (keys benchmark, reference, lorakern_ms,
+    reference_ms, ratio), as benchmarks/bench_qlora.py and bench_mixed.py report them."""
+    lines = ["| benchmark | reference | lorakern ms | reference ms | lorakern / reference |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {r['benchmark']} | {r['reference']} | {r['lorakern_ms']:.3f} | {r['reference_ms']:.3f} | "
+              f"{r['ratio']:.3f} |" for r in rows]
+    return "\n".join(lines)
+
+
 def markdown(rows: list[Row]) -> str:
     cuda = any(r.tflops is not None for r in rows)
     memory = any(r.peak_bytes is not None for r in rows)
@@ -720,14 +744,12 @@ def run(shapes: list[Shape], dtype: torch.dtype, device: str, out_dir: Optional[
         if nf4_rows is not None:
             print("\nNF4, lorakern vs bitsandbytes\n\n" + nf4_markdown(nf4_rows))
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
         payload = {"machine": info, "dtype": str(dtype), "device": device, "rounds": rounds,
                    "rows": [asdict(r) for r in rows], "nf4": nf4_rows}
-        atomic_write_bytes(os.path.join(out_dir, "lora_linear.json"), json.dumps(payload, indent=2).encode())
         text = f"{title}\n\n{table}\n\n{summary(rows)}\n"
         if nf4_rows is not None:
             text += f"\nNF4, lorakern vs bitsandbytes\n\n{nf4_markdown(nf4_rows)}\n"
-        atomic_write_bytes(os.path.join(out_dir, "lora_linear.md"), text.encode())
+        write_results(out_dir, "lora_linear", payload, text)
         if draw:
             plot(rows, os.path.join(out_dir, "lora_linear.png"))
     return rows

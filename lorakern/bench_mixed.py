@@ -154,11 +154,9 @@ def measure_mixed(shape: Shape, n_adapters: int, dtype: torch.dtype, device: str
 def run_mixed(shapes: list[Shape], n_adapters: int, dtype: torch.dtype, device: str, rounds: int = 7,
               modes=MODES, out_dir: Optional[str] = None) -> list[Row]:
     """Measure and print (and write mixed.{json,md} into ``out_dir``)."""
-    import json
-    import os
     from dataclasses import asdict
 
-    from lorakern._io import atomic_write_bytes
+    from lorakern.bench import write_results
 
     rows = []
     for i, shape in enumerate(shapes):
@@ -168,10 +166,7 @@ def run_mixed(shapes: list[Shape], n_adapters: int, dtype: torch.dtype, device: 
     text = markdown(rows) + "\n\n" + summary(rows)
     print(text)
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        atomic_write_bytes(os.path.join(out_dir, "mixed.md"), (text + "\n").encode())
-        atomic_write_bytes(os.path.join(out_dir, "mixed.json"),
-                           json.dumps({"adapters": n_adapters, "rows": [asdict(r) for r in rows]}, indent=2).encode())
+        write_results(out_dir, "mixed", {"adapters": n_adapters, "rows": [asdict(r) for r in rows]}, text)
     return rows
 
 

@@ -23,7 +23,8 @@ from torch import nn
 from lorakern.adapter import check_hyperparameters, init_factors
 from lorakern.errors import ConfigError, LorakernError
 from lorakern.layer import DEFAULT_ADAPTER
-from lorakern.named_adapters import InPlaceMerge, NamedAdapters, adapter_hyperparameters, check_plain_adapter
+from lorakern.named_adapters import (InPlaceMerge, NamedAdapters, WrapsModule, adapter_hyperparameters,
+                                     check_plain_adapter)
 
 CONV_TYPES = {1: nn.Conv1d, 2: nn.Conv2d}
 CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d}
@@ -63,7 +64,7 @@ class ConvAdapter(nn.Module):
         return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}"
 
 
-class LoraConv(InPlaceMerge, NamedAdapters, nn.Module):
+class LoraConv(WrapsModule, InPlaceMerge, NamedAdapters, nn.Module):
     """A drop-in nn.Conv1d / nn.Conv2d with named adapters on its frozen ``weight`` and ``bias`` (the conv's
     keys, so a model's base state dict is unchanged by injection). ``lora_A``, ``lora_B``, ``scaling``,
     ``r``, ``alpha`` and ``dropout`` are the active adapter's."""
@@ -80,10 +81,8 @@ class LoraConv(InPlaceMerge, NamedAdapters, nn.Module):
             raise ValueError(f"dims={dims!r}: LoraConv covers 1-D and 2-D convolutions (dims=1 or 2)")
         base = CONV_TYPES[dims](in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                                 padding_mode, device=device, dtype=dtype)
-        self._take_base(base)
-        self._init_adapters()
-        self.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init,
-                         use_dora=use_dora)
+        self._adopt(base, adapter_name, dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init,
+                                             use_dora=use_dora))
 
     @classmethod
     def from_conv(cls, conv: nn.Module, adapter_name: str = DEFAULT_ADAPTER, **kwargs) -> "LoraConv":
@@ -91,12 +90,7 @@ class LoraConv(InPlaceMerge, NamedAdapters, nn.Module):
         arguments configure the adapter (r, alpha, dropout, use_rslora, init)."""
         if type(conv) not in CONV_TYPES.values():
             raise TypeError(f"from_conv takes an nn.Conv1d or nn.Conv2d, got {type(conv).__name__}")
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer._take_base(conv)
-        layer._init_adapters()
-        layer.add_adapter(adapter_name, **kwargs)
-        return layer
+        return cls._wrapping(conv, adapter_name, kwargs)
 
     def _take_base(self, base: nn.Module) -> None:
         self.dims = base.weight.dim() - 2
@@ -168,11 +162,7 @@ class LoraConv(InPlaceMerge, NamedAdapters, nn.Module):
         """s B ∘ A of one adapter (default: the active one) as a kernel of the weight's shape and dtype."""
         if self.groups > 1:
             self.check_mergeable()
-        adapter = self.adapters[adapter_name] if adapter_name is not None else self._active()
-        return adapter.delta(self.weight.dtype).to(self.weight.dtype)
-
-    def _delta_sum(self, names: list[str]) -> torch.Tensor:
-        return sum(self.adapters[n].delta(self.weight.dtype) for n in names)
+        return super().delta_weight(adapter_name)
 
     def _plain(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Module:
         with torch.device("meta"):
@@ -185,13 +175,8 @@ class LoraConv(InPlaceMerge, NamedAdapters, nn.Module):
     @torch.no_grad()
     def merged_base(self) -> nn.Module:
         """A new conv holding W + the unmerged active adapters' kernel; this layer is left as it is."""
-        names = [n for n in self.active_adapters if n not in self.merged_adapters]
-        weight = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
-        if names:
-            self.check_mergeable()
-            weight = weight + self._delta_sum(names)
         bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone(), requires_grad=False)
-        return self._plain(nn.Parameter(weight.to(self.weight.dtype).contiguous(), requires_grad=False), bias)
+        return self._plain(self._merged_weight(), bias)
 
     def unload(self) -> nn.Module:
         """The conv alone, sharing this layer's weight and bias, merged or not as this layer is."""

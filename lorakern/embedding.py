@@ -19,7 +19,8 @@ from torch import nn
 
 from lorakern.adapter import check_hyperparameters
 from lorakern.layer import DEFAULT_ADAPTER
-from lorakern.named_adapters import InPlaceMerge, NamedAdapters, adapter_hyperparameters, check_plain_adapter
+from lorakern.named_adapters import (InPlaceMerge, NamedAdapters, WrapsModule, adapter_hyperparameters,
+                                     check_plain_adapter)
 
 KIND = "nn.Embedding"
 
@@ -61,7 +62,7 @@ class EmbeddingAdapter(nn.Module):
         return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}"
 
 
-class LoraEmbedding(InPlaceMerge, NamedAdapters, nn.Module):
+class LoraEmbedding(WrapsModule, InPlaceMerge, NamedAdapters, nn.Module):
     """A drop-in nn.Embedding with named adapters on its frozen table ``weight`` (nn.Embedding's key, so a
     model's base state dict is unchanged by injection). ``lora_embedding_A`` / ``lora_embedding_B`` and
     ``scaling``, ``r``, ``alpha`` are the active adapter's."""
@@ -78,10 +79,8 @@ class LoraEmbedding(InPlaceMerge, NamedAdapters, nn.Module):
         super().__init__()
         base = nn.Embedding(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type, scale_grad_by_freq,
                             sparse, device=device, dtype=dtype)
-        self._take_base(base)
-        self._init_adapters()
-        self.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init,
-                         use_dora=use_dora)
+        self._adopt(base, adapter_name, dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init,
+                                             use_dora=use_dora))
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, adapter_name: str = DEFAULT_ADAPTER, **kwargs) -> "LoraEmbedding":
@@ -90,12 +89,7 @@ class LoraEmbedding(InPlaceMerge, NamedAdapters, nn.Module):
         if type(embedding) is not nn.Embedding:
             raise TypeError(f"from_embedding takes an nn.Embedding, got {type(embedding).__name__} (a subclass with "
                             f"its own forward would compute something this layer does not)")
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer._take_base(embedding)
-        layer._init_adapters()
-        layer.add_adapter(adapter_name, **kwargs)
-        return layer
+        return cls._wrapping(embedding, adapter_name, kwargs)
 
     def _take_base(self, base: nn.Embedding) -> None:
         self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
@@ -136,15 +130,7 @@ class LoraEmbedding(InPlaceMerge, NamedAdapters, nn.Module):
             result = result + (rows @ adapter.lora_embedding_B.t()) * adapter.scaling
         return result.to(out_dtype)
 
-    # ---- merging -------------------------------------------------------------------------------------------
-    def delta_weight(self, adapter_name: Optional[str] = None) -> torch.Tensor:
-        """s (B A)^T of one adapter (default: the active one) as (num_embeddings, embedding_dim), in the table's dtype."""
-        adapter = self.adapters[adapter_name] if adapter_name is not None else self._active()
-        return adapter.delta(self.weight.dtype).to(self.weight.dtype)
-
-    def _delta_sum(self, names: list[str]) -> torch.Tensor:
-        return sum(self.adapters[n].delta(self.weight.dtype) for n in names)
-
+    # ---- merging (delta_weight: InPlaceMerge's, s (B A)^T as (num_embeddings, embedding_dim)) ---------------
     def _plain(self, weight: torch.Tensor) -> nn.Embedding:
         with torch.device("meta"):
             base = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, self.max_norm,
@@ -155,11 +141,7 @@ class LoraEmbedding(InPlaceMerge, NamedAdapters, nn.Module):
     @torch.no_grad()
     def merged_base(self) -> nn.Embedding:
         """A new nn.Embedding holding E + the unmerged active adapters' update; this layer is left as it is."""
-        names = [n for n in self.active_adapters if n not in self.merged_adapters]
-        weight = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
-        if names:
-            weight = weight + self._delta_sum(names)
-        return self._plain(nn.Parameter(weight.to(self.weight.dtype).contiguous(), requires_grad=False))
+        return self._plain(self._merged_weight())
 
     def unload(self) -> nn.Embedding:
         """The nn.Embedding alone, sharing this layer's table, merged or not as this layer is."""

@@ -5,7 +5,8 @@ that compute in ``active_adapters`` and those folded into the weight in ``merged
 (set by lorakern.disable_adapters) makes it compute its base alone. The layer itself builds adapters and
 computes; NamedAdapters names, activates, freezes and deletes them, as PEFT does. InPlaceMerge is the
 merge / unmerge of a layer whose dense weight absorbs its update exactly (LoraEmbedding, LoraConv;
-LoraLinear has its own, for a 4-bit base); check_plain_adapter refuses what those layers cannot do.
+LoraLinear has its own, for a 4-bit base), WrapsModule their construction around a torch module;
+check_plain_adapter refuses what those layers cannot do.
 """
 from __future__ import annotations
 
@@ -108,7 +109,8 @@ class NamedAdapters:
 
 
 class InPlaceMerge:
-    """merge / unmerge for a layer whose dense ``weight`` absorbs ``_delta_sum(names)`` (same shape) in place."""
+    """merge / unmerge for a layer whose dense ``weight`` absorbs its adapters' ``delta(dtype)`` (the weight's
+    shape) in place."""
 
     def check_mergeable(self) -> None:
         """Raise where this layer's update has no exact place in its weight (nothing to refuse by default)."""
@@ -131,6 +133,43 @@ class InPlaceMerge:
         add_in_place_(self.weight, -self._delta_sum(self.merged_adapters), False,
                       f"{type(self).__name__} adapters {self.merged_adapters}")
         self.merged_adapters = []
+
+    def delta_weight(self, adapter_name: Optional[str] = None) -> torch.Tensor:
+        """One adapter's update (default: the active one's) in the weight's shape and dtype, computed in fp32
+        at least (its ``delta``)."""
+        adapter = self.adapters[adapter_name] if adapter_name is not None else self._active()
+        return adapter.delta(self.weight.dtype).to(self.weight.dtype)
+
+    def _delta_sum(self, names: list[str]) -> torch.Tensor:
+        return sum(self.adapters[n].delta(self.weight.dtype) for n in names)
+
+    @torch.no_grad()
+    def _merged_weight(self) -> nn.Parameter:
+        """A new frozen weight: W + the unmerged active adapters' update (summed in fp32 at least), in W's dtype."""
+        names = [n for n in self.active_adapters if n not in self.merged_adapters]
+        weight = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
+        if names:
+            self.check_mergeable()
+            weight = weight + self._delta_sum(names)
+        return nn.Parameter(weight.to(self.weight.dtype).contiguous(), requires_grad=False)
+
+
+class WrapsModule:
+    """The construction LoraEmbedding and LoraConv share: the layer adopts a torch module's weights (its
+    ``_take_base``: shared, not copied, and frozen), then adds its first adapter."""
+
+    def _adopt(self, base: nn.Module, adapter_name: str, adapter_kwargs: dict) -> None:
+        self._take_base(base)
+        self._init_adapters()
+        self.add_adapter(adapter_name, **adapter_kwargs)
+
+    @classmethod
+    def _wrapping(cls, base: nn.Module, adapter_name: str, adapter_kwargs: dict):
+        """A layer around ``base`` itself (__init__ builds a new base, so it is bypassed)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._adopt(base, adapter_name, adapter_kwargs)
+        return layer
 
 
 def adapter_hyperparameters(adapter: nn.Module, r: int, alpha: Optional[float], dropout: float, use_rslora: bool,
@@ -176,4 +215,5 @@ def add_in_place_(weight: torch.Tensor, delta: torch.Tensor, safe: bool, what: s
             weight.add_(delta)
 
 
-__all__ = ["PLAIN_INITS", "InPlaceMerge", "NamedAdapters", "adapter_hyperparameters", "add_in_place_", "check_plain_adapter"]
+__all__ = ["PLAIN_INITS", "InPlaceMerge", "NamedAdapters", "WrapsModule", "adapter_hyperparameters", "add_in_place_",
+           "check_plain_adapter"]

@@ -163,23 +163,17 @@ def test_layer_errors_match_the_torch_path():
 
 def test_autocast_on_the_kernel_path():
     """Under autocast the kernels compute in bf16: against the float64 reference on the operands cast to it."""
-    layer = triton_layer(24, 12, 4, torch.float32)
-    x = torch.randn(5, 24, device=DEVICE, requires_grad=True)
-    dtype = torch.bfloat16
-    with torch.autocast(DEVICE, dtype=dtype):
-        comparison = compare_layer(layer, x)
-        y = layer(x)
-    assert comparison.dtype == dtype and y.dtype == dtype
-    assert_matches_reference(comparison)
-    y.float().sum().backward()
-    assert x.grad.dtype == torch.float32 and layer.lora_A.grad.dtype == torch.float32
+    from test_layer import check_autocast
+
+    check_autocast(triton_layer(24, 12, 4, torch.float32), torch.randn(5, 24, device=DEVICE, requires_grad=True),
+                   torch.bfloat16)
 
 
 @pytest.mark.parametrize("M", [40, 11], ids=["tiled", "small-M split-K"])
 def test_kernels_never_form_BA(M):
     """No N x K tensor ever; the tiled path allocates only y and u in forward (the small-M path adds its fp32
     accumulators of y and u, at most 16 rows), dx and the r-sized accumulators in backward."""
-    from test_layer import _RecordShapes
+    from test_layer import _RecordShapes, allocations
 
     class RecordShapesInsideOps(_RecordShapes):
         """The launchers run inside lorakern's custom ops, which a dispatch mode sees as one call: this runs
@@ -197,15 +191,9 @@ def test_kernels_never_form_BA(M):
     K, N, r = 13, 17, 3
     layer = triton_layer(K, N, r, torch.float32)
     x = torch.randn(M, K, device=DEVICE, requires_grad=True)
-    grad = torch.randn(M, N, device=DEVICE)
-    with RecordShapesInsideOps() as forward:
-        y = layer(x)
-    with RecordShapesInsideOps() as backward:
-        y.backward(grad)
-    for shapes in (forward.shapes, backward.shapes):
-        assert (N, K) not in shapes and (K, N) not in shapes, "B @ A (or its transpose) was formed"
-    assert forward.shapes.count((M, N)) == (1 if M > kl.SMALL_M else 2) and (M, r) in forward.shapes
-    assert (M, N) not in backward.shapes
+    forward, backward = allocations(layer, x, torch.randn(M, N, device=DEVICE), RecordShapesInsideOps)
+    assert forward.count((M, N)) == (1 if M > kl.SMALL_M else 2) and (M, r) in forward
+    assert (M, N) not in backward
 
 
 NF4_DTYPES = [torch.float32, torch.float16, torch.bfloat16]

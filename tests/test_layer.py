@@ -90,21 +90,29 @@ class _RecordShapes(TorchDispatchMode):
         return out
 
 
+def allocations(layer, x: torch.Tensor, grad: torch.Tensor, recorder=_RecordShapes) -> tuple[list, list]:
+    """The shapes ``recorder`` sees allocated by y = layer(x) (any callable) and by y's backward from ``grad``;
+    asserts that neither formed an N x K tensor (B @ A or its transpose; K = x's last dim, N = grad's).
+    test_kernels_interpreted.py runs it on the kernels."""
+    with recorder() as forward:
+        y = layer(x)
+    with recorder() as backward:
+        y.backward(grad)
+    N, K = grad.shape[-1], x.shape[-1]
+    for shapes in (forward.shapes, backward.shapes):
+        assert (N, K) not in shapes and (K, N) not in shapes, "B @ A (or its transpose) was formed"
+    return forward.shapes, backward.shapes
+
+
 def test_never_forms_BA_and_keeps_one_output_sized_tensor():
     M, K, N, r = 11, 13, 17, 3
     layer = random_layer(K, N, r, torch.float32)
     x = torch.randn(M, K, requires_grad=True)
-    grad = torch.randn(M, N)
-    saved = []
+    saved = []  # packed in forward only (the backward builds no graph), so the hooks may span both
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
-        with _RecordShapes() as forward:
-            y = layer(x)
-    with _RecordShapes() as backward:
-        y.backward(grad)
-    for shapes in (forward.shapes, backward.shapes):
-        assert (N, K) not in shapes and (K, N) not in shapes, "B @ A (or its transpose) was formed"
-    assert forward.shapes.count((M, N)) == 1, f"M x N temporaries in forward: {forward.shapes}"
-    assert (M, N) not in backward.shapes, f"M x N temporary in backward: {backward.shapes}"
+        forward, backward = allocations(layer, x, torch.randn(M, N))
+    assert forward.count((M, N)) == 1, f"M x N temporaries in forward: {forward}"
+    assert (M, N) not in backward, f"M x N temporary in backward: {backward}"
     activations = [s for s in saved if s not in {(N, K), (r, K), (N, r)}]
     assert sorted(activations) == sorted([(M, K), (M, r)]), f"saved activations: {activations}"
 
@@ -143,20 +151,24 @@ def test_torch_dropout_mask_keeps_the_expected_share():
     assert (mask > 0).float().mean().item() == pytest.approx(0.75, abs=0.01)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_autocast(dtype):
-    """Under autocast the layer computes in the autocast dtype: output and gradients against the float64
-    reference on the operands cast to it (not against the layer itself cast)."""
-    layer = random_layer(24, 12, 4, torch.float32)
-    layer.backend = "torch"
-    x = torch.randn(5, 24, requires_grad=True)
-    with torch.autocast("cpu", dtype=dtype):
+def check_autocast(layer, x: torch.Tensor, dtype: torch.dtype) -> None:
+    """Under autocast to ``dtype`` the fp32 ``layer`` computes in ``dtype``: output and gradients against the
+    float64 reference on the operands cast to it (not against the layer itself cast); the gradients of the
+    fp32 leaves stay fp32. test_kernels_interpreted.py runs it on the kernel path."""
+    with torch.autocast(x.device.type, dtype=dtype):
         comparison = compare_layer(layer, x)
         y = layer(x)
     assert comparison.dtype == dtype and y.dtype == dtype
     assert_matches_reference(comparison)
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32 and layer.lora_A.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast(dtype):
+    layer = random_layer(24, 12, 4, torch.float32)
+    layer.backend = "torch"
+    check_autocast(layer, torch.randn(5, 24, requires_grad=True), dtype)
 
 
 def test_keeps_the_input_dtype_with_fp32_adapter_on_bf16_base():

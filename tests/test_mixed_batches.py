@@ -17,6 +17,7 @@ from lorakern.errors import AdapterError, LorakernError
 from lorakern.nf4.codec import quantize_nf4
 from lorakern.nf4.storage import NF4Storage
 from lorakern.rows import group_rows
+from toy_models import Toy, randomize
 
 
 def f64(t):
@@ -182,26 +183,10 @@ def test_all_rows_one_adapter_equals_the_single_adapter_layer_and_dispatch_expla
         layer.forward_rows(x, torch.zeros(15, dtype=torch.int64), ["nope"])
 
 
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.q = nn.Linear(8, 6)
-        self.v = nn.Linear(6, 6)
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.v(torch.relu(self.q(x)))))
-
-
 def toy_two_adapters():
     model = inject(Toy(), LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"], modules_to_save=["head"]), "a")
     lorakern.add_adapter(model, "b", LoraConfig(r=3, lora_alpha=3, target_modules=["q"], modules_to_save=["head"]))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".adapters." in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    randomize(model, 1)
     return model
 
 
@@ -380,17 +365,14 @@ import torch, torch.distributed as dist
 from torch import nn
 import lorakern
 from lorakern import LoraConfig, inject
+from toy_models import randomize  # the tests folder is on PYTHONPATH
 
 def build():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     inject(model, LoraConfig(r=2, target_modules=["0", "2"], modules_to_save=["2"]), "a")
     lorakern.add_adapter(model, "b", LoraConfig(r=3, lora_alpha=6, target_modules=["0"]))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".adapters." in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    randomize(model, 1)
     return model
 
 def main():
@@ -437,7 +419,9 @@ def test_ddp_two_ranks_train_a_mixed_batch_as_one_process(tmp_path):
 
     script = tmp_path / "worker.py"
     script.write_text(DDP_WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    tests = os.path.dirname(os.path.abspath(__file__))  # for the worker's `from toy_models import randomize`
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p))
     single = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], env=env, capture_output=True,
                             text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]

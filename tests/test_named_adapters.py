@@ -14,26 +14,7 @@ import lorakern
 from conftest import tiny_roberta_classifier
 from lorakern import LoraConfig, core, inject, lora_layers
 from lorakern.errors import AdapterError, ConfigError
-
-
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.q = nn.Linear(8, 6)
-        self.v = nn.Linear(6, 6)
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.v(torch.relu(self.q(x)))))
-
-
-def randomize(model, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".adapters." in name:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
+from toy_models import Toy, randomize
 
 
 def f64(t):
