@@ -230,7 +230,10 @@ def _forward_native(library, x2, weight, bias, lora_A, lora_B, B_t, scale, scali
             merged.mul_(c[:, None])
             return None, None, (torch.addmm(b, x2, merged.t()) if b is not None else x2 @ merged.t())
         z = x2 @ merged.t()
-        return None, z, (torch.addcmul(b, z, c) if b is not None else z * c)
+        # y = c z + b
+        y = torch.empty_like(z)
+        library.dora_scale_f32(_ptr(z), _ptr(c), _ptr(b), rows, out_features, _ptr(y), torch.get_num_threads())
+        return None, z, y
     x2, A = x2.contiguous(), lora_A.contiguous()  # named: the copies outlive the call
     z = torch.mm(x2, weight.t())
     y = x2.new_empty(rows, out_features) if need_m else z

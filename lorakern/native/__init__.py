@@ -82,6 +82,7 @@ _LIBRARIES = {
             "dora_scale_grad_f32": (None, [_POINTER] * 3 + [_I64] * 2 + [_POINTER] * 3 + [_INT]),
             "dora_backward_f32": (None, [_POINTER] * 5 + [_FLOAT] + [_I64] * 4 + [_POINTER] * 6 + [_INT]),
             "dora_backward_scratch": (_I64, [_I64, _I64, _I64, _INT]),
+            "dora_scale_f32": (None, [_POINTER] * 3 + [_I64] * 2 + [_POINTER, _INT]),
         },
     ),
 }

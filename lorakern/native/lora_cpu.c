@@ -662,6 +662,21 @@ void dora_forward_f32(const float *x, const float *A, const float *Bt, const flo
     }
 }
 
+/* y = c * z + b, row by row (z, y: M x N; bias may be NULL): the scale of DoRA's merged forward in one pass
+ * (torch's addcmul with the two broadcast vectors ran ~5x slower than the memory allows). */
+void dora_scale_f32(const float *z, const float *scale, const float *bias, int64_t M, int64_t N, float *y,
+                    int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < M; ++i) {
+        const float *zi = z + i * N;
+        float *yi = y + i * N;
+        int64_t n = 0;
+        for (; n + LANES <= N; n += LANES)
+            store(yi + n, load(scale + n) * load(zi + n) + (bias ? load(bias + n) : splat(0)));
+        for (; n < N; ++n) yi[n] = scale[n] * zi[n] + (bias ? bias[n] : 0.0f);
+    }
+}
+
 /* DoRA backward's first pass: gc = g * c (columns scaled: the LoRA backward then runs on gc) and, when z is
  * not NULL, gz[n] = sum_i g[i, n] z[i, n] (dm = gz / n). `partial` holds threads * N floats. */
 void dora_scale_grad_f32(const float *g, const float *z, const float *scale, int64_t M, int64_t N, float *gc,
