@@ -90,13 +90,23 @@ def _add_base_grad(out: Optional[torch.Tensor], g: torch.Tensor, weight: Weight)
 
 
 def weight_norm(weight: Weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                base_norm_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
+                base_norm_sq: Optional[torch.Tensor] = None, library=None) -> torch.Tensor:
     """n_i = ||W_i + s (B A)_i|| without forming B A (module docstring), detached, in fp32 (fp64 for fp64
-    operands). ``base_norm_sq``: the cached ||W_i||^2 (computed here when None)."""
+    operands). ``base_norm_sq``: the cached ||W_i||^2 (computed here when None). ``library``: the C kernels
+    (lorakern.native), which take a dense fp32 W in one pass over its rows (dora_norm_f32)."""
     with torch.no_grad():
         acc = _accumulation(lora_A.dtype)
         w2 = row_norms_sq(weight, acc) if base_norm_sq is None else base_norm_sq.to(acc)
         A, B = lora_A.detach(), lora_B.detach()
+        if library is not None and isinstance(weight, torch.Tensor) and acc == torch.float32 and \
+                weight.dtype == A.dtype == B.dtype == torch.float32:
+            # named: the contiguous copies outlive the call
+            W, A, B, w2 = weight.contiguous(), A.contiguous(), B.contiguous(), w2.contiguous()
+            gram = A @ A.t()
+            norm = torch.empty_like(w2)
+            library.dora_norm_f32(_ptr(W), _ptr(A), _ptr(B), _ptr(w2), _ptr(gram), scaling, W.shape[0], W.shape[1],
+                                  A.shape[0], _ptr(norm), torch.get_num_threads())
+            return norm
         WA = _weight_At(weight, A, acc)
         A, B = A.to(acc), B.to(acc)
         gram = A @ A.t()
@@ -133,7 +143,7 @@ class DoraLinearFunction(torch.autograd.Function):
         separate = x_lora is not None
         xl2 = x_lora.reshape(-1, in_features) if separate else x2
         need_m = ctx.needs_input_grad[6]
-        norm = weight_norm(weight, lora_A, lora_B, scaling, base_norm_sq)
+        norm = weight_norm(weight, lora_A, lora_B, scaling, base_norm_sq, library)
         scale = (magnitude.detach().to(norm.dtype) / norm).to(x.dtype)  # c
         B_t = lora_B.t().contiguous()
         # the fp32 CPU path runs merged with c folded in (see folds_scale): no u in the forward

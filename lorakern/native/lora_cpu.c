@@ -17,6 +17,7 @@
  * so that one `vf` is one machine register. The vectors are GCC/Clang vector extensions; no intrinsics
  * outside the optional streaming store below. The sums run in another order than BLAS's (LANES lanes,
  * then a horizontal sum), so fp32 results differ from it by rounding. */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -659,6 +660,33 @@ void dora_forward_f32(const float *x, const float *A, const float *Bt, const flo
             scaled_update4(yr, kr, zr, scale, bias, coef, Bt, r, N);
         }
         free(spare);
+    }
+}
+
+/* DoRA's row norms without B A (lorakern/dora.py, weight_norm): for each row i of W (N x K),
+ * norm[i] = sqrt(max(0, w2[i] + 2 s <B_i, (W A^T)_i> + s^2 B_i G B_i^T)), G = A A^T (r x r), B: N x r. */
+void dora_norm_f32(const float *W, const float *A, const float *B, const float *w2, const float *gram, float s,
+                   int64_t N, int64_t K, int64_t r, float *norm, int threads) {
+    int64_t blocks = (N + ROWS - 1) / ROWS;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+        int64_t i0 = blk * ROWS;
+        float wa[ROWS * 256];
+        const float *wr[ROWS];
+        block_rows(W, i0, N, K, wr);
+        dots4(wr, A, r, K, wa);
+        for (int q = 0; q < ROWS && i0 + q < N; ++q) {
+            const float *b = B + (i0 + q) * r;
+            float cross = 0.0f, quad = 0.0f;
+            for (int64_t j = 0; j < r; ++j) {
+                float gb = 0.0f;
+                for (int64_t k = 0; k < r; ++k) gb += gram[j * r + k] * b[k];
+                cross += b[j] * wa[q * r + j];
+                quad += b[j] * gb;
+            }
+            float n2 = w2[i0 + q] + 2.0f * s * cross + s * s * quad;
+            norm[i0 + q] = sqrtf(n2 > 0.0f ? n2 : 0.0f);
+        }
     }
 }
 
