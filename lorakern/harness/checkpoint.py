@@ -117,6 +117,20 @@ class Keyed:
             item.load_state_dict(state[name])
 
 
+def begin(resume, fingerprint: dict, trainable: dict[str, torch.Tensor], optimizer, scheduler, scaler, seed: int,
+          rank: int, is_main: bool, out_dir: str) -> tuple[list, int]:
+    """Where a run starts: (the checkpoint's history, the next epoch) when resuming, else ([], 1) after seeding
+    every generator with seed + rank; rank 0 makes the checkpoint folder."""
+    history, start = [], 1
+    if resume:
+        history, start = resume_from(resume, fingerprint, trainable, optimizer, scheduler, scaler, seed)
+    else:
+        seed_everything(seed + rank)
+    if is_main:
+        os.makedirs(os.path.join(out_dir, CHECKPOINT_DIR), exist_ok=True)
+    return history, start
+
+
 def resume_from(resume: str, fingerprint: dict, trainable: dict[str, torch.Tensor], optimizer, scheduler, scaler,
                 seed: int) -> tuple[list[dict], int]:
     """Load a checkpoint (rank 0 reads, every rank gets it) into the trainable tensors, optimiser, scheduler,

@@ -41,7 +41,7 @@ from lorakern.harness import distributed, report
 from lorakern.harness.data import GLUE_TASKS, HF, corpus_texts, glue_task, load_glue
 from lorakern.harness.glue import SEED_MAX_LENGTH, TINY_MAX_LENGTH, make_plan
 from lorakern.harness.models import TINY, Backbone, build_model, forward_logits
-from lorakern.harness.checkpoint import CHECKPOINT_DIR, Keyed, resume_from, save_checkpoint, seed_everything
+from lorakern.harness.checkpoint import Keyed, begin, save_checkpoint
 from lorakern.harness.run import RunOptions, _jsonable, _out_dir, collate_fn
 from lorakern.harness.train import _batches, _wrap_ddp, schedule
 from lorakern.injection import add_adapter, inject, set_adapter
@@ -195,13 +195,8 @@ def _train(model, tasks: list[str], plans: dict, config, device, out_dir: str, f
             optimizers[task], schedule(config.warmup_epochs * steps, config.epochs * steps))
     optimizer, scheduler = Keyed(optimizers), Keyed(schedulers)  # checkpointed as {task: state}
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # one for all: one backward
-    history, start = [], 1
-    if resume:
-        history, start = resume_from(resume, fingerprint, trainable, optimizer, scheduler, scaler, config.seed)
-    else:
-        seed_everything(config.seed + rank)
-    if context.is_main:
-        os.makedirs(os.path.join(out_dir, CHECKPOINT_DIR), exist_ok=True)
+    history, start = begin(resume, fingerprint, trainable, optimizer, scheduler, scaler, config.seed, rank,
+                           context.is_main, out_dir)
 
     def step_loss(net, order: dict, step: int, present: list[str], losses: Optional[dict]) -> torch.Tensor:
         """The loss of this rank's rows of step ``step``: each present task's share of its batch, weighted so

@@ -19,7 +19,8 @@ from lorakern.adapters import load_adapter, save_adapter
 from lorakern.injection import LoraConfig, count_parameters, parameter_table
 from lorakern.harness import distributed, report
 from lorakern.harness.models import TINY, Backbone, build_model, recipe_config
-from lorakern.harness.train import CHECKPOINT_DIR, TrainConfig, train, write_history
+from lorakern.harness.checkpoint import CHECKPOINT_DIR
+from lorakern.harness.train import TrainConfig, train, write_history
 
 TINY_LR = 5e-3  # the tiny random-init default learns its fixtures in 6 epochs at this lr, not at 4e-5
 TINY_EMBEDDINGS = "word_embeddings"

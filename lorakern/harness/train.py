@@ -43,7 +43,7 @@ from torch import nn
 
 from lorakern._io import atomic_write_bytes
 from lorakern.harness import distributed
-from lorakern.harness.checkpoint import CHECKPOINT_DIR, resume_from, save_checkpoint, seed_everything
+from lorakern.harness.checkpoint import begin, save_checkpoint
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
@@ -244,15 +244,9 @@ def train(model: nn.Module, features: list, collate: Callable, loss_fn: Callable
         optimizer, schedule(config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     fingerprint = {**fingerprint, "train": config.fingerprint()}
-    history: list[dict] = []
-    start_epoch = 1
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}  # what a checkpoint holds
-    if resume:
-        history, start_epoch = resume_from(resume, fingerprint, trainable, optimizer, scheduler, scaler, config.seed)
-    else:
-        seed_everything(config.seed + rank)
-    if context.is_main:
-        os.makedirs(os.path.join(out_dir, CHECKPOINT_DIR), exist_ok=True)
+    history, start_epoch = begin(resume, fingerprint, trainable, optimizer, scheduler, scaler, config.seed, rank,
+                                 context.is_main, out_dir)
 
     def forward_loss(net: nn.Module, indices: list[int]) -> torch.Tensor:
         batch = {k: v.to(device) for k, v in collate([features[i] for i in indices]).items()}
