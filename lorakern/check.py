@@ -114,6 +114,43 @@ def mixed_rows(device: torch.device) -> list[tuple]:
     return out
 
 
+# DoRA layers ((x shape), out_features, r): fewer rows than inputs (the scaled epilogue), at least as many (the
+# C path's merged fold), a 3-D input with r above min(in, out).
+DORA_GRID = [((6, 42), 123, 5), ((70, 64), 37, 5), ((2, 7, 9), 6, 16)]
+
+
+def dora_rows(device: torch.device) -> list[tuple]:
+    """One row per implementation and dtype for a DoRA adapter: output, dx, dA, dB and the magnitude's
+    gradient against lorakern.core.dora (float64), or why the implementation does not run DoRA."""
+    from lorakern.testing_dora import compare_dora, dora_layer
+
+    out = []
+    for path in available_paths(device):
+        for dtype in DTYPES:
+            worst, why = None, None
+            for case, (shape, out_features, r) in enumerate(DORA_GRID):
+                layer = dora_layer(shape[-1], out_features, r, dtype, seed=case, backend=path, device=str(device))
+                a = layer.adapters["default"]
+                x = torch.randn(shape, generator=torch.Generator().manual_seed(200 + case), dtype=torch.float64)
+                x = x.to(device=device, dtype=dtype)
+                call = dispatch.prepare(x.reshape(-1, shape[-1]), "dense", layer.weight, layer.bias, a.lora_A, a.lora_B,
+                                        1.0, magnitude=a.lora_magnitude_vector)
+                why = dispatch.verdict(path, call)
+                if why is not None:
+                    break
+                comparison = compare_dora(layer.train(), x, seed=case)
+                name, error = comparison.worst
+                if worst is None or error / comparison.bound > worst[2] or not comparison.passed:
+                    worst = (comparison, name, error / comparison.bound)
+            if why is not None:
+                out.append((f"DoRA: {_path_label(path)}", _name(dtype), "-", f"not run: {why}", "n/a"))
+                continue
+            comparison, name, ratio = worst
+            out.append((f"DoRA: {_path_label(path)}", _name(dtype), f"{ratio:.2e}", f"{name} @ x{comparison.shape}",
+                        "pass" if comparison.passed else "FAIL"))
+    return out
+
+
 def run_check(device: Optional[str] = None, out=sys.stdout) -> bool:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
@@ -146,10 +183,12 @@ def run_check(device: Optional[str] = None, out=sys.stdout) -> bool:
             rows.append((_path_label(path), _name(dtype), f"{error:.2e}", where,
                          "pass" if comparison.passed else "FAIL"))
     rows += mixed_rows(device)
+    rows += dora_rows(device)
     header = ("path", "dtype", "worst error / bound", "where", "result")
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-    print(f"lorakern check on {device}: output and gradients (x, A, B, bias) against lorakern.core (float64)", file=out)
+    print(f"lorakern check on {device}: output and gradients (x, A, B, bias; DoRA rows also the magnitude's) "
+          f"against lorakern.core (float64)", file=out)
     print(f"{len(GRID)} shapes per row, each in both formulations (factored, merged where allowed); error = max "
           f"|got - ref| / its allowed error (lorakern.testing: from the dtype, the reduction length and the rounded "
           f"values); pass <= 1", file=out)

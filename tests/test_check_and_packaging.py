@@ -26,7 +26,29 @@ def test_check_passes_and_prints_the_table():
     for path in paths:
         for dtype in ("float32", "float16", "bfloat16"):
             assert re.search(rf"\| {path} +\| {dtype} +\|.*\| pass +\|", text), (path, dtype, text)
+            assert re.search(rf"\| DoRA: torch +\| {dtype} +\|.*\| pass +\|", text), (dtype, text)
     assert "all paths pass" in text
+
+
+def test_check_fails_on_a_wrong_dora_path(monkeypatch):
+    """The DoRA rows see a wrong magnitude gradient (the row names it) and a wrong output."""
+    import dataclasses
+    import re
+
+    from lorakern import dispatch
+    from lorakern.check import dora_rows
+
+    real = dispatch._REGISTRY[("torch", "dense")]
+
+    def off_by_a_little(call):
+        y = real.run_dora(call)
+        return y + 1e-2 * y.detach().abs().amax()
+
+    monkeypatch.setitem(dispatch._REGISTRY, ("torch", "dense"), dataclasses.replace(real, run_dora=off_by_a_little))
+    rows = dora_rows(torch.device("cpu"))
+    failed = {row[1] for row in rows if row[0] == "DoRA: torch" and row[-1] == "FAIL"}
+    assert failed == {"float64", "float32", "float16", "bfloat16"}, rows
+    assert all(re.match(r"(y|dx|dA|dB|dm) @", row[3]) for row in rows if row[-1] == "FAIL"), rows
 
 
 def test_check_fails_on_a_wrong_path(monkeypatch):

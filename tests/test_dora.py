@@ -1,7 +1,5 @@
 """DoRA: the torch (and C) paths against lorakern.core.dora, the norm without B A, PEFT both ways, NF4, merging."""
 import json
-import math
-import warnings
 
 import numpy as np
 import pytest
@@ -14,87 +12,10 @@ from conftest import tiny_roberta_classifier
 from lorakern import LoraConfig, LoraLinear, core, dora, inject, load_adapter, lora_layers, merge_and_unload, save_adapter
 from lorakern.core import nf4 as core_nf4
 from lorakern.errors import AdapterError, ConfigError, LorakernError
-from lorakern.testing import TOLERANCE, Comparison, assert_matches_reference, bound, rel_error
+from lorakern.testing import TOLERANCE, assert_matches_reference
+from lorakern.testing_dora import compare_dora, dora_layer, f64
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
-
-
-def dora_layer(K, N, r, dtype, *, bias=True, dropout=0.0, alpha=None, seed=0, backend="torch"):
-    """A DoRA LoraLinear with every tensor random (B and the magnitude too: every gradient is non-trivial)."""
-    gen = torch.Generator().manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # r > min(K, N) is legal
-        layer = LoraLinear(K, N, bias=bias, r=r, alpha=alpha, dropout=dropout, dtype=torch.float64, use_dora=True)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) / math.sqrt(max(p.shape[-1], 1)))
-    layer.backend = backend
-    return layer.to(dtype)
-
-
-def f64(t):
-    return None if t is None else t.detach().to(torch.float64).cpu().numpy()
-
-
-def dora_magnitudes(x, W, A, B, m, b, dy, s, mask, tiny):
-    """The scale of each element's rounding error (the computation on absolute values). c = m / n carries
-    the conditioning of the norm identity: n^2 is a sum of terms whose absolute sum over n^2 is kappa."""
-    K, N = W.shape[1], W.shape[0]
-    x2, g = abs(x.reshape(-1, K)), abs(dy.reshape(-1, N))
-    keep = np.ones_like(x2) if mask is None else abs(mask.reshape(-1, K))
-    xl = x2 * keep
-    n = core.dora.weight_norm(W, A, B, s)
-    terms = (W * W).sum(1) + 2 * abs(s) * (abs(B) * abs(W @ A.T)).sum(1) + s * s * ((abs(B) @ abs(A @ A.T)) * abs(B)).sum(1)
-    c = abs(m) / n * (1 + terms / n**2)
-    aW, aA, aB, s = abs(W), abs(A), abs(B), abs(s)
-    u = xl @ aA.T + tiny
-    z = xl @ aW.T + s * (u @ aB.T)
-    gc = g * c
-    gcB = gc @ aB + tiny
-    # with dropout: x W^T + (c - 1) x~ W^T + c s u B^T
-    base = c * (xl @ aW.T) if mask is None else x2 @ aW.T + (c + 1) * (xl @ aW.T)
-    return {
-        "y": (base + c * s * (u @ aB.T) + (0.0 if b is None else abs(b))).reshape(dy.shape),
-        "dx": (g @ aW * (mask is not None) + ((gc + g * (mask is not None)) @ aW + s * gcB @ aA) * keep).reshape(x.shape),
-        "dA": s * (gcB.T @ xl),
-        "dB": s * (gc.T @ u),
-        "dm": (g * z).sum(0) / n * (1 + terms / n**2),
-    }
-
-
-def compare_dora(layer, x, seed=0, perturb=None):
-    """Run the layer's active DoRA adapter on x (train mode, fixed dropout seed), backprop, compare every
-    result with lorakern.core.dora in float64. ``perturb`` {name: factor} spoils a result by factor x its
-    bound first (the mutation check)."""
-    dtype = x.dtype
-    x = x.detach().requires_grad_(True)
-    mask = None
-    if layer.training and layer.dropout > 0:
-        layer.dropout_seed = seed + 1
-        # the torch and C paths' mask for that seed, recomputed here: torch.rand from a seeded generator, kept
-        # entries 1 / (1 - p) as a float32 (dispatch's mask contract)
-        keep = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed + 1)) >= layer.dropout
-        mask = (keep.to(torch.float32) * (1.0 / (1.0 - layer.dropout))).double().numpy()
-    y = layer(x)
-    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
-    a = layer.adapters[layer.active_adapters[0]]
-    grads = dict(zip(["dx", "dA", "dB", "dm"], torch.autograd.grad(
-        y, [x, a.lora_A, a.lora_B, a.lora_magnitude_vector], grad_y)))
-    W, A, B, m, b = f64(layer.weight_out_in), f64(a.lora_A), f64(a.lora_B), f64(a.lora_magnitude_vector), f64(layer.bias)
-    xs, dy, s = f64(x), f64(grad_y), core.scaling(a.r, a.alpha)  # s recomputed from r and alpha
-    ref = {"y": core.dora.forward(xs, W, A, B, m, b, s, dropout_mask=mask),
-           **core.dora.backward(xs, W, A, B, m, dy, s, dropout_mask=mask)}
-    mag = dora_magnitudes(xs, W, A, B, m, b, dy, s, mask, torch.finfo(dtype).tiny)
-    length = max(int(np.prod(x.shape[:-1])), layer.in_features, layer.out_features)
-    # two more roundings than plain LoRA: c to the compute dtype, and the product c z
-    limit = bound(dtype, length) + 2 * TOLERANCE[dtype][0]
-    got = {"y": y, **grads}
-    for name, factor in (perturb or {}).items():
-        got[name] = got[name].detach().double() + factor * limit * torch.as_tensor(mag[name])
-    errors, details = {}, {}
-    for name in ("y", "dx", "dA", "dB", "dm"):
-        errors[name], details[name] = rel_error(got[name], ref[name], mag[name], dtype)
-    return Comparison(dtype, tuple(x.shape), errors, details, limit)
 
 
 @given(lead=st.lists(st.integers(1, 9), max_size=2), K=st.integers(1, 90), N=st.integers(1, 90),

@@ -1,0 +1,94 @@
+"""DoRA against lorakern.core.dora, independently of the code under test: a random DoRA layer, the scale of
+each result's rounding error, and one comparison of output and every gradient (tests/test_dora.py, the kernel
+tests and ``lorakern check`` use it). The dropout mask is redrawn as the torch and C paths draw it."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import numpy as np
+import torch
+
+from lorakern import core
+from lorakern.layer import LoraLinear
+from lorakern.testing import TOLERANCE, Comparison, bound, rel_error
+
+
+def dora_layer(K: int, N: int, r: int, dtype: torch.dtype, *, bias: bool = True, dropout: float = 0.0,
+               alpha=None, seed: int = 0, backend: str = "torch", device: str = "cpu") -> LoraLinear:
+    """A DoRA LoraLinear with every tensor random (B and the magnitude too: every gradient is non-trivial)."""
+    gen = torch.Generator().manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # r > min(K, N) is legal
+        layer = LoraLinear(K, N, bias=bias, r=r, alpha=alpha, dropout=dropout, dtype=torch.float64, use_dora=True)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) / math.sqrt(max(p.shape[-1], 1)))
+    layer.backend = backend
+    return layer.to(device=device, dtype=dtype)
+
+
+def f64(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
+    return None if t is None else t.detach().to(torch.float64).cpu().numpy()
+
+
+def dora_magnitudes(x, W, A, B, m, b, dy, s: float, mask, tiny: float) -> dict[str, np.ndarray]:
+    """The scale of each element's rounding error (the computation on absolute values). c = m / n carries
+    the conditioning of the norm identity: n^2 is a sum of terms whose absolute sum over n^2 is kappa."""
+    K, N = W.shape[1], W.shape[0]
+    x2, g = abs(x.reshape(-1, K)), abs(dy.reshape(-1, N))
+    keep = np.ones_like(x2) if mask is None else abs(mask.reshape(-1, K))
+    xl = x2 * keep
+    n = core.dora.weight_norm(W, A, B, s)
+    terms = (W * W).sum(1) + 2 * abs(s) * (abs(B) * abs(W @ A.T)).sum(1) + s * s * ((abs(B) @ abs(A @ A.T)) * abs(B)).sum(1)
+    c = abs(m) / n * (1 + terms / n**2)
+    aW, aA, aB, s = abs(W), abs(A), abs(B), abs(s)
+    u = xl @ aA.T + tiny
+    z = xl @ aW.T + s * (u @ aB.T)
+    gc = g * c
+    gcB = gc @ aB + tiny
+    # with dropout: x W^T + (c - 1) x~ W^T + c s u B^T
+    base = c * (xl @ aW.T) if mask is None else x2 @ aW.T + (c + 1) * (xl @ aW.T)
+    return {
+        "y": (base + c * s * (u @ aB.T) + (0.0 if b is None else abs(b))).reshape(dy.shape),
+        "dx": (g @ aW * (mask is not None) + ((gc + g * (mask is not None)) @ aW + s * gcB @ aA) * keep).reshape(x.shape),
+        "dA": s * (gcB.T @ xl),
+        "dB": s * (gc.T @ u),
+        "dm": (g * z).sum(0) / n * (1 + terms / n**2),
+    }
+
+
+def compare_dora(layer: LoraLinear, x: torch.Tensor, seed: int = 0, perturb: Optional[dict] = None) -> Comparison:
+    """Run the layer's active DoRA adapter on x (train mode, fixed dropout seed), backprop, compare every
+    result with lorakern.core.dora in float64. ``perturb`` {name: factor} spoils a result by factor x its
+    bound first (the mutation check)."""
+    dtype = x.dtype
+    x = x.detach().requires_grad_(True)
+    mask = None
+    if layer.training and layer.dropout > 0:
+        layer.dropout_seed = seed + 1
+        # the torch and C paths' mask for that seed, recomputed here: torch.rand from a seeded generator, kept
+        # entries 1 / (1 - p) as a float32 (dispatch's mask contract)
+        keep = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed + 1)) >= layer.dropout
+        mask = (keep.to(torch.float32) * (1.0 / (1.0 - layer.dropout))).double().numpy()
+    y = layer(x)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+    a = layer.adapters[layer.active_adapters[0]]
+    grads = dict(zip(["dx", "dA", "dB", "dm"], torch.autograd.grad(
+        y, [x, a.lora_A, a.lora_B, a.lora_magnitude_vector], grad_y)))
+    W, A, B, m, b = f64(layer.weight_out_in), f64(a.lora_A), f64(a.lora_B), f64(a.lora_magnitude_vector), f64(layer.bias)
+    xs, dy, s = f64(x), f64(grad_y), core.scaling(a.r, a.alpha)  # s recomputed from r and alpha
+    ref = {"y": core.dora.forward(xs, W, A, B, m, b, s, dropout_mask=mask),
+           **core.dora.backward(xs, W, A, B, m, dy, s, dropout_mask=mask)}
+    mag = dora_magnitudes(xs, W, A, B, m, b, dy, s, mask, torch.finfo(dtype).tiny)
+    length = max(int(np.prod(x.shape[:-1])), layer.in_features, layer.out_features)
+    # two more roundings than plain LoRA: c to the compute dtype, and the product c z
+    limit = bound(dtype, length) + 2 * TOLERANCE[dtype][0]
+    got = {"y": y, **grads}
+    for name, factor in (perturb or {}).items():
+        got[name] = got[name].detach().double() + factor * limit * torch.as_tensor(mag[name])
+    errors, details = {}, {}
+    for name in ("y", "dx", "dA", "dB", "dm"):
+        errors[name], details[name] = rel_error(got[name], ref[name], mag[name], dtype)
+    return Comparison(dtype, tuple(x.shape), errors, details, limit)
