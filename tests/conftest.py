@@ -124,6 +124,23 @@ def tiny_roberta_config(num_labels: int = 2, **overrides):
     return RobertaConfig(**fields)
 
 
+def save_no_dropout_roberta(folder: str, texts: list, max_length: int) -> str:
+    """Write a local model folder: the harness's tiny RoBERTa (seed 0) with dropout 0, and its tokenizer
+    built over ``texts`` for ``max_length`` tokens. Returns the folder."""
+    from transformers import RobertaConfig, RobertaModel
+
+    from lorakern.harness.models import TINY_SIZES, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(texts, max_length)
+    config = RobertaConfig(vocab_size=len(tokenizer), max_position_embeddings=max_length + 2, type_vocab_size=1,
+                           pad_token_id=1, bos_token_id=0, eos_token_id=2, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0, **TINY_SIZES)
+    torch.manual_seed(0)
+    RobertaModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def tiny_roberta_classifier(num_labels: int = 2, seed: int = 0):
     """transformers' RobertaForSequenceClassification from a config: random weights, no download."""
     from transformers import RobertaForSequenceClassification

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from conftest import save_no_dropout_roberta
 from lorakern.cli import main
 from lorakern.harness import distributed
 from lorakern.harness.checkpoint import _restore_rng, _rng_state
@@ -46,20 +47,10 @@ def one_thread():
 def no_dropout_model(tmp_path_factory):
     """A local model folder: the tiny RoBERTa with dropout 0 (with dropout, ranks draw other masks than one
     process, so curves could only agree statistically). With --head hf nothing in the model drops out."""
-    from transformers import RobertaConfig, RobertaModel
-
     from lorakern.harness.data import corpus_texts, glue_task, load_glue
-    from lorakern.harness.models import TINY_SIZES, build_tiny_tokenizer
 
-    folder = tmp_path_factory.mktemp("no-dropout-model")
-    tokenizer = build_tiny_tokenizer(corpus_texts(load_glue(glue_task("sst2"), None)), 64)
-    config = RobertaConfig(vocab_size=len(tokenizer), max_position_embeddings=66, type_vocab_size=1, pad_token_id=1,
-                           bos_token_id=0, eos_token_id=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                           **TINY_SIZES)
-    torch.manual_seed(0)
-    RobertaModel(config).save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return str(folder)
+    texts = corpus_texts(load_glue(glue_task("sst2"), None))
+    return save_no_dropout_roberta(str(tmp_path_factory.mktemp("no-dropout-model")), texts, 64)
 
 
 def test_glue_on_two_ranks_follows_one_process_and_scores_the_same(no_dropout_model, tmp_path, one_thread):

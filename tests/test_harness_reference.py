@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import save_no_dropout_roberta
 from lorakern import lora_layers
 from lorakern.cli import main
 from lorakern.harness import run as harness_run
@@ -45,21 +46,10 @@ def one_thread():
 def no_dropout_model(tmp_path_factory):
     """A local model folder: the tiny RoBERTa with dropout 0, and its tokenizer over the texts of the hard
     SST-2 and SQuAD v1.1 fixtures. With --head hf nothing in the model drops out."""
-    from transformers import RobertaConfig, RobertaModel
-
     from lorakern.harness.data import corpus_texts, glue_task, load_glue, load_squad
-    from lorakern.harness.models import TINY_SIZES, build_tiny_tokenizer
 
-    folder = tmp_path_factory.mktemp("no-dropout-model")
     texts = corpus_texts(load_glue(glue_task("sst2"), HARD)) + corpus_texts(load_squad("1.1", None))
-    tokenizer = build_tiny_tokenizer(texts, 96)
-    config = RobertaConfig(vocab_size=len(tokenizer), max_position_embeddings=98, type_vocab_size=1, pad_token_id=1,
-                           bos_token_id=0, eos_token_id=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                           **TINY_SIZES)
-    torch.manual_seed(0)
-    RobertaModel(config).save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return str(folder)
+    return save_no_dropout_roberta(str(tmp_path_factory.mktemp("no-dropout-model")), texts, 96)
 
 
 def harness_run_recorded(monkeypatch, start):
