@@ -70,6 +70,7 @@ def _setup_context(ctx, inputs, output) -> None:
     x2, weight, bias, lora_A, lora_B, scale, scaling, dropout_p, seed, nf4_state, nf4_blocksize, need_z = inputs
     _, u, z = output
     ctx.mark_non_differentiable(u, z)  # saved for the backward, not outputs of the layer
+    ctx.set_materialize_grads(False)  # so autograd does not fill an (M, N) zero gradient for z
     ctx.save_for_backward(x2, u, z, weight, lora_A, lora_B, scale, seed, *nf4_state)
     ctx.scaling, ctx.dropout_p, ctx.nf4_blocksize, ctx.has_bias, ctx.has_z = (scaling, dropout_p, nf4_blocksize,
                                                                              bias is not None, need_z)
@@ -78,6 +79,8 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_y: torch.Tensor, grad_u: Optional[torch.Tensor], grad_z: Optional[torch.Tensor]) -> tuple:
     """The gradients of dora_linear_fwd; the derivation is in dora_linear_triton's docstring."""
     x2, u, z, weight, lora_A, lora_B, scale, seed, *nf4_state = ctx.saved_tensors
+    if grad_y is None:  # grads are not materialised (setup_context): y took no part in the loss
+        return (None,) * 9 + ([None] * len(nf4_state), None, None)
     need_x, _, need_b, need_A, need_B, need_c = ctx.needs_input_grad[:6]
     if need_c and not ctx.has_z:
         raise RuntimeError("the DoRA scale needs a gradient, but the forward ran without keeping z (need_z=False); "

@@ -117,13 +117,13 @@ def _forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, scale, 
     _check(x2, weight, bias, lora_A, lora_B)
     M, K = x2.shape
     N, r = lora_B.shape
+    if 0 < M <= SMALL_M:
+        return _forward_small_m(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, scale, need_z)
     y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
     u = torch.empty((M, r), device=x2.device, dtype=x2.dtype)
     z = torch.empty((M, N), device=x2.device, dtype=x2.dtype) if need_z else None
     if M == 0:
         return y, u, z
-    if M <= SMALL_M:
-        return _forward_small_m(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, scale, need_z)
     kind = "fwd" if scale is None else "dora_fwd"
     kernel, fixed = _autotuned(_lora_fwd_kernel, kind, x2.dtype, rank_pad(r), "nf4" if _is_nf4(weight) else "dense")
 
