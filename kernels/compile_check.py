@@ -25,8 +25,10 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = ("bfloat16", "float16", "float32")
 WEIGHTS = ("dense", "nf4")
 # fwd, bwd, small: the single-adapter kernels; mixed_fwd, mixed_bwd: the segmented kernels of mixed batches;
-# dora_fwd, dora_bwd, dora_small: the single-adapter kernels with DoRA's magnitude (HAS_MAGNITUDE, z kept, dm)
-KINDS = ("fwd", "bwd", "small", "mixed_fwd", "mixed_bwd", "dora_fwd", "dora_bwd", "dora_small")
+# dora_fwd, dora_bwd, dora_small: the single-adapter kernels with DoRA's magnitude (HAS_MAGNITUDE, z kept, dm),
+# without dropout; dora_drop_*: the same with dropout (a second accumulator: more registers)
+DORA_KINDS = ("dora_fwd", "dora_bwd", "dora_small", "dora_drop_fwd", "dora_drop_bwd", "dora_drop_small")
+KINDS = ("fwd", "bwd", "small", "mixed_fwd", "mixed_bwd") + DORA_KINDS
 _PTR = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
 
 
@@ -80,8 +82,9 @@ def _signature(kind: str, dtype: str, r_pad: int, meta: dict, weight: str = "den
     from lorakern.kernels.mixed_forward import _mixed_fwd_kernel
     from lorakern.kernels.small_m import _lora_small_m_kernel
 
-    dora = kind.startswith("dora_")
-    kind = kind.removeprefix("dora_")
+    # the plain kernels compile with dropout on (their worst case); DoRA's both ways (dora_drop_*: on)
+    dora, dropout = kind.startswith("dora_"), not kind.startswith("dora_") or kind.startswith("dora_drop_")
+    kind = kind.removeprefix("dora_").removeprefix("drop_")
     kernel = {"fwd": _lora_fwd_kernel, "bwd": _lora_bwd_kernel, "small": _lora_small_m_kernel,
               "mixed_fwd": _mixed_fwd_kernel, "mixed_bwd": _mixed_bwd_kernel}[kind]
     ptr = _PTR[dtype]
@@ -98,15 +101,15 @@ def _signature(kind: str, dtype: str, r_pad: int, meta: dict, weight: str = "den
     if not nf4:
         constexprs["wq_blocksize"] = 1  # dense launches pass 1, which the JIT specialises as a constant
     if kind == "small":
-        constexprs.update(HAS_BIAS=True, HAS_DROPOUT=True)
+        constexprs.update(HAS_BIAS=True, HAS_DROPOUT=dropout)
         inner_strides = {"stride_xk", "stride_ak", "stride_br"} | ({"stride_wk"} if not nf4 else set())
         fp32_ptrs = {"y_ptr", "u_ptr", "c_ptr", "z_ptr"}
     elif kind in ("fwd", "mixed_fwd"):
-        constexprs.update(HAS_BIAS=True, HAS_DROPOUT=True)
+        constexprs.update(HAS_BIAS=True, HAS_DROPOUT=dropout)
         inner_strides = {"stride_xk", "stride_ak", "stride_br", "stride_yn", "stride_ur"} | ({"stride_wk"} if not nf4 else set())
         fp32_ptrs = {"c_ptr"}
     else:
-        constexprs.update(HAS_DROPOUT=True, NEED_DX=True, NEED_DA=True, NEED_DB=True, NEED_DBIAS=True)
+        constexprs.update(HAS_DROPOUT=dropout, NEED_DX=True, NEED_DA=True, NEED_DB=True, NEED_DBIAS=True)
         inner_strides = {"stride_gn", "stride_ak", "stride_br", "stride_xk", "stride_ur", "stride_dxk"} | (
             {"stride_wk"} if not nf4 else set())
         fp32_ptrs = {"da_ptr", "db_ptr", "dbias_ptr", "c_ptr", "dc_ptr"}

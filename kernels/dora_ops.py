@@ -133,18 +133,19 @@ def dora_linear_triton(x: torch.Tensor, weight, bias: Optional[torch.Tensor], lo
     return y.reshape(*x.shape[:-1], lora_B.shape[0])
 
 
-def unsupported_dora(x: torch.Tensor, weight, lora_A: torch.Tensor) -> Optional[str]:
+def unsupported_dora(x: torch.Tensor, weight, lora_A: torch.Tensor, dropout_p: float) -> Optional[str]:
     """None when the kernels can run DoRA on these operands, else the reason."""
     reason = unsupported(x, weight, lora_A)
     if reason is not None or INTERPRETED:
         return reason
-    kind = "nf4" if _is_nf4(weight) else "dense"
-    r_pad = rank_pad(lora_A.shape[0])
-    if not (get_autotune_config("dora_fwd", x.dtype, r_pad, kind) and get_autotune_config("dora_bwd", x.dtype, r_pad,
-                                                                                          kind)
-            and _small_m_configs(x.dtype, kind, "dora_small")):
-        return (f"DoRA on {'an NF4' if kind == 'nf4' else 'a dense'} base in {x.dtype} at r={lora_A.shape[0]} (no DoRA "
-                f"kernel config for it has passed the sm_80/sm_90 compile checks yet)")
+    base = "nf4" if _is_nf4(weight) else "dense"
+    r_pad, drop = rank_pad(lora_A.shape[0]), "drop_" if dropout_p > 0 else ""
+    if not (get_autotune_config(f"dora_{drop}fwd", x.dtype, r_pad, base)
+            and get_autotune_config(f"dora_{drop}bwd", x.dtype, r_pad, base)
+            and _small_m_configs(x.dtype, base, f"dora_{drop}small")):
+        return (f"DoRA{' with dropout' if drop else ''} on {'an NF4' if base == 'nf4' else 'a dense'} base in "
+                f"{x.dtype} at r={lora_A.shape[0]} (no DoRA kernel config for it has passed the sm_80/sm_90 compile "
+                f"checks yet)")
     return None
 
 

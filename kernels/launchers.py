@@ -124,7 +124,7 @@ def _forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, scale, 
     z = torch.empty((M, N), device=x2.device, dtype=x2.dtype) if need_z else None
     if M == 0:
         return y, u, z
-    kind = "fwd" if scale is None else "dora_fwd"
+    kind = "fwd" if scale is None else "dora_drop_fwd" if dropout_p > 0 else "dora_fwd"
     kernel, fixed = _autotuned(_lora_fwd_kernel, kind, x2.dtype, rank_pad(r), "nf4" if _is_nf4(weight) else "dense")
 
     def grid(meta):
@@ -156,7 +156,8 @@ def _forward_small_m(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
     if INTERPRETED:
         kernel, fixed = _lora_small_m_kernel, _small_m_configs(x2.dtype)[0].kwargs
     else:
-        key = ("small" if scale is None else "dora_small", x2.dtype, rank_pad(r), "nf4" if _is_nf4(weight) else "dense")
+        kind = "small" if scale is None else "dora_drop_small" if dropout_p > 0 else "dora_small"
+        key = (kind, x2.dtype, rank_pad(r), "nf4" if _is_nf4(weight) else "dense")
         if key not in _AUTOTUNED:
             _AUTOTUNED[key] = triton.autotune(_small_m_configs(x2.dtype, key[3], key[0]), key=["N", "K", "R"],
                                               reset_to_zero=["y_ptr", "u_ptr", "z_ptr"])(_lora_small_m_kernel)
@@ -211,7 +212,7 @@ def _backward(g, x2, u, weight, lora_A, lora_B, scaling, dropout_p, seed, need_d
     dbias = torch.zeros((N,), device=g.device, dtype=acc_dtype) if need_dbias else None
     dscale = torch.zeros((N,), device=g.device, dtype=acc_dtype) if z is not None else None
     if M > 0 and (need_dx or need_dA or need_dB or need_dbias or z is not None):
-        kind = "bwd" if scale is None else "dora_bwd"
+        kind = "bwd" if scale is None else "dora_drop_bwd" if dropout_p > 0 else "dora_bwd"
         kernel, fixed = _autotuned(_lora_bwd_kernel, kind, g.dtype, rank_pad(r), "nf4" if _is_nf4(weight) else "dense")
         dummy = g  # pointers the kernel never reads
         # accumulators not asked for: the autotuner zeroes every accumulator pointer before each trial, so those

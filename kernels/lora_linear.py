@@ -97,7 +97,7 @@ def _run(call: dispatch.Call):
 
 def _unsupported(call: dispatch.Call):
     if call.magnitude is not None:
-        return unsupported_dora(call.x, call.weight, call.lora_A)
+        return unsupported_dora(call.x, call.weight, call.lora_A, call.dropout_p)
     return unsupported(call.x, call.weight, call.lora_A)
 
 

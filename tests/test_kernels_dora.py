@@ -190,6 +190,21 @@ def test_dispatch_runs_dora_on_triton_and_reports_what_it_declines(monkeypatch):
     assert wide(x).shape == (4, 8)  # auto: the torch path serves
 
 
+def test_a_rank_without_compiled_dora_configs_is_declined_with_the_reason(monkeypatch):
+    """Compiled, a (dtype, rank, base) whose DoRA configs all spilled (configs.py's _DORA_FAILED) has none to
+    autotune: the dispatch declines it, saying which, and auto falls back (dropout and not, separately)."""
+    monkeypatch.setattr(dora_ops, "INTERPRETED", False)
+    monkeypatch.setattr(dora_ops, "get_autotune_config",
+                        lambda kind, *args: [] if kind == "dora_drop_fwd" else kl.get_autotune_config(kind, *args))
+    layer = triton_dora_layer(16, 8, 2, torch.float32, dropout=0.1)
+    x = torch.randn(4, 16, device=DEVICE)
+    reason = ("DoRA with dropout on a dense base in torch.float32 at r=2 (no DoRA kernel config for it has passed "
+              "the sm_80/sm_90 compile checks yet)")
+    assert f"triton: {reason}" in layer.dispatch_report(x).splitlines()
+    layer.eval()  # no dropout: the dora_fwd configs
+    assert layer.dispatch_report(x).splitlines()[0] == "runs: triton"
+
+
 def test_second_active_dora_adapter_composes_on_the_kernel_output():
     """Two active DoRA adapters: the first runs in the kernels, the second composes in torch (as on every
     implementation); the result equals the torch path's."""
@@ -243,19 +258,26 @@ def test_gradcheck_float64(dropout):
     assert torch.autograd.gradcheck(f, (x, b, A, B, m), fast_mode=True)
 
 
-@pytest.mark.parametrize("M, base", [(3, "nf4"), (40, "dense")], ids=["split-K-nf4", "tiled-dense"])
-def test_compiles_without_graph_break(M, base):
-    """torch.compile(fullgraph=True) traces the DoRA ops through their fake implementations; the compiled
-    run gives the eager numbers (the same seed: the same dropout mask)."""
-    layer = triton_dora_layer(16, 24, 2, torch.float32, base=base, dropout=0.1, seed=M)
-    layer.dropout_seed = 3
-    x = torch.randn(M, 16, device=DEVICE, requires_grad=True)
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    y = compiled(x)
-    expected = layer(x)
-    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+@pytest.mark.parametrize("M", [3, 40], ids=["split-K", "tiled"])
+def test_compiles_without_graph_break(M):
+    """torch.compile(fullgraph=True) traces dora_linear_triton on a dense base (the norm, then the ops through
+    their fake implementations); the compiled run gives the eager numbers (the same seed: the same dropout
+    mask). Not traced whole (graph breaks, outside this change): the layer's forward (its cache of ||W_i||^2
+    compares data pointers) and an NF4 base's norm (lorakern.dora decodes it through the C codec)."""
+    layer = triton_dora_layer(16, 24, 2, torch.float32, dropout=0.1, seed=M)
     a = layer.adapters["default"]
-    params = [x, a.lora_A, a.lora_B, a.lora_magnitude_vector]
+    weight = layer.weight
+    norm_sq = layer._base_norm_sq()
+    x = torch.randn(M, 16, device=DEVICE, requires_grad=True)
+
+    def f(x):
+        return kl.dora_linear_triton(x, weight, layer.bias, a.lora_A, a.lora_B, a.lora_magnitude_vector, a.scaling,
+                                     0.1, 3, norm_sq)
+
+    y = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
+    expected = f(x)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    params = [x, a.lora_A, a.lora_B, a.lora_magnitude_vector, layer.bias]
     grad = torch.randn_like(y)
     for got, want in zip(torch.autograd.grad(y, params, grad), torch.autograd.grad(expected, params, grad)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
