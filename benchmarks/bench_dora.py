@@ -43,7 +43,8 @@ def check(o, m, norm_sq, backend: str) -> list[dict]:
     ax, aW, aA, aB, ag, ac = x.abs(), W.abs(), A.abs(), B.abs(), g.abs(), c.abs()
     az = ax @ aW.t() + o.s * (ax @ aA.t()) @ aB.t()
     mags = {"y": ac * az + b.abs(), "dx": (ag * ac) @ aW + o.s * ((ag * ac) @ aB) @ aA,
-            "dA": o.s * ((ag * ac) @ aB).t() @ ax, "dB": o.s * (ag * ac).t() @ (ax @ aA.t()), "dm": (ag * az).sum(0) / n}
+            "dA": o.s * ((ag * ac) @ aB).t() @ ax, "dB": o.s * (ag * ac).t() @ (ax @ aA.t()),
+            "dm": (ag * az).sum(0) / n}
     tiny = torch.finfo(o.x.dtype).tiny
     M, K = o.x.shape
     limit = bound(o.x.dtype, max(M, K, o.W.shape[0])) + 2 * TOLERANCE[o.x.dtype][0]

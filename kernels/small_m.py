@@ -25,7 +25,8 @@ def _lora_small_m_kernel(
     scaling, dropout_p, seed, wq_offset, wq_blocksize,
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, W_NF4: tl.constexpr, W_NESTED: tl.constexpr,
-    HAS_MAGNITUDE: tl.constexpr, STORE_Z: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_MAGNITUDE: tl.constexpr, STORE_Z: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Decoding (M <= BLOCK_M = 16): split-K, so a few rows still keep every SM busy.
