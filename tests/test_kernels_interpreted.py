@@ -177,8 +177,8 @@ def test_autocast_on_the_kernel_path():
 
 @pytest.mark.parametrize("M", [40, 11], ids=["tiled", "small-M split-K"])
 def test_kernels_never_form_BA(M):
-    """No N x K tensor ever; the tiled path allocates only y and u in forward (the small-M path adds its fp32
-    accumulators of y and u, at most 16 rows), dx and the r-sized accumulators in backward."""
+    """No N x K tensor ever; the forward allocates only y and u (the small-M path's fp32 accumulators of y and
+    u, which are the results in fp32), the backward dx and the r-sized accumulators."""
     from test_layer import _RecordShapes
 
     class RecordShapesInsideOps(_RecordShapes):
@@ -204,7 +204,7 @@ def test_kernels_never_form_BA(M):
         y.backward(grad)
     for shapes in (forward.shapes, backward.shapes):
         assert (N, K) not in shapes and (K, N) not in shapes, "B @ A (or its transpose) was formed"
-    assert forward.shapes.count((M, N)) == (1 if M > kl.SMALL_M else 2) and (M, r) in forward.shapes
+    assert forward.shapes.count((M, N)) == 1 and (M, r) in forward.shapes
     assert (M, N) not in backward.shapes
 
 
