@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a CUDA machine: the kernel tests compiled (not interpreted), `lorakern check` on CUDA, then the
-# kernel benchmark, then the segmented (mixed-adapter) kernels' tests and benchmark. Writes its logs and
-# tables to $OUT (default: ./device_out). Budget: <= 8 minutes for steps 1-4, <= 11 with steps 5-6.
+# kernel benchmark, then the segmented (mixed-adapter) kernels' tests and benchmark, then DoRA's. Writes its
+# logs and tables to $OUT (default: ./device_out). Budget: <= 8 minutes for steps 1-4, <= 11 with steps 5-6,
+# <= 13 with step 7 (the timeouts are ceilings).
 #
 #   OUT=/some/dir bash benchmarks/device_check.sh
 #
@@ -49,5 +50,14 @@ timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_mixed.py -k "
 #    base x W^T (cuBLAS). 90 seconds at most.
 timeout 90 $PY benchmarks/bench_mixed.py --device cuda --tokens 8192 --shape 4096x4096 --rank 16 --adapters 8 \
   --rounds 5 --out "$OUT" 2>&1 | tee "$OUT/mixed.txt" || status=1
+
+# 7. DoRA on the kernels, compiled, against lorakern.core.dora (the fixed cases: the hypothesis draws would
+#    autotune a new shape each), then at the issue's target: bf16, 8192 tokens, 4096 x 4096, r = 16; y, dx, dA,
+#    dB, dm against float64 torch, forward + backward against plain LoRA on the same kernels (target <= 1.10x)
+#    and against PEFT's DoRA. 60 + 60 seconds at most.
+timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_dora.py -k "explicit or spoiled or z_is_kept" -x \
+  2>&1 | tee "$OUT/dora_tests.txt" || status=1
+timeout 60 $PY benchmarks/bench_dora.py --device cuda --tokens 8192 --shape 4096x4096 --rank 16 --rounds 5 \
+  --out "$OUT" 2>&1 | tee "$OUT/dora.txt" || status=1
 
 exit $status

@@ -3,21 +3,24 @@
 The gradients it computes, with g = dL/dy (M, N) and m the dropout mask / (1 - p):
     dx = g W + s ((g B) A) * m,   dA = s (g B)^T x~,   dB = s g^T u,   db = sum over rows of g
 (the derivation is in lora_linear_triton's docstring, ops.py). Its epilogue finishes dx and dA for one
-(BLOCK_M, BLOCK_K) tile. Launched by lora_backward (launchers.py) with the configs in configs.py.
+(BLOCK_M, BLOCK_K) tile. With HAS_MAGNITUDE (DoRA, derivation in dora_ops.py) it is the same backward run
+on gc = g diag(c), each g tile scaled by c where it is loaded, plus dc = sum_rows(g z) (dm = dc / n).
+Launched by lora_backward and dora_backward (launchers.py) with the configs in configs.py.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+from lorakern.kernels.dora_tiles import _load_scale, _scaled
 from lorakern.kernels.tiles import _atomic_add, _dot, _dropout_keep, _keep_scale, _load, _load_weight, _store, _tile_ids
 
 
 @triton.jit
-def _bwd_epilogue(acc, gb_scaled, a_ptr, x_ptr, dx_ptr, da_ptr, offs_m, offs_k, offs_r, M, K, R,
+def _bwd_epilogue(acc, acc_xl, gb_scaled, a_ptr, x_ptr, dx_ptr, da_ptr, offs_m, offs_k, offs_r, M, K, R,
                   stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk,
                   dropout_p, seed, keep_scale,
-                  HAS_DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr,
+                  HAS_DROPOUT: tl.constexpr, HAS_XL: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr,
                   ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     if HAS_DROPOUT:
         keep = _dropout_keep(seed, offs_m, offs_k, K, dropout_p)
@@ -25,7 +28,11 @@ def _bwd_epilogue(acc, gb_scaled, a_ptr, x_ptr, dx_ptr, da_ptr, offs_m, offs_k, 
         # dx = g W + ((s gB) A) * keep / (1 - p), with the A tile (R_PAD, BLOCK_K)
         a_tile = _load(a_ptr, offs_r, offs_k, stride_ar, stride_ak, R, K)
         if HAS_DROPOUT:
-            lora = _dot(gb_scaled, a_tile, tl.zeros(acc.shape, dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
+            if HAS_XL:
+                # DoRA: dx = g W + ((gc - g) W + (s gcB) A) * keep / (1 - p), acc_xl = (gc - g) W
+                lora = _dot(gb_scaled, a_tile, acc_xl, DOT_PRECISION, UPCAST)
+            else:
+                lora = _dot(gb_scaled, a_tile, tl.zeros(acc.shape, dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
             acc += tl.where(keep, lora * keep_scale, 0.0)
         else:
             acc = _dot(gb_scaled, a_tile, acc, DOT_PRECISION, UPCAST)
@@ -43,7 +50,8 @@ def _bwd_epilogue(acc, gb_scaled, a_ptr, x_ptr, dx_ptr, da_ptr, offs_m, offs_k, 
 @triton.jit
 def _lora_bwd_kernel(
     # pointers (w_ptr: dense W, or NF4 packed bytes with the wq_* statistics)
-    g_ptr, w_ptr, a_ptr, b_ptr, x_ptr, u_ptr, dx_ptr, da_ptr, db_ptr, dbias_ptr,
+    # (DoRA: c_ptr the (N,) scale m / n, z_ptr the contiguous (M, N) z, dc_ptr the (N,) fp32 accumulator)
+    g_ptr, w_ptr, a_ptr, b_ptr, x_ptr, u_ptr, dx_ptr, da_ptr, db_ptr, dbias_ptr, c_ptr, z_ptr, dc_ptr,
     wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr,
     # sizes
     M, N, K, R,
@@ -54,7 +62,8 @@ def _lora_bwd_kernel(
     scaling, dropout_p, seed, wq_offset, wq_blocksize,
     # meta-parameters
     HAS_DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, NEED_DB: tl.constexpr,
-    NEED_DBIAS: tl.constexpr, W_NF4: tl.constexpr, W_NESTED: tl.constexpr, R_PAD: tl.constexpr,
+    NEED_DBIAS: tl.constexpr, W_NF4: tl.constexpr, W_NESTED: tl.constexpr, HAS_MAGNITUDE: tl.constexpr,
+    NEED_DC: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES_K: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -66,6 +75,9 @@ def _lora_bwd_kernel(
         dA += (s gB)^T x~             atomically
     and, in the programs of the first column group, a second pass over the same g rows:
         dB += s g^T u,  dbias += sum_rows g      atomically
+    DoRA (HAS_MAGNITUDE): g is replaced by gc = g diag(c) everywhere above except dbias, and the second
+    pass adds dc += sum_rows(g z). With dropout dx = g W + ((gc - g) W + (s gcB) A) * keep / (1 - p): the
+    N loops accumulate (gc - g) W beside g W (a second dot per tile).
     """
     pid = tl.program_id(0)
     num_tiles_k = tl.cdiv(K, BLOCK_K)
@@ -77,37 +89,54 @@ def _lora_bwd_kernel(
     # First K tile: g W and gB = g B in one N loop.
     offs_k = pid_g * TILES_K * BLOCK_K + tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
+    acc_xl = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)  # (gc - g) W: DoRA with dropout only (else dead)
     gb = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         g_tile = _load(g_ptr, offs_m, offs_n, stride_gm, stride_gn, M, N)
+        gc_tile = g_tile
+        if HAS_MAGNITUDE:
+            # gc = g diag(c)
+            c = _load_scale(c_ptr, offs_n, N, ACC_DTYPE)
+            gc_tile = _scaled(g_tile, c, ACC_DTYPE)
         if NEED_DX:
-            # acc += g W, with the W tile (BLOCK_N, BLOCK_K)
             w_tile = _load_weight(w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr, wq_offset,
                                   wq_blocksize, offs_n, offs_k, stride_wn, stride_wk, N, K, False, W_NF4, W_NESTED,
                                   g_ptr.dtype.element_ty)
-            acc = _dot(g_tile, w_tile, acc, DOT_PRECISION, UPCAST)
-        # gB += g B, with the B tile (BLOCK_N, R_PAD)
-        gb = _dot(g_tile, _load(b_ptr, offs_n, offs_r, stride_bn, stride_br, N, R), gb, DOT_PRECISION, UPCAST)
+            if HAS_MAGNITUDE and HAS_DROPOUT:
+                # acc += g W;  acc_xl += (gc - g) W = (g diag(c - 1)) W
+                acc = _dot(g_tile, w_tile, acc, DOT_PRECISION, UPCAST)
+                acc_xl = _dot(_scaled(g_tile, c - 1.0, ACC_DTYPE), w_tile, acc_xl, DOT_PRECISION, UPCAST)
+            else:
+                # acc += gc W, with the W tile (BLOCK_N, BLOCK_K)
+                acc = _dot(gc_tile, w_tile, acc, DOT_PRECISION, UPCAST)
+        # gB += gc B, with the B tile (BLOCK_N, R_PAD)
+        gb = _dot(gc_tile, _load(b_ptr, offs_n, offs_r, stride_bn, stride_br, N, R), gb, DOT_PRECISION, UPCAST)
     gb_scaled = (gb * scaling).to(g_ptr.dtype.element_ty)
-    _bwd_epilogue(acc, gb_scaled, a_ptr, x_ptr, dx_ptr, da_ptr, offs_m, offs_k, offs_r, M, K, R,
+    _bwd_epilogue(acc, acc_xl, gb_scaled, a_ptr, x_ptr, dx_ptr, da_ptr, offs_m, offs_k, offs_r, M, K, R,
                   stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk, dropout_p, seed, keep_scale,
-                  HAS_DROPOUT, NEED_DX, NEED_DA, ACC_DTYPE, DOT_PRECISION, UPCAST)
+                  HAS_DROPOUT, HAS_MAGNITUDE, NEED_DX, NEED_DA, ACC_DTYPE, DOT_PRECISION, UPCAST)
 
-    if NEED_DB or NEED_DBIAS:
+    if NEED_DB or NEED_DBIAS or NEED_DC:
         if pid_g == 0:
             u_tile = _load(u_ptr, offs_m, offs_r, stride_um, stride_ur, M, R)
             for n0 in range(0, N, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 g_tile = _load(g_ptr, offs_m, offs_n, stride_gm, stride_gn, M, N)
-                if NEED_DB:
-                    # dB += s g^T u
-                    part = _dot(tl.trans(g_tile), u_tile, tl.zeros((BLOCK_N, R_PAD), dtype=ACC_DTYPE),
-                                DOT_PRECISION, UPCAST)
-                    _atomic_add(db_ptr, part * scaling, offs_n, offs_r, N, R)
                 if NEED_DBIAS:
                     # dbias += sum_rows g
                     tl.atomic_add(dbias_ptr + offs_n, tl.sum(g_tile.to(ACC_DTYPE), axis=0), mask=offs_n < N)
+                if NEED_DC:
+                    # dc += sum_rows(g z)
+                    z_tile = _load(z_ptr, offs_m, offs_n, N, 1, M, N).to(ACC_DTYPE)
+                    tl.atomic_add(dc_ptr + offs_n, tl.sum(g_tile.to(ACC_DTYPE) * z_tile, axis=0), mask=offs_n < N)
+                if NEED_DB:
+                    if HAS_MAGNITUDE:
+                        g_tile = _scaled(g_tile, _load_scale(c_ptr, offs_n, N, ACC_DTYPE), ACC_DTYPE)
+                    # dB += s g^T u (gc for DoRA)
+                    part = _dot(tl.trans(g_tile), u_tile, tl.zeros((BLOCK_N, R_PAD), dtype=ACC_DTYPE),
+                                DOT_PRECISION, UPCAST)
+                    _atomic_add(db_ptr, part * scaling, offs_n, offs_r, N, R)
 
     # The program's other K tiles: g W alone, then the same epilogue.
     if NEED_DX or NEED_DA:
@@ -116,14 +145,25 @@ def _lora_bwd_kernel(
             if tile_k < num_tiles_k:
                 offs_k = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
                 acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
+                acc_xl = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
                 if NEED_DX:
                     for n0 in range(0, N, BLOCK_N):
                         offs_n = n0 + tl.arange(0, BLOCK_N)
                         w_tile = _load_weight(w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr,
                                               wq_offset, wq_blocksize, offs_n, offs_k, stride_wn, stride_wk, N, K,
                                               False, W_NF4, W_NESTED, g_ptr.dtype.element_ty)
-                        acc = _dot(_load(g_ptr, offs_m, offs_n, stride_gm, stride_gn, M, N), w_tile, acc,
-                                   DOT_PRECISION, UPCAST)
-                _bwd_epilogue(acc, gb_scaled, a_ptr, x_ptr, dx_ptr, da_ptr, offs_m, offs_k, offs_r, M, K, R,
+                        g_tile = _load(g_ptr, offs_m, offs_n, stride_gm, stride_gn, M, N)
+                        if HAS_MAGNITUDE:
+                            c = _load_scale(c_ptr, offs_n, N, ACC_DTYPE)
+                            if HAS_DROPOUT:
+                                # acc_xl += (gc - g) W; acc below: g W
+                                acc_xl = _dot(_scaled(g_tile, c - 1.0, ACC_DTYPE), w_tile, acc_xl, DOT_PRECISION,
+                                              UPCAST)
+                            else:
+                                # acc below: gc W
+                                g_tile = _scaled(g_tile, c, ACC_DTYPE)
+                        acc = _dot(g_tile, w_tile, acc, DOT_PRECISION, UPCAST)
+                _bwd_epilogue(acc, acc_xl, gb_scaled, a_ptr, x_ptr, dx_ptr, da_ptr, offs_m, offs_k, offs_r, M, K, R,
                               stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk, dropout_p, seed,
-                              keep_scale, HAS_DROPOUT, NEED_DX, NEED_DA, ACC_DTYPE, DOT_PRECISION, UPCAST)
+                              keep_scale, HAS_DROPOUT, HAS_MAGNITUDE, NEED_DX, NEED_DA, ACC_DTYPE, DOT_PRECISION,
+                              UPCAST)

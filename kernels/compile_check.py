@@ -24,8 +24,11 @@ from dataclasses import asdict, dataclass
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = ("bfloat16", "float16", "float32")
 WEIGHTS = ("dense", "nf4")
-# fwd, bwd, small: the single-adapter kernels; mixed_fwd, mixed_bwd: the segmented kernels of mixed batches
-KINDS = ("fwd", "bwd", "small", "mixed_fwd", "mixed_bwd")
+# fwd, bwd, small: the single-adapter kernels; mixed_fwd, mixed_bwd: the segmented kernels of mixed batches;
+# dora_fwd, dora_bwd, dora_small: the single-adapter kernels with DoRA's magnitude (HAS_MAGNITUDE, z kept, dm),
+# without dropout; dora_drop_*: the same with dropout (a second accumulator: more registers)
+DORA_KINDS = ("dora_fwd", "dora_bwd", "dora_small", "dora_drop_fwd", "dora_drop_bwd", "dora_drop_small")
+KINDS = ("fwd", "bwd", "small", "mixed_fwd", "mixed_bwd") + DORA_KINDS
 _PTR = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
 
 
@@ -79,10 +82,18 @@ def _signature(kind: str, dtype: str, r_pad: int, meta: dict, weight: str = "den
     from lorakern.kernels.mixed_forward import _mixed_fwd_kernel
     from lorakern.kernels.small_m import _lora_small_m_kernel
 
+    # the plain kernels compile with dropout on (their worst case); DoRA's both ways (dora_drop_*: on)
+    dora, dropout = kind.startswith("dora_"), not kind.startswith("dora_") or kind.startswith("dora_drop_")
+    kind = kind.removeprefix("dora_").removeprefix("drop_")
     kernel = {"fwd": _lora_fwd_kernel, "bwd": _lora_bwd_kernel, "small": _lora_small_m_kernel,
               "mixed_fwd": _mixed_fwd_kernel, "mixed_bwd": _mixed_bwd_kernel}[kind]
     ptr = _PTR[dtype]
     constexprs = dict(meta)
+    # DoRA's switches (off for plain LoRA): the magnitude scale, z kept (forward), dm (backward)
+    if kind in ("fwd", "small"):
+        constexprs.update(HAS_MAGNITUDE=dora, STORE_Z=dora)
+    elif kind == "bwd":
+        constexprs.update(HAS_MAGNITUDE=dora, NEED_DC=dora)
     constexprs.update(R_PAD=r_pad, DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
                       UPCAST=False, ACC_DTYPE=tl.float32)
     nf4 = weight == "nf4"
@@ -90,18 +101,18 @@ def _signature(kind: str, dtype: str, r_pad: int, meta: dict, weight: str = "den
     if not nf4:
         constexprs["wq_blocksize"] = 1  # dense launches pass 1, which the JIT specialises as a constant
     if kind == "small":
-        constexprs.update(HAS_BIAS=True, HAS_DROPOUT=True)
+        constexprs.update(HAS_BIAS=True, HAS_DROPOUT=dropout)
         inner_strides = {"stride_xk", "stride_ak", "stride_br"} | ({"stride_wk"} if not nf4 else set())
-        fp32_ptrs = {"y_ptr", "u_ptr"}
+        fp32_ptrs = {"y_ptr", "u_ptr", "c_ptr", "z_ptr"}
     elif kind in ("fwd", "mixed_fwd"):
-        constexprs.update(HAS_BIAS=True, HAS_DROPOUT=True)
+        constexprs.update(HAS_BIAS=True, HAS_DROPOUT=dropout)
         inner_strides = {"stride_xk", "stride_ak", "stride_br", "stride_yn", "stride_ur"} | ({"stride_wk"} if not nf4 else set())
-        fp32_ptrs = set()
+        fp32_ptrs = {"c_ptr"}
     else:
-        constexprs.update(HAS_DROPOUT=True, NEED_DX=True, NEED_DA=True, NEED_DB=True, NEED_DBIAS=True)
+        constexprs.update(HAS_DROPOUT=dropout, NEED_DX=True, NEED_DA=True, NEED_DB=True, NEED_DBIAS=True)
         inner_strides = {"stride_gn", "stride_ak", "stride_br", "stride_xk", "stride_ur", "stride_dxk"} | (
             {"stride_wk"} if not nf4 else set())
-        fp32_ptrs = {"da_ptr", "db_ptr", "dbias_ptr"}
+        fp32_ptrs = {"da_ptr", "db_ptr", "dbias_ptr", "c_ptr", "dc_ptr"}
     for name in inner_strides:
         constexprs[name] = 1
     signature, attrs = {}, {}
@@ -136,8 +147,8 @@ def _configs(kind: str, dtype: str, r_pad: int, weight: str) -> list:
 
     from lorakern.kernels.configs import _small_m_configs, get_autotune_config
 
-    if kind == "small":
-        return _small_m_configs(getattr(torch, dtype), weight)
+    if kind.endswith("small"):
+        return _small_m_configs(getattr(torch, dtype), weight, kind)
     return get_autotune_config(kind, getattr(torch, dtype), r_pad, weight)
 
 
@@ -172,7 +183,7 @@ def compile_config(kind: str, dtype: str, arch: int, r_pad: int, config, weight:
         kernel=kind, weight=weight, dtype=dtype, arch=arch, r_pad=r_pad, config=config_text, registers=registers,
         spill_bytes=spills, shared_bytes=int(compiled.metadata.shared), shared_limit=SHARED_LIMIT[arch],
         wgmma="wgmma.mma_async" in ptx,
-        tensor_cores_expected=(kind != "small" and dtype != "float32" and config.kwargs["BLOCK_M"] >= 64
+        tensor_cores_expected=(not kind.endswith("small") and dtype != "float32" and config.kwargs["BLOCK_M"] >= 64
                                and config.num_warps >= 4),
     )
 

@@ -78,6 +78,60 @@ _MIXED_EXTRA = {
     ("dense", "bwd", 32, 32): [(16, 32, 32, 1, 4, 2)],
     ("dense", "bwd", 32, 64): [(16, 32, 32, 1, 4, 2)],
 }
+# DoRA (HAS_MAGNITUDE: the c scale in the epilogue, and with dropout a second accumulator in the forward's K
+# loop and the backward's N loop) runs the same kernels with the tables above, except the (weight, kind,
+# width, R_PAD, config) entries of _DORA_FAILED, which spill on sm_80 or sm_90 (found by the compile checks);
+# kinds dora_fwd / dora_bwd / dora_small without dropout, dora_drop_* with it (R_PAD 0 for the small kernel).
+_DORA_FAILED = frozenset({
+    ("dense", "dora_bwd", 16, 32, (128, 128, 32, 1, 8, 3)), ("dense", "dora_bwd", 16, 64, (128, 64, 64, 1, 8, 4)),
+    ("dense", "dora_bwd", 16, 64, (128, 128, 32, 1, 8, 3)), ("dense", "dora_bwd", 32, 16, (32, 32, 32, 1, 4, 2)),
+    ("dense", "dora_bwd", 32, 16, (32, 64, 32, 1, 4, 2)), ("dense", "dora_drop_bwd", 16, 16, (64, 64, 64, 1, 4, 3)),
+    ("dense", "dora_drop_bwd", 16, 16, (128, 64, 64, 1, 8, 4)),
+    ("dense", "dora_drop_bwd", 16, 16, (128, 128, 32, 1, 8, 3)),
+    ("dense", "dora_drop_bwd", 16, 32, (64, 64, 64, 1, 4, 3)),
+    ("dense", "dora_drop_bwd", 16, 32, (128, 64, 64, 1, 8, 4)),
+    ("dense", "dora_drop_bwd", 16, 32, (128, 128, 32, 1, 8, 3)),
+    ("dense", "dora_drop_bwd", 16, 64, (64, 64, 64, 1, 4, 3)),
+    ("dense", "dora_drop_bwd", 16, 64, (128, 64, 64, 1, 8, 4)),
+    ("dense", "dora_drop_bwd", 16, 64, (128, 128, 32, 1, 8, 3)),
+    ("dense", "dora_drop_bwd", 32, 16, (16, 64, 32, 1, 4, 2)),
+    ("dense", "dora_drop_bwd", 32, 16, (32, 64, 32, 1, 4, 2)),
+    ("dense", "dora_drop_bwd", 32, 32, (16, 64, 32, 1, 4, 2)),
+    ("dense", "dora_drop_bwd", 32, 64, (16, 64, 32, 1, 4, 2)),
+    ("dense", "dora_drop_fwd", 16, 16, (64, 64, 64, 4, 4, 4)),
+    ("dense", "dora_drop_fwd", 16, 16, (128, 128, 32, 2, 8, 4)),
+    ("dense", "dora_drop_fwd", 16, 16, (128, 128, 64, 1, 8, 3)),
+    ("dense", "dora_drop_fwd", 16, 32, (64, 64, 64, 4, 4, 4)),
+    ("dense", "dora_drop_fwd", 16, 32, (128, 64, 64, 2, 8, 3)),
+    ("dense", "dora_drop_fwd", 16, 32, (128, 128, 32, 2, 8, 4)),
+    ("dense", "dora_drop_fwd", 16, 32, (128, 128, 64, 1, 8, 3)),
+    ("dense", "dora_drop_fwd", 16, 64, (128, 128, 32, 2, 8, 4)),
+    ("dense", "dora_drop_fwd", 32, 16, (16, 64, 32, 2, 4, 2)),
+    ("dense", "dora_drop_fwd", 32, 16, (32, 32, 32, 2, 4, 2)),
+    ("dense", "dora_drop_fwd", 32, 16, (32, 64, 32, 1, 4, 2)),
+    ("dense", "dora_drop_fwd", 32, 64, (16, 32, 32, 2, 4, 2)),
+    ("dense", "dora_drop_small", 16, 0, (128, 64, 2, 4, 3)), ("nf4", "dora_drop_bwd", 16, 16, (64, 64, 64, 1, 4, 2)),
+    ("nf4", "dora_drop_bwd", 16, 16, (128, 128, 32, 1, 8, 2)),
+    ("nf4", "dora_drop_bwd", 16, 32, (64, 64, 64, 1, 4, 2)),
+    ("nf4", "dora_drop_bwd", 16, 32, (128, 128, 32, 1, 8, 2)),
+    ("nf4", "dora_drop_fwd", 16, 16, (64, 128, 32, 1, 4, 2)),
+    ("nf4", "dora_drop_fwd", 16, 16, (128, 128, 32, 1, 8, 2)),
+    ("nf4", "dora_drop_fwd", 16, 32, (64, 128, 32, 1, 4, 2)),
+    ("nf4", "dora_drop_fwd", 16, 32, (128, 128, 32, 1, 8, 2)),
+    ("nf4", "dora_drop_fwd", 16, 64, (64, 128, 32, 1, 4, 2)),
+    ("nf4", "dora_drop_fwd", 16, 64, (128, 128, 32, 1, 8, 2)),
+    ("nf4", "dora_drop_fwd", 32, 64, (16, 32, 16, 1, 4, 2)), ("nf4", "dora_drop_small", 16, 0, (64, 64, 2, 4, 2)),
+    ("nf4", "dora_fwd", 16, 16, (128, 64, 32, 1, 8, 2)), ("nf4", "dora_fwd", 16, 64, (64, 128, 32, 1, 4, 2)),
+    ("nf4", "dora_small", 16, 0, (32, 64, 4, 4, 2)), ("nf4", "dora_small", 16, 0, (64, 64, 2, 4, 2)),
+})
+# DoRA configs beyond the tables, where _DORA_FAILED left none (smaller tiles for the second accumulator)
+_DORA_EXTRA = {
+    ("dense", "dora_drop_fwd", 16, 32): [(128, 64, 32, 2, 8, 3), (64, 64, 32, 2, 4, 3)],
+    ("dense", "dora_drop_fwd", 16, 64): [(128, 64, 32, 2, 8, 3), (64, 64, 32, 2, 4, 3)],
+    ("dense", "dora_drop_fwd", 32, 16): [(16, 32, 32, 2, 4, 2), (32, 32, 16, 1, 4, 2)],
+    ("dense", "dora_drop_bwd", 32, 32): [(32, 32, 16, 1, 4, 1), (16, 32, 32, 1, 4, 1)],
+    ("dense", "dora_drop_bwd", 32, 64): [(16, 32, 32, 1, 4, 2)],
+}
 # The decoding kernel (M <= SMALL_M): (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) per weight format and input
 # width, under the same compile checks.
 SMALL_M = 16
@@ -96,15 +150,19 @@ def rank_pad(r: int) -> int:
 
 def get_autotune_config(kind: str, dtype: torch.dtype, r_pad: int, weight: str = "dense") -> list[triton.Config]:
     """Configs for ``kind`` ("fwd": TILES_N, or "bwd": TILES_K; "mixed_fwd" / "mixed_bwd" the segmented kernels
-    of a mixed-adapter batch: the same tables minus _MIXED_FAILED plus _MIXED_EXTRA), input dtype, padded rank
-    and weight format."""
+    of a mixed-adapter batch: the same tables minus _MIXED_FAILED plus _MIXED_EXTRA; "dora_fwd" / "dora_bwd"
+    the kernels with DoRA's magnitude, "dora_drop_fwd" / "dora_drop_bwd" with dropout too: the same tables minus
+    _DORA_FAILED plus _DORA_EXTRA), input dtype, padded rank and weight format."""
     tiles = "TILES_N" if kind.endswith("fwd") else "TILES_K"
     if INTERPRETED:  # one small config: the interpreter is slow, and autotuning it measures nothing
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, tiles: 2, "GROUP_M": 2})]
     width = 32 if dtype == torch.float32 else 16
     table = _CONFIGS if weight == "dense" else _CONFIGS_NF4
-    family = kind.removeprefix("mixed_")
+    family = kind.removeprefix("mixed_").removeprefix("dora_").removeprefix("drop_")
     entries = table.get((family, width, r_pad), [])
+    if kind.startswith("dora_"):
+        entries = [c for c in entries if (weight, kind, width, r_pad, c) not in _DORA_FAILED]
+        entries += _DORA_EXTRA.get((weight, kind, width, r_pad), [])
     if kind.startswith("mixed_"):
         entries = [c for c in entries if (weight, family, width, r_pad, c) not in _MIXED_FAILED]
         entries += _MIXED_EXTRA.get((weight, family, width, r_pad), [])
@@ -124,7 +182,7 @@ def _autotuned(kernel, kind: str, dtype: torch.dtype, r_pad: int, weight: str):
         if not configs:
             raise ValueError(f"no {kind} config of the {weight} kernels has passed the compile checks for {dtype} at "
                              f"R_PAD={r_pad}; set LORAKERN_BACKEND=torch")
-        reset = ["da_ptr", "db_ptr", "dbias_ptr"] if kind.endswith("bwd") else None
+        reset = ["da_ptr", "db_ptr", "dbias_ptr", "dc_ptr"] if kind.endswith("bwd") else None
         _AUTOTUNED[key] = triton.autotune(configs, key=["M", "N", "K", "R"], reset_to_zero=reset)(kernel)
     return _AUTOTUNED[key], {}
 
@@ -132,11 +190,14 @@ def _autotuned(kernel, kind: str, dtype: torch.dtype, r_pad: int, weight: str):
 _AUTOTUNED: dict = {}
 
 
-def _small_m_configs(dtype: torch.dtype, weight: str = "dense") -> list[triton.Config]:
+def _small_m_configs(dtype: torch.dtype, weight: str = "dense", kind: str = "small") -> list[triton.Config]:
+    """The decoding kernel's configs; ``kind`` "dora_small" / "dora_drop_small" drops the _DORA_FAILED entries."""
     if INTERPRETED:
         return [triton.Config({"BLOCK_M": SMALL_M, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2})]
+    width = 32 if dtype == torch.float32 else 16
     return [triton.Config({"BLOCK_M": SMALL_M, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=s)
-            for bn, bk, sk, w, s in _CONFIGS_SMALL[(weight, 32 if dtype == torch.float32 else 16)]]
+            for bn, bk, sk, w, s in _CONFIGS_SMALL[(weight, width)]
+            if kind == "small" or (weight, kind, width, 0, (bn, bk, sk, w, s)) not in _DORA_FAILED]
 
 
 def _meta(dtype: torch.dtype, r: int) -> dict:

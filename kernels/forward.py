@@ -1,13 +1,15 @@
 """The forward kernel: y = x W^T + b + s (x~ A^T) B^T and u = x~ A^T in one launch (M > SMALL_M).
 
 Its epilogue adds the LoRA term and the bias to one (BLOCK_M, BLOCK_N) tile of the base GEMM and stores
-it. Launched by lora_forward (launchers.py) with the configs in configs.py.
+it; with HAS_MAGNITUDE (DoRA) it scales the tile by c = m / n first (dora_tiles.py). Launched by
+lora_forward and dora_forward (launchers.py) with the configs in configs.py.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+from lorakern.kernels.dora_tiles import _dora_fwd_epilogue
 from lorakern.kernels.tiles import _dot, _dropout_keep, _keep_scale, _load, _load_weight, _store, _tile_ids
 
 
@@ -26,7 +28,8 @@ def _fwd_epilogue(acc, u_scaled, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, offs_r,
 @triton.jit
 def _lora_fwd_kernel(
     # pointers (w_ptr: dense W, or NF4 packed bytes with the wq_* statistics)
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr,
+    # (DoRA: c_ptr the (N,) scale c = m / n, z_ptr the contiguous (M, N) z written with STORE_Z)
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr, c_ptr, z_ptr,
     wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr,
     # sizes
     M, N, K, R,
@@ -37,7 +40,7 @@ def _lora_fwd_kernel(
     scaling, dropout_p, seed, wq_offset, wq_blocksize,
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, W_NF4: tl.constexpr, W_NESTED: tl.constexpr,
-    R_PAD: tl.constexpr,
+    HAS_MAGNITUDE: tl.constexpr, STORE_Z: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES_N: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -45,7 +48,8 @@ def _lora_fwd_kernel(
 
     u is accumulated in the K loop of the program's first N tile, from the x tiles that loop already
     loads for the base GEMM, then reused for the program's other N tiles; the programs of the first
-    column group write it out for the backward.
+    column group write it out for the backward. DoRA with dropout accumulates x~ W^T beside x W^T in the
+    same K loops (a second dot per tile; the mask is redrawn for the other N tiles).
     """
     pid = tl.program_id(0)
     num_tiles_n = tl.cdiv(N, BLOCK_N)
@@ -57,6 +61,7 @@ def _lora_fwd_kernel(
     # First N tile: the base GEMM and u in one K loop.
     offs_n = pid_g * TILES_N * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    acc_xl = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)  # x~ W^T: DoRA with dropout only (else dead)
     u = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -69,13 +74,21 @@ def _lora_fwd_kernel(
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, offs_m, offs_k, K, dropout_p)
             x_tile = tl.where(keep, x_tile.to(ACC_DTYPE) * keep_scale, 0.0).to(x_tile.dtype)
+            if HAS_MAGNITUDE:
+                # acc_xl += x~ W^T
+                acc_xl = _dot(x_tile, w_tile, acc_xl, DOT_PRECISION, UPCAST)
         # u += x~ A^T, with the A^T tile (BLOCK_K, R_PAD)
         u = _dot(x_tile, _load(a_ptr, offs_k, offs_r, stride_ak, stride_ar, K, R), u, DOT_PRECISION, UPCAST)
     if pid_g == 0:
         _store(u_ptr, u, offs_m, offs_r, stride_um, stride_ur, M, R)
     u_scaled = (u * scaling).to(y_ptr.dtype.element_ty)
-    _fwd_epilogue(acc, u_scaled, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, offs_r, M, N, R,
-                  stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, ACC_DTYPE, DOT_PRECISION, UPCAST)
+    if HAS_MAGNITUDE:
+        _dora_fwd_epilogue(acc, acc_xl, u_scaled, b_ptr, bias_ptr, c_ptr, y_ptr, z_ptr, offs_m, offs_n, offs_r, M, N,
+                           R, stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, HAS_DROPOUT, STORE_Z, ACC_DTYPE,
+                           DOT_PRECISION, UPCAST)
+    else:
+        _fwd_epilogue(acc, u_scaled, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, offs_r, M, N, R,
+                      stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, ACC_DTYPE, DOT_PRECISION, UPCAST)
 
     # The program's other N tiles: the base GEMM alone, then the same epilogue.
     for t in tl.static_range(1, TILES_N):
@@ -83,11 +96,24 @@ def _lora_fwd_kernel(
         if tile_n < num_tiles_n:
             offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+            acc_xl = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 w_tile = _load_weight(w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr,
                                       wq_offset, wq_blocksize, offs_n, offs_k, stride_wn, stride_wk, N, K, True,
                                       W_NF4, W_NESTED, y_ptr.dtype.element_ty)
-                acc = _dot(_load(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K), w_tile, acc, DOT_PRECISION, UPCAST)
-            _fwd_epilogue(acc, u_scaled, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, offs_r, M, N, R,
-                          stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, ACC_DTYPE, DOT_PRECISION, UPCAST)
+                x_tile = _load(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
+                acc = _dot(x_tile, w_tile, acc, DOT_PRECISION, UPCAST)
+                if HAS_MAGNITUDE:
+                    if HAS_DROPOUT:
+                        # acc_xl += x~ W^T, the mask redrawn from the seed
+                        keep = _dropout_keep(seed, offs_m, offs_k, K, dropout_p)
+                        x_tile = tl.where(keep, x_tile.to(ACC_DTYPE) * keep_scale, 0.0).to(x_tile.dtype)
+                        acc_xl = _dot(x_tile, w_tile, acc_xl, DOT_PRECISION, UPCAST)
+            if HAS_MAGNITUDE:
+                _dora_fwd_epilogue(acc, acc_xl, u_scaled, b_ptr, bias_ptr, c_ptr, y_ptr, z_ptr, offs_m, offs_n, offs_r,
+                                   M, N, R, stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, HAS_DROPOUT, STORE_Z,
+                                   ACC_DTYPE, DOT_PRECISION, UPCAST)
+            else:
+                _fwd_epilogue(acc, u_scaled, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, offs_r, M, N, R,
+                              stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, ACC_DTYPE, DOT_PRECISION, UPCAST)

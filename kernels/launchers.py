@@ -1,6 +1,7 @@
 """The launchers of the fused LoRA kernels: check -> allocate -> launch.
 
 lora_forward (the forward kernel, or the split-K decoding kernel for M <= SMALL_M), lora_backward,
+dora_forward and dora_backward (the same kernels with DoRA's magnitude scale, HAS_MAGNITUDE),
 dropout_mask (the mask the kernels draw, for tests and the torch path), unsupported (why the kernels
 cannot take some operands) with _check, and the helpers that turn a dense or NF4 base weight into
 kernel arguments.
@@ -93,16 +94,38 @@ def _check(x2: torch.Tensor, weight, bias, lora_A: torch.Tensor, lora_B: torch.T
 
 def lora_forward(x2, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0, seed: int = 0):
     """(y, u): y = x W^T + b + s (x~ A^T) B^T and u = x~ A^T, for x2 of shape (M, K), any strides."""
+    y, u, _ = _forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, None, False)
+    return y, u
+
+
+def dora_forward(x2, weight, bias, lora_A, lora_B, scale, scaling: float, dropout_p: float = 0.0, seed: int = 0,
+                 need_z: bool = True):
+    """(y, u, z) of DoRA (docs/dora.md) with ``scale`` c = m / n (N,) in the accumulation dtype (fp32, fp64
+    for fp64 operands): y = c z + b, z = x W^T + s u B^T, u = x A^T (with dropout y = x W^T - x~ W^T + c z~ + b,
+    z~ = x~ W^T + s u B^T, u = x~ A^T), c applied in the GEMM's epilogue. z (M, N), in x's dtype, only
+    with ``need_z`` (dm needs it), else None."""
+    N = lora_B.shape[0]
+    acc_dtype = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    if scale.shape != (N,) or scale.dtype != acc_dtype or not scale.is_contiguous():
+        raise ValueError(f"scale must be a contiguous ({N},) {acc_dtype} tensor, got {tuple(scale.shape)} "
+                         f"{scale.dtype}; compute it as (m / n).to({acc_dtype})")
+    return _forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, scale, need_z)
+
+
+def _forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, scale, need_z):
+    """(y, u, z): the forward kernel, or the split-K kernel for M <= SMALL_M; DoRA when ``scale`` is given."""
     _check(x2, weight, bias, lora_A, lora_B)
     M, K = x2.shape
     N, r = lora_B.shape
+    if 0 < M <= SMALL_M:
+        return _forward_small_m(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, scale, need_z)
     y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
     u = torch.empty((M, r), device=x2.device, dtype=x2.dtype)
+    z = torch.empty((M, N), device=x2.device, dtype=x2.dtype) if need_z else None
     if M == 0:
-        return y, u
-    if M <= SMALL_M:
-        return _forward_small_m(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    kernel, fixed = _autotuned(_lora_fwd_kernel, "fwd", x2.dtype, rank_pad(r), "nf4" if _is_nf4(weight) else "dense")
+        return y, u, z
+    kind = "fwd" if scale is None else "dora_drop_fwd" if dropout_p > 0 else "dora_fwd"
+    kernel, fixed = _autotuned(_lora_fwd_kernel, kind, x2.dtype, rank_pad(r), "nf4" if _is_nf4(weight) else "dense")
 
     def grid(meta):
         groups = triton.cdiv(triton.cdiv(N, meta["BLOCK_N"]), meta["TILES_N"])
@@ -110,30 +133,34 @@ def lora_forward(x2, weight, bias, lora_A, lora_B, scaling: float, dropout_p: fl
 
     (w, *wq), w_strides, wq_scalars = _weight_args(weight, y)
     kernel[grid](
-        x2, w, bias if bias is not None else y, lora_A, lora_B, y, u, *wq,
+        x2, w, bias if bias is not None else y, lora_A, lora_B, y, u, y if scale is None else scale,
+        y if z is None else z, *wq,
         M, N, K, r,
         x2.stride(0), x2.stride(1), *w_strides, lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), u.stride(0), u.stride(1),
         float(scaling), float(dropout_p), int(seed), wq_scalars.pop("wq_offset"), wq_scalars.pop("wq_blocksize"),
-        HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, **wq_scalars, **_meta(x2.dtype, r), **fixed,
+        HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, **wq_scalars, HAS_MAGNITUDE=scale is not None,
+        STORE_Z=z is not None, **_meta(x2.dtype, r), **fixed,
     )
-    return y, u
+    return y, u, z
 
 
-def _forward_small_m(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    """lora_forward for M <= SMALL_M: the split-K decoding kernel, accumulating in fp32."""
+def _forward_small_m(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, scale=None, need_z=False):
+    """_forward for M <= SMALL_M: the split-K decoding kernel, accumulating y, u (and DoRA's z) in fp32."""
     M, K = x2.shape
     N, r = lora_B.shape
     acc_dtype = torch.float64 if x2.dtype == torch.float64 else torch.float32
     y = torch.zeros((M, N), device=x2.device, dtype=acc_dtype)
     u = torch.zeros((M, r), device=x2.device, dtype=acc_dtype)
+    z = torch.zeros((M, N), device=x2.device, dtype=acc_dtype) if need_z else None
     if INTERPRETED:
         kernel, fixed = _lora_small_m_kernel, _small_m_configs(x2.dtype)[0].kwargs
     else:
-        key = ("small", x2.dtype, rank_pad(r), "nf4" if _is_nf4(weight) else "dense")
+        kind = "small" if scale is None else "dora_drop_small" if dropout_p > 0 else "dora_small"
+        key = (kind, x2.dtype, rank_pad(r), "nf4" if _is_nf4(weight) else "dense")
         if key not in _AUTOTUNED:
-            _AUTOTUNED[key] = triton.autotune(_small_m_configs(x2.dtype, key[3]), key=["N", "K", "R"],
-                                              reset_to_zero=["y_ptr", "u_ptr"])(_lora_small_m_kernel)
+            _AUTOTUNED[key] = triton.autotune(_small_m_configs(x2.dtype, key[3], key[0]), key=["N", "K", "R"],
+                                              reset_to_zero=["y_ptr", "u_ptr", "z_ptr"])(_lora_small_m_kernel)
         kernel, fixed = _AUTOTUNED[key], {}
 
     def grid(meta):
@@ -141,13 +168,15 @@ def _forward_small_m(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
     (w, *wq), w_strides, wq_scalars = _weight_args(weight, y)
     kernel[grid](
-        x2, w, bias if bias is not None else y, lora_A, lora_B, y, u, *wq,
+        x2, w, bias if bias is not None else y, lora_A, lora_B, y, u, y if scale is None else scale,
+        y if z is None else z, *wq,
         M, N, K, r,
         x2.stride(0), x2.stride(1), *w_strides, lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
         float(scaling), float(dropout_p), int(seed), wq_scalars.pop("wq_offset"), wq_scalars.pop("wq_blocksize"),
-        HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, **wq_scalars, **_meta(x2.dtype, r), **fixed,
+        HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, **wq_scalars, HAS_MAGNITUDE=scale is not None,
+        STORE_Z=z is not None, **_meta(x2.dtype, r), **fixed,
     )
-    return y.to(x2.dtype), u.to(x2.dtype)
+    return y.to(x2.dtype), u.to(x2.dtype), None if z is None else z.to(x2.dtype)
 
 
 def lora_backward(g, x2, u, weight, lora_A, lora_B, scaling: float, dropout_p: float, seed: int,
@@ -156,6 +185,21 @@ def lora_backward(g, x2, u, weight, lora_A, lora_B, scaling: float, dropout_p: f
 
     dA, dB and dbias accumulate atomically in fp32 and come back in the parameters' dtype.
     """
+    return _backward(g, x2, u, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dA, need_dB,
+                     need_dbias, None, None)[:4]
+
+
+def dora_backward(g, x2, u, z, weight, lora_A, lora_B, scale, scaling: float, dropout_p: float, seed: int,
+                  need_dx: bool = True, need_dA: bool = True, need_dB: bool = True, need_dbias: bool = False):
+    """(dx, dA, dB, dbias, dscale) of dora_forward: lora_backward run on gc = g diag(c) (each g tile scaled
+    where the kernel loads it; dx with dropout as in dora_ops.py), dbias from g, and dscale_j = sum_i g_ij z_ij
+    (fp32, or fp64 for fp64; None when z is None) from the kernel's pass over g for dB. dm = dscale / n."""
+    return _backward(g, x2, u, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dA, need_dB,
+                     need_dbias, scale, z)
+
+
+def _backward(g, x2, u, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dA, need_dB, need_dbias,
+              scale, z):
     M, N = g.shape
     K = x2.shape[1]
     r = lora_A.shape[0]
@@ -166,9 +210,14 @@ def lora_backward(g, x2, u, weight, lora_A, lora_B, scaling: float, dropout_p: f
     dA = torch.zeros((r, K), device=g.device, dtype=acc_dtype) if need_dA else None
     dB = torch.zeros((N, r), device=g.device, dtype=acc_dtype) if need_dB else None
     dbias = torch.zeros((N,), device=g.device, dtype=acc_dtype) if need_dbias else None
-    if M > 0 and (need_dx or need_dA or need_dB or need_dbias):
-        kernel, fixed = _autotuned(_lora_bwd_kernel, "bwd", g.dtype, rank_pad(r), "nf4" if _is_nf4(weight) else "dense")
-        dummy = g
+    dscale = torch.zeros((N,), device=g.device, dtype=acc_dtype) if z is not None else None
+    if M > 0 and (need_dx or need_dA or need_dB or need_dbias or z is not None):
+        kind = "bwd" if scale is None else "dora_drop_bwd" if dropout_p > 0 else "dora_bwd"
+        kernel, fixed = _autotuned(_lora_bwd_kernel, kind, g.dtype, rank_pad(r), "nf4" if _is_nf4(weight) else "dense")
+        dummy = g  # pointers the kernel never reads
+        # accumulators not asked for: the autotuner zeroes every accumulator pointer before each trial, so those
+        # get a spare buffer rather than g
+        spare = torch.zeros(1, device=g.device, dtype=acc_dtype)
 
         def grid(meta):
             groups = triton.cdiv(triton.cdiv(K, meta["BLOCK_K"]), meta["TILES_K"])
@@ -177,22 +226,24 @@ def lora_backward(g, x2, u, weight, lora_A, lora_B, scaling: float, dropout_p: f
         (w, *wq), w_strides, wq_scalars = _weight_args(weight, dummy)
         kernel[grid](
             g, w, lora_A, lora_B, x2, u,
-            dx if dx is not None else dummy, dA if dA is not None else dummy,
-            dB if dB is not None else dummy, dbias if dbias is not None else dummy, *wq,
+            dx if dx is not None else dummy, dA if dA is not None else spare,
+            dB if dB is not None else spare, dbias if dbias is not None else spare,
+            dummy if scale is None else scale, dummy if z is None else z, spare if dscale is None else dscale, *wq,
             M, N, K, r,
             g.stride(0), g.stride(1), *w_strides, lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), x2.stride(0), x2.stride(1), u.stride(0), u.stride(1),
             dx.stride(0) if dx is not None else 0, dx.stride(1) if dx is not None else 0,
             float(scaling), float(dropout_p), int(seed), wq_scalars.pop("wq_offset"), wq_scalars.pop("wq_blocksize"),
             HAS_DROPOUT=dropout_p > 0, NEED_DX=need_dx, NEED_DA=need_dA, NEED_DB=need_dB, NEED_DBIAS=need_dbias,
-            **wq_scalars, **_meta(g.dtype, r), **fixed,
+            **wq_scalars, HAS_MAGNITUDE=scale is not None, NEED_DC=z is not None, **_meta(g.dtype, r), **fixed,
         )
     elif need_dx:
         dx.zero_()
     return (dx,
             None if dA is None else dA.to(lora_A.dtype),
             None if dB is None else dB.to(lora_B.dtype),
-            None if dbias is None else dbias.to(g.dtype))
+            None if dbias is None else dbias.to(g.dtype),
+            dscale)
 
 
 def dropout_mask(seed: int, shape, p: float, device) -> torch.Tensor:

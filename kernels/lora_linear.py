@@ -18,6 +18,9 @@ kernels with lorakern.dispatch (lorakern.kernels.BACKENDS names it). The code, b
     launchers.py  check -> allocate -> launch: lora_forward, lora_backward, dropout_mask, unsupported
     ops.py        the torch.library custom ops lorakern::lora_linear_fwd / _bwd (fake implementations,
                   autograd) and lora_linear_triton
+    dora_tiles.py, dora_ops.py
+                  DoRA on the same kernels (HAS_MAGNITUDE): the epilogue helpers, and the ops
+                  lorakern::dora_linear_fwd / _bwd with dora_linear_triton, run_dora, unsupported_dora
     mixed_forward.py, mixed_backward.py, mixed_launchers.py, mixed_ops.py
                   the same four roles for mixed-adapter batches (each row its own adapter, one launch per
                   pass): segmented kernels, launchers, the ops lorakern::mixed_lora_fwd / _bwd, run_mixed
@@ -25,6 +28,7 @@ kernels with lorakern.dispatch (lorakern.kernels.BACKENDS names it). The code, b
 from __future__ import annotations
 
 from lorakern import dispatch
+from lorakern.dora import further_term
 from lorakern.kernels.backward import _bwd_epilogue, _lora_bwd_kernel
 from lorakern.kernels.configs import (
     _AUTOTUNED,
@@ -69,6 +73,7 @@ from lorakern.kernels.ops import (
     _weight_parts,
     lora_linear_triton,
 )
+from lorakern.kernels.dora_ops import dora_linear_triton, run_dora, unsupported_dora
 from lorakern.kernels.mixed_ops import mixed_lora_triton, run_mixed, unsupported_mixed
 from lorakern.kernels.small_m import _lora_small_m_kernel
 from lorakern.kernels.tiles import (
@@ -91,6 +96,8 @@ def _run(call: dispatch.Call):
 
 
 def _unsupported(call: dispatch.Call):
+    if call.magnitude is not None:
+        return unsupported_dora(call.x, call.weight, call.lora_A, call.dropout_p)
     return unsupported(call.x, call.weight, call.lora_A)
 
 
@@ -99,6 +106,9 @@ def _unsupported(call: dispatch.Call):
 for _base in dispatch.BASE_KINDS:
     dispatch.register(dispatch.Implementation("triton", _base, _run, dropout_mask, _unsupported, needs_seed=True,
                                               run_mixed=run_mixed, unsupported_mixed=unsupported_mixed))
+# DoRA: the same kernels with the magnitude scale in their epilogues (dora_ops.py), dense and NF4 bases; a further
+# active DoRA adapter composes in torch (lorakern.dora.further_term), as on every implementation
+dispatch.attach_dora({("triton", _base): run_dora for _base in dispatch.BASE_KINDS}, further_term)
 
 __all__ = [  # re-exported: every name the single-file module had, so lora_linear.X keeps working
     "_atomic_add", "_AUTOTUNED", "_autotuned", "_backward", "_bwd_epilogue", "_check", "_CONFIGS", "_CONFIGS_NF4",
@@ -109,6 +119,8 @@ __all__ = [  # re-exported: every name the single-file module had, so lora_linea
     "_setup_context", "_small_m_configs", "_store", "_tile_ids", "_TL_DTYPES", "_weight_args", "_weight_from_parts",
     "_weight_parts", "dropout_mask", "get_autotune_config", "INTERPRETED", "lora_backward", "lora_forward",
     "lora_linear_triton", "MAX_RANK", "rank_pad", "RANK_PADS", "SMALL_M", "unsupported",
+    # DoRA on the same kernels
+    "dora_linear_triton", "run_dora", "unsupported_dora",
     # the segmented kernels of mixed-adapter batches
     "mixed_lora_triton", "run_mixed", "unsupported_mixed",
 ]

@@ -1,19 +1,21 @@
 """The decoding kernel (M <= SMALL_M rows): the fused LoRA forward split over K, accumulated atomically.
 
-Launched by lora_forward (launchers.py, _forward_small_m) with the configs in configs.py.
+With HAS_MAGNITUDE (DoRA) each split adds its share of y = c z + b (and of z) instead (dora_tiles.py).
+Launched by lora_forward and dora_forward (launchers.py, _forward_small_m) with the configs in configs.py.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+from lorakern.kernels.dora_tiles import _dora_small_m_epilogue
 from lorakern.kernels.tiles import _atomic_add, _dot, _dropout_keep, _keep_scale, _load, _load_weight
 
 
 @triton.jit
 def _lora_small_m_kernel(
-    # pointers (y_ptr and u_ptr: zeroed fp32 accumulators)
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr,
+    # pointers (y_ptr, u_ptr and DoRA's z_ptr: zeroed fp32 accumulators; c_ptr DoRA's (N,) scale m / n)
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr, c_ptr, z_ptr,
     wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr,
     # sizes
     M, N, K, R,
@@ -23,7 +25,8 @@ def _lora_small_m_kernel(
     scaling, dropout_p, seed, wq_offset, wq_blocksize,
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, W_NF4: tl.constexpr, W_NESTED: tl.constexpr,
-    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_MAGNITUDE: tl.constexpr, STORE_Z: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Decoding (M <= BLOCK_M = 16): split-K, so a few rows still keep every SM busy.
@@ -42,6 +45,7 @@ def _lora_small_m_kernel(
     k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_start = pid_k * k_per_split
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    acc_xl = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)  # x~ W^T: DoRA with dropout only (else dead)
     u = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
     for k0 in range(k_start, min(K, k_start + k_per_split), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -54,14 +58,22 @@ def _lora_small_m_kernel(
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, offs_m, offs_k, K, dropout_p)
             x_tile = tl.where(keep, x_tile.to(ACC_DTYPE) * keep_scale, 0.0).to(x_tile.dtype)
+            if HAS_MAGNITUDE:
+                # acc_xl += x~ W^T
+                acc_xl = _dot(x_tile, w_tile, acc_xl, DOT_PRECISION, UPCAST)
         # u_k += x~ A^T
         u = _dot(x_tile, _load(a_ptr, offs_k, offs_r, stride_ak, stride_ar, K, R), u, DOT_PRECISION, UPCAST)
-    # acc += (s u_k) B^T
-    acc = _dot((u * scaling).to(x_ptr.dtype.element_ty), _load(b_ptr, offs_r, offs_n, stride_br, stride_bn, R, N), acc,
-               DOT_PRECISION, UPCAST)
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
-    _atomic_add(y_ptr, acc, offs_m, offs_n, M, N)
+    if HAS_MAGNITUDE:
+        _dora_small_m_epilogue(acc, acc_xl, (u * scaling).to(x_ptr.dtype.element_ty), b_ptr, bias_ptr, c_ptr, y_ptr,
+                               z_ptr, offs_m, offs_n, offs_r, M, N, R, stride_bn, stride_br, pid_k == 0, HAS_BIAS,
+                               HAS_DROPOUT, STORE_Z, ACC_DTYPE, DOT_PRECISION, UPCAST)
+    else:
+        # acc += (s u_k) B^T
+        acc = _dot((u * scaling).to(x_ptr.dtype.element_ty), _load(b_ptr, offs_r, offs_n, stride_br, stride_bn, R, N),
+                   acc, DOT_PRECISION, UPCAST)
+        if HAS_BIAS:
+            if pid_k == 0:
+                acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
+        _atomic_add(y_ptr, acc, offs_m, offs_n, M, N)
     if pid_n == 0:
         _atomic_add(u_ptr, u, offs_m, offs_r, M, R)

@@ -231,13 +231,14 @@ def _magnitude(o: Operands) -> torch.Tensor:
     return (1.1 * weight_norm(o.W, o.A, o.B, o.s)).to(o.W.dtype).requires_grad_(True)
 
 
-def _lorakern_dora(o: Operands) -> Built:
-    """lorakern's DoRA as a layer runs it: ||W_i||^2 computed once (the layer caches it), the rest per call."""
+def _lorakern_dora(o: Operands, cuda_backend: str = "torch") -> Built:
+    """lorakern's DoRA as a layer runs it: ||W_i||^2 computed once (the layer caches it), the rest per call;
+    on CUDA on ``cuda_backend`` (the torch path, or the Triton kernels: "lorakern DoRA triton")."""
     from lorakern import dispatch
     from lorakern.dora import row_norms_sq
 
     m, norm_sq = _magnitude(o), row_norms_sq(o.W)
-    backend = None if o.x.device.type == "cpu" else "torch"
+    backend = None if o.x.device.type == "cpu" else cuda_backend
     return Built(lambda: dispatch.lora_forward(o.x, "dense", o.W, o.b, [(o.A, o.B, o.s, 0.0, m)], requested=backend,
                                                base_norm_sq=norm_sq), [o.x, o.A, o.B, m])
 
@@ -278,6 +279,8 @@ def providers(device: str) -> dict[str, Callable[[Operands], Built]]:
     out["lorakern, factored"] = _lorakern_pinned("factored")
     out["lorakern, merged"] = _lorakern_pinned("merged")
     out["lorakern DoRA"] = _lorakern_dora
+    if device == "cuda":
+        out["lorakern DoRA triton"] = lambda o: _lorakern_dora(o, "triton")
     if _importable("peft"):
         out["PEFT lora.Linear"] = _peft
         out["PEFT DoRA"] = _peft_dora

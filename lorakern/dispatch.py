@@ -11,8 +11,9 @@ register here per base kind; nothing here imports them (they import this module)
     torch    nf4           lorakern.nf4.lora               plain torch, W decoded in chunks of rows
 
 A DoRA call carries the adapter's magnitude vector (``Call.magnitude``). lorakern.dora, when imported (the
-layer imports it), attaches its runs to the torch and c implementations (``attach_dora``); the others
-decline a DoRA call with the reason.
+layer imports it), attaches its runs to the torch and c implementations (``attach_dora``), and
+lorakern.kernels its fused run to triton (dense and NF4); an implementation without one declines a DoRA
+call with the reason.
 
 ``auto`` (the default; $LORAKERN_BACKEND or a layer's ``backend`` pins one) tries them in the order of
 ``PREFERENCE`` and takes the first whose ``unsupported`` returns None; triton only for CUDA tensors.

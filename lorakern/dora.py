@@ -303,11 +303,16 @@ def _scale_grad_native(library, g, z, scale):
     return gc, gz
 
 
-def run(call, library=None) -> torch.Tensor:
-    """The DoRA forward for a dispatch Call with a magnitude (dense or NF4 base)."""
-    if isinstance(call.weight, torch.Tensor) and call.weight.requires_grad:
+def check_frozen_base(weight: Weight) -> None:
+    """DoRA trains A, B and m on a frozen base (every implementation's gradients assume it)."""
+    if isinstance(weight, torch.Tensor) and weight.requires_grad:
         raise LorakernError("DoRA here trains A, B and the magnitude on a frozen base, but the base weight requires "
                             "grad; freeze it (weight.requires_grad_(False)) or use plain LoRA")
+
+
+def run(call, library=None) -> torch.Tensor:
+    """The DoRA forward for a dispatch Call with a magnitude (dense or NF4 base)."""
+    check_frozen_base(call.weight)
     x_lora = _dropped_out(call.x, call.dropout_p, call.seed)
     # without grad mode no backward follows: a detached m tells the forward that nothing needs z
     magnitude = call.magnitude if torch.is_grad_enabled() else call.magnitude.detach()
@@ -337,4 +342,4 @@ dispatch.attach_dora({("torch", "dense"): lambda call: run(call, None),
                       ("c", "dense"): lambda call: run(call, native.lora_library()),
                       ("torch", "nf4"): run}, further_term)
 
-__all__ = ["DoraLinearFunction", "further_term", "row_norms_sq", "run", "weight_norm"]
+__all__ = ["DoraLinearFunction", "check_frozen_base", "further_term", "row_norms_sq", "run", "weight_norm"]

@@ -1,6 +1,6 @@
 """DoRA against lorakern.core.dora, independently of the code under test: a random DoRA layer, the scale of
 each result's rounding error, and one comparison of output and every gradient (tests/test_dora.py, the kernel
-tests and ``lorakern check`` use it). The dropout mask is redrawn as the torch and C paths draw it."""
+tests and ``lorakern check`` use it). The dropout mask is redrawn from the chosen path's documented generator (lorakern.testing_masks)."""
 from __future__ import annotations
 
 import math
@@ -56,28 +56,38 @@ def dora_magnitudes(x, W, A, B, m, b, dy, s: float, mask, tiny: float) -> dict[s
         "dA": s * (gcB.T @ xl),
         "dB": s * (gc.T @ u),
         "dm": (g * z).sum(0) / n * (1 + terms / n**2),
+        "db": g.sum(0),
     }
 
 
 def compare_dora(layer: LoraLinear, x: torch.Tensor, seed: int = 0, perturb: Optional[dict] = None) -> Comparison:
     """Run the layer's active DoRA adapter on x (train mode, fixed dropout seed), backprop, compare every
-    result with lorakern.core.dora in float64. ``perturb`` {name: factor} spoils a result by factor x its
-    bound first (the mutation check)."""
+    result (those whose tensors require grad: x, A, B, m, the bias) with lorakern.core.dora in float64.
+    ``perturb`` {name: factor} spoils a result by factor x its bound first (the mutation check). A 4-bit
+    base's weight is decoded by lorakern.core from its bytes (x in the compute dtype)."""
+    from lorakern import dispatch
+    from lorakern.testing import reference_nf4_weight
+    from lorakern.testing_masks import backend_mask
+
     dtype = x.dtype
     x = x.detach().requires_grad_(True)
+    backend = dispatch.choose(layer._call_for(x), layer.backend)[0].name
     mask = None
     if layer.training and layer.dropout > 0:
         layer.dropout_seed = seed + 1
-        # the torch and C paths' mask for that seed, recomputed here: torch.rand from a seeded generator, kept
-        # entries 1 / (1 - p) as a float32 (dispatch's mask contract)
-        keep = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed + 1)) >= layer.dropout
-        mask = (keep.to(torch.float32) * (1.0 / (1.0 - layer.dropout))).double().numpy()
+        # the chosen path's mask for that seed, recomputed from its documented generator (torch / c: torch.rand
+        # from a seeded generator; triton: Philox per element), kept entries 1 / (1 - p) as a float32
+        mask = backend_mask(backend, seed + 1, tuple(x.shape), layer.dropout, x.device)
     y = layer(x)
     grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
     a = layer.adapters[layer.active_adapters[0]]
-    grads = dict(zip(["dx", "dA", "dB", "dm"], torch.autograd.grad(
-        y, [x, a.lora_A, a.lora_B, a.lora_magnitude_vector], grad_y)))
-    W, A, B, m, b = f64(layer.weight_out_in), f64(a.lora_A), f64(a.lora_B), f64(a.lora_magnitude_vector), f64(layer.bias)
+    wanted = {name: t for name, t in (("dx", x), ("dA", a.lora_A), ("dB", a.lora_B), ("dm", a.lora_magnitude_vector),
+                                      ("db", layer.bias)) if t is not None and t.requires_grad}
+    grads = dict(zip(wanted, torch.autograd.grad(y, list(wanted.values()), grad_y)))
+    # the interpreted kernels convert fp32 to bf16 by truncation (lorakern.testing's note): so does W here
+    W = (reference_nf4_weight(layer.nf4, dtype, truncate=backend == "triton" and x.device.type == "cpu")
+         if layer.is_quantized else f64(layer.weight_out_in))
+    A, B, m, b = f64(a.lora_A), f64(a.lora_B), f64(a.lora_magnitude_vector), f64(layer.bias)
     xs, dy, s = f64(x), f64(grad_y), core.scaling(a.r, a.alpha)  # s recomputed from r and alpha
     ref = {"y": core.dora.forward(xs, W, A, B, m, b, s, dropout_mask=mask),
            **core.dora.backward(xs, W, A, B, m, dy, s, dropout_mask=mask)}
@@ -89,6 +99,6 @@ def compare_dora(layer: LoraLinear, x: torch.Tensor, seed: int = 0, perturb: Opt
     for name, factor in (perturb or {}).items():
         got[name] = got[name].detach().double() + factor * limit * torch.as_tensor(mag[name])
     errors, details = {}, {}
-    for name in ("y", "dx", "dA", "dB", "dm"):
+    for name in got:
         errors[name], details[name] = rel_error(got[name], ref[name], mag[name], dtype)
     return Comparison(dtype, tuple(x.shape), errors, details, limit)

@@ -50,7 +50,8 @@ TRITON_SKIP_REASON = ("needs triton, which is not importable here ({}); install 
                       "pip install 'lorakern[triton]'").format(TRITON_ERROR)
 # Test modules that test the Triton kernels and nothing else (test_kernels_compiled.py runs them in a
 # subprocess, so no ImportError reaches this process): skipped whole, without being imported.
-TRITON_ONLY_MODULES = frozenset({"test_kernels_interpreted.py", "test_kernels_compiled.py", "test_kernels_mixed.py"})
+TRITON_ONLY_MODULES = frozenset({"test_kernels_interpreted.py", "test_kernels_compiled.py", "test_kernels_mixed.py",
+                                 "test_kernels_dora.py"})
 
 
 def _needs_missing_triton(exc: "BaseException | None") -> bool:

@@ -48,7 +48,7 @@ def test_check_fails_on_a_wrong_dora_path(monkeypatch):
     rows = dora_rows(torch.device("cpu"))
     failed = {row[1] for row in rows if row[0] == "DoRA: torch" and row[-1] == "FAIL"}
     assert failed == {"float64", "float32", "float16", "bfloat16"}, rows
-    assert all(re.match(r"(y|dx|dA|dB|dm) @", row[3]) for row in rows if row[-1] == "FAIL"), rows
+    assert all(re.match(r"(y|dx|dA|dB|dm|db) @", row[3]) for row in rows if row[-1] == "FAIL"), rows
 
 
 def test_check_fails_on_a_wrong_path(monkeypatch):

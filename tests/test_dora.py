@@ -449,11 +449,11 @@ def test_bad_input_names_the_fix():
     layer = LoraLinear(8, 4, r=2)
     with pytest.raises(AdapterError, match="use_dora=True"):
         layer.reset_magnitude("default")
-    layer = dora_layer(8, 4, 2, torch.float32)
+    layer = dora_layer(8, 4, 65, torch.float32)  # a DoRA layer the kernels cannot take: the reason, and the fix
     layer.backend = "triton"
-    with pytest.raises(LorakernError, match="no DoRA in the triton implementation.*LORAKERN_BACKEND=auto"):
+    with pytest.raises(LorakernError, match=r"r=65 \(the kernels take r <= 64\).*LORAKERN_BACKEND=auto"):
         layer(torch.randn(2, 8))
-    layer.backend = None
+    layer = dora_layer(8, 4, 2, torch.float32)
     layer.add_adapter("plain", r=2)
     layer.merge(adapter_names=["plain"])
     with pytest.raises(LorakernError, match="unmerge\\(\\) first"):
