@@ -45,11 +45,14 @@ def triton_dora_layer(K, N, r, dtype, *, base="dense", bias=True, dropout=0.0, s
             linear = nn.Linear(K, N, bias=bias)
             with torch.no_grad():
                 linear.weight.copy_(torch.randn(linear.weight.shape, generator=gen) / math.sqrt(K))
+                if bias:  # nn.Linear's init draws from the global generator: a case must be the same every run
+                    linear.bias.copy_(torch.randn(N, generator=gen) / math.sqrt(K))
             layer = LoraLinear.from_linear(linear, quantize="nf4", compute_dtype=dtype, lora_dtype=dtype, r=r,
                                            dropout=dropout, use_dora=True, blocksize=blocksize,
                                            double_quant=double_quant)
         a = layer.adapters["default"]
-        with torch.no_grad():
+        with torch.no_grad():  # A drawn here too: from_linear's init draws from the global generator
+            a.lora_A.copy_(torch.randn(a.lora_A.shape, generator=gen) / math.sqrt(K))
             a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=gen) / math.sqrt(r))
             a.lora_magnitude_vector.mul_(0.5 + torch.rand(N, generator=gen).to(dtype))
         layer.backend = "triton"
