@@ -69,15 +69,15 @@ def run_torch(call: MixedCall, base_output: Callable[[MixedCall], torch.Tensor],
 
 
 def _adapters_for(layer: nn.Module, names: Sequence[str]) -> list:
-    dora = [n for n in names if n in layer.adapters and getattr(layer.adapters[n], "use_dora", False)]
+    modules = layer.adapters  # each module lookup goes through nn.Module.__getattr__: once per call, not per name
+    found = [modules[n] if n in modules else None for n in names]
+    dora = [n for n, a in zip(names, found) if a is not None and getattr(a, "use_dora", False)]
     if dora:
         raise LorakernError(f"DoRA adapters {dora} cannot run in a mixed-adapter batch yet (their magnitude scale "
                             f"is per adapter, the mixed paths apply none); run their rows in a batch of their own "
                             f"(set_adapter) or use plain LoRA adapters for mixed batches")
     training = layer.training
-    return [None if n not in layer.adapters else
-            (layer.adapters[n].lora_A, layer.adapters[n].lora_B, layer.adapters[n].scaling,
-             layer.adapters[n].dropout if training else 0.0) for n in names]
+    return [None if a is None else (a.lora_A, a.lora_B, a.scaling, a.dropout if training else 0.0) for a in found]
 
 
 def forward_grouped(layer: nn.Module, x: torch.Tensor, names: Sequence[str], groups: TokenGroups) -> torch.Tensor:
