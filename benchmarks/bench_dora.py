@@ -14,15 +14,12 @@ tests' rule). Then times, interleaved (< 1: the first faster):
 Exit status 1 when a correctness check fails.
 """
 import argparse
-import json
-import os
 
 import torch
 
 # first: without CUDA, importing lorakern.kernels turns the interpreter on before anything imports triton
 from lorakern.kernels import lora_linear  # noqa: F401  isort: skip
 from lorakern import bench, dispatch
-from lorakern._io import atomic_write_bytes
 from lorakern.dora import row_norms_sq
 from lorakern.testing import TOLERANCE, bound
 
@@ -85,17 +82,6 @@ def _no_grad(fn):
         return fn()
 
 
-def markdown(checks: list[dict], times: list[dict], shape: str) -> str:
-    lines = [f"DoRA, {shape}", "", "| check | worst rel. error | bound | ok |", "|---|---:|---:|---|"]
-    lines += [f"| {c['check']} | {c['worst_rel_error']:.3g} | {c['bound']:.3g} | {'yes' if c['ok'] else 'NO'} |"
-              for c in checks]
-    lines += ["", "| benchmark | reference | lorakern ms | reference ms | lorakern / reference |",
-              "|---|---|---:|---:|---:|"]
-    lines += [f"| {t['benchmark']} | {t['reference']} | {t['lorakern_ms']:.3f} | {t['reference_ms']:.3f} | "
-              f"{t['ratio']:.3f} |" for t in times]
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -117,13 +103,8 @@ def main(argv=None) -> int:
     checks = check(o, m, norm_sq, args.backend)
     times = timing(o, m, norm_sq, args.backend, rounds, args.device)
     shape = f"{dtype}, {tokens} tokens, {K}x{N}, r={rank}, {args.device}"
-    table = markdown(checks, times, shape)
-    print(table)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        payload = {"machine": bench.machine(), "shape": shape, "checks": checks, "rows": times}
-        atomic_write_bytes(os.path.join(args.out, "dora.json"), json.dumps(payload, indent=2).encode())
-        atomic_write_bytes(os.path.join(args.out, "dora.md"), (table + "\n").encode())
+    table = bench.checked_markdown(f"DoRA, {shape}", checks, times)
+    bench.report(table, args.out, "dora", shape=shape, checks=checks, rows=times)
     return 0 if all(c["ok"] for c in checks) else 1
 
 

@@ -111,13 +111,6 @@ def timing(call, rounds: int, device: str) -> list[dict]:
              "ratio": best["mixed fwd+bwd"] / best["base fwd+bwd"]}]
 
 
-def markdown(checks: list[dict], times: list[dict], shape: str) -> str:
-    lines = [f"Mixed-adapter batch, {shape}", "", "| check | worst rel. error | bound | ok |", "|---|---:|---:|---|"]
-    lines += [f"| {c['check']} | {c['worst_rel_error']:.3g} | {c['bound']:.3g} | {'yes' if c['ok'] else 'NO'} |"
-              for c in checks]
-    return "\n".join(lines) + "\n\n" + bench.reference_markdown(times)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -138,7 +131,7 @@ def main(argv=None) -> int:
     checks = check(call)
     times = timing(call, rounds, args.device)
     shape = f"{dtype}, {tokens} tokens, {K}x{N}, r={rank}, {adapters} adapters, {args.device}"
-    table = markdown(checks, times, shape)
+    table = bench.checked_markdown(f"Mixed-adapter batch, {shape}", checks, times)
     bench.report(table, args.out, "mixed", shape=shape, checks=checks, rows=times)
     return 0 if all(c["ok"] for c in checks) else 1
 

@@ -640,6 +640,15 @@ def reference_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def checked_markdown(title: str, checks: list[dict], times: list[dict]) -> str:
+    """A GPU script's report: its title, the correctness checks run before timing (keys check,
+    worst_rel_error, bound, ok), then ``reference_markdown(times)`` (benchmarks/bench_mixed.py, bench_dora.py)."""
+    lines = [title, "", "| check | worst rel. error | bound | ok |", "|---|---:|---:|---|"]
+    lines += [f"| {c['check']} | {c['worst_rel_error']:.3g} | {c['bound']:.3g} | {'yes' if c['ok'] else 'NO'} |"
+              for c in checks]
+    return "\n".join(lines) + "\n\n" + reference_markdown(times)
+
+
 def markdown(rows: list[Row]) -> str:
     cuda = any(r.tflops is not None for r in rows)
     memory = any(r.peak_bytes is not None for r in rows)
