@@ -13,8 +13,6 @@ tests' rule). Then times, interleaved (< 1: the first faster):
 - the same against PEFT's DoRA Linear (when peft is installed), and the forwards alone.
 Exit status 1 when a correctness check fails.
 """
-import argparse
-
 import torch
 
 # first: without CUDA, importing lorakern.kernels turns the interpreter on before anything imports triton
@@ -83,15 +81,8 @@ def _no_grad(fn):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 round (interpreted on CPU)")
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--shape", default="4096x4096", help="K x N of the layer")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser = bench.gpu_script_parser(__doc__.splitlines()[0])
     parser.add_argument("--backend", default="triton", help="lorakern's backend for DoRA and LoRA (default triton)")
-    parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     K, N = (int(v) for v in args.shape.split("x"))

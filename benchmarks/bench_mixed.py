@@ -12,7 +12,6 @@ lorakern.testing (the tests' rule). Then times, side by side (< 1: lorakern fast
 - forward + backward (dx and every dA, dB) against the frozen base's forward + dx.
 Exit status 1 when a correctness check fails.
 """
-import argparse
 from types import SimpleNamespace
 
 import torch
@@ -112,15 +111,8 @@ def timing(call, rounds: int, device: str) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 round (interpreted on CPU)")
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--shape", default="4096x4096", help="K x N of the layer")
-    parser.add_argument("--rank", type=int, default=16)
+    parser = bench.gpu_script_parser(__doc__.splitlines()[0])
     parser.add_argument("--adapters", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     K, N = (int(v) for v in args.shape.split("x"))

@@ -30,6 +30,7 @@ How it measures, and why:
 """
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import math
@@ -638,6 +639,20 @@ def reference_markdown(rows: list[dict]) -> str:
     lines += [f"| {r['benchmark']} | {r['reference']} | {r['lorakern_ms']:.3f} | {r['reference_ms']:.3f} | "
               f"{r['ratio']:.3f} |" for r in rows]
     return "\n".join(lines)
+
+
+def gpu_script_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every target-shape script takes (benchmarks/bench_mixed.py, bench_dora.py): --device,
+    --quick (tiny shapes, 1 round: runs interpreted on a CPU), --tokens, --shape K x N, --rank, --rounds, --out."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 round (interpreted on CPU)")
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--shape", default="4096x4096", help="K x N of the layer")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--out", default=None)
+    return parser
 
 
 def checked_markdown(title: str, checks: list[dict], times: list[dict]) -> str:

@@ -234,3 +234,22 @@ def test_flop_and_byte_counts():
     assert bench.flops(shape, "bwd", lora=False) == bench.flops(shape, "fwd", lora=False)
     assert bench.flops(shape, "fwd+bwd", lora=True) == bench.flops(shape, "fwd", True) + bench.flops(shape, "bwd", True)
     assert bench.min_bytes(shape, "fwd", 2) == (8 * 4 + 2 * 4 + 8 * 2 + 1 * (4 + 2) + 8) * 2
+
+
+@pytest.mark.parametrize("script,stem", [("bench_mixed.py", "mixed"), ("bench_dora.py", "dora")])
+def test_gpu_target_scripts_run_quick_and_check_before_timing(script, stem, tmp_path):
+    """The device script's steps 6 and 7 end to end on tiny shapes (interpreted on the CPU): every correctness
+    check passes (exit 0), and the report names each check and each timed pair. No timing assertions."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", script)
+    done = subprocess.run([sys.executable, path, "--quick", "--device", "cpu", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert payload["checks"] and all(c["ok"] for c in payload["checks"])
+    assert payload["rows"] and all(r["lorakern_ms"] > 0 and r["reference_ms"] > 0 for r in payload["rows"])
+    assert (tmp_path / f"{stem}.md").read_text().startswith("DoRA, " if stem == "dora" else "Mixed-adapter batch, ")
