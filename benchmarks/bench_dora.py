@@ -94,9 +94,7 @@ def main(argv=None) -> int:
     checks = check(o, m, norm_sq, args.backend)
     times = timing(o, m, norm_sq, args.backend, rounds, args.device)
     shape = f"{dtype}, {tokens} tokens, {K}x{N}, r={rank}, {args.device}"
-    table = bench.checked_markdown(f"DoRA, {shape}", checks, times)
-    bench.report(table, args.out, "dora", shape=shape, checks=checks, rows=times)
-    return 0 if all(c["ok"] for c in checks) else 1
+    return bench.finish_checked("DoRA", "dora", shape, checks, times, args.out)
 
 
 if __name__ == "__main__":

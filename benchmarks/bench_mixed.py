@@ -123,9 +123,7 @@ def main(argv=None) -> int:
     checks = check(call)
     times = timing(call, rounds, args.device)
     shape = f"{dtype}, {tokens} tokens, {K}x{N}, r={rank}, {adapters} adapters, {args.device}"
-    table = bench.checked_markdown(f"Mixed-adapter batch, {shape}", checks, times)
-    bench.report(table, args.out, "mixed", shape=shape, checks=checks, rows=times)
-    return 0 if all(c["ok"] for c in checks) else 1
+    return bench.finish_checked("Mixed-adapter batch", "mixed", shape, checks, times, args.out)
 
 
 if __name__ == "__main__":

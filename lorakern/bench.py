@@ -655,6 +655,15 @@ def gpu_script_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def finish_checked(title: str, stem: str, shape: str, checks: list[dict], times: list[dict],
+                   out_dir: Optional[str]) -> int:
+    """A target-shape script's ending: print (and under ``out_dir`` write, as ``stem``) the checked report;
+    the exit status, 1 when a correctness check failed."""
+    report(checked_markdown(f"{title}, {shape}", checks, times), out_dir, stem, shape=shape, checks=checks,
+           rows=times)
+    return 0 if all(c["ok"] for c in checks) else 1
+
+
 def checked_markdown(title: str, checks: list[dict], times: list[dict]) -> str:
     """A GPU script's report: its title, the correctness checks run before timing (keys check,
     worst_rel_error, bound, ok), then ``reference_markdown(times)`` (benchmarks/bench_mixed.py, bench_dora.py)."""
