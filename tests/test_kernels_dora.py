@@ -122,18 +122,10 @@ def test_comparison_fails_on_a_result_spoiled_by_4x_its_bound():
 
 def _record(fn):
     """(result, shapes of the tensors allocated inside the DoRA ops' implementations)."""
-    from test_layer import _RecordShapes
+    from test_layer import recorder_inside
 
-    class RecordShapesInsideOps(_RecordShapes):
-        IMPLS = {torch.ops.lorakern.dora_linear_fwd.default: dora_ops._dora_fwd_impl,
-                 torch.ops.lorakern.dora_linear_bwd.default: dora_ops._dora_bwd_impl}
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in self.IMPLS:
-                with self:
-                    return self.IMPLS[func](*args, **(kwargs or {}))
-            return super().__torch_dispatch__(func, types, args, kwargs)
-
+    RecordShapesInsideOps = recorder_inside({torch.ops.lorakern.dora_linear_fwd.default: dora_ops._dora_fwd_impl,
+                                             torch.ops.lorakern.dora_linear_bwd.default: dora_ops._dora_bwd_impl})
     with RecordShapesInsideOps() as recorder:
         out = fn()
     return out, recorder.shapes

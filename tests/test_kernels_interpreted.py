@@ -173,20 +173,11 @@ def test_autocast_on_the_kernel_path():
 def test_kernels_never_form_BA(M):
     """No N x K tensor ever; the forward allocates only y and u (the small-M path's fp32 accumulators of y and
     u, which are the results in fp32), the backward dx and the r-sized accumulators."""
-    from test_layer import _RecordShapes, allocations
+    from test_layer import allocations, recorder_inside
 
-    class RecordShapesInsideOps(_RecordShapes):
-        """The launchers run inside lorakern's custom ops, which a dispatch mode sees as one call: this runs
-        the ops' implementations with the mode still on, so it sees every allocation inside them too."""
-
-        IMPLS = {torch.ops.lorakern.lora_linear_fwd.default: kl._lora_linear_fwd_impl,
-                 torch.ops.lorakern.lora_linear_bwd.default: kl._lora_linear_bwd_impl}
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in self.IMPLS:
-                with self:
-                    return self.IMPLS[func](*args, **(kwargs or {}))
-            return super().__torch_dispatch__(func, types, args, kwargs)
+    # the launchers run inside lorakern's custom ops: the recorder runs the ops' implementations to see in
+    RecordShapesInsideOps = recorder_inside({torch.ops.lorakern.lora_linear_fwd.default: kl._lora_linear_fwd_impl,
+                                             torch.ops.lorakern.lora_linear_bwd.default: kl._lora_linear_bwd_impl})
 
     K, N, r = 13, 17, 3
     layer = triton_layer(K, N, r, torch.float32)

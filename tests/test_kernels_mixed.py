@@ -341,19 +341,12 @@ def test_gradcheck_float64():
 
 def test_never_forms_BA():
     """No N x K tensor, in the ops' implementations included; one (M, N) tensor forward (y), none backward."""
-    from test_layer import _RecordShapes
+    from test_layer import recorder_inside
 
     from lorakern.kernels import mixed_ops
 
-    class RecordShapesInsideOps(_RecordShapes):
-        IMPLS = {torch.ops.lorakern.mixed_lora_fwd.default: mixed_ops._mixed_fwd_impl,
-                 torch.ops.lorakern.mixed_lora_bwd.default: mixed_ops._mixed_bwd_impl}
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in self.IMPLS:
-                with self:
-                    return self.IMPLS[func](*args, **(kwargs or {}))
-            return super().__torch_dispatch__(func, types, args, kwargs)
+    RecordShapesInsideOps = recorder_inside({torch.ops.lorakern.mixed_lora_fwd.default: mixed_ops._mixed_fwd_impl,
+                                             torch.ops.lorakern.mixed_lora_bwd.default: mixed_ops._mixed_bwd_impl})
 
     M, K, N = 40, 13, 17
     call, _ = build(M, K, N, [3, 2, None], slots_for("random", M, 3), torch.float32)

@@ -90,6 +90,20 @@ class _RecordShapes(TorchDispatchMode):
         return out
 
 
+def recorder_inside(implementations: dict) -> type:
+    """A _RecordShapes that also sees inside lorakern's custom ops (a dispatch mode sees an op as one call):
+    ``implementations`` maps each op to the function behind it, which runs with the mode still on."""
+
+    class RecordShapesInsideOps(_RecordShapes):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in implementations:
+                with self:
+                    return implementations[func](*args, **(kwargs or {}))
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    return RecordShapesInsideOps
+
+
 def allocations(layer, x: torch.Tensor, grad: torch.Tensor, recorder=_RecordShapes) -> tuple[list, list]:
     """The shapes ``recorder`` sees allocated by y = layer(x) (any callable) and by y's backward from ``grad``;
     asserts that neither formed an N x K tensor (B @ A or its transpose; K = x's last dim, N = grad's).
