@@ -145,9 +145,9 @@ class DoraLinearFunction(torch.autograd.Function):
         need_m = ctx.needs_input_grad[6]
         norm = weight_norm(weight, lora_A, lora_B, scaling, base_norm_sq, library)
         scale = (magnitude.detach().to(norm.dtype) / norm).to(x.dtype)  # c
-        B_t = lora_B.t().contiguous()
-        # the fp32 CPU path runs merged with c folded in (see folds_scale): no u in the forward
+        # the fp32 CPU path runs merged with c folded in (see folds_scale): no u, no B^T in the forward
         folded = library is not None and not separate and folds_scale(x2.shape[0], in_features)
+        B_t = None if folded else lora_B.t().contiguous()
         if library is not None and not separate:
             u, z, y = _forward_native(library, x2, weight, bias, lora_A, lora_B, B_t, scale, scaling, need_m, folded)
         else:

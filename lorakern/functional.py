@@ -253,17 +253,11 @@ def merged_weight(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tens
     torch.compile's tracing, and off the CPU, W' is a fresh tensor."""
     if torch.compiler.is_compiling() or weight.device.type != "cpu":
         return torch.addmm(weight, lora_B, lora_A, alpha=scaling)
-    return torch.addmm(weight, lora_B, lora_A, alpha=scaling, out=weight_workspace(weight))
-
-
-def weight_workspace(weight: torch.Tensor) -> torch.Tensor:
-    """This thread's buffer of ``weight``'s shape and dtype (CPU), for a weight formed within one call (W + s B A
-    here, DoRA's diag(c) W in lorakern.dora); the next such call of that shape overwrites it."""
     key = (tuple(weight.shape), weight.dtype)
     buffer = _WORKSPACES.buffers.get(key)
     if buffer is None:
         buffer = _WORKSPACES.buffers[key] = torch.empty(weight.shape, dtype=weight.dtype)
-    return buffer
+    return torch.addmm(weight, lora_B, lora_A, alpha=scaling, out=buffer)
 
 
 def release_workspaces() -> None:

@@ -266,24 +266,22 @@ static void block_u(const float *x, const float *A, int64_t i0, int64_t M, int64
     for (int q = 0; q < ROWS && i0 + q < M; ++q) memcpy(u + (i0 + q) * r, ublk + q * r, r * sizeof(float));
 }
 
-/* Forward: u = x~ A^T; y = b + s u B^T when y is not NULL (bias may be NULL). r <= 256. */
+/* Forward: u = x~ A^T and y = b + s u B^T (bias may be NULL). r <= 256. */
 void lora_forward_f32(const float *x_lora, const float *A, const float *Bt, const float *bias, float scaling,
                       int64_t M, int64_t K, int64_t N, int64_t r, float *u, float *y, int threads) {
     int64_t blocks = (M + ROWS - 1) / ROWS;
     #pragma omp parallel num_threads(threads)
     {
         float ublk[ROWS * 256], coef[ROWS * 256];
-        float *spare = y ? (float *)malloc((size_t)N * sizeof(float)) : NULL;
+        float *spare = (float *)malloc((size_t)N * sizeof(float));
         #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; ++blk) {
             int64_t i0 = blk * ROWS;
+            float *yr[ROWS];
             block_u(x_lora, A, i0, M, K, r, u, ublk);
-            if (y) {
-                float *yr[ROWS];
-                block_rows_out(y, i0, M, N, spare, yr);
-                for (int64_t e = 0; e < ROWS * r; ++e) coef[e] = scaling * ublk[e];
-                rank_update4(yr, bias, coef, Bt, r, N);
-            }
+            block_rows_out(y, i0, M, N, spare, yr);
+            for (int64_t e = 0; e < ROWS * r; ++e) coef[e] = scaling * ublk[e];
+            rank_update4(yr, bias, coef, Bt, r, N);
         }
         stream_fence();  /* this thread's streamed rows are visible before the region ends */
         free(spare);
@@ -378,10 +376,10 @@ static void backward_passes(const float *g, const float *x_lora, const float *u,
             const float *grows[CHUNK_BLOCKS * ROWS], *crows[CHUNK_BLOCKS * ROWS];
             row_pointers(g, N, NULL, row0, rows, grows);
             if (dBt) {
-                if (u_from_x) {  /* four rows at a time; rows past the chunk repeat its first row into uc's spare rows */
+                if (u_from_x) {  /* four rows at a time; rows past the chunk land in uc's spare rows */
                     for (int64_t t0 = 0; t0 < rows; t0 += ROWS) {
                         const float *xr[ROWS];
-                        for (int q = 0; q < ROWS; ++q) xr[q] = x_lora + (row0 + t0 + (t0 + q < rows ? q : 0)) * K;
+                        block_rows(x_lora, row0 + t0, row0 + rows, K, xr);
                         dots4(xr, A, r, K, uc + t0 * r);
                     }
                     row_pointers(uc, r, NULL, 0, rows, crows);
