@@ -125,7 +125,8 @@ def test_squad_on_two_ranks_scores_what_one_process_scores(tmp_path, one_thread)
 
 def test_mixed_on_two_ranks_follows_one_process(no_dropout_model, tmp_path, one_thread):
     """`--mixed` under torchrun: each task's batch dealt out to 2 ranks gives one process's per-step losses
-    (to fp32 rounding), metrics and adapters; rank 0 writes the folder; its checkpoint resumes in one process.
+    (to fp32 rounding), metrics and adapters; rank 0 writes the folder; its checkpoint resumes on 2 ranks and
+    in one process.
     RTE is cut to 100 training rows so it runs out before SST-2 (its tensors then get zero gradients under DDP
     and its optimiser rests), and batch 15 leaves SST-2 a last batch of 1 row: rank 1 then has no row at all."""
     from safetensors.torch import load_file
@@ -177,6 +178,22 @@ def test_mixed_on_two_ranks_follows_one_process(no_dropout_model, tmp_path, one_
     assert not [n for _, _, files in os.walk(tmp_path / "two") for n in files if n.endswith(".tmp")]
     checkpoint = torch.load(tmp_path / "two" / "checkpoints" / "epoch-1.pt", weights_only=True)
     assert len(checkpoint["rng_ranks"]) == 2 and list(checkpoint["optimizer"]) == ["sst2", "rte"]
+
+    # Resumed under torchrun too: the 2 ranks continue from the checkpoint of epoch 1 to the same end.
+    ran = torchrun(["-m", "lorakern", *flags, "--out", "again", "--resume", "two/checkpoints/epoch-1.pt"],
+                   cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    again = tasks_of(tmp_path / "again")
+    for task in one:
+        assert [len(row["step_losses"]) for row in again[task]] == [len(row["step_losses"]) for row in one[task]]
+        torch.testing.assert_close(torch.tensor(again[task][-1]["step_losses"]),
+                                   torch.tensor(one[task][-1]["step_losses"]), rtol=1e-5, atol=1e-7)
+        assert {k: v for k, v in again[task][-1].items() if "/" in k} == \
+               {k: v for k, v in one[task][-1].items() if "/" in k}
+        trained = load_file(str(tmp_path / "again" / "adapter" / task / "adapter_model.safetensors"))
+        reference = load_file(str(tmp_path / "one" / "adapter" / task / "adapter_model.safetensors"))
+        for name in reference:
+            torch.testing.assert_close(trained[name], reference[name], rtol=1e-4, atol=1e-6, msg=name)
 
     # Without dropout the RNG does not matter: the 2-rank checkpoint continues in one process to the same end.
     options = RunOptions(model=no_dropout_model, head="hf", lr=5e-3, max_length=64, data=str(data),
