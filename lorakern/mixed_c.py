@@ -10,6 +10,7 @@ stay with BLAS and accumulate onto the rank-r results (beta = 1), as in the sing
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Any, Optional, Sequence
 
 import torch
@@ -20,21 +21,43 @@ from lorakern.native import pointer as _ptr
 _Adapters = Sequence[Optional[tuple[torch.Tensor, torch.Tensor, float, float]]]
 
 
-def _addresses(tensors: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
-    """An int64 array of the tensors' data pointers (0 for None): a C ``const float *const *``."""
-    return torch.tensor([0 if t is None else t.data_ptr() for t in tensors], dtype=torch.int64)
+def _addresses(tensors: Sequence[Optional[torch.Tensor]]) -> ctypes.Array:
+    """The tensors' data pointers (NULL for None) as a C ``const float *const *`` (ctypes.addressof to pass it).
+    A ctypes array, not a torch one: torch.tensor(list) cost ~6 us a call, and a call makes up to six."""
+    return (ctypes.c_void_p * max(1, len(tensors)))(*[None if t is None else t.data_ptr() for t in tensors])
 
 
 class _Plan:
     """The call's grouping and per-slot constants, in the form the C kernels read (host int64 / fp32 arrays)."""
 
     def __init__(self, adapters: _Adapters, order: torch.Tensor, offsets: torch.Tensor) -> None:
+        n = len(adapters)
         self.present = [a is not None for a in adapters]
         self.order = order.to(torch.int64).contiguous()
         self.offsets = offsets.to(torch.int64).contiguous()
-        self.ranks = torch.tensor([0 if a is None else a[0].shape[0] for a in adapters], dtype=torch.int64)
-        self.scaling = torch.tensor([0.0 if a is None else float(a[2]) for a in adapters], dtype=torch.float32)
-        self.r_max = max(1, int(self.ranks.max())) if len(adapters) else 1
+        ranks = [0 if a is None else a[0].shape[0] for a in adapters]
+        self.ranks = (ctypes.c_int64 * max(1, n))(*ranks)
+        self.scaling = (ctypes.c_float * max(1, n))(*[0.0 if a is None else float(a[2]) for a in adapters])
+        self.r_max = max([1, *ranks])
+        # where slot a's B_a^T starts in the one buffer that holds them all (lora_transpose_many_f32)
+        self.bt_offset = [sum(ranks[:a]) for a in range(n)]
+        self.r_total = sum(ranks)
+
+
+def _transposed(library, plan: _Plan, B: Sequence[Optional[torch.Tensor]], N: int) -> torch.Tensor:
+    """Every present B_a (N x r_a) as B_a^T (r_a x N), one after another in one buffer, by one C call."""
+    B = [None if b is None else b.contiguous() for b in B]  # named, as is every array below: they outlive the call
+    addresses, buffer = _addresses(B), torch.empty(plan.r_total * N, dtype=torch.float32)
+    library.lora_transpose_many_f32(ctypes.addressof(addresses), ctypes.addressof(plan.ranks), len(B), N,
+                                    _ptr(buffer))
+    return buffer
+
+
+def _slots_in(buffer: torch.Tensor, plan: _Plan, N: int) -> ctypes.Array:
+    """Pointers to each present slot's r_a x N block of ``buffer`` (laid out as ``_transposed`` writes it)."""
+    start, size = buffer.data_ptr(), buffer.element_size()
+    return (ctypes.c_void_p * max(1, len(plan.present)))(
+        *[start + plan.bt_offset[a] * N * size if present else None for a, present in enumerate(plan.present)])
 
 
 class MixedLoraFunction(torch.autograd.Function):
@@ -57,21 +80,23 @@ class MixedLoraFunction(torch.autograd.Function):
         xl2 = x2 if x_lora is None else x_lora.reshape(-1, K).contiguous()
         rows = x2.shape[0]
         A = [factors[2 * a].contiguous() if plan.present[a] else None for a in range(len(plan.present))]
-        B_t = [factors[2 * a + 1].t().contiguous() if plan.present[a] else None for a in range(len(plan.present))]
+        B_t = _transposed(library, plan, [factors[2 * a + 1] if plan.present[a] else None
+                                          for a in range(len(plan.present))], N)
         b = None if bias is None else bias.contiguous()
         u = x2.new_empty(rows, plan.r_max)
         y = x2.new_empty(rows, N)
-        A_addr, Bt_addr = _addresses(A), _addresses(B_t)
+        A_addr, Bt_addr = _addresses(A), _slots_in(B_t, plan, N)
         # u_i = x~_i A_a^T and y_i = b + s_a u_i B_a^T per row of slot a (b alone for the other rows)
         library.lora_mixed_forward_f32(
-            _ptr(xl2), _ptr(plan.order), _ptr(plan.offsets), len(A), _ptr(A_addr), _ptr(Bt_addr), _ptr(plan.ranks),
-            _ptr(plan.scaling), _ptr(b), rows, K, N, plan.r_max, _ptr(u), _ptr(y), torch.get_num_threads(),
+            _ptr(xl2), _ptr(plan.order), _ptr(plan.offsets), len(A), ctypes.addressof(A_addr),
+            ctypes.addressof(Bt_addr), ctypes.addressof(plan.ranks), ctypes.addressof(plan.scaling), _ptr(b), rows, K,
+            N, plan.r_max, _ptr(u), _ptr(y), torch.get_num_threads(),
         )
         # y += x W^T: the base GEMM accumulates onto every row, in place
         y.addmm_(x2, weight.t())
         ctx.plan, ctx.library, ctx.x_shape = plan, library, x.shape
         ctx.lora_separate, ctx.has_bias = x_lora is not None, bias is not None
-        ctx.save_for_backward(xl2, u, x2 if ctx.needs_input_grad[2] else None, weight, *A, *B_t)  # None: no adapter
+        ctx.save_for_backward(xl2, u, x2 if ctx.needs_input_grad[2] else None, weight, B_t, *A)  # A[a] None: no adapter
         return y.reshape(*x.shape[:-1], N)
 
     @staticmethod
@@ -79,24 +104,26 @@ class MixedLoraFunction(torch.autograd.Function):
         plan, library = ctx.plan, ctx.library
         xl2, u, x2, weight, *factors = ctx.saved_tensors
         n = len(plan.present)
-        A, B_t = factors[:n], factors[n:]
+        B_t, *A = factors
         need_x, need_xl, need_W, need_b = ctx.needs_input_grad[:4]
         factor_needs = ctx.needs_input_grad[6:]
         g = grad_y.reshape(-1, weight.shape[0]).contiguous()
         rows, K, N = g.shape[0], weight.shape[1], weight.shape[0]
         want_term = need_xl or (need_x and not ctx.lora_separate)
         term = g.new_empty(rows, K) if want_term else None
+        # each gradient its own tensor: autograd may keep a handed-back gradient as the parameter's .grad
         dA = [A[a].new_empty(A[a].shape) if A[a] is not None and factor_needs[2 * a] else None for a in range(n)]
-        dB_t = [B_t[a].new_empty(B_t[a].shape) if B_t[a] is not None and factor_needs[2 * a + 1] else None
+        dB_t = [A[a].new_empty(A[a].shape[0], N) if A[a] is not None and factor_needs[2 * a + 1] else None
                 for a in range(n)]
-        A_addr, Bt_addr, dA_addr, dBt_addr = _addresses(A), _addresses(B_t), _addresses(dA), _addresses(dB_t)
+        A_addr, Bt_addr, dA_addr, dBt_addr = _addresses(A), _slots_in(B_t, plan, N), _addresses(dA), _addresses(dB_t)
         threads = torch.get_num_threads()
-        scratch = g.new_empty(library.lora_mixed_backward_scratch(K, N, _ptr(plan.ranks), _ptr(A_addr), n, threads))
+        scratch = g.new_empty(library.lora_mixed_backward_scratch(K, N, ctypes.addressof(plan.ranks),
+                                                                  ctypes.addressof(A_addr), n, threads))
         # per slot a: s_a (g B_a) A_a into term's rows, dA_a = s_a (g B_a)^T x~, dB_a^T = s_a u^T g over a's rows
         library.lora_mixed_backward_f32(
-            _ptr(g), _ptr(xl2), _ptr(u), _ptr(plan.order), _ptr(plan.offsets), n, _ptr(A_addr), _ptr(Bt_addr),
-            _ptr(plan.ranks), _ptr(plan.scaling), rows, K, N, plan.r_max, _ptr(term), _ptr(dA_addr), _ptr(dBt_addr),
-            _ptr(scratch), threads,
+            _ptr(g), _ptr(xl2), _ptr(u), _ptr(plan.order), _ptr(plan.offsets), n, ctypes.addressof(A_addr),
+            ctypes.addressof(Bt_addr), ctypes.addressof(plan.ranks), ctypes.addressof(plan.scaling), rows, K, N,
+            plan.r_max, _ptr(term), ctypes.addressof(dA_addr), ctypes.addressof(dBt_addr), _ptr(scratch), threads,
         )
         dx = dxl = None
         if need_x:
@@ -117,7 +144,8 @@ class MixedLoraFunction(torch.autograd.Function):
         return (dx, dxl, dW, db, None, None, *grads)
 
 
-def mixed_dropout(x: torch.Tensor, slot: torch.Tensor, adapters: _Adapters, seed: Optional[Any]) -> Optional[torch.Tensor]:
+def mixed_dropout(x: torch.Tensor, slot: torch.Tensor, adapters: _Adapters,
+                  seed: Optional[Any]) -> Optional[torch.Tensor]:
     """x~: each row dropped out with its slot's p (inverted dropout), or None when no adapter drops out.
     The mask is torch.rand over x's shape (a generator seeded with ``seed``, else torch's global one)."""
     p = [0.0 if a is None else float(a[3]) for a in adapters]

@@ -78,6 +78,7 @@ _LIBRARIES = {
             "lora_mixed_backward_f32": (None, [_POINTER] * 5 + [_I64] + [_POINTER] * 4 + [_I64] * 4
                                         + [_POINTER] * 4 + [_INT]),
             "lora_mixed_backward_scratch": (_I64, [_I64, _I64, _POINTER, _POINTER, _I64, _INT]),
+            "lora_transpose_many_f32": (None, [_POINTER, _POINTER, _I64, _I64, _POINTER]),
             "dora_forward_f32": (None, [_POINTER] * 5 + [_FLOAT] + [_I64] * 4 + [_POINTER] * 3 + [_INT, _INT]),
             "dora_scale_grad_f32": (None, [_POINTER] * 3 + [_I64] * 2 + [_POINTER] * 3 + [_INT]),
             "dora_backward_f32": (None, [_POINTER] * 5 + [_FLOAT] + [_I64] * 4 + [_POINTER] * 6 + [_INT]),
