@@ -461,8 +461,8 @@ void lora_transpose_many_f32(const float *const *B, const int64_t *ranks, int64_
     for (int64_t a = 0; a < n_slots; ++a) {
         if (!B[a]) continue;
         int64_t r = ranks[a];
-        for (int64_t i = 0; i < N; ++i)
-            for (int64_t j = 0; j < r; ++j) dst[j * N + i] = B[a][i * r + j];
+        for (int64_t j = 0; j < r; ++j)  /* B_a (N r floats) stays in L1; each row of dst is written in order */
+            for (int64_t i = 0; i < N; ++i) dst[j * N + i] = B[a][i * r + j];
         dst += r * N;
     }
 }
