@@ -311,6 +311,14 @@ def lora_forward_mixed(x: torch.Tensor, base: str, weight: Any, bias: Optional[t
     return y.to(x.dtype) if base == "nf4" and compute_dtype is not None else y
 
 
+def function_output(y: torch.Tensor, lead: Sequence[int]) -> torch.Tensor:
+    """y (M, N) returned by an autograd Function as the layer's output (*lead, N): storage shared, not a view.
+    Autograd forbids an in-place write into a view a custom Function returns (an inplace ReLU after the
+    layer would raise), and y.reshape returns a view even for an unchanged shape; aten::linear hands its
+    folded GEMM back the same way."""
+    return torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1]))
+
+
 def prepare_mixed(x: torch.Tensor, base: str, weight: Any, bias: Optional[torch.Tensor],
                   adapters: Sequence[Optional[tuple[torch.Tensor, torch.Tensor, float, float]]], groups: Any,
                   compute_dtype: Optional[torch.dtype] = None) -> MixedCall:
@@ -336,5 +344,5 @@ def prepare(x: torch.Tensor, base: str, weight: Any, bias: Optional[torch.Tensor
                 scaling, dropout_p, magnitude=magnitude)
 
 __all__ = ["BACKEND_CHOICES", "BACKEND_ENV", "Call", "Implementation", "MixedCall", "attach_dora", "choose", "explain",
-           "lora_forward", "lora_forward_mixed", "lora_term", "prepare", "prepare_mixed", "register",
+           "function_output", "lora_forward", "lora_forward_mixed", "lora_term", "prepare", "prepare_mixed", "register",
            "requested_backend", "verdict"]

@@ -54,7 +54,8 @@ class LoraLinearFunction(torch.autograd.Function):
     fp32 on the CPU goes further (``lorakern.native.lora_library``, lorakern/native/lora_cpu.c): BLAS runs
     the thin products far below the memory bandwidth, so the C kernels compute u and the rank-r term of y
     in one pass over x~, and dB in one pass over g, then gB, s gB A and dA in one pass over the rows of g
-    and x~ (four rows at a time, gB never stored); the big GEMMs stay with BLAS and accumulate onto those results as above.
+    and x~ (four rows at a time, gB never stored); the big GEMMs stay with BLAS and accumulate onto those
+    results as above.
     Other dtypes, torch.compile's tracing and LORAKERN_NATIVE=0 keep the plain-torch formulation; the
     backward follows the forward's choice.
 
@@ -118,7 +119,7 @@ class LoraLinearFunction(torch.autograd.Function):
             lora_A,
             lora_B,
         )
-        return y.reshape(*x.shape[:-1], out_features)
+        return dispatch.function_output(y, x.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_y):

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from lorakern import native
+from lorakern import dispatch, native
 from lorakern.native import pointer as _ptr
 
 _Adapters = Sequence[Optional[tuple[torch.Tensor, torch.Tensor, float, float]]]
@@ -97,7 +97,7 @@ class MixedLoraFunction(torch.autograd.Function):
         ctx.plan, ctx.library, ctx.x_shape = plan, library, x.shape
         ctx.lora_separate, ctx.has_bias = x_lora is not None, bias is not None
         ctx.save_for_backward(xl2, u, x2 if ctx.needs_input_grad[2] else None, weight, B_t, *A)  # A[a] None: no adapter
-        return y.reshape(*x.shape[:-1], N)
+        return dispatch.function_output(y, x.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_y):
