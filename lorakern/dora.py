@@ -129,16 +129,18 @@ class DoraLinearFunction(torch.autograd.Function):
             without:      dL/dx = gc W + s (gc B) A       (x~ = x: both terms land on x)
         dL/db = sum_rows g
     So the backward is plain LoRA's backward (lorakern.functional) run on gc, plus dm. Saved: x~ (for dA),
-    u (for dB), z (M x N, for dm: dividing y - b by c instead would lose precision where b dominates), c, n.
+    u (for dB), z (M x N, for dm), c, n.
     On the fp32 CPU path with at least as many rows as input features (``folds_scale``) the call runs
-    merged and gc is never formed: z = x (W + s B A)^T, gc (W + s B A) = g diag(c) (W + s B A) and
-    gc B = g (diag(c) B) (_forward_native, _folded_grads_native).
+    merged and gc is never formed: y = x (diag(c) (W + s B A))^T + b in one GEMM, gc (W + s B A) = g diag(c)
+    (W + s B A) and gc B = g (diag(c) B) (_forward_native, _folded_grads_native); dm then reads y itself,
+    z = (y - b) / c, and recomputes z for the columns where y kept too few of its bits
+    (_magnitude_grad_from_output): no second M x N tensor and no pass over y in the forward.
     The base weight is frozen (DoRA trains A, B and m).
     """
 
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, magnitude, scaling: float, base_norm_sq, library):
-        in_features, out_features = x.shape[-1], lora_B.shape[0]
+        in_features = x.shape[-1]
         x2 = x.reshape(-1, in_features)
         separate = x_lora is not None
         xl2 = x_lora.reshape(-1, in_features) if separate else x2
@@ -171,24 +173,36 @@ class DoraLinearFunction(torch.autograd.Function):
         ctx.weight = weight if isinstance(weight, NF4Storage) else None
         ctx.scaling, ctx.x_shape, ctx.separate, ctx.has_bias = scaling, x.shape, separate, bias is not None
         ctx.library, ctx.m_dtype, ctx.folded = library, magnitude.dtype, folded
+        # folded with m trained: y itself is kept for dm (z = (y - b) / c), not a second M x N tensor. A detached
+        # alias shares y's version counter, so a write into y after this call is seen (dm then recomputes z)
+        # instead of failing the backward as a saved output would; it holds no reference to this node.
+        out = dispatch.function_output(y, x.shape[:-1])
+        ctx.output = out.detach() if folded and need_m else None
+        ctx.output_version = None if ctx.output is None else ctx.output._version
         needs = ctx.needs_input_grad
-        # x~ for dA, and after a folded forward (no u) for the u that dB needs
-        ctx.save_for_backward(xl2 if needs[4] or (folded and needs[5]) else None, u if needs[5] else None,
-                              z if need_m else None,
-                              None if isinstance(weight, NF4Storage) else weight, lora_A, lora_B, scale, norm)
-        return y.reshape(*x.shape[:-1], out_features)
+        # x~ for dA, after a folded forward (no u) for the u that dB needs, and for z where dm recomputes it
+        ctx.save_for_backward(xl2 if needs[4] or (folded and (needs[5] or need_m)) else None,
+                              u if needs[5] else None, z if need_m else None,
+                              None if isinstance(weight, NF4Storage) else weight, lora_A, lora_B, scale, norm,
+                              bias if folded and need_m else None)
+        return out
 
     @staticmethod
     def backward(ctx, grad_y):
-        x_lora, u, z, dense_weight, lora_A, lora_B, scale, norm = ctx.saved_tensors
+        x_lora, u, z, dense_weight, lora_A, lora_B, scale, norm, bias = ctx.saved_tensors
         weight = ctx.weight if ctx.weight is not None else dense_weight
         need_x, need_xl, _, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:7]
         g = grad_y.reshape(-1, lora_B.shape[0])
         if ctx.folded:
-            dx, dA, dB, gz = _folded_grads_native(ctx.library, g, x_lora, z if need_m else None, weight, lora_A,
-                                                  lora_B, scale, ctx.scaling, need_x, need_A, need_B)
-            # dm_j = sum_i g_ij z_ij / n_j
-            dm = (gz.to(norm.dtype) / norm).to(ctx.m_dtype) if need_m else None
+            g = g.contiguous()  # an expanded gradient (from .sum()) has stride 0
+            y = ctx.output
+            intact = need_m and _output_intact(y, ctx.output_version)
+            shift = (bias if bias is not None else g.new_zeros(g.shape[1])) if intact else None
+            dx, dA, dB, sums = _folded_grads_native(ctx.library, g, x_lora, y.view(g.shape) if intact else None,
+                                                    shift, weight, lora_A, lora_B, scale, ctx.scaling, need_x,
+                                                    need_A, need_B)
+            dm = _magnitude_grad_from_output(g, x_lora, weight, lora_A, lora_B, ctx.scaling, scale, norm,
+                                             sums).to(ctx.m_dtype) if need_m else None
             db = g.sum(dim=0) if need_b and ctx.has_bias else None
             return None if dx is None else dx.reshape(ctx.x_shape), None, None, db, dA, dB, dm, None, None, None
         if ctx.library is not None:
@@ -221,13 +235,17 @@ class DoraLinearFunction(torch.autograd.Function):
         return dx, dxl, None, db, dA, dB, dm, None, None, None
 
 
+def _output_intact(y: torch.Tensor, version: int) -> bool:
+    """Whether the kept output y still holds what the forward wrote (no in-place write since: its version)."""
+    return y._version == version
+
+
 def _forward_native(library, x2, weight, bias, lora_A, lora_B, B_t, scale, scaling, need_m, folded):
     """The fp32 CPU forward. Returns (u or None, z or None, y); z is kept only when m trains.
 
     ``folded`` (folds_scale: at least as many rows as input features): W' = W + s B A is formed in this
     thread's workspace (N K r multiply-adds, cheaper here than the M N r rank-r term) and
-        z = x W'^T,  y = c z + b                  (m trains: z kept for dm)
-        y = x (diag(c) W')^T + b                  (nothing needs z: one GEMM, no pass over y)
+        y = x (diag(c) W')^T + b                  one GEMM, no pass over y, no z: dm reads y (z = (y - b) / c)
     with no u: the backward forms u from x in the pass that reads x for dA.
     Otherwise BLAS writes x W^T and one C pass over the rows computes u = x A^T and finishes
     y = c (x W^T + s u B^T) + b (lora_cpu.c, dora_forward_f32): the magnitude scale costs no pass of its own."""
@@ -235,15 +253,9 @@ def _forward_native(library, x2, weight, bias, lora_A, lora_B, B_t, scale, scali
     b = None if bias is None else bias.contiguous()
     c = scale.contiguous()
     if folded:
-        merged = merged_weight(weight, lora_B, lora_A, scaling)  # a workspace: not kept past this call
-        if not need_m:
-            merged.mul_(c[:, None])
-            return None, None, (torch.addmm(b, x2, merged.t()) if b is not None else x2 @ merged.t())
-        z = x2 @ merged.t()
-        # y = c z + b
-        y = torch.empty_like(z)
-        library.dora_scale_f32(_ptr(z), _ptr(c), _ptr(b), rows, out_features, _ptr(y), torch.get_num_threads())
-        return None, z, y
+        # y = x (diag(c) W')^T + b: one GEMM, as the frozen layer's (the caller keeps y when m trains)
+        merged = merged_weight(weight, lora_B, lora_A, scaling).mul_(c[:, None])  # a workspace: not kept
+        return None, None, (torch.addmm(b, x2, merged.t()) if b is not None else x2 @ merged.t())
     x2, A = x2.contiguous(), lora_A.contiguous()  # named: the copies outlive the call
     z = torch.mm(x2, weight.t())
     y = x2.new_empty(rows, out_features) if need_m else z
@@ -261,35 +273,64 @@ def folds_scale(rows: int, in_features: int) -> bool:
     return rows >= in_features
 
 
-def _folded_grads_native(library, g, x_lora, z, weight, lora_A, lora_B, scale, scaling, need_x, need_A, need_B):
+def _folded_grads_native(library, g, x_lora, y, shift, weight, lora_A, lora_B, scale, scaling, need_x, need_A,
+                         need_B):
     """The fp32 CPU backward after a folded forward, without forming gc = g diag(c). With B_c = diag(c) B
     and W'' = diag(c) (W + s B A):
         dx = gc (W + s B A) = g W''          gc B = g B_c          gc^T u = diag(c) g^T u
     so plain LoRA's C backward runs on g with B_c and no u (it forms u = x~ A^T from each chunk of x~
-    before its dB): dA = s (g B_c)^T x~, P = s u^T g, dB = diag(c) P^T; gz = sum_rows(g * z) (z = x W'^T,
-    the whole z) in the pass that computes P, where the rows of g are still in cache (lora_cpu.c,
-    dora_backward_f32); dx one GEMM on W'' (this thread's workspace). Returns (dx, dA, dB, gz)."""
-    g = g.contiguous()  # an expanded gradient (from .sum()) has stride 0
+    before its dB): dA = s (g B_c)^T x~, P = s u^T g, dB = diag(c) P^T; dx one GEMM on W'' (this thread's
+    workspace). Given the kept output y and shift = b, the pass that computes P also sums, while the rows of g
+    are in cache, sums (3 x N) = sum_rows(g (y - b)), sum_rows(|g| (|y| + |b|)), sum_rows(|g (y - b)|)
+    (lora_cpu.c, dora_backward_f32). Returns (dx, dA, dB, sums or None)."""
     (rows, N), (r, K) = g.shape, lora_A.shape
     threads = torch.get_num_threads()
     c = scale.contiguous()
     dA = lora_A.new_empty(r, K) if need_A else None
     dB_t = lora_B.new_empty(r, N) if need_B else None
-    gz = g.new_empty(N) if z is not None else None
-    if need_A or need_B or z is not None:
+    sums = g.new_empty(3, N) if y is not None else None
+    if need_A or need_B or y is not None:
         scratch = g.new_empty(library.dora_backward_scratch(K, N, r, threads))
         # named, so that every contiguous copy outlives the call that reads it
         x_lora = x_lora.contiguous() if need_A or need_B else None
         A, Bc_t = lora_A.contiguous(), (lora_B * c[:, None]).t().contiguous()
+        y, shift = (None, None) if y is None else (y.contiguous(), shift.contiguous())
         library.dora_backward_f32(_ptr(g), _ptr(x_lora), None, _ptr(A), _ptr(Bc_t), scaling, rows, K, N, r, None,
-                                  _ptr(dA), _ptr(dB_t), _ptr(z), _ptr(gz), _ptr(scratch), threads)
+                                  _ptr(dA), _ptr(dB_t), _ptr(y), _ptr(shift), _ptr(sums), _ptr(scratch), threads)
     # dB = diag(c) P^T: the columns of P = s u^T g scaled
     dB = (dB_t * c).t() if need_B else None
     dx = None
     if need_x:
         # dx = g diag(c) (W + s B A)
         dx = g @ merged_weight(weight, lora_B, lora_A, scaling).mul_(c[:, None])
-    return dx, dA, dB, gz
+    return dx, dA, dB, sums
+
+
+# A column of dm is recomputed from z when the rounding y - b carries exceeds this many times its size: there
+# y = c z + b kept few of z's bits (c_j near 0, or b_j far larger than c_j z_j). At most 8x the error of z itself.
+RECOMPUTE_RATIO = 8.0
+
+
+def _magnitude_grad_from_output(g, x_lora, weight, lora_A, lora_B, scaling, scale, norm, sums) -> torch.Tensor:
+    """dm_j = sum_i g_ij z_ij / n_j after a folded forward that kept y = c z + b, not z.
+
+    From the backward's sums (``_folded_grads_native``), z = (y - b) / c:  dm_j = sum_i g_ij (y_ij - b_j) / (c_j n_j).
+    y - b has lost what y's rounding lost, eps (|y| + |b|) per entry against z's own eps |c z|: a column whose
+    bound sum_rows(|g| (|y| + |b|)) exceeds RECOMPUTE_RATIO x sum_rows(|g (y - b)|), or whose c_j is 0, takes
+    z_j = x W'_j^T instead (a GEMM over those columns of W' = W + s B A only). ``sums`` None (y was written in
+    place after the forward): every column from z = x W'^T."""
+    if sums is None:
+        columns = torch.arange(norm.shape[0])
+        dm = norm.new_empty(norm.shape)
+    else:
+        signed, bound, size = sums
+        dm = signed.to(norm.dtype) / (scale.to(norm.dtype) * norm)
+        columns = ((bound > RECOMPUTE_RATIO * size) | (scale == 0)).nonzero().squeeze(1)
+    if columns.numel():
+        # z_J = x W'_J^T for the columns J
+        z = x_lora @ merged_weight(weight, lora_B, lora_A, scaling).index_select(0, columns).t()
+        dm[columns] = (g.index_select(1, columns) * z).sum(dim=0, dtype=norm.dtype) / norm[columns]
+    return dm
 
 
 def _scale_grad_native(library, g, z, scale):

@@ -72,12 +72,12 @@ def test_c_path_matches_reference(shape, dropout, level, monkeypatch):
     layer = dora_layer(K, N, r, torch.float32, bias=M % 2 == 0, dropout=dropout, seed=M, backend="c").train()
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(K), dtype=torch.float32)
     assert_matches_reference(compare_dora(layer, x, seed=M))
-    # M >= K without dropout: merged with c folded in (the forward's one C pass is y = c z + b, the backward's
-    # pass forms u from x); else the scaled epilogue (with dropout PEFT's x~ W^T term runs in torch) and a gc pass
+    # M >= K without dropout: merged with c folded in (the forward is one GEMM on diag(c) W', no C pass; the
+    # backward's pass forms u from x and reads y for dm); else the scaled epilogue (with dropout PEFT's x~ W^T term runs in torch) and a gc pass
     folded = M >= K and dropout == 0
     # (the norm always in C: dora_norm_f32)
     if folded:
-        expected = ["dora_norm_f32", "dora_scale_f32", "dora_backward_scratch", "dora_backward_f32"]
+        expected = ["dora_norm_f32", "dora_backward_scratch", "dora_backward_f32"]
     else:
         expected = ["dora_norm_f32"] + (["dora_forward_f32"] if dropout == 0 else []) + [
             "dora_scale_grad_f32", "lora_backward_scratch", "lora_backward_f32"]

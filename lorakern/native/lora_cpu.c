@@ -347,12 +347,56 @@ static void accumulate_products(float *acc, const float *const *a, const float *
         for (int64_t n = 0; n < len; ++n) acc[n] += a[t][n] * b[t][n];
 }
 
+typedef int32_t vi __attribute__((vector_size(LANES * sizeof(float)), aligned(4)));
+static inline vf vabs(vf v) { vi bits = (vi)v; bits &= 0x7fffffff; return (vf)bits; }
+
+/* Over a chunk of rows t, for each column n, with d = y_t[n] - shift[n]:
+ *   acc[n] += sum g_t[n] d        acc[ld + n] += sum |g_t[n]| (|y_t[n]| + |shift[n]|)        acc[2 ld + n] += sum |g_t[n] d|
+ * DoRA's sum_rows(g * (y - b)) when the forward kept y = c z + b rather than z, with what bounds its rounding
+ * (the second row: y - b loses what y's rounding loses) beside its size (the third): lorakern/dora.py
+ * recomputes a column from z wherever the second is large against the third. */
+static void accumulate_shifted_products(float *acc, int64_t ld, const float *const *g, const float *const *y,
+                                        const float *shift, int64_t rows, int64_t len) {
+    int64_t t = 0;
+    for (; t + ROWS <= rows; t += ROWS) {  /* four rows per read and write of acc, in order along each row */
+        int64_t n = 0;
+        for (; n + LANES <= len; n += LANES) {
+            vf h = load(shift + n), ah = vabs(h), s1 = load(acc + n), s2 = load(acc + ld + n), s3 = load(acc + 2 * ld + n);
+            for (int q = 0; q < ROWS; ++q) {
+                vf gt = load(g[t + q] + n), yt = load(y[t + q] + n), d = yt - h;
+                s1 += gt * d;
+                s2 += vabs(gt) * (vabs(yt) + ah);
+                s3 += vabs(gt * d);
+            }
+            store(acc + n, s1);
+            store(acc + ld + n, s2);
+            store(acc + 2 * ld + n, s3);
+        }
+        for (; n < len; ++n)
+            for (int q = 0; q < ROWS; ++q) {
+                float d = y[t + q][n] - shift[n];
+                acc[n] += g[t + q][n] * d;
+                acc[ld + n] += fabsf(g[t + q][n]) * (fabsf(y[t + q][n]) + fabsf(shift[n]));
+                acc[2 * ld + n] += fabsf(g[t + q][n] * d);
+            }
+    }
+    for (; t < rows; ++t)
+        for (int64_t n = 0; n < len; ++n) {
+            float d = y[t][n] - shift[n];
+            acc[n] += g[t][n] * d;
+            acc[ld + n] += fabsf(g[t][n]) * (fabsf(y[t][n]) + fabsf(shift[n]));
+            acc[2 * ld + n] += fabsf(g[t][n] * d);
+        }
+}
+
 /* The backward's passes (lora_backward_f32; dora_backward_f32 adds z and gz). */
 static void backward_passes(const float *g, const float *x_lora, const float *u, const float *A, const float *Bt,
                             float scaling, int64_t M, int64_t K, int64_t N, int64_t r, float *dx, float *dA,
-                            float *dBt, float *partial, const float *z, float *gz, int threads) {
+                            float *dBt, float *partial, const float *z, const float *z_shift, float *gz,
+                            int threads) {
     int64_t blocks = (M + ROWS - 1) / ROWS;
-    int64_t ldK = padded(K), ldN = padded(N), per_thread = r * (ldK + ldN) + (z ? ldN : 0);
+    int64_t z_rows = z ? (z_shift ? 3 : 1) : 0;  /* gz's rows: sum_rows(g z), or the three sums of y mode */
+    int64_t ldK = padded(K), ldN = padded(N), per_thread = r * (ldK + ldN) + z_rows * ldN;
     int need_gB = dx != NULL || dA != NULL, u_from_x = dBt != NULL && u == NULL;
     #pragma omp parallel num_threads(threads)
     {
@@ -360,7 +404,7 @@ static void backward_passes(const float *g, const float *x_lora, const float *u,
         float *pA = partial + tid * per_thread, *pB = pA + r * ldK, *pZ = pB + r * ldN;
         if (dA) memset(pA, 0, (size_t)(r * ldK) * sizeof(float));
         if (dBt) memset(pB, 0, (size_t)(r * ldN) * sizeof(float));
-        if (z) memset(pZ, 0, (size_t)ldN * sizeof(float));
+        if (z) memset(pZ, 0, (size_t)(z_rows * ldN) * sizeof(float));
         float coef[ROWS * 256];
         float *spare = dx ? (float *)malloc((size_t)K * sizeof(float)) : NULL;
         float *gB = need_gB ? (float *)malloc((size_t)(CHUNK_BLOCKS * ROWS * r) * sizeof(float)) : NULL;
@@ -391,7 +435,8 @@ static void backward_passes(const float *g, const float *x_lora, const float *u,
             if (z) {  /* the chunk's rows of g are in L2 from the dB pass: gz costs a read of z only */
                 const float *zrows[CHUNK_BLOCKS * ROWS];
                 row_pointers(z, N, NULL, row0, rows, zrows);
-                accumulate_products(pZ, grows, zrows, rows, N);
+                if (z_shift) accumulate_shifted_products(pZ, ldN, grows, zrows, z_shift, rows, N);
+                else accumulate_products(pZ, grows, zrows, rows, N);
             }
             for (int64_t blk = chunk; need_gB && blk < last; ++blk) {
                 int64_t i0 = blk * ROWS;
@@ -421,7 +466,7 @@ static void backward_passes(const float *g, const float *x_lora, const float *u,
         /* the implicit barrier of `omp for` above: every partial is complete; reduce them column-wise */
         if (dA) reduce_partials(dA, partial, per_thread, ldK, team, r, K, scaling);
         if (dBt) reduce_partials(dBt, partial + r * ldK, per_thread, ldN, team, r, N, scaling);
-        if (z) reduce_partials(gz, partial + r * (ldK + ldN), per_thread, ldN, team, 1, N, 1.0f);
+        if (z) reduce_partials(gz, partial + r * (ldK + ldN), per_thread, ldN, team, z_rows, N, 1.0f);
     }
 }
 
@@ -432,20 +477,22 @@ static void backward_passes(const float *g, const float *x_lora, const float *u,
 void lora_backward_f32(const float *g, const float *x_lora, const float *u, const float *A, const float *Bt,
                        float scaling, int64_t M, int64_t K, int64_t N, int64_t r, float *dx, float *dA, float *dBt,
                        float *partial, int threads) {
-    backward_passes(g, x_lora, u, A, Bt, scaling, M, K, N, r, dx, dA, dBt, partial, NULL, NULL, threads);
+    backward_passes(g, x_lora, u, A, Bt, scaling, M, K, N, r, dx, dA, dBt, partial, NULL, NULL, NULL, threads);
 }
 
 /* DoRA's backward with the magnitude scale folded into the operands (lorakern/dora.py): the LoRA backward above
- * on g with Bt = (c B)^T, and gz[n] = sum_i g[i, n] z[i, n] (z: M x N) in the pass that computes dB, where the
- * rows of g are still in cache. `partial` holds dora_backward_scratch(K, N, r, threads) floats. */
+ * on g with Bt = (c B)^T, and in the pass that computes dB, where the rows of g are still in cache:
+ *   z_shift NULL: gz[n] = sum_i g[i, n] z[i, n] (z: M x N)
+ *   z_shift given (z is then the output y, z_shift the bias): gz (3 x N) = the sums of accumulate_shifted_products.
+ * `partial` holds dora_backward_scratch(K, N, r, threads) floats. */
 void dora_backward_f32(const float *g, const float *x_lora, const float *u, const float *A, const float *Bt,
                        float scaling, int64_t M, int64_t K, int64_t N, int64_t r, float *dx, float *dA, float *dBt,
-                       const float *z, float *gz, float *partial, int threads) {
-    backward_passes(g, x_lora, u, A, Bt, scaling, M, K, N, r, dx, dA, dBt, partial, z, gz, threads);
+                       const float *z, const float *z_shift, float *gz, float *partial, int threads) {
+    backward_passes(g, x_lora, u, A, Bt, scaling, M, K, N, r, dx, dA, dBt, partial, z, z_shift, gz, threads);
 }
 
 int64_t dora_backward_scratch(int64_t K, int64_t N, int64_t r, int threads) {
-    return lora_backward_scratch(K, N, r, threads) + (int64_t)threads * padded(N);
+    return lora_backward_scratch(K, N, r, threads) + (int64_t)threads * 3 * padded(N);
 }
 
 /* ---- Mixed-adapter batches: each row of x~ uses the adapter of its slot ---------------------------------
@@ -698,21 +745,6 @@ void dora_norm_f32(const float *W, const float *A, const float *B, const float *
             float n2 = w2[i0 + q] + 2.0f * s * cross + s * s * quad;
             norm[i0 + q] = sqrtf(n2 > 0.0f ? n2 : 0.0f);
         }
-    }
-}
-
-/* y = c * z + b, row by row (z, y: M x N; bias may be NULL): the scale of DoRA's merged forward in one pass
- * (torch's addcmul with the two broadcast vectors ran ~5x slower than the memory allows). */
-void dora_scale_f32(const float *z, const float *scale, const float *bias, int64_t M, int64_t N, float *y,
-                    int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t i = 0; i < M; ++i) {
-        const float *zi = z + i * N;
-        float *yi = y + i * N;
-        int64_t n = 0;
-        for (; n + LANES <= N; n += LANES)
-            store(yi + n, load(scale + n) * load(zi + n) + (bias ? load(bias + n) : splat(0)));
-        for (; n < N; ++n) yi[n] = scale[n] * zi[n] + (bias ? bias[n] : 0.0f);
     }
 }
 
