@@ -151,7 +151,15 @@ class LoraLinear(NamedAdapters, nn.Module):
         """||W_i||^2 of the frozen base, computed once and kept until the base changes: merge, unmerge and a
         state-dict load clear it, and it is recomputed when the weight tensor is another one or was written
         in place (its version counter; a write through ``weight.data`` bypasses that counter: call
-        ``layer._dora_cache.clear()`` after one)."""
+        ``layer._dora_cache.clear()`` after one).
+
+        Under torch.compile it is computed inline, one pass over W per call, and never cached: the cache's
+        key (a data pointer, the version counter, a weakref) cannot be traced without a graph break, and a
+        norm captured at trace time would go stale when the base changes while the compiled graph guards
+        nothing on W's values. Inline, the graph reads the W it is given, so merge/unmerge, a state-dict load
+        or an in-place write cannot leave it with an old norm (N K multiply-adds, below the norm's own N K r)."""
+        if torch.compiler.is_compiling():
+            return dora.row_norms_sq(self.base.operand(self))
         tensor = self.weight if self.base.kind == "dense" else self.nf4.packed_storage
         key = (tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device)
         cached = self._dora_cache.get("base_norm_sq")

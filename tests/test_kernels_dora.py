@@ -259,8 +259,7 @@ def test_gradcheck_float64(dropout):
 def test_compiles_without_graph_break(M):
     """torch.compile(fullgraph=True) traces dora_linear_triton on a dense base (the norm, then the ops through
     their fake implementations); the compiled run gives the eager numbers (the same seed: the same dropout
-    mask). Not traced whole (graph breaks, outside this change): the layer's forward (its cache of ||W_i||^2
-    compares data pointers) and an NF4 base's norm (lorakern.dora decodes it through the C codec)."""
+    mask). The whole layer compiles too: test_layer_on_triton_compiles_whole."""
     layer = triton_dora_layer(16, 24, 2, torch.float32, dropout=0.1, seed=M)
     a = layer.adapters["default"]
     weight = layer.weight
@@ -278,3 +277,24 @@ def test_compiles_without_graph_break(M):
     grad = torch.randn_like(y)
     for got, want in zip(torch.autograd.grad(y, params, grad), torch.autograd.grad(expected, params, grad)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_layer_on_triton_compiles_whole(base):
+    """torch.compile(fullgraph=True) of a DoRA layer pinned to triton (its ||W_i||^2 computed inline under
+    compile, an NF4 base decoded in torch there): dropout from the global generator, m trained; the output
+    and every gradient equal eager's bit for bit (the same kernels, the same mask from the same seed)."""
+    torch._dynamo.reset()
+    layer = triton_dora_layer(32, 24, 2, torch.float32, base=base, dropout=0.1, seed=1).train()
+    layer.dropout_seed = None
+    x = torch.randn(3, 32, device=DEVICE)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    results = []
+    for module in (compiled, layer):
+        xg = x.clone().requires_grad_(True)
+        torch.manual_seed(2)
+        y = module(xg)
+        results.append([y] + list(torch.autograd.grad(y, [xg] + params, torch.ones_like(y))))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -56,6 +56,24 @@ def test_torch_compile_has_no_graph_breaks_and_matches_eager(dropout):
             assert not torch.allclose(model.eval()(x), eager_out)
 
 
+def test_torch_compile_of_the_nf4_torch_path_has_no_graph_breaks_and_matches_eager():
+    """QLoRA on the torch path (CPU): under tracing the NF4 weight is decoded by the torch decoder (the C codec
+    is a ctypes call, eager-only), one graph with eager's output and gradients (eager decodes in C: the same
+    fp32 values)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = LoraLinear.from_linear(nn.Linear(64, 24), quantize="nf4", blocksize=32, r=4, dropout=0.1).train()
+    nn.init.normal_(layer.lora_B, std=0.1)
+    x = torch.randn(2, 5, 64)
+    compiled = torch.compile(copy.deepcopy(layer), backend="aot_eager", fullgraph=True)
+    eager_out, eager_grads = (torch.manual_seed(2), _grads(layer, x))[1]
+    compiled_out, compiled_grads = (torch.manual_seed(2), _grads(compiled, x))[1]
+    torch.testing.assert_close(compiled_out, eager_out)
+    assert eager_grads.keys() == {k.replace("_orig_mod.", "") for k in compiled_grads}
+    for name, grad in compiled_grads.items():
+        torch.testing.assert_close(grad, eager_grads[name.replace("_orig_mod.", "")], msg=name)
+
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -182,7 +182,9 @@ class NF4Storage(nn.Module):
         bs = self.blocksize
         # One reference for the whole call: the native decoder reads through a raw pointer.
         whole = self.packed
-        library = native.library() if whole.device.type == "cpu" and start % 2 == 0 else None
+        # torch.compile traces the torch decoding below (a ctypes call would break the graph)
+        library = (native.library() if whole.device.type == "cpu" and start % 2 == 0
+                   and not torch.compiler.is_compiling() else None)
         if library is not None:
             out = torch.empty(stop - start, dtype=torch.float32)
             absmax = absmax.contiguous()
