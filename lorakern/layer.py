@@ -151,7 +151,10 @@ class LoraLinear(NamedAdapters, nn.Module):
         """||W_i||^2 of the frozen base, computed once and kept until the base changes: merge, unmerge and a
         state-dict load clear it, and it is recomputed when the weight tensor is another one or was written
         in place (its version counter; a write through ``weight.data`` bypasses that counter: call
-        ``layer._dora_cache.clear()`` after one)."""
+        ``layer._dora_cache.clear()`` after one). Traced by torch.compile it is recomputed in the graph (the
+        cache's identity checks would break it; N K work per call, once per layer, not per adapter)."""
+        if torch.compiler.is_compiling():
+            return dora.row_norms_sq(self.base.operand(self))
         tensor = self.weight if self.base.kind == "dense" else self.nf4.packed_storage
         key = (tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device)
         cached = self._dora_cache.get("base_norm_sq")
