@@ -289,6 +289,73 @@ def test_training_two_dora_adapters_mixed_equals_training_each_alone_on_its_rows
                 torch.testing.assert_close(trained[n], p, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("scale_off", [False, True], ids=["as-is", "magnitude-scale-off"])
+def test_mixed_dora_batch_matches_peft_run_per_adapter_on_its_rows(tmp_path, monkeypatch, scale_off):
+    """PEFT refuses DoRA with ``adapter_names``, so its peer answer is each adapter's DoRA forward on that
+    adapter's rows alone (and the base model on base-only rows): the same outputs, dx and every adapter's
+    A, B and magnitude gradients as one mixed batch here (PEFT's adapters saved, loaded by lorakern). With
+    every c off by 1e-4 (a few times the comparison's tolerance) the comparison fails."""
+    if scale_off:
+        real = mixed._dora_scales
+        monkeypatch.setattr(mixed, "_dora_scales", lambda call, norm: [None if c is None else c * (1 + 1e-4)
+                                                                        for c in real(call, norm)])
+        with pytest.raises(AssertionError):
+            compare_with_peft(tmp_path)
+    else:
+        compare_with_peft(tmp_path)
+
+
+def compare_with_peft(tmp_path):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    from lorakern import load_adapter
+
+    theirs = get_peft_model(Toy(), PeftLoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"], use_dora=True),
+                            adapter_name="one")
+    theirs.add_adapter("two", PeftLoraConfig(r=3, lora_alpha=6, target_modules=["q"], use_dora=True))
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora" in name:  # B and the magnitude too: every gradient non-trivial
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    theirs.save_pretrained(str(tmp_path))
+    ours = Toy()
+    for name in ("one", "two"):
+        load_adapter(ours, str(tmp_path / name), adapter_name=name)
+    rows = ["one", "two", None, "two", "one", "two"]
+    x = torch.randn(6, 5, 8, generator=gen, requires_grad=True)
+    dy = torch.randn(6, 5, 3, generator=gen)
+    with lorakern.adapter_rows(ours, rows):
+        y = ours(x)
+    tensors = {n: p for n, p in ours.named_parameters() if ".adapters." in n}
+    got = dict(zip(["x", *tensors], torch.autograd.grad(y, [x, *tensors.values()], dy)))
+    want_x = torch.zeros_like(x)
+    for name in ("one", "two", None):
+        mine = [i for i, r in enumerate(rows) if r == name]
+        x_rows = x.detach()[mine].requires_grad_(True)
+        if name is None:
+            with theirs.disable_adapter():
+                out = theirs(x_rows)
+            peers = {}
+        else:
+            theirs.set_adapter(name)
+            out = theirs(x_rows)
+            peers = {n.removeprefix("base_model.model."): p for n, p in theirs.named_parameters()
+                     if f".{name}." in n and "lora" in n}
+        torch.testing.assert_close(y[mine].detach(), out.detach(), rtol=1e-5, atol=1e-6, msg=f"y of {name}'s rows")
+        grads = torch.autograd.grad(out, [x_rows, *peers.values()], dy[mine])
+        want_x[mine] = grads[0]
+        for key, grad in zip(peers, grads[1:]):
+            # PEFT's q.lora_A.one.weight / q.lora_magnitude_vector.one.weight: lorakern's q.adapters.one.lora_A / ...
+            module, kind = key.split(".lora_")[0], key.split(".lora_")[1].split(".")[0]
+            ours_key = f"{module}.adapters.{name}.lora_{kind}"
+            torch.testing.assert_close(got[ours_key], grad, rtol=1e-5, atol=1e-6, msg=ours_key)
+            tensors.pop(ours_key)
+    assert not tensors  # every tensor of ours was compared
+    torch.testing.assert_close(got["x"], want_x, rtol=1e-5, atol=1e-6)
+
+
 def test_compiled_mixed_dora_batch_has_no_graph_breaks_and_matches_eager():
     model = toy_two_dora_adapters()
     x = torch.randn(4, 3, 8)
