@@ -286,7 +286,7 @@ def test_training_two_dora_adapters_mixed_equals_training_each_alone_on_its_rows
         assert magnitudes and all(not torch.equal(trained[n], initial[n]) for n in magnitudes)  # they trained
         for n, p in alone.named_parameters():
             if n in trained:
-                torch.testing.assert_close(trained[n], p, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+                torch.testing.assert_close(trained[n], p, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("scale_off", [False, True], ids=["as-is", "magnitude-scale-off"])
@@ -407,6 +407,36 @@ def test_explicit_c_and_triton_requests_decline_dora_mixed_batches_by_name():
     # every row one DoRA adapter, none other handed in: the single-adapter call, which c runs
     if native.lora_library() is not None:
         check(SimpleNamespace(**{**vars(case), "specs": case.specs[:1], "rows": [0] * 6}), backend="c")
+
+
+def test_lorakern_check_runs_mixed_dora_on_torch_and_fails_on_a_wrong_scale(monkeypatch):
+    """``lorakern check``'s "mixed DoRA" rows: torch passes in every dtype (fp16 and bf16 too, against the
+    single DoRA call's bound), c and triton say why they do not run it; with every c off by 1e-5 (several
+    times the fp32 bound) the fp64 and fp32 rows fail, and compare_mixed_dora sees a gradient off by 4 bounds."""
+    from lorakern.check import mixed_dora_rows
+    from lorakern.testing_dora import compare_mixed_dora, dora_layer
+
+    rows = mixed_dora_rows(torch.device("cpu"))
+    torch_rows = [r for r in rows if r[0] == "mixed DoRA: torch"]
+    assert [r[1] for r in torch_rows] == ["float64", "float32", "float16", "bfloat16"]
+    assert all(r[-1] == "pass" for r in torch_rows), torch_rows
+    others = [r for r in rows if r[0] != "mixed DoRA: torch"]
+    assert others and all(r[-1] == "n/a" and ("mixed-adapter path yet (it applies no magnitude scale)" in r[3]
+                                               or "triton is not installed" in r[3]) for r in others), others
+    real = mixed._dora_scales
+    monkeypatch.setattr(mixed, "_dora_scales", lambda call, norm: [None if c is None else c * (1 + 1e-5)
+                                                                    for c in real(call, norm)])
+    failed = {r[1] for r in mixed_dora_rows(torch.device("cpu")) if r[0] == "mixed DoRA: torch" and r[-1] == "FAIL"}
+    assert {"float64", "float32"} <= failed, failed
+    monkeypatch.setattr(mixed, "_dora_scales", real)
+    layer = dora_layer(9, 7, 3, torch.float32, seed=3)
+    layer.add_adapter("plain", r=2)
+    nn.init.normal_(layer.adapters["plain"].lora_B)
+    layer.set_adapter(["default", "plain"])
+    x = torch.randn(5, 9, generator=torch.Generator().manual_seed(1))
+    assert compare_mixed_dora(layer, x, [0, 1, -1, 0, 1], ["default", "plain"]).passed
+    for name in ("y", "dm0", "dA1", "dx"):
+        assert not compare_mixed_dora(layer, x, [0, 1, -1, 0, 1], ["default", "plain"], perturb={name: 4.0}).passed
 
 
 def test_glue_mixed_trains_dora_adapters(tmp_path):
