@@ -17,8 +17,8 @@ give their rows PEFT's DoRA output, with c_a = m_a / ||W + s_a B_a A_a|| (row no
     y[rows of a] += (c_a - 1) (x~ W^T) + c_a s_a (x~ A_a^T) B_a^T      x~ W^T = (y - b)[rows of a] without dropout
 
 The norm costs one pass over W per DoRA adapter (W A_a^T, N K r_a; ||W_i||^2 is the layer's cached one),
-and with dropout the base product of the adapter's dropped rows runs again (M_a N K). Autograd through
-these torch ops gives m_a its gradient from its own rows only.
+and with dropout the base product of the adapter's dropped rows runs again (M_a N K; traced, on all M
+rows). Autograd through these torch ops gives m_a its gradient from its own rows only.
 """
 from __future__ import annotations
 
