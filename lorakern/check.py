@@ -151,6 +151,54 @@ def dora_rows(device: torch.device) -> list[tuple]:
     return out
 
 
+# A mixed batch with DoRA adapters: DoRA (r=5), plain (r=3), a DoRA adapter without rows (r=16), base rows.
+MIXED_DORA_SLOTS = [0, 1, -1, 0, 1, 0, -1, 0, 1]
+MIXED_DORA_ADAPTERS = (("dora", 5, True), ("plain", 3, False), ("idle", 16, True))
+
+
+def mixed_dora_rows(device: torch.device) -> list[tuple]:
+    """One row per implementation and dtype for a mixed batch with DoRA adapters: output and every gradient
+    (x, each A, B and magnitude) against lorakern.core.dora / core LoRA row by row, or why the
+    implementation does not run it (the c and triton mixed paths apply no magnitude scale)."""
+    from lorakern import mixed
+    from lorakern.rows import group_rows
+    from lorakern.testing_dora import compare_mixed_dora, dora_layer
+
+    out = []
+    names = [name for name, _, _ in MIXED_DORA_ADAPTERS]
+    for path in available_paths(device):
+        for dtype in DTYPES:
+            layer = dora_layer(33, 42, 4, torch.float64, seed=7)  # "default" stays out of the batch
+            for name, r, use_dora in MIXED_DORA_ADAPTERS:
+                layer.add_adapter(name, r=r, alpha=2.0 * r, use_dora=use_dora)
+            with torch.no_grad():  # random B and magnitudes: every gradient non-trivial
+                for i, name in enumerate(names):
+                    a = layer.adapters[name]
+                    gen = torch.Generator().manual_seed(20 + i)
+                    a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=gen, dtype=torch.float64) / a.r ** 0.5)
+                    if a.use_dora:
+                        a.lora_magnitude_vector.mul_(0.5 + torch.rand(42, generator=gen, dtype=torch.float64))
+            layer = layer.to(device=device, dtype=dtype)
+            layer.set_adapter(names)
+            layer.bias.requires_grad_(True)
+            layer.backend = path
+            x = torch.randn(len(MIXED_DORA_SLOTS), 33, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+            x = x.to(device=device, dtype=dtype)
+            call = dispatch.prepare_mixed(x, "dense", layer.weight, layer.bias, mixed._adapters_for(layer, names),
+                                          group_rows(torch.tensor(MIXED_DORA_SLOTS, device=device), len(names)))
+            why = dispatch.verdict(path, call)
+            label = f"mixed DoRA: {_path_label(path)}"
+            if why is not None:
+                out.append((label, _name(dtype), "-", f"not run: {why}", "n/a"))
+                continue
+            comparison = compare_mixed_dora(layer, x, MIXED_DORA_SLOTS, names)
+            name, error = comparison.worst
+            out.append((label, _name(dtype), f"{error / comparison.bound:.2e}",
+                        f"{name} ({len(names)} adapters, {len(MIXED_DORA_SLOTS)} rows)",
+                        "pass" if comparison.passed else "FAIL"))
+    return out
+
+
 def run_check(device: Optional[str] = None, out=sys.stdout) -> bool:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
@@ -184,6 +232,7 @@ def run_check(device: Optional[str] = None, out=sys.stdout) -> bool:
                          "pass" if comparison.passed else "FAIL"))
     rows += mixed_rows(device)
     rows += dora_rows(device)
+    rows += mixed_dora_rows(device)
     header = ("path", "dtype", "worst error / bound", "where", "result")
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"

@@ -25,7 +25,9 @@ A mixed-adapter call (``MixedCall``: each row of x uses its own adapter, or none
 ``choose``/``explain``: an implementation takes it when it has ``run_mixed`` and its ``unsupported_mixed``
 returns None; one without ``run_mixed`` declines it, saying so. ``lora_forward_mixed`` is its entry point.
 Mixed paths: triton (the segmented kernels, dense and NF4), c (dense fp32 CPU eager: lorakern.mixed_c, one
-pass over the rows grouped by adapter), torch (dense and NF4: lorakern.mixed.run_torch).
+pass over the rows grouped by adapter), torch (dense and NF4: lorakern.mixed.run_torch). A mixed call with DoRA
+slots (``MixedCall.magnitudes``) runs only where lorakern.dora attached a ``run_mixed_dora`` (torch, dense and
+NF4); the triton and c mixed paths apply no magnitude scale and decline it, saying so.
 """
 from __future__ import annotations
 
@@ -95,6 +97,10 @@ class MixedCall:
     offsets: torch.Tensor    # (n_slots + 1,) int64 on x.device: slot a's rows are order[offsets[a]:offsets[a+1]]
     counts: tuple[int, ...]  # host copy of the n_slots segment sizes (eager paths may use it)
     seed: Optional[Any] = None
+    # DoRA: per slot the adapter's magnitude vector (N,), None for a plain-LoRA slot; None altogether when no
+    # slot is DoRA. base_norm_sq: the frozen base's cached ||W_i||^2 (None: computed per DoRA slot)
+    magnitudes: Optional[list[Optional[torch.Tensor]]] = None
+    base_norm_sq: Optional[torch.Tensor] = None
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -109,7 +115,8 @@ class Implementation:
     ``needs_seed``: draws its own dropout mask from a seed (one is drawn per call when none is fixed).
     ``run_mixed(mixed_call) -> y`` and ``unsupported_mixed(mixed_call)``: the mixed-adapter path (an
     implementation without ``run_mixed`` declines mixed calls). ``run_dora``: run(call) for a call with a
-    magnitude vector (DoRA; set by ``attach_dora``), None where the implementation declines DoRA."""
+    magnitude vector (DoRA; set by ``attach_dora``), None where the implementation declines DoRA;
+    ``run_mixed_dora`` the same for a mixed call with DoRA slots."""
 
     name: str
     base: str
@@ -120,6 +127,7 @@ class Implementation:
     run_mixed: Optional[Callable[[MixedCall], torch.Tensor]] = None
     unsupported_mixed: Optional[Callable[[MixedCall], Optional[str]]] = None
     run_dora: Optional[Callable[[Call], torch.Tensor]] = None
+    run_mixed_dora: Optional[Callable[[MixedCall], torch.Tensor]] = None
 
 
 _REGISTRY: dict[tuple[str, str], Implementation] = {}
@@ -135,12 +143,15 @@ def register(implementation: Implementation) -> None:
     _REGISTRY[(implementation.name, implementation.base)] = implementation
 
 
-def attach_dora(runs: dict[tuple[str, str], Callable[[Call], torch.Tensor]], further: Callable[..., torch.Tensor]
-                ) -> None:
-    """Give the registered implementations {(name, base): run} a DoRA run, and set how a further active
-    DoRA adapter composes (lorakern.dora calls this when imported; dispatch itself holds no DoRA math)."""
+def attach_dora(runs: dict[tuple[str, str], Callable[[Call], torch.Tensor]], further: Callable[..., torch.Tensor],
+                mixed_runs: Optional[dict[tuple[str, str], Callable[[MixedCall], torch.Tensor]]] = None) -> None:
+    """Give the registered implementations {(name, base): run} a DoRA run (and those in ``mixed_runs`` a
+    mixed run for calls with DoRA slots), and set how a further active DoRA adapter composes (lorakern.dora
+    calls this when imported; dispatch itself holds no DoRA math)."""
     for key, run in runs.items():
         _REGISTRY[key] = dataclasses.replace(_REGISTRY[key], run_dora=run)
+    for key, run in (mixed_runs or {}).items():
+        _REGISTRY[key] = dataclasses.replace(_REGISTRY[key], run_mixed_dora=run)
     _DORA_FURTHER[:] = [further]
 
 
@@ -182,6 +193,9 @@ def verdict(name: str, call: Union[Call, MixedCall]) -> Optional[str]:
     if isinstance(call, MixedCall):
         if implementation.run_mixed is None:
             return f"no mixed-adapter path in the {name} implementation for a {call.base} base yet"
+        if call.magnitudes is not None and implementation.run_mixed_dora is None:
+            return (f"no DoRA in the {name} mixed-adapter path yet (it applies no magnitude scale); the torch "
+                    f"implementation runs mixed batches with DoRA adapters")
         return None if implementation.unsupported_mixed is None else implementation.unsupported_mixed(call)
     if call.magnitude is not None and implementation.run_dora is None:
         return (f"no DoRA in the {name} implementation yet (its epilogue does not apply the magnitude scale); "
@@ -284,15 +298,17 @@ def lora_forward(x: torch.Tensor, base: str, weight: Any, bias: Optional[torch.T
 
 
 def lora_forward_mixed(x: torch.Tensor, base: str, weight: Any, bias: Optional[torch.Tensor],
-                       adapters: Sequence[Optional[tuple[torch.Tensor, torch.Tensor, float, float]]], groups: Any, *,
+                       adapters: Sequence[Optional[tuple]], groups: Any, *,
                        seed: Optional[Any] = None, compute_dtype: Optional[torch.dtype] = None,
-                       requested: Optional[str] = None) -> torch.Tensor:
+                       requested: Optional[str] = None, base_norm_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y where row i of the flattened x gets x_i W^T + b + (its slot's adapter term, if any).
 
     ``adapters`` has one entry per slot of ``groups`` (lorakern.rows.TokenGroups: slot, order, offsets,
-    counts over the rows of x flattened to (M, K)); None where this layer lacks that adapter. Casts as
-    ``lora_forward`` does; y has x's leading shape. When every row uses one adapter (the host counts say
-    so, in eager) this is that adapter's single-adapter call, so a one-adapter batch costs what it did."""
+    counts over the rows of x flattened to (M, K)); None where this layer lacks that adapter. An entry
+    (A, B, s, dropout_p, magnitude) is DoRA: its rows get y_i = x_i W^T + b + (c - 1) (x~_i W^T) + c s (x~_i
+    A^T) B^T (lorakern.dora; ``base_norm_sq`` the cached ||W_i||^2 its norm uses). Casts as ``lora_forward``
+    does; y has x's leading shape. When every row uses one adapter (the host counts say so, in eager) this
+    is that adapter's single-adapter call, so a one-adapter batch costs what it did."""
     rows = x.numel() // x.shape[-1] if x.dim() else 0
     whole = [a for a, count in enumerate(groups.counts) if count == rows and rows]
     others = [a for a in range(len(adapters)) if not whole or a != whole[0]]
@@ -300,13 +316,14 @@ def lora_forward_mixed(x: torch.Tensor, base: str, weight: Any, bias: Optional[t
         # every row uses one adapter (known in eager only) and no other adapter is there to get its zero
         # gradient: the single-adapter call, at its cost
         return lora_forward(x, base, weight, bias, [adapters[whole[0]]], seed=seed, compute_dtype=compute_dtype,
-                            requested=requested)
+                            requested=requested, base_norm_sq=base_norm_sq)
     call = prepare_mixed(x, base, weight, bias, adapters, groups, compute_dtype)
+    call.base_norm_sq = base_norm_sq
     with torch.autocast(x.device.type, enabled=False):
         implementation, _ = choose(call, requested)
         p = max([0.0] + [a[3] for a in call.adapters if a is not None])
         call.seed = _seed_for(implementation, p, seed)
-        y = implementation.run_mixed(call)
+        y = implementation.run_mixed(call) if call.magnitudes is None else implementation.run_mixed_dora(call)
     y = y.reshape(*x.shape[:-1], y.shape[-1])
     return y.to(x.dtype) if base == "nf4" and compute_dtype is not None else y
 
@@ -320,17 +337,20 @@ def function_output(y: torch.Tensor, lead: Sequence[int]) -> torch.Tensor:
 
 
 def prepare_mixed(x: torch.Tensor, base: str, weight: Any, bias: Optional[torch.Tensor],
-                  adapters: Sequence[Optional[tuple[torch.Tensor, torch.Tensor, float, float]]], groups: Any,
+                  adapters: Sequence[Optional[tuple]], groups: Any,
                   compute_dtype: Optional[torch.dtype] = None) -> MixedCall:
-    """The MixedCall for these operands: x flattened to (M, K), everything cast to the compute dtype."""
+    """The MixedCall for these operands: x flattened to (M, K), everything cast to the compute dtype (a
+    DoRA slot's magnitude, the fifth entry of its tuple, stays in its own dtype, as in a single-adapter call)."""
     dtype = compute_dtype_of(x, base, compute_dtype)
     cast = lambda t: None if t is None else t.to(dtype)
     if len(adapters) != len(groups.counts) and not torch.compiler.is_compiling():
         raise LorakernError(f"{len(adapters)} adapters given for {len(groups.counts)} slots; give one entry per slot "
                             f"(None where the layer lacks that adapter)")
     cast_adapters = [None if a is None else (cast(a[0]), cast(a[1]), float(a[2]), float(a[3])) for a in adapters]
+    magnitudes = [a[4] if a is not None and len(a) > 4 else None for a in adapters]
     return MixedCall(cast(x.reshape(-1, x.shape[-1])), base, cast(weight) if base == "dense" else weight, cast(bias),
-                     cast_adapters, groups.slot, groups.order, groups.offsets, groups.counts)
+                     cast_adapters, groups.slot, groups.order, groups.offsets, groups.counts,
+                     magnitudes=magnitudes if any(m is not None for m in magnitudes) else None)
 
 
 def prepare(x: torch.Tensor, base: str, weight: Any, bias: Optional[torch.Tensor], lora_A: torch.Tensor,

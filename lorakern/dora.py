@@ -12,7 +12,8 @@ by the layer (``row_norms_sq``) and passed in. The identity subtracts: where W_i
 than W_i its relative error grows as ||W_i||^2 / n_i^2 (never the case for a trained DoRA layer).
 
 Importing this module attaches ``run`` to lorakern.dispatch's torch (dense, NF4) and c implementations
-(``dispatch.attach_dora``) and ``further_term``, which composes a further active DoRA adapter as PEFT does.
+(``dispatch.attach_dora``), ``further_term``, which composes a further active DoRA adapter as PEFT does, and
+``run_mixed`` to the torch implementations' mixed-adapter path (lorakern.mixed.run_torch with ``weight_norm``).
 """
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ from typing import Optional, Union
 
 import torch
 
-from lorakern import dispatch, native
+from lorakern import dispatch, mixed, native
 from lorakern.errors import LorakernError
-from lorakern.functional import _dropped_out, _rank_r_grads_native, _rank_r_grads_torch, merged_weight
+from lorakern.functional import (_dense_base_output, _dropped_out, _rank_r_grads_native, _rank_r_grads_torch,
+                                 merged_weight, torch_dropout_mask)
 from lorakern.native import pointer as _ptr
-from lorakern.nf4 import lora as _nf4_lora  # noqa: F401  registers the NF4 torch implementation DoRA attaches to
+from lorakern.nf4 import lora as _nf4_lora  # registers the NF4 torch implementation DoRA attaches to
 from lorakern.nf4.storage import NF4Storage
 
 Weight = Union[torch.Tensor, NF4Storage]
@@ -379,8 +381,18 @@ def further_term(y: torch.Tensor, x: torch.Tensor, weight: Weight, bias: Optiona
     return y + (scale - 1) * base_part + scale * ((x_lora @ lora_A.t()) @ lora_B.t() * scaling)
 
 
+def run_mixed(call, base_output) -> torch.Tensor:
+    """A mixed-adapter call with DoRA slots (dispatch.MixedCall.magnitudes) on the torch path: lorakern.mixed's
+    grouped terms, each DoRA slot scaled by its c = m / weight_norm (autograd differentiates them)."""
+    check_frozen_base(call.weight)
+    return mixed.run_torch(call, base_output, torch_dropout_mask, weight_norm)
+
+
 dispatch.attach_dora({("torch", "dense"): lambda call: run(call, None),
                       ("c", "dense"): lambda call: run(call, native.lora_library()),
-                      ("torch", "nf4"): run}, further_term)
+                      ("torch", "nf4"): run}, further_term,
+                     {("torch", "dense"): lambda call: run_mixed(call, _dense_base_output),
+                      ("torch", "nf4"): lambda call: run_mixed(call, _nf4_lora._base_output)})
 
-__all__ = ["DoraLinearFunction", "check_frozen_base", "further_term", "row_norms_sq", "run", "weight_norm"]
+__all__ = ["DoraLinearFunction", "check_frozen_base", "further_term", "row_norms_sq", "run", "run_mixed",
+           "weight_norm"]

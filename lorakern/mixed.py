@@ -10,9 +10,19 @@ torch.compile: the gather's size depends on the data, which breaks the graph, so
 on every row and a 0/1 row mask zeroes u = x A^T outside its rows (shape-static; the products cost M r
 per adapter instead of M_a r). Autograd differentiates both: every adapter passed in gets a gradient,
 zero when it has no rows (the empty products are still part of the graph; DDP needs that).
+
+DoRA slots (``MixedCall.magnitudes``; lorakern.dora attaches this path with its norm as ``run_mixed_dora``)
+give their rows PEFT's DoRA output, with c_a = m_a / ||W + s_a B_a A_a|| (row norms, detached):
+
+    y[rows of a] += (c_a - 1) (x~ W^T) + c_a s_a (x~ A_a^T) B_a^T      x~ W^T = (y - b)[rows of a] without dropout
+
+The norm costs one pass over W per DoRA adapter (W A_a^T, N K r_a; ||W_i||^2 is the layer's cached one),
+and with dropout the base product of the adapter's dropped rows runs again (M_a N K; traced, on all M
+rows). Autograd through these torch ops gives m_a its gradient from its own rows only.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -36,32 +46,71 @@ def _dropped(x_rows: torch.Tensor, p: float, seed, rows: Optional[torch.Tensor],
     return x_rows * (mask if rows is None else mask.index_select(0, rows))
 
 
+def _dora_scales(call: MixedCall, norm: Optional[Callable]) -> list:
+    """Per slot: c = m / ||W + s B A|| (rows; the norm detached) in x's dtype for a DoRA slot, else None."""
+    if call.magnitudes is None:
+        return [None] * len(call.adapters)
+    if norm is None:
+        raise LorakernError("this mixed call has DoRA slots but no norm was given (lorakern.dora attaches the "
+                            "torch path's); run it through lorakern.dispatch.lora_forward_mixed")
+    scales = []
+    for adapter, magnitude in zip(call.adapters, call.magnitudes):
+        if adapter is None or magnitude is None:
+            scales.append(None)
+            continue
+        n = norm(call.weight, adapter[0], adapter[1], adapter[2], call.base_norm_sq)
+        scales.append((magnitude.to(n.dtype) / n).to(call.x.dtype))
+    return scales
+
+
+def _dora_term(call: MixedCall, base_output: Callable, y_rows: torch.Tensor, x_lora: torch.Tensor, dropped: bool,
+               A: torch.Tensor, B: torch.Tensor, s: float, c: torch.Tensor) -> torch.Tensor:
+    """(c - 1) (x~ W^T) + c s (x~ A^T) B^T for these rows (``y_rows``: their x W^T + b)."""
+    if dropped:  # x~ W^T of the dropped rows: the base product again
+        base_part = base_output(dataclasses.replace(call, x=x_lora, bias=None))
+    else:
+        base_part = y_rows - call.bias if call.bias is not None else y_rows
+    return (c - 1) * base_part + c * ((x_lora @ A.t()) @ (B.t() * s))
+
+
 def run_torch(call: MixedCall, base_output: Callable[[MixedCall], torch.Tensor],
-              dropout_mask: Callable) -> torch.Tensor:
-    """y for a MixedCall in plain torch; ``base_output(call)`` is x W^T + b for the call's base."""
+              dropout_mask: Callable, norm: Optional[Callable] = None) -> torch.Tensor:
+    """y for a MixedCall in plain torch; ``base_output(call)`` is x W^T + b for the call's base. ``norm``
+    (lorakern.dora.weight_norm: weight, A, B, s, base_norm_sq -> detached row norms of W + s B A) for a call
+    with DoRA slots."""
     y = base_output(call)
     x = call.x
+    scales = _dora_scales(call, norm)
     if torch.compiler.is_compiling() or len(call.counts) != len(call.adapters):
+        base = y
         for a, adapter in enumerate(call.adapters):
             if adapter is None:
                 continue
             A, B, s, p = adapter
             keep = (call.slot == a).to(x.dtype)[:, None]
+            x_lora = _dropped(x, p, call.seed, None, x.shape, x.device, dropout_mask)
+            if scales[a] is not None:
+                # this adapter's DoRA term on every row, zeroed outside its rows
+                y = y + _dora_term(call, base_output, base, x_lora, p > 0, A, B, s, scales[a]) * keep
+                continue
             # u = (x~ A^T) masked to this adapter's rows; y += s u B^T
-            u = (_dropped(x, p, call.seed, None, x.shape, x.device, dropout_mask) @ A.t()) * keep
+            u = (x_lora @ A.t()) * keep
             y = y + u @ (B.t() * s)
         return y
     rows_parts, terms = [], []
     start = 0
-    for adapter, count in zip(call.adapters, call.counts):
+    for adapter, count, c in zip(call.adapters, call.counts, scales):
         rows = call.order[start:start + count]
         start += count
         if adapter is None:
             continue  # this layer lacks the adapter: its rows keep the base output
         A, B, s, p = adapter
         x_a = _dropped(x.index_select(0, rows), p, call.seed, rows, x.shape, x.device, dropout_mask)
-        # s (x~_a A^T) B^T, s folded into the r x N factor
-        terms.append((x_a @ A.t()) @ (B.t() * s))
+        if c is not None:
+            terms.append(_dora_term(call, base_output, y.index_select(0, rows), x_a, p > 0, A, B, s, c))
+        else:
+            # s (x~_a A^T) B^T, s folded into the r x N factor
+            terms.append((x_a @ A.t()) @ (B.t() * s))
         rows_parts.append(rows)
     if not terms:
         return y
@@ -71,13 +120,10 @@ def run_torch(call: MixedCall, base_output: Callable[[MixedCall], torch.Tensor],
 def _adapters_for(layer: nn.Module, names: Sequence[str]) -> list:
     modules = layer.adapters  # each module lookup goes through nn.Module.__getattr__: once per call, not per name
     found = [modules[n] if n in modules else None for n in names]
-    dora = [n for n, a in zip(names, found) if a is not None and getattr(a, "use_dora", False)]
-    if dora:
-        raise LorakernError(f"DoRA adapters {dora} cannot run in a mixed-adapter batch yet (their magnitude scale "
-                            f"is per adapter, the mixed paths apply none); run their rows in a batch of their own "
-                            f"(set_adapter) or use plain LoRA adapters for mixed batches")
     training = layer.training
-    return [None if a is None else (a.lora_A, a.lora_B, a.scaling, a.dropout if training else 0.0) for a in found]
+    # a DoRA adapter's entry carries its magnitude (dispatch.lora_forward_mixed)
+    return [None if a is None else (a.lora_A, a.lora_B, a.scaling, a.dropout if training else 0.0)
+            + ((a.lora_magnitude_vector,) if a.use_dora else ()) for a in found]
 
 
 def forward_grouped(layer: nn.Module, x: torch.Tensor, names: Sequence[str], groups: TokenGroups) -> torch.Tensor:
@@ -85,9 +131,12 @@ def forward_grouped(layer: nn.Module, x: torch.Tensor, names: Sequence[str], gro
     if layer.merged_adapters:
         raise AdapterError(f"this layer has merged adapters {layer.merged_adapters}, which every row would get; "
                            f"unmerge() it before a mixed batch")
-    return dispatch.lora_forward_mixed(x, layer.base.kind, layer.base.operand(layer), layer.bias,
-                                       _adapters_for(layer, names), groups, seed=layer.dropout_seed,
-                                       compute_dtype=layer.compute_dtype, requested=layer.backend)
+    adapters = _adapters_for(layer, names)
+    # DoRA slots' norms use the layer's cached ||W_i||^2 (a merged layer was refused above)
+    norm_sq = layer._base_norm_sq() if any(a is not None and len(a) > 4 for a in adapters) else None
+    return dispatch.lora_forward_mixed(x, layer.base.kind, layer.base.operand(layer), layer.bias, adapters, groups,
+                                       seed=layer.dropout_seed, compute_dtype=layer.compute_dtype,
+                                       requested=layer.backend, base_norm_sq=norm_sq)
 
 
 def layer_forward(layer: nn.Module, x: torch.Tensor, groups: RowGroups) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """DoRA against lorakern.core.dora, independently of the code under test: a random DoRA layer, the scale of
 each result's rounding error, and one comparison of output and every gradient (tests/test_dora.py, the kernel
-tests and ``lorakern check`` use it). The dropout mask is redrawn from the chosen path's documented generator (lorakern.testing_masks)."""
+tests and ``lorakern check`` use it), for one DoRA adapter or a mixed-adapter batch (``compare_mixed_dora``). The dropout mask is redrawn from the chosen path's documented generator (lorakern.testing_masks)."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,7 @@ import torch
 
 from lorakern import core
 from lorakern.layer import LoraLinear
-from lorakern.testing import TOLERANCE, Comparison, bound, rel_error
+from lorakern.testing import TOLERANCE, Comparison, bound, magnitudes, reference_scaling, rel_error
 
 
 def dora_layer(K: int, N: int, r: int, dtype: torch.dtype, *, bias: bool = True, dropout: float = 0.0,
@@ -102,3 +102,65 @@ def compare_dora(layer: LoraLinear, x: torch.Tensor, seed: int = 0, perturb: Opt
     for name in got:
         errors[name], details[name] = rel_error(got[name], ref[name], mag[name], dtype)
     return Comparison(dtype, tuple(x.shape), errors, details, limit)
+
+
+def compare_mixed_dora(layer: LoraLinear, x: torch.Tensor, slots: list[int], names: list[str], seed: int = 0,
+                       perturb: Optional[dict] = None) -> Comparison:
+    """A mixed batch, ``layer.forward_rows(x, slots, names)`` on a 2-D x without dropout (eval, or p = 0),
+    against the float64 reference row by row: a row of a DoRA adapter through lorakern.core.dora, of a plain
+    one through core LoRA, of slot -1 as x W^T + b; dx, each adapter's dA<i>, dB<i> (and dm<i> for DoRA)
+    summed over its rows, db when the bias trains. Each element's allowed error comes from its row's
+    computation on absolute values, against the single DoRA call's bound; ``perturb`` as in compare_dora."""
+    dtype = x.dtype
+    x = x.detach().requires_grad_(True)
+    y = layer.forward_rows(x, torch.tensor(slots, dtype=torch.int64, device=x.device), names)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+    adapters = [layer.adapters[n] for n in names]
+    wanted = {"dx": x}
+    for i, a in enumerate(adapters):
+        wanted.update({f"dA{i}": a.lora_A, f"dB{i}": a.lora_B, **({f"dm{i}": a.lora_magnitude_vector} if a.use_dora
+                                                                   else {})})
+    if layer.bias is not None and layer.bias.requires_grad:
+        wanted["db"] = layer.bias
+    got = {"y": y, **dict(zip(wanted, torch.autograd.grad(y, list(wanted.values()), grad_y)))}
+    W = _reference_weight(layer, dtype)
+    b, xs, dy = f64(layer.bias), f64(x), f64(grad_y)
+    tiny = torch.finfo(dtype).tiny
+    ref = {"y": xs @ W.T + (0.0 if b is None else b), "dx": dy @ W, "db": dy.sum(0)}
+    mag = {"y": abs(xs) @ abs(W).T + (0.0 if b is None else abs(b)), "dx": abs(dy) @ abs(W), "db": abs(dy).sum(0)}
+    for name in wanted:
+        if name not in ref:
+            ref[name], mag[name] = np.zeros(wanted[name].shape), np.zeros(wanted[name].shape)
+    for row, slot in enumerate(slots):
+        if slot < 0:
+            continue
+        a = adapters[slot]
+        A, B, m = f64(a.lora_A), f64(a.lora_B), f64(a.lora_magnitude_vector)
+        s = reference_scaling(a.r, a.alpha, a.use_rslora)  # recomputed, not read from the layer
+        xi, gi = xs[row:row + 1], dy[row:row + 1]
+        if a.use_dora:
+            out = {"y": core.dora.forward(xi, W, A, B, m, b, s), **core.dora.backward(xi, W, A, B, m, gi, s)}
+            part = dora_magnitudes(xi, W, A, B, m, b, gi, s, None, tiny)
+        else:
+            out = {"y": core.forward(xi, W, A, B, b, s), **core.backward(xi, W, A, B, gi, s)}
+            part = magnitudes(xi, W, A, B, b, gi, s, None, tiny)
+        for key in ("y", "dx"):
+            ref[key][row], mag[key][row] = out[key][0], part[key][0]
+        for key in ("dA", "dB") + (("dm",) if a.use_dora else ()):
+            ref[f"{key}{slot}"] = ref[f"{key}{slot}"] + out[key]
+            mag[f"{key}{slot}"] = mag[f"{key}{slot}"] + part[key]
+    limit = bound(dtype, max(len(slots), layer.in_features, layer.out_features)) + 2 * TOLERANCE[dtype][0]
+    for name, factor in (perturb or {}).items():
+        got[name] = got[name].detach().double() + factor * limit * torch.as_tensor(mag[name])
+    errors, details = {}, {}
+    for name in got:
+        errors[name], details[name] = rel_error(got[name], ref[name], mag[name], dtype)
+    return Comparison(dtype, tuple(x.shape), errors, details, limit)
+
+
+def _reference_weight(layer: LoraLinear, dtype: torch.dtype) -> np.ndarray:
+    """The layer's (out, in) base weight in float64 as the reference uses it: a 4-bit base decoded by
+    lorakern.core from its bytes (in the compute dtype), a dense one as it is."""
+    from lorakern.testing import reference_nf4_weight
+
+    return reference_nf4_weight(layer.nf4, dtype) if layer.is_quantized else f64(layer.weight_out_in)

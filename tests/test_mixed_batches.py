@@ -479,13 +479,3 @@ def test_lorakern_check_compares_the_mixed_paths_and_fails_on_a_wrong_one(monkey
     monkeypatch.setitem(dispatch._REGISTRY, ("torch", "dense"), dataclasses.replace(real, run_mixed=off_by_a_little))
     assert any(r[0] == "mixed: torch" and r[-1] == "FAIL" for r in mixed_rows(torch.device("cpu")))
 
-
-def test_a_dora_adapter_in_a_mixed_batch_is_refused_by_name():
-    from lorakern import LoraLinear
-    from lorakern.errors import LorakernError
-
-    layer = LoraLinear(8, 6, r=2)
-    layer.add_adapter("dora", r=2, use_dora=True)
-    x = torch.randn(3, 8)
-    with pytest.raises(LorakernError, match=r"DoRA adapters \['dora'\] cannot run in a mixed-adapter batch"):
-        layer.forward_rows(x, torch.tensor([0, 1, -1]), ["default", "dora"])

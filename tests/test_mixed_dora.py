@@ -1,0 +1,457 @@
+"""DoRA adapters in mixed-adapter batches (the torch path): each row's output and every gradient (x, each A,
+B and magnitude, the bias when trained) against a float64 reference computed row by row (lorakern.core.dora
+for DoRA rows, core LoRA for plain rows, x W^T + b for base-only rows), dense and NF4 bases, dropout with the
+mask recomputed from the torch generator; two DoRA adapters trained in one mixed run against each trained
+alone; torch.compile; the C and Triton mixed paths declining DoRA as documented; the GLUE harness's --mixed
+with --lora-use-dora."""
+import json
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+from torch import nn
+
+import lorakern
+import strategies
+from lorakern import LoraConfig, LoraLinear, core, dispatch, dora, inject, mixed, native
+from lorakern.errors import LorakernError
+from lorakern.testing import reference_nf4_weight
+from lorakern.testing_masks import torch_mask
+from toy_models import Toy, randomize
+
+DROPOUT_SEED = 11
+ROWS = ("every row one DoRA adapter, alone (the single-adapter call)",
+        "every row one DoRA adapter, the others handed in without rows",
+        "DoRA, plain-LoRA and base-only rows",
+        "DoRA adapters without rows (plain and base rows only)")
+BASES = ("fp64 dense", "fp32 dense", "fp32 NF4")
+DROPOUTS = ("dropout off", "seeded dropout")
+BIASES = ("no bias", "frozen bias", "trained bias")
+AXES = {"rows": list(ROWS), "base": list(BASES), "dropout": list(DROPOUTS), "bias": list(BIASES)}
+
+
+def f64(t):
+    return None if t is None else t.detach().double().numpy()
+
+
+@st.composite
+def mixed_dora_cases(draw):
+    """A layer's adapters (slot 0 DoRA, slot 1 plain LoRA, slot 2 either), the rows' slots and the operands'
+    sizes, each axis of AXES drawn uniformly from its labels (``classes``, for strategies.assert_shares)."""
+    rows_label, base = draw(st.sampled_from(ROWS)), draw(st.sampled_from(BASES))
+    dropout, bias = draw(st.sampled_from(DROPOUTS)), draw(st.sampled_from(BIASES))
+    n = 1 if rows_label == ROWS[0] else draw(st.integers(2, 3))
+    specs = []
+    for slot in range(n):
+        use_dora = slot == 0 or (slot == 2 and draw(st.booleans()))
+        p = draw(st.sampled_from([0.1, 0.5])) if dropout == DROPOUTS[1] else 0.0
+        specs.append((use_dora, draw(st.sampled_from([1, 2, 3, 5, 8, 16])), draw(st.sampled_from([1.0, 4.0, 16.0])), p))
+    M = draw(st.integers(1, 9))
+    if rows_label in ROWS[:2]:
+        rows = [0] * M
+    elif rows_label == ROWS[2]:
+        rows = draw(st.permutations([0, 1, -1] + draw(st.lists(st.integers(-1, n - 1), max_size=M))))
+    else:
+        plain = [slot for slot, spec in enumerate(specs) if not spec[0]]
+        rows = draw(st.permutations(plain[:1] + draw(st.lists(st.sampled_from([-1] + plain), max_size=M))))
+    K = 64 if base == BASES[2] else draw(st.sampled_from([1, 3, 8, 17]))  # NF4 blocks of 64
+    return SimpleNamespace(specs=specs, rows=list(rows), K=K, N=draw(st.sampled_from([1, 4, 13])), base=base,
+                           bias=bias, seed=draw(st.integers(0, 2**16)),
+                           classes={"rows": rows_label, "base": base, "dropout": dropout, "bias": bias})
+
+
+def build_layer(case) -> LoraLinear:
+    """A LoraLinear with adapters a0, a1, ... per ``case.specs`` (use_dora, r, alpha, p), every tensor random
+    (B and the magnitude too, so every gradient is non-trivial), in train mode with a fixed dropout seed."""
+    gen = torch.Generator().manual_seed(case.seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
+    dtype = torch.float64 if case.base == BASES[0] else torch.float32
+    linear = nn.Linear(case.K, case.N, bias=case.bias != BIASES[0], dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(rand(case.N, case.K) / case.K ** 0.5)
+        if linear.bias is not None:
+            linear.bias.copy_(rand(case.N))
+    use_dora, r, alpha, p = case.specs[0]
+    options = dict(quantize="nf4", compute_dtype=torch.float32, double_quant=case.seed % 2 == 0) \
+        if case.base == BASES[2] else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # r above min(in, out) is legal
+        layer = LoraLinear.from_linear(linear, adapter_name="a0", r=r, alpha=alpha, dropout=p, use_dora=use_dora,
+                                       **options)
+        for slot, (use_dora, r, alpha, p) in enumerate(case.specs[1:], start=1):
+            layer.add_adapter(f"a{slot}", r=r, alpha=alpha, dropout=p, use_dora=use_dora, dtype=dtype)
+    with torch.no_grad():
+        for adapter in layer.adapters.values():
+            r = adapter.r
+            adapter.lora_A.copy_(rand(r, case.K) / case.K ** 0.5)
+            adapter.lora_B.copy_(rand(case.N, r) / r ** 0.5)
+            if adapter.use_dora:  # around the norm PEFT initialises it to, so c = m / n stays near 1
+                adapter.lora_magnitude_vector.copy_(rand(case.N).abs() + 0.5)
+    layer.set_adapter(list(layer.adapters))
+    if case.bias == BIASES[2]:
+        layer.bias.requires_grad_(True)
+    layer.dropout_seed = DROPOUT_SEED
+    return layer.train()
+
+
+def run_layer(layer, case):
+    """(y, {name: gradient}) of the mixed forward over the layer's adapters, for a random dy (also returned)."""
+    gen = torch.Generator().manual_seed(case.seed + 1)
+    dtype = torch.float64 if case.base == BASES[0] else torch.float32
+    x = torch.randn(len(case.rows), case.K, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    names = list(layer.adapters)
+    y = layer.forward_rows(x, torch.tensor(case.rows, dtype=torch.int64), names)
+    dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype)
+    wanted = {"dx": x}
+    for slot, name in enumerate(names):
+        a = layer.adapters[name]
+        wanted[f"dA{slot}"], wanted[f"dB{slot}"] = a.lora_A, a.lora_B
+        if a.use_dora:
+            wanted[f"dm{slot}"] = a.lora_magnitude_vector
+    if layer.bias is not None and layer.bias.requires_grad:
+        wanted["db"] = layer.bias
+    grads = dict(zip(wanted, torch.autograd.grad(y, list(wanted.values()), dy)))
+    return x, y, grads, dy
+
+
+def reference(layer, case, x, dy):
+    """y and every gradient in float64, row by row: each row through its own adapter's core function (the
+    scaling recomputed from r and alpha, the dropout mask from the torch generator's rule), summed per adapter."""
+    W = reference_nf4_weight(layer.nf4, torch.float32).astype(np.float64) if layer.is_quantized \
+        else f64(layer.weight)
+    b = f64(layer.bias)
+    xs, g = f64(x), f64(dy)
+    y, want = xs @ W.T + (0.0 if b is None else b), {"dx": g @ W}
+    adapters = []
+    for slot, name in enumerate(layer.adapters):
+        use_dora, r, alpha, p = case.specs[slot]
+        a = layer.adapters[name]
+        mask = torch_mask(DROPOUT_SEED, xs.shape, p) if p > 0 else None
+        adapters.append((use_dora, f64(a.lora_A), f64(a.lora_B), core.scaling(r, alpha), f64(a.lora_magnitude_vector),
+                         mask))
+        want[f"dA{slot}"], want[f"dB{slot}"] = np.zeros_like(adapters[-1][1]), np.zeros_like(adapters[-1][2])
+        if use_dora:
+            want[f"dm{slot}"] = np.zeros(W.shape[0])
+    for i, slot in enumerate(case.rows):
+        if slot < 0:
+            continue
+        use_dora, A, B, s, m, mask = adapters[slot]
+        xi, gi, mi = xs[i:i + 1], g[i:i + 1], None if mask is None else mask[i:i + 1]
+        if use_dora:
+            y[i] = core.dora.forward(xi, W, A, B, m, b, s, dropout_mask=mi)[0]
+            back = core.dora.backward(xi, W, A, B, m, gi, s, dropout_mask=mi)
+            want[f"dm{slot}"] = want[f"dm{slot}"] + back["dm"]
+        else:
+            y[i] = core.forward(xi, W, A, B, b, s, dropout_mask=mi)[0]
+            back = core.backward(xi, W, A, B, gi, s, dropout_mask=mi)
+        want["dx"][i] = back["dx"][0]
+        want[f"dA{slot}"] = want[f"dA{slot}"] + back["dA"]
+        want[f"dB{slot}"] = want[f"dB{slot}"] + back["dB"]
+    want["db"] = g.sum(axis=0)
+    return y, want
+
+
+def tolerance(dtype):
+    return (1e-10, 1e-10) if dtype == torch.float64 else (5e-5, 5e-5)
+
+
+def assert_matches(got, want, dtype, what):
+    rtol, atol = tolerance(dtype)
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    np.testing.assert_allclose(f64(got), want, rtol=rtol, atol=atol * scale, err_msg=what)
+
+
+def check(case, backend=None):
+    layer = build_layer(case)
+    layer.backend = backend
+    x, y, grads, dy = run_layer(layer, case)
+    y_ref, want = reference(layer, case, x, dy)
+    assert_matches(y, y_ref, x.dtype, "y")
+    for name, got in grads.items():
+        assert_matches(got, want[name], x.dtype, name)
+    return grads
+
+
+SEEN = []
+
+
+@given(case=mixed_dora_cases())
+@example(case=SimpleNamespace(specs=[(True, 3, 4.0, 0.0)], rows=[0, 0, 0], K=8, N=4, base=BASES[1],
+                              bias=BIASES[1], seed=0, classes={}))  # every row one DoRA adapter, alone
+@example(case=SimpleNamespace(specs=[(True, 2, 4.0, 0.0), (False, 5, 1.0, 0.0), (True, 16, 16.0, 0.0)],
+                              rows=[2, 1, -1, 0, 2, 1, -1], K=17, N=13, base=BASES[0], bias=BIASES[2], seed=1,
+                              classes={}))  # two DoRA adapters and a plain one, base rows, trained bias
+@example(case=SimpleNamespace(specs=[(True, 1, 1.0, 0.0), (False, 8, 16.0, 0.0)], rows=[1, -1, 1], K=3, N=4,
+                              base=BASES[0], bias=BIASES[0], seed=2, classes={}))  # the DoRA adapter has no rows
+@example(case=SimpleNamespace(specs=[(True, 4, 4.0, 0.5), (False, 2, 4.0, 0.1), (True, 3, 16.0, 0.1)],
+                              rows=[0, 2, -1, 1, 0, 2], K=64, N=13, base=BASES[2], bias=BIASES[1], seed=3,
+                              classes={}))  # NF4 base, seeded dropout, each adapter its own p
+@example(case=SimpleNamespace(specs=[(True, 2, 4.0, 0.5), (False, 3, 4.0, 0.1)], rows=[0, 0, 0, 0], K=8, N=4,
+                              base=BASES[0], bias=BIASES[2], seed=4, classes={}))  # all rows DoRA, one handed in empty
+def _mixed_dora_matches_reference(case):
+    if case.classes:
+        SEEN.append(case)
+    check(case)
+
+
+def test_mixed_dora_matches_the_row_by_row_reference():
+    """Every assignment class, dense (fp64, fp32) and NF4 bases, dropout off and seeded, no / frozen / trained
+    bias; outputs and every gradient (the stated shares asserted on the drawn examples that ran)."""
+    SEEN.clear()
+    _mixed_dora_matches_reference()
+    strategies.assert_shares(SEEN, AXES)
+
+
+MUTATION_CASE = SimpleNamespace(specs=[(True, 3, 4.0, 0.0), (False, 2, 8.0, 0.0), (True, 2, 2.0, 0.0)],
+                                rows=[0, 1, 2, -1, 0, 2], K=9, N=7, base=BASES[0], bias=BIASES[2], seed=5, classes={})
+
+
+@pytest.mark.parametrize("base", BASES[:2])
+def test_the_comparison_fails_when_the_magnitude_scale_is_off(base, monkeypatch):
+    case = SimpleNamespace(**{**vars(MUTATION_CASE), "base": base})
+    check(case)  # passes as it is
+    rtol, atol = tolerance(torch.float64 if base == BASES[0] else torch.float32)
+    real = mixed._dora_scales
+
+    def off(call, norm):  # slot 2's c off by a few times the comparison's bound
+        scales = real(call, norm)
+        return [c if slot != 2 else c * (1 + 4 * (rtol + atol)) for slot, c in enumerate(scales)]
+
+    monkeypatch.setattr(mixed, "_dora_scales", off)
+    layer = build_layer(case)
+    x, y, grads, dy = run_layer(layer, case)
+    y_ref, want = reference(layer, case, x, dy)
+    for got, name in ((y, "y"), (grads["dm2"], "dm2"), (grads["dA2"], "dA2")):
+        with pytest.raises(AssertionError):
+            assert_matches(got, y_ref if name == "y" else want[name], x.dtype, name)
+    assert_matches(grads["dA0"], want["dA0"], x.dtype, "dA0")  # the other adapters are untouched
+
+
+def test_the_comparison_fails_when_the_norm_is_not_detached(monkeypatch):
+    """PEFT's norm is a constant for the gradient: a differentiable one leaves y but changes dA and dB."""
+    def attached(weight, lora_A, lora_B, scaling, base_norm_sq=None, library=None):
+        return torch.linalg.vector_norm(weight + scaling * (lora_B @ lora_A), dim=1)
+
+    monkeypatch.setattr(dora, "weight_norm", attached)
+    layer = build_layer(MUTATION_CASE)
+    x, y, grads, dy = run_layer(layer, MUTATION_CASE)
+    y_ref, want = reference(layer, MUTATION_CASE, x, dy)
+    assert_matches(y, y_ref, x.dtype, "y")
+    with pytest.raises(AssertionError):
+        assert_matches(grads["dA0"], want["dA0"], x.dtype, "dA0")
+
+
+def toy_two_dora_adapters():
+    model = inject(Toy(), LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"], modules_to_save=["head"],
+                                     use_dora=True), "a")
+    lorakern.add_adapter(model, "b", LoraConfig(r=3, lora_alpha=3, target_modules=["q"], modules_to_save=["head"],
+                                                use_dora=True))
+    randomize(model, 1)
+    with torch.no_grad():  # magnitudes near 1 (randomize draws 0.3 N(0, 1) for every adapter tensor)
+        for name, p in model.named_parameters():
+            if name.endswith("lora_magnitude_vector"):
+                p.abs_().add_(0.5)
+    return model
+
+
+def test_training_two_dora_adapters_mixed_equals_training_each_alone_on_its_rows():
+    gen = torch.Generator().manual_seed(2)
+    data = [(torch.randn(6, 4, 8, generator=gen), torch.randn(6, 4, 3, generator=gen)) for _ in range(3)]
+    rows = ["a", "b", "b", None, "a", "b"]
+    mixed_model = toy_two_dora_adapters()
+    params = [p for n, p in mixed_model.named_parameters() if ".adapters." in n or ".modules_to_save." in n]
+    optimizer = torch.optim.SGD(params, lr=0.005)
+    for x, y in data:
+        optimizer.zero_grad()
+        with lorakern.adapter_rows(mixed_model, rows):
+            loss = ((mixed_model(x) - y) ** 2).sum()  # summed over rows: each adapter's loss is its rows' sum
+        loss.backward()
+        optimizer.step()
+    for name in ("a", "b"):
+        alone = toy_two_dora_adapters()
+        lorakern.set_adapter(alone, name)
+        mine = [i for i, r in enumerate(rows) if r == name]
+        optimizer = torch.optim.SGD([p for p in alone.parameters() if p.requires_grad], lr=0.005)
+        for x, y in data:
+            optimizer.zero_grad()
+            ((alone(x[mine]) - y[mine]) ** 2).sum().backward()
+            optimizer.step()
+        trained = {n: p for n, p in mixed_model.named_parameters() if f".{name}." in n}
+        initial = dict(toy_two_dora_adapters().named_parameters())
+        magnitudes = [n for n in trained if n.endswith("lora_magnitude_vector")]
+        assert magnitudes and all(not torch.equal(trained[n], initial[n]) for n in magnitudes)  # they trained
+        for n, p in alone.named_parameters():
+            if n in trained:
+                torch.testing.assert_close(trained[n], p, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("scale_off", [False, True], ids=["as-is", "magnitude-scale-off"])
+def test_mixed_dora_batch_matches_peft_run_per_adapter_on_its_rows(tmp_path, monkeypatch, scale_off):
+    """PEFT refuses DoRA with ``adapter_names``, so its peer answer is each adapter's DoRA forward on that
+    adapter's rows alone (and the base model on base-only rows): the same outputs, dx and every adapter's
+    A, B and magnitude gradients as one mixed batch here (PEFT's adapters saved, loaded by lorakern). With
+    every c off by 1e-4 (a few times the comparison's tolerance) the comparison fails."""
+    if scale_off:
+        real = mixed._dora_scales
+        monkeypatch.setattr(mixed, "_dora_scales", lambda call, norm: [None if c is None else c * (1 + 1e-4)
+                                                                        for c in real(call, norm)])
+        with pytest.raises(AssertionError):
+            compare_with_peft(tmp_path)
+    else:
+        compare_with_peft(tmp_path)
+
+
+def compare_with_peft(tmp_path):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    from lorakern import load_adapter
+
+    theirs = get_peft_model(Toy(), PeftLoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"], use_dora=True),
+                            adapter_name="one")
+    theirs.add_adapter("two", PeftLoraConfig(r=3, lora_alpha=6, target_modules=["q"], use_dora=True))
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora" in name:  # B and the magnitude too: every gradient non-trivial
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    theirs.save_pretrained(str(tmp_path))
+    ours = Toy()
+    for name in ("one", "two"):
+        load_adapter(ours, str(tmp_path / name), adapter_name=name)
+    rows = ["one", "two", None, "two", "one", "two"]
+    x = torch.randn(6, 5, 8, generator=gen, requires_grad=True)
+    dy = torch.randn(6, 5, 3, generator=gen)
+    with lorakern.adapter_rows(ours, rows):
+        y = ours(x)
+    tensors = {n: p for n, p in ours.named_parameters() if ".adapters." in n}
+    got = dict(zip(["x", *tensors], torch.autograd.grad(y, [x, *tensors.values()], dy)))
+    want_x = torch.zeros_like(x)
+    for name in ("one", "two", None):
+        mine = [i for i, r in enumerate(rows) if r == name]
+        x_rows = x.detach()[mine].requires_grad_(True)
+        if name is None:
+            with theirs.disable_adapter():
+                out = theirs(x_rows)
+            peers = {}
+        else:
+            theirs.set_adapter(name)
+            out = theirs(x_rows)
+            peers = {n.removeprefix("base_model.model."): p for n, p in theirs.named_parameters()
+                     if f".{name}." in n and "lora" in n}
+        torch.testing.assert_close(y[mine].detach(), out.detach(), rtol=1e-5, atol=1e-6, msg=f"y of {name}'s rows")
+        grads = torch.autograd.grad(out, [x_rows, *peers.values()], dy[mine])
+        want_x[mine] = grads[0]
+        for key, grad in zip(peers, grads[1:]):
+            # PEFT's q.lora_A.one.weight / q.lora_magnitude_vector.one.weight: lorakern's q.adapters.one.lora_A / ...
+            module, kind = key.split(".lora_")[0], key.split(".lora_")[1].split(".")[0]
+            ours_key = f"{module}.adapters.{name}.lora_{kind}"
+            torch.testing.assert_close(got[ours_key], grad, rtol=1e-5, atol=1e-6, msg=ours_key)
+            tensors.pop(ours_key)
+    assert not tensors  # every tensor of ours was compared
+    torch.testing.assert_close(got["x"], want_x, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_mixed_dora_batch_has_no_graph_breaks_and_matches_eager():
+    model = toy_two_dora_adapters()
+    x = torch.randn(4, 3, 8)
+    rows = ["b", None, "a", "b"]
+
+    def loss_and_grads(fn):
+        for p in model.parameters():
+            p.grad = None
+        with lorakern.adapter_rows(model, rows):
+            out = fn(x)
+            out.square().sum().backward()
+        return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    eager_out, eager_grads = loss_and_grads(model)
+    assert any(n.endswith("lora_magnitude_vector") for n in eager_grads)
+    with lorakern.adapter_rows(model, rows):
+        explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled_out, compiled_grads = loss_and_grads(torch.compile(model, backend="aot_eager"))
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-6)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for name in eager_grads:
+        torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_explicit_c_and_triton_requests_decline_dora_mixed_batches_by_name():
+    case = SimpleNamespace(**{**vars(MUTATION_CASE), "base": BASES[1], "bias": BIASES[1]})
+    layer = build_layer(case)
+    x = torch.randn(6, case.K)
+    slots = torch.tensor(case.rows)
+    for backend in ("c", "triton"):
+        layer.backend = backend
+        # "triton is not installed" where it is not: the same refusal, another reason
+        with pytest.raises(LorakernError, match=rf"the {backend} backend cannot run this layer: (no DoRA in the "
+                                                rf"{backend} mixed-adapter path|triton is not installed).*"
+                                                rf"LORAKERN_BACKEND=auto"):
+            layer.forward_rows(x, slots, list(layer.adapters))
+    layer.backend = None
+    adapters = mixed._adapters_for(layer, list(layer.adapters))
+    call = dispatch.prepare_mixed(x, "dense", layer.weight, layer.bias, adapters,
+                                  lorakern.rows.group_rows(slots, len(adapters)))
+    report = dispatch.explain(call)
+    assert report.startswith("runs: torch"), report
+    assert "c: no DoRA in the c mixed-adapter path yet" in report, report
+    # the plain adapter alone in a mixed batch: c takes it again
+    plain = dispatch.prepare_mixed(x, "dense", layer.weight, layer.bias, [adapters[1]],
+                                   lorakern.rows.group_rows(torch.zeros(6), 1))
+    assert "no DoRA" not in dispatch.explain(plain)
+    # every row one DoRA adapter, none other handed in: the single-adapter call, which c runs
+    if native.lora_library() is not None:
+        check(SimpleNamespace(**{**vars(case), "specs": case.specs[:1], "rows": [0] * 6}), backend="c")
+
+
+def test_lorakern_check_runs_mixed_dora_on_torch_and_fails_on_a_wrong_scale(monkeypatch):
+    """``lorakern check``'s "mixed DoRA" rows: torch passes in every dtype (fp16 and bf16 too, against the
+    single DoRA call's bound), c and triton say why they do not run it; with every c off by 1e-5 (several
+    times the fp32 bound) the fp64 and fp32 rows fail, and compare_mixed_dora sees a gradient off by 4 bounds."""
+    from lorakern.check import mixed_dora_rows
+    from lorakern.testing_dora import compare_mixed_dora, dora_layer
+
+    rows = mixed_dora_rows(torch.device("cpu"))
+    torch_rows = [r for r in rows if r[0] == "mixed DoRA: torch"]
+    assert [r[1] for r in torch_rows] == ["float64", "float32", "float16", "bfloat16"]
+    assert all(r[-1] == "pass" for r in torch_rows), torch_rows
+    others = [r for r in rows if r[0] != "mixed DoRA: torch"]
+    assert others and all(r[-1] == "n/a" and ("mixed-adapter path yet (it applies no magnitude scale)" in r[3]
+                                               or "triton is not installed" in r[3]) for r in others), others
+    real = mixed._dora_scales
+    monkeypatch.setattr(mixed, "_dora_scales", lambda call, norm: [None if c is None else c * (1 + 1e-5)
+                                                                    for c in real(call, norm)])
+    failed = {r[1] for r in mixed_dora_rows(torch.device("cpu")) if r[0] == "mixed DoRA: torch" and r[-1] == "FAIL"}
+    assert {"float64", "float32"} <= failed, failed
+    monkeypatch.setattr(mixed, "_dora_scales", real)
+    layer = dora_layer(9, 7, 3, torch.float32, seed=3)
+    layer.add_adapter("plain", r=2)
+    nn.init.normal_(layer.adapters["plain"].lora_B)
+    layer.set_adapter(["default", "plain"])
+    x = torch.randn(5, 9, generator=torch.Generator().manual_seed(1))
+    assert compare_mixed_dora(layer, x, [0, 1, -1, 0, 1], ["default", "plain"]).passed
+    for name in ("y", "dm0", "dA1", "dx"):
+        assert not compare_mixed_dora(layer, x, [0, 1, -1, 0, 1], ["default", "plain"], perturb={name: 4.0}).passed
+
+
+def test_glue_mixed_trains_dora_adapters(tmp_path):
+    """``lorakern glue --task sst2,rte --mixed --lora-use-dora true``: each task's DoRA adapter trains and is
+    saved with its magnitude (PEFT's keys), and the reloaded adapters score what the trained ones did."""
+    from safetensors.torch import load_file
+
+    from lorakern.cli import main
+
+    out = tmp_path / "run"
+    assert main(["glue", "--task", "sst2,rte", "--mixed", "--lora-use-dora", "true", "--decay-epochs", "1",
+                 "--warmup-epochs", "0", "--batch-size", "32", "--no-progress", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["lora"]["use_dora"] is True
+    for task in ("sst2", "rte"):
+        assert metrics["summaries"][task]["reload_agrees"], metrics["summaries"][task]
+        tensors = load_file(str(out / "adapter" / task / "adapter_model.safetensors"))
+        assert any(k.endswith("lora_magnitude_vector") for k in tensors), sorted(tensors)
