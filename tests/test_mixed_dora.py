@@ -245,11 +245,11 @@ def test_the_comparison_fails_when_the_norm_is_not_detached(monkeypatch):
         assert_matches(grads["dA0"], want["dA0"], x.dtype, "dA0")
 
 
-def toy_two_dora_adapters():
+def toy_two_dora_adapters(quantize=None):
     model = inject(Toy(), LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"], modules_to_save=["head"],
-                                     use_dora=True), "a")
+                                     use_dora=True, quantize=quantize), "a")
     lorakern.add_adapter(model, "b", LoraConfig(r=3, lora_alpha=3, target_modules=["q"], modules_to_save=["head"],
-                                                use_dora=True))
+                                                use_dora=True, quantize=quantize))
     randomize(model, 1)
     with torch.no_grad():  # magnitudes near 1 (randomize draws 0.3 N(0, 1) for every adapter tensor)
         for name, p in model.named_parameters():
@@ -356,8 +356,9 @@ def compare_with_peft(tmp_path):
     torch.testing.assert_close(got["x"], want_x, rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_mixed_dora_batch_has_no_graph_breaks_and_matches_eager():
-    model = toy_two_dora_adapters()
+@pytest.mark.parametrize("quantize", [None, "nf4"], ids=["dense", "nf4"])
+def test_compiled_mixed_dora_batch_has_no_graph_breaks_and_matches_eager(quantize):
+    model = toy_two_dora_adapters(quantize)
     x = torch.randn(4, 3, 8)
     rows = ["b", None, "a", "b"]
 
