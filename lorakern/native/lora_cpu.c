@@ -389,6 +389,16 @@ static void accumulate_shifted_products(float *acc, int64_t ld, const float *con
         }
 }
 
+/* Ask for rows first .. first + count - 1 (below M) of a row-major matrix with rows of len floats to be brought
+ * towards L2, one request per cache line. The backward prefetches the next chunk's rows of g and x~ while it
+ * computes on this chunk's (already in cache): its first passes over a chunk otherwise wait on memory
+ * (measured at 4096 x 768, r=8, caches flushed before each call as in a training step: 2.08 -> 1.87 ms
+ * without dx's term, 2.56 -> 2.33 ms with it; the same a chunk further ahead, or into L1, gained no more). */
+static inline void prefetch_rows(const float *base, int64_t first, int64_t count, int64_t M, int64_t len) {
+    for (int64_t i = first; i < first + count && i < M; ++i)
+        for (int64_t k = 0; k < len; k += 64 / (int64_t)sizeof(float)) __builtin_prefetch(base + i * len + k, 0, 2);
+}
+
 /* The backward's passes (lora_backward_f32; dora_backward_f32 adds z and gz). */
 static void backward_passes(const float *g, const float *x_lora, const float *u, const float *A, const float *Bt,
                             float scaling, int64_t M, int64_t K, int64_t N, int64_t r, float *dx, float *dA,
@@ -442,6 +452,11 @@ static void backward_passes(const float *g, const float *x_lora, const float *u,
                 int64_t i0 = blk * ROWS;
                 int valid = (int)(M - i0 < ROWS ? M - i0 : ROWS);
                 float *gBblk = gB + (i0 - row0) * r;
+                /* the next chunk's rows, four per block (this thread's next chunk under the static schedule) */
+                int64_t ahead = row0 + rows + (i0 - row0);
+                prefetch_rows(g, ahead, ROWS, M, N);
+                if (z) prefetch_rows(z, ahead, ROWS, M, N);
+                if (dA || u_from_x) prefetch_rows(x_lora, ahead, ROWS, M, K);
                 const float *gr[ROWS];
                 block_rows(g, i0, M, N, gr);
                 dots4(gr, Bt, r, N, gBblk);  /* rows past M (only in the last block) are never read below */
