@@ -399,6 +399,16 @@ static inline void prefetch_rows(const float *base, int64_t first, int64_t count
         for (int64_t k = 0; k < len; k += 64 / (int64_t)sizeof(float)) __builtin_prefetch(base + i * len + k, 0, 2);
 }
 
+/* The same for rows order[first] .. order[first + count - 1] (positions below M): a mixed batch's gathered rows,
+ * whose addresses no hardware prefetcher can guess (the mixed backward, 8 adapters at 4096 x 768, r=8, cold
+ * caches: 2.53 -> 2.30 ms; the mixed forward, whose rows come in runs of a batch row's tokens, gained nothing). */
+static inline void prefetch_ordered(const float *base, const int64_t *order, int64_t first, int64_t count, int64_t M,
+                                    int64_t len) {
+    for (int64_t p = first; p < first + count && p < M; ++p)
+        for (int64_t k = 0; k < len; k += 64 / (int64_t)sizeof(float))
+            __builtin_prefetch(base + order[p] * len + k, 0, 2);
+}
+
 /* The backward's passes (lora_backward_f32; dora_backward_f32 adds z and gz). */
 static void backward_passes(const float *g, const float *x_lora, const float *u, const float *A, const float *Bt,
                             float scaling, int64_t M, int64_t K, int64_t N, int64_t r, float *dx, float *dA,
@@ -646,6 +656,9 @@ void lora_mixed_backward_f32(const float *g, const float *x_lora, const float *u
             for (int64_t t0 = 0; t0 < rows; t0 += ROWS) {
                 int valid = (int)(rows - t0 < ROWS ? rows - t0 : ROWS);
                 const float *gr[ROWS];
+                /* the next chunk's rows, four per block (as the single-adapter backward does) */
+                prefetch_ordered(g, order, p0 + chunk_rows + t0, ROWS, M, N);
+                if (dA[a]) prefetch_ordered(x_lora, order, p0 + chunk_rows + t0, ROWS, M, K);
                 for (int q = 0; q < ROWS; ++q) gr[q] = grows[t0 + (q < valid ? q : 0)];
                 dots4(gr, Bt[a], r, N, gB + t0 * r);  /* rows past `valid` land in gB's spare rows, never read */
                 if (dx) {
