@@ -95,13 +95,7 @@ def compare_dora(layer: LoraLinear, x: torch.Tensor, seed: int = 0, perturb: Opt
     length = max(int(np.prod(x.shape[:-1])), layer.in_features, layer.out_features)
     # two more roundings than plain LoRA: c to the compute dtype, and the product c z
     limit = bound(dtype, length) + 2 * TOLERANCE[dtype][0]
-    got = {"y": y, **grads}
-    for name, factor in (perturb or {}).items():
-        got[name] = got[name].detach().double() + factor * limit * torch.as_tensor(mag[name])
-    errors, details = {}, {}
-    for name in got:
-        errors[name], details[name] = rel_error(got[name], ref[name], mag[name], dtype)
-    return Comparison(dtype, tuple(x.shape), errors, details, limit)
+    return _judged({"y": y, **grads}, ref, mag, limit, dtype, tuple(x.shape), perturb)
 
 
 def compare_mixed_dora(layer: LoraLinear, x: torch.Tensor, slots: list[int], names: list[str], seed: int = 0,
@@ -150,12 +144,19 @@ def compare_mixed_dora(layer: LoraLinear, x: torch.Tensor, slots: list[int], nam
             ref[f"{key}{slot}"] = ref[f"{key}{slot}"] + out[key]
             mag[f"{key}{slot}"] = mag[f"{key}{slot}"] + part[key]
     limit = bound(dtype, max(len(slots), layer.in_features, layer.out_features)) + 2 * TOLERANCE[dtype][0]
+    return _judged(got, ref, mag, limit, dtype, tuple(x.shape), perturb)
+
+
+def _judged(got: dict, ref: dict, mag: dict, limit: float, dtype: torch.dtype, shape: tuple,
+            perturb: Optional[dict]) -> Comparison:
+    """Each result's error against its reference, in units of its per-element bound; ``perturb`` {name: factor}
+    first spoils a result by factor x its bound (the mutation check)."""
     for name, factor in (perturb or {}).items():
         got[name] = got[name].detach().double() + factor * limit * torch.as_tensor(mag[name])
     errors, details = {}, {}
     for name in got:
         errors[name], details[name] = rel_error(got[name], ref[name], mag[name], dtype)
-    return Comparison(dtype, tuple(x.shape), errors, details, limit)
+    return Comparison(dtype, shape, errors, details, limit)
 
 
 def _reference_weight(layer: LoraLinear, dtype: torch.dtype) -> np.ndarray:

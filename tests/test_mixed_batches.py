@@ -17,7 +17,7 @@ from lorakern.errors import AdapterError, LorakernError
 from lorakern.nf4.codec import quantize_nf4
 from lorakern.nf4.storage import NF4Storage
 from lorakern.rows import group_rows
-from toy_models import Toy, randomize
+from toy_models import Toy, check_compiled_mixed_batch, randomize, train_mixed_and_alone
 
 
 def f64(t):
@@ -193,28 +193,11 @@ def toy_two_adapters():
 def test_training_two_adapters_mixed_equals_training_each_alone_on_its_rows():
     gen = torch.Generator().manual_seed(2)
     data = [(torch.randn(6, 4, 8, generator=gen), torch.randn(6, 4, 3, generator=gen)) for _ in range(3)]
-    rows = ["a", "b", "b", None, "a", "b"]
-    mixed = toy_two_adapters()
-    params = [p for n, p in mixed.named_parameters() if ".adapters." in n or ".modules_to_save." in n]
-    optimizer = torch.optim.SGD(params, lr=0.005)
-    for x, y in data:
-        optimizer.zero_grad()
-        with lorakern.adapter_rows(mixed, rows):
-            loss = ((mixed(x) - y) ** 2).sum()  # summed over rows: each adapter's loss is its rows' sum
-        loss.backward()
-        optimizer.step()
-    for name in ("a", "b"):
-        alone = toy_two_adapters()
-        lorakern.set_adapter(alone, name)
-        mine = [i for i, r in enumerate(rows) if r == name]
-        optimizer = torch.optim.SGD([p for p in alone.parameters() if p.requires_grad], lr=0.005)
-        for x, y in data:
-            optimizer.zero_grad()
-            ((alone(x[mine]) - y[mine]) ** 2).sum().backward()
-            optimizer.step()
+    mixed, alone = train_mixed_and_alone(toy_two_adapters, ["a", "b", "b", None, "a", "b"], data)
+    for name, model in alone.items():
         trained = {n: p for n, p in mixed.named_parameters() if f".{name}." in n}
         assert trained
-        for n, p in alone.named_parameters():
+        for n, p in model.named_parameters():
             if n in trained:
                 torch.testing.assert_close(trained[n], p, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
     base_rows = torch.randn(1, 4, 8)
@@ -227,26 +210,7 @@ def test_training_two_adapters_mixed_equals_training_each_alone_on_its_rows():
 def test_compiled_mixed_batch_has_no_graph_breaks_and_matches_eager():
     model = toy_two_adapters()
     x = torch.randn(4, 3, 8)
-    rows = ["b", None, "a", "b"]
-
-    def loss_and_grads(fn):
-        for p in model.parameters():
-            p.grad = None
-        with lorakern.adapter_rows(model, rows):
-            out = fn(x)
-            out.square().sum().backward()
-        return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-    eager_out, eager_grads = loss_and_grads(model)
-    with lorakern.adapter_rows(model, rows):
-        explanation = torch._dynamo.explain(model)(x)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    compiled = torch.compile(model, backend="aot_eager")
-    compiled_out, compiled_grads = loss_and_grads(compiled)
-    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-6)
-    assert compiled_grads.keys() == eager_grads.keys()
-    for name in eager_grads:
-        torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    compiled, _ = check_compiled_mixed_batch(model, x, ["b", None, "a", "b"])
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with lorakern.adapter_rows(model, ["a", "a", None, "b"]):  # other rows, same adapters: no recompile
         compiled(x).sum().backward()

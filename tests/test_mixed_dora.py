@@ -21,7 +21,7 @@ from lorakern import LoraConfig, LoraLinear, core, dispatch, dora, inject, mixed
 from lorakern.errors import LorakernError
 from lorakern.testing import reference_nf4_weight
 from lorakern.testing_masks import torch_mask
-from toy_models import Toy, randomize
+from toy_models import Toy, check_compiled_mixed_batch, randomize, train_mixed_and_alone
 
 DROPOUT_SEED = 11
 ROWS = ("every row one DoRA adapter, alone (the single-adapter call)",
@@ -261,25 +261,8 @@ def toy_two_dora_adapters(quantize=None):
 def test_training_two_dora_adapters_mixed_equals_training_each_alone_on_its_rows():
     gen = torch.Generator().manual_seed(2)
     data = [(torch.randn(6, 4, 8, generator=gen), torch.randn(6, 4, 3, generator=gen)) for _ in range(3)]
-    rows = ["a", "b", "b", None, "a", "b"]
-    mixed_model = toy_two_dora_adapters()
-    params = [p for n, p in mixed_model.named_parameters() if ".adapters." in n or ".modules_to_save." in n]
-    optimizer = torch.optim.SGD(params, lr=0.005)
-    for x, y in data:
-        optimizer.zero_grad()
-        with lorakern.adapter_rows(mixed_model, rows):
-            loss = ((mixed_model(x) - y) ** 2).sum()  # summed over rows: each adapter's loss is its rows' sum
-        loss.backward()
-        optimizer.step()
-    for name in ("a", "b"):
-        alone = toy_two_dora_adapters()
-        lorakern.set_adapter(alone, name)
-        mine = [i for i, r in enumerate(rows) if r == name]
-        optimizer = torch.optim.SGD([p for p in alone.parameters() if p.requires_grad], lr=0.005)
-        for x, y in data:
-            optimizer.zero_grad()
-            ((alone(x[mine]) - y[mine]) ** 2).sum().backward()
-            optimizer.step()
+    mixed_model, alone_models = train_mixed_and_alone(toy_two_dora_adapters, ["a", "b", "b", None, "a", "b"], data)
+    for name, alone in alone_models.items():
         trained = {n: p for n, p in mixed_model.named_parameters() if f".{name}." in n}
         initial = dict(toy_two_dora_adapters().named_parameters())
         magnitudes = [n for n in trained if n.endswith("lora_magnitude_vector")]
@@ -358,28 +341,9 @@ def compare_with_peft(tmp_path):
 
 @pytest.mark.parametrize("quantize", [None, "nf4"], ids=["dense", "nf4"])
 def test_compiled_mixed_dora_batch_has_no_graph_breaks_and_matches_eager(quantize):
-    model = toy_two_dora_adapters(quantize)
-    x = torch.randn(4, 3, 8)
-    rows = ["b", None, "a", "b"]
-
-    def loss_and_grads(fn):
-        for p in model.parameters():
-            p.grad = None
-        with lorakern.adapter_rows(model, rows):
-            out = fn(x)
-            out.square().sum().backward()
-        return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-    eager_out, eager_grads = loss_and_grads(model)
+    _, eager_grads = check_compiled_mixed_batch(toy_two_dora_adapters(quantize), torch.randn(4, 3, 8),
+                                                ["b", None, "a", "b"])
     assert any(n.endswith("lora_magnitude_vector") for n in eager_grads)
-    with lorakern.adapter_rows(model, rows):
-        explanation = torch._dynamo.explain(model)(x)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    compiled_out, compiled_grads = loss_and_grads(torch.compile(model, backend="aot_eager"))
-    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-6)
-    assert compiled_grads.keys() == eager_grads.keys()
-    for name in eager_grads:
-        torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_explicit_c_and_triton_requests_decline_dora_mixed_batches_by_name():
