@@ -12,10 +12,13 @@ It must run with TRITON_INTERPRET=0: interpreted kernels cannot be compiled.
 --ptx-dir writes each case's PTX to DIR/<kernel>-<weight>-<dtype>-sm<arch>-r<R_PAD>-c<config index>.ptx, so
 two trees' kernels can be diffed (a refactor that must not change the compiled code, a reviewer's check);
 --sample N compiles only N configs per (kernel, weight, dtype, R_PAD), spread evenly over its list.
+--compare-ptx BEFORE AFTER compiles nothing: it diffs two such folders case by case, ignoring only the debug
+line info (ptx_code), and fails when any case's code differs.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 import json
 import os
@@ -255,6 +258,42 @@ def markdown(reports: list[Report]) -> str:
     return "\n".join(rows)
 
 
+def ptx_code(ptx: str) -> list[str]:
+    """The lines of a PTX that make up its code: without the .loc and .file line info, the $L__tmp labels
+    only that info refers to, and the .debug_* sections, which change whenever the kernels' source moves
+    (a helper's line, the file it lives in) while the instructions stay the same."""
+    lines = []
+    for line in ptx.splitlines(keepends=True):
+        if re.match(r"\s*\.section\s+\.debug", line):
+            break
+        if not re.match(r"\s*\.(loc|file)\b|\$L__tmp\d+:", line):
+            lines.append(line)
+    return lines
+
+
+def compare_ptx(before: str, after: str) -> tuple[list[str], dict[str, list[str]], list[str]]:
+    """(identical, differing: name -> unified diff, unmatched) over the case files of two --ptx-dir folders."""
+    names_before, names_after = set(os.listdir(before)), set(os.listdir(after))
+    identical, differing = [], {}
+    for name in sorted(names_before & names_after):
+        with open(os.path.join(before, name)) as old, open(os.path.join(after, name)) as new:
+            a, b = ptx_code(old.read()), ptx_code(new.read())
+        if a == b:
+            identical.append(name)
+        else:
+            differing[name] = list(difflib.unified_diff(a, b, f"{before}/{name}", f"{after}/{name}", n=1))
+    return identical, differing, sorted(names_before ^ names_after)
+
+
+def _compare_main(before: str, after: str) -> int:
+    identical, differing, unmatched = compare_ptx(before, after)
+    for name, diff in differing.items():
+        print(f"{name}: code differs")
+        sys.stdout.writelines(diff[:40])
+    print(f"{len(identical)} cases identical, {len(differing)} differ, {len(unmatched)} in one folder only")
+    return 1 if differing or not identical else 0
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -272,7 +311,11 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--ptx-dir", help="also write each case's PTX into this folder (made if absent)")
     parser.add_argument("--sample", type=_positive, help="only N configs per (kernel, weight, dtype, R_PAD), spread")
+    parser.add_argument("--compare-ptx", nargs=2, metavar=("BEFORE", "AFTER"),
+                        help="compile nothing: diff the code of two --ptx-dir folders")
     args = parser.parse_args(argv)
+    if args.compare_ptx:
+        return _compare_main(*args.compare_ptx)
     reports = run(tuple(args.arch or (80, 90)), tuple(args.dtype or DTYPES), tuple(args.weight or WEIGHTS),
                   workers=args.workers, kinds=tuple(args.kernel or KINDS), ptx_dir=args.ptx_dir, sample=args.sample)
     print(markdown(reports))
