@@ -13,7 +13,9 @@ import triton
 import triton.language as tl
 
 from lorakern.kernels.dora_tiles import _load_scale, _scaled
-from lorakern.kernels.tiles import _atomic_add, _dot, _dropout_keep, _keep_scale, _load, _load_weight, _store, _tile_ids
+from lorakern.kernels.loops import _bwd_n_loop, _bwd_n_loop_gb
+from lorakern.kernels.tiles import (_atomic_add, _dot, _dropout_keep, _dropped, _keep_scale, _load, _program_tiles,
+                                    _store)
 
 
 @triton.jit
@@ -40,7 +42,7 @@ def _bwd_epilogue(acc, acc_xl, gb_scaled, a_ptr, x_ptr, dx_ptr, da_ptr, offs_m, 
     if NEED_DA:
         x_tile = _load(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
         if HAS_DROPOUT:
-            x_tile = tl.where(keep, x_tile.to(ACC_DTYPE) * keep_scale, 0.0).to(x_tile.dtype)
+            x_tile = _dropped(x_tile, keep, keep_scale, ACC_DTYPE)
         # dA += (s gB)^T x~
         part = _dot(tl.trans(gb_scaled), x_tile, tl.zeros((gb_scaled.shape[1], x_tile.shape[1]), dtype=ACC_DTYPE),
                     DOT_PRECISION, UPCAST)
@@ -79,39 +81,18 @@ def _lora_bwd_kernel(
     pass adds dc += sum_rows(g z). With dropout dx = g W + ((gc - g) W + (s gcB) A) * keep / (1 - p): the
     N loops accumulate (gc - g) W beside g W (a second dot per tile).
     """
-    pid = tl.program_id(0)
-    num_tiles_k = tl.cdiv(K, BLOCK_K)
-    pid_m, pid_g = _tile_ids(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(num_tiles_k, TILES_K), GROUP_M)
+    w = (w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr, wq_offset, wq_blocksize, stride_wn,
+         stride_wk)  # the W operand of tiles._load_weight
+    pid_m, pid_g, num_tiles_k = _program_tiles(M, K, 0, BLOCK_M, BLOCK_K, TILES_K, GROUP_M)
     keep_scale = _keep_scale(dropout_p)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
 
     # First K tile: g W and gB = g B in one N loop.
     offs_k = pid_g * TILES_K * BLOCK_K + tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
-    acc_xl = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)  # (gc - g) W: DoRA with dropout only (else dead)
-    gb = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        g_tile = _load(g_ptr, offs_m, offs_n, stride_gm, stride_gn, M, N)
-        gc_tile = g_tile
-        if HAS_MAGNITUDE:
-            # gc = g diag(c)
-            c = _load_scale(c_ptr, offs_n, N, ACC_DTYPE)
-            gc_tile = _scaled(g_tile, c, ACC_DTYPE)
-        if NEED_DX:
-            w_tile = _load_weight(w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr, wq_offset,
-                                  wq_blocksize, offs_n, offs_k, stride_wn, stride_wk, N, K, False, W_NF4, W_NESTED,
-                                  g_ptr.dtype.element_ty)
-            if HAS_MAGNITUDE and HAS_DROPOUT:
-                # acc += g W;  acc_xl += (gc - g) W = (g diag(c - 1)) W
-                acc = _dot(g_tile, w_tile, acc, DOT_PRECISION, UPCAST)
-                acc_xl = _dot(_scaled(g_tile, c - 1.0, ACC_DTYPE), w_tile, acc_xl, DOT_PRECISION, UPCAST)
-            else:
-                # acc += gc W, with the W tile (BLOCK_N, BLOCK_K)
-                acc = _dot(gc_tile, w_tile, acc, DOT_PRECISION, UPCAST)
-        # gB += gc B, with the B tile (BLOCK_N, R_PAD)
-        gb = _dot(gc_tile, _load(b_ptr, offs_n, offs_r, stride_bn, stride_br, N, R), gb, DOT_PRECISION, UPCAST)
+    acc, acc_xl, gb = _bwd_n_loop_gb(g_ptr, offs_m, None, M, stride_gm, stride_gn, w, offs_k, K, b_ptr, offs_r, R,
+                                     stride_bn, stride_br, c_ptr, N, NEED_DX, HAS_DROPOUT, HAS_MAGNITUDE, W_NF4,
+                                     W_NESTED, BLOCK_N, ACC_DTYPE, DOT_PRECISION, UPCAST)
     gb_scaled = (gb * scaling).to(g_ptr.dtype.element_ty)
     _bwd_epilogue(acc, acc_xl, gb_scaled, a_ptr, x_ptr, dx_ptr, da_ptr, offs_m, offs_k, offs_r, M, K, R,
                   stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk, dropout_p, seed, keep_scale,
@@ -144,25 +125,9 @@ def _lora_bwd_kernel(
             tile_k = pid_g * TILES_K + t
             if tile_k < num_tiles_k:
                 offs_k = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
-                acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
-                acc_xl = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
-                if NEED_DX:
-                    for n0 in range(0, N, BLOCK_N):
-                        offs_n = n0 + tl.arange(0, BLOCK_N)
-                        w_tile = _load_weight(w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr,
-                                              wq_offset, wq_blocksize, offs_n, offs_k, stride_wn, stride_wk, N, K,
-                                              False, W_NF4, W_NESTED, g_ptr.dtype.element_ty)
-                        g_tile = _load(g_ptr, offs_m, offs_n, stride_gm, stride_gn, M, N)
-                        if HAS_MAGNITUDE:
-                            c = _load_scale(c_ptr, offs_n, N, ACC_DTYPE)
-                            if HAS_DROPOUT:
-                                # acc_xl += (gc - g) W; acc below: g W
-                                acc_xl = _dot(_scaled(g_tile, c - 1.0, ACC_DTYPE), w_tile, acc_xl, DOT_PRECISION,
-                                              UPCAST)
-                            else:
-                                # acc below: gc W
-                                g_tile = _scaled(g_tile, c, ACC_DTYPE)
-                        acc = _dot(g_tile, w_tile, acc, DOT_PRECISION, UPCAST)
+                acc, acc_xl = _bwd_n_loop(g_ptr, offs_m, None, M, stride_gm, stride_gn, w, offs_k, K, c_ptr, N, NEED_DX,
+                                          HAS_DROPOUT, HAS_MAGNITUDE, W_NF4, W_NESTED, BLOCK_N, ACC_DTYPE,
+                                          DOT_PRECISION, UPCAST)
                 _bwd_epilogue(acc, acc_xl, gb_scaled, a_ptr, x_ptr, dx_ptr, da_ptr, offs_m, offs_k, offs_r, M, K, R,
                               stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk, dropout_p, seed,
                               keep_scale, HAS_DROPOUT, HAS_MAGNITUDE, NEED_DX, NEED_DA, ACC_DTYPE, DOT_PRECISION,

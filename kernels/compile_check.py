@@ -1,16 +1,25 @@
 """Compile every kernel and autotune config for real GPUs on a machine without one.
 
     python -m lorakern.kernels.compile_check --arch 80 --arch 90 [--kernel mixed_fwd] [--json report.json]
+        [--ptx-dir DIR] [--sample N]
 
 For each (kernel, dtype, config, arch, padded rank) this builds PTX and a cubin with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, reads registers and spill bytes
 from the ``ptxas -v`` shipped inside the triton package (the compiled kernel's n_regs stays empty
 until it is loaded on a device), the shared memory from the metadata, and whether the PTX uses wgmma.
 It must run with TRITON_INTERPRET=0: interpreted kernels cannot be compiled.
+
+--ptx-dir writes each case's PTX to DIR/<kernel>-<weight>-<dtype>-sm<arch>-r<R_PAD>-c<config index>.ptx, so
+two trees' kernels can be diffed (a refactor that must not change the compiled code, a reviewer's check);
+--sample N compiles only N configs per (kernel, weight, dtype, R_PAD), spread evenly over its list.
+--compare-ptx BEFORE AFTER compiles nothing: it diffs two such folders case by case, ignoring only the debug
+line info (ptx_code), and fails when any case's code differs.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
+import functools
 import json
 import os
 import re
@@ -138,8 +147,16 @@ def _signature(kind: str, dtype: str, r_pad: int, meta: dict, weight: str = "den
     return kernel, signature, constexprs, attrs
 
 
-def compile_one(kind: str, dtype: str, arch: int, r_pad: int, config_index: int, weight: str = "dense") -> Report:
-    return compile_config(kind, dtype, arch, r_pad, _configs(kind, dtype, r_pad, weight)[config_index], weight)
+def ptx_name(kind: str, dtype: str, arch: int, r_pad: int, config_index: int, weight: str = "dense") -> str:
+    return f"{kind}-{weight}-{dtype}-sm{arch}-r{r_pad}-c{config_index}.ptx"
+
+
+def compile_one(kind: str, dtype: str, arch: int, r_pad: int, config_index: int, weight: str = "dense",
+                ptx_dir: str | None = None) -> Report:
+    ptx_path = None if ptx_dir is None else os.path.join(ptx_dir, ptx_name(kind, dtype, arch, r_pad, config_index,
+                                                                           weight))
+    return compile_config(kind, dtype, arch, r_pad, _configs(kind, dtype, r_pad, weight)[config_index], weight,
+                          ptx_path)
 
 
 def _configs(kind: str, dtype: str, r_pad: int, weight: str) -> list:
@@ -152,8 +169,9 @@ def _configs(kind: str, dtype: str, r_pad: int, weight: str) -> list:
     return get_autotune_config(kind, getattr(torch, dtype), r_pad, weight)
 
 
-def compile_config(kind: str, dtype: str, arch: int, r_pad: int, config, weight: str = "dense") -> Report:
-    """Compile one triton.Config of one kernel for sm_<arch> and report on it."""
+def compile_config(kind: str, dtype: str, arch: int, r_pad: int, config, weight: str = "dense",
+                   ptx_path: str | None = None) -> Report:
+    """Compile one triton.Config of one kernel for sm_<arch> and report on it (its PTX also to ptx_path)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -165,6 +183,10 @@ def compile_config(kind: str, dtype: str, arch: int, r_pad: int, config, weight:
     compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                               options=options.__dict__)
     ptx = compiled.asm["ptx"]
+    if ptx_path is not None:
+        from lorakern._io import atomic_write_bytes
+
+        atomic_write_bytes(ptx_path, ptx.encode())
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as handle:
@@ -188,7 +210,16 @@ def compile_config(kind: str, dtype: str, arch: int, r_pad: int, config, weight:
     )
 
 
-def all_jobs(archs=(80, 90), dtypes=DTYPES, weights=WEIGHTS, kinds=KINDS) -> list[tuple]:
+def _spread(count: int, sample: int | None) -> list[int]:
+    """Indices of ``sample`` of ``count`` configs, first to last evenly (the middle one alone for 1)."""
+    if sample is None or sample >= count:
+        return list(range(count))
+    if sample == 1:
+        return [count // 2]
+    return sorted({round(i * (count - 1) / (sample - 1)) for i in range(sample)})
+
+
+def all_jobs(archs=(80, 90), dtypes=DTYPES, weights=WEIGHTS, kinds=KINDS, sample: int | None = None) -> list[tuple]:
     from lorakern.kernels.configs import RANK_PADS
 
     jobs = []
@@ -196,22 +227,25 @@ def all_jobs(archs=(80, 90), dtypes=DTYPES, weights=WEIGHTS, kinds=KINDS) -> lis
         for weight in weights:
             for dtype in dtypes:
                 for r_pad in RANK_PADS:
-                    for index in range(len(_configs(kind, dtype, r_pad, weight))):
+                    for index in _spread(len(_configs(kind, dtype, r_pad, weight)), sample):
                         for arch in archs:
                             jobs.append((kind, dtype, arch, r_pad, index, weight))
     return jobs
 
 
-def _run(job):
-    return compile_one(*job)
+def _run(job, ptx_dir=None):
+    return compile_one(*job, ptx_dir=ptx_dir)
 
 
-def run(archs=(80, 90), dtypes=DTYPES, weights=WEIGHTS, workers: int = 2, kinds=KINDS) -> list[Report]:
+def run(archs=(80, 90), dtypes=DTYPES, weights=WEIGHTS, workers: int = 2, kinds=KINDS, ptx_dir: str | None = None,
+        sample: int | None = None) -> list[Report]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise ValueError("compile checks need compiled kernels: run with TRITON_INTERPRET=0")
-    jobs = all_jobs(archs, dtypes, weights, kinds)
+    jobs = all_jobs(archs, dtypes, weights, kinds, sample)
+    if ptx_dir is not None:
+        os.makedirs(ptx_dir, exist_ok=True)
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_run, jobs))
+        return list(pool.map(functools.partial(_run, ptx_dir=ptx_dir), jobs))
 
 
 def markdown(reports: list[Report]) -> str:
@@ -224,6 +258,49 @@ def markdown(reports: list[Report]) -> str:
     return "\n".join(rows)
 
 
+def ptx_code(ptx: str) -> list[str]:
+    """The lines of a PTX that make up its code: without the .loc and .file line info, the $L__tmp labels
+    only that info refers to, and the .debug_* sections, which change whenever the kernels' source moves
+    (a helper's line, the file it lives in) while the instructions stay the same."""
+    lines = []
+    for line in ptx.splitlines(keepends=True):
+        if re.match(r"\s*\.section\s+\.debug", line):
+            break
+        if not re.match(r"\s*\.(loc|file)\b|\$L__tmp\d+:", line):
+            lines.append(line)
+    return lines
+
+
+def compare_ptx(before: str, after: str) -> tuple[list[str], dict[str, list[str]], list[str]]:
+    """(identical, differing: name -> unified diff, unmatched) over the case files of two --ptx-dir folders."""
+    names_before, names_after = set(os.listdir(before)), set(os.listdir(after))
+    identical, differing = [], {}
+    for name in sorted(names_before & names_after):
+        with open(os.path.join(before, name)) as old, open(os.path.join(after, name)) as new:
+            a, b = ptx_code(old.read()), ptx_code(new.read())
+        if a == b:
+            identical.append(name)
+        else:
+            differing[name] = list(difflib.unified_diff(a, b, f"{before}/{name}", f"{after}/{name}", n=1))
+    return identical, differing, sorted(names_before ^ names_after)
+
+
+def _compare_main(before: str, after: str) -> int:
+    identical, differing, unmatched = compare_ptx(before, after)
+    for name, diff in differing.items():
+        print(f"{name}: code differs")
+        sys.stdout.writelines(diff[:40])
+    print(f"{len(identical)} cases identical, {len(differing)} differ, {len(unmatched)} in one folder only")
+    return 1 if differing or not identical else 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--sample {value}: give a number of configs >= 1")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT))
@@ -232,9 +309,15 @@ def main(argv=None) -> int:
     parser.add_argument("--kernel", action="append", choices=KINDS, help="only these kernels (default: all)")
     parser.add_argument("--json", help="also write the reports as JSON here")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--ptx-dir", help="also write each case's PTX into this folder (made if absent)")
+    parser.add_argument("--sample", type=_positive, help="only N configs per (kernel, weight, dtype, R_PAD), spread")
+    parser.add_argument("--compare-ptx", nargs=2, metavar=("BEFORE", "AFTER"),
+                        help="compile nothing: diff the code of two --ptx-dir folders")
     args = parser.parse_args(argv)
+    if args.compare_ptx:
+        return _compare_main(*args.compare_ptx)
     reports = run(tuple(args.arch or (80, 90)), tuple(args.dtype or DTYPES), tuple(args.weight or WEIGHTS),
-                  workers=args.workers, kinds=tuple(args.kernel or KINDS))
+                  workers=args.workers, kinds=tuple(args.kernel or KINDS), ptx_dir=args.ptx_dir, sample=args.sample)
     print(markdown(reports))
     if args.json:
         from lorakern._io import atomic_write_bytes

@@ -51,6 +51,8 @@ def _lora_fwd_kernel(
     column group write it out for the backward. DoRA with dropout accumulates x~ W^T beside x W^T in the
     same K loops (a second dot per tile; the mask is redrawn for the other N tiles).
     """
+    w = (w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr, wq_offset, wq_blocksize, stride_wn,
+         stride_wk)  # the W operand of tiles._load_weight
     pid = tl.program_id(0)
     num_tiles_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_g = _tile_ids(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(num_tiles_n, TILES_N), GROUP_M)
@@ -67,9 +69,7 @@ def _lora_fwd_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_tile = _load(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
         # acc += x W^T, with the W^T tile (BLOCK_K, BLOCK_N)
-        w_tile = _load_weight(w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr, wq_offset,
-                              wq_blocksize, offs_n, offs_k, stride_wn, stride_wk, N, K, True, W_NF4, W_NESTED,
-                              y_ptr.dtype.element_ty)
+        w_tile = _load_weight(w, offs_n, offs_k, N, K, True, W_NF4, W_NESTED, y_ptr.dtype.element_ty)
         acc = _dot(x_tile, w_tile, acc, DOT_PRECISION, UPCAST)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, offs_m, offs_k, K, dropout_p)
@@ -99,9 +99,7 @@ def _lora_fwd_kernel(
             acc_xl = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
-                w_tile = _load_weight(w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr,
-                                      wq_offset, wq_blocksize, offs_n, offs_k, stride_wn, stride_wk, N, K, True,
-                                      W_NF4, W_NESTED, y_ptr.dtype.element_ty)
+                w_tile = _load_weight(w, offs_n, offs_k, N, K, True, W_NF4, W_NESTED, y_ptr.dtype.element_ty)
                 x_tile = _load(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
                 acc = _dot(x_tile, w_tile, acc, DOT_PRECISION, UPCAST)
                 if HAS_MAGNITUDE:

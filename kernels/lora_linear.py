@@ -11,6 +11,7 @@ kernels with lorakern.dispatch (lorakern.kernels.BACKENDS names it). The code, b
 
     tiles.py      shared @triton.jit helpers: masked loads and stores, the dot, atomic adds, the W tile
                   (dense or NF4-decoded), the dropout mask, the grouped program order
+    loops.py      inner loops the kernels share: the decoding kernel's K loop, the backward kernels' N loops
     forward.py    the forward kernel and its epilogue
     backward.py   the backward kernel and its epilogue
     small_m.py    the decoding kernel (M <= SMALL_M, split-K)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lorakern.kernels.mixed_forward import _load_rows, _segment_tile, _slot_constants, _store_rows, _tile_rows
-from lorakern.kernels.tiles import _dot, _dropout_keep, _load, _load_weight, _tile_ids
+from lorakern.kernels.loops import _bwd_n_loop, _bwd_n_loop_gb
+from lorakern.kernels.mixed_forward import _segment_tile, _slot_constants, _tile_rows
+from lorakern.kernels.tiles import _dot, _dropout_keep, _dropped, _load, _load_rows, _store_rows, _tile_ids
 
 
 @triton.jit
@@ -45,7 +46,7 @@ def _mixed_bwd_epilogue(acc, gb_scaled, a_tile_ptr, x_ptr, dx_ptr, da_tile_ptr, 
         if NEED_DA:
             x_tile = _load_rows(x_ptr, rows, row_ok, offs_k, stride_xm, stride_xk, K)
             if HAS_DROPOUT:
-                x_tile = tl.where(keep, x_tile.to(ACC_DTYPE) * keep_scale, 0.0).to(x_tile.dtype)
+                x_tile = _dropped(x_tile, keep, keep_scale, ACC_DTYPE)
             # dA_a += (s_a gB)^T x~
             part = _dot(tl.trans(gb_scaled), x_tile,
                         tl.zeros((gb_scaled.shape[1], x_tile.shape[1]), dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
@@ -84,6 +85,8 @@ def _mixed_bwd_kernel(
         dB_a += s_a g^T u,  dbias += sum_rows g      atomically
     Base-only rows and absent adapters (rank 0) get dx = g W and add to dbias only.
     """
+    w = (w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr, wq_offset, wq_blocksize, stride_wn,
+         stride_wk)  # the W operand of tiles._load_weight
     pid = tl.program_id(0)
     num_tiles_k = tl.cdiv(K, BLOCK_K)
     pid_m, pid_g = _tile_ids(pid, tl.cdiv(M, BLOCK_M) + n_slots, tl.cdiv(num_tiles_k, TILES_K), GROUP_M)
@@ -101,20 +104,9 @@ def _mixed_bwd_kernel(
 
     # First K tile: g W and gB = g B_a in one N loop.
     offs_k = pid_g * TILES_K * BLOCK_K + tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
-    gb = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        g_tile = _load_rows(g_ptr, rows, row_ok, offs_n, stride_gm, stride_gn, N)
-        if NEED_DX:
-            # acc += g W, with the W tile (BLOCK_N, BLOCK_K)
-            w_tile = _load_weight(w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr, wq_offset,
-                                  wq_blocksize, offs_n, offs_k, stride_wn, stride_wk, N, K, False, W_NF4, W_NESTED,
-                                  g_ptr.dtype.element_ty)
-            acc = _dot(g_tile, w_tile, acc, DOT_PRECISION, UPCAST)
-        # gB += g B_a, with the B_a tile (BLOCK_N, R_PAD); no branch on use_lora in the N loop (see the
-        # forward's K loop): without an adapter the tile is masked to rank 0 and gB is never used
-        gb = _dot(g_tile, _load(b_tile_ptr, offs_n, offs_r, stride_bn, stride_br, N, rank), gb, DOT_PRECISION, UPCAST)
+    acc, _, gb = _bwd_n_loop_gb(g_ptr, rows, row_ok, M, stride_gm, stride_gn, w, offs_k, K, b_tile_ptr, offs_r, rank,
+                                stride_bn, stride_br, None, N, NEED_DX, HAS_DROPOUT, False, W_NF4, W_NESTED, BLOCK_N,
+                                ACC_DTYPE, DOT_PRECISION, UPCAST)
     gb_scaled = (gb * scaling).to(g_ptr.dtype.element_ty)
     _mixed_bwd_epilogue(acc, gb_scaled, a_tile_ptr, x_ptr, dx_ptr, da_tile_ptr, rows, row_ok, offs_k, offs_r, K, rank,
                         stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk, dropout_p, seed,
@@ -142,15 +134,8 @@ def _mixed_bwd_kernel(
             tile_k = pid_g * TILES_K + t
             if tile_k < num_tiles_k:
                 offs_k = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
-                acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
-                if NEED_DX:
-                    for n0 in range(0, N, BLOCK_N):
-                        offs_n = n0 + tl.arange(0, BLOCK_N)
-                        w_tile = _load_weight(w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr,
-                                              wq_offset, wq_blocksize, offs_n, offs_k, stride_wn, stride_wk, N, K,
-                                              False, W_NF4, W_NESTED, g_ptr.dtype.element_ty)
-                        acc = _dot(_load_rows(g_ptr, rows, row_ok, offs_n, stride_gm, stride_gn, N), w_tile, acc,
-                                   DOT_PRECISION, UPCAST)
+                acc, _ = _bwd_n_loop(g_ptr, rows, row_ok, M, stride_gm, stride_gn, w, offs_k, K, None, N, NEED_DX,
+                                     HAS_DROPOUT, False, W_NF4, W_NESTED, BLOCK_N, ACC_DTYPE, DOT_PRECISION, UPCAST)
                 _mixed_bwd_epilogue(acc, gb_scaled, a_tile_ptr, x_ptr, dx_ptr, da_tile_ptr, rows, row_ok, offs_k,
                                     offs_r, K, rank, stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm,
                                     stride_dxk, dropout_p, seed, keep_scale, use_lora, HAS_DROPOUT, NEED_DX, NEED_DA,

@@ -13,7 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lorakern.kernels.tiles import _dot, _dropout_keep, _keep_scale, _load, _load_weight, _tile_ids
+from lorakern.kernels.tiles import (_dot, _dropout_keep, _keep_scale, _load, _load_rows, _load_weight, _store_rows,
+                                    _tile_ids)
 
 
 @triton.jit
@@ -64,19 +65,6 @@ def _tile_rows(order_ptr, start, end, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(ptr, rows, row_ok, cols, stride_rows, stride_cols, n_cols):
-    """The tile at ptr[rows, cols] (rows gathered), zero where not row_ok or cols >= n_cols."""
-    mask = row_ok[:, None] & (cols[None, :] < n_cols)
-    return tl.load(ptr + rows[:, None] * stride_rows + cols[None, :] * stride_cols, mask=mask, other=0.0)
-
-
-@triton.jit
-def _store_rows(ptr, value, rows, row_ok, cols, stride_rows, stride_cols, n_cols):
-    mask = row_ok[:, None] & (cols[None, :] < n_cols)
-    tl.store(ptr + rows[:, None] * stride_rows + cols[None, :] * stride_cols, value.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _mixed_fwd_epilogue(acc, u_scaled, b_tile_ptr, bias_ptr, y_ptr, rows, row_ok, offs_n, offs_r, N, rank,
                         stride_bn, stride_br, stride_ym, stride_yn, use_lora,
                         HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -118,6 +106,8 @@ def _mixed_fwd_kernel(
     the other N tiles, and written out by the first column group. Base-only rows and slots without an
     adapter (rank 0) get x W^T + b alone: their programs skip the rank-r products.
     """
+    w = (w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr, wq_offset, wq_blocksize, stride_wn,
+         stride_wk)  # the W operand of tiles._load_weight
     pid = tl.program_id(0)
     num_tiles_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_g = _tile_ids(pid, tl.cdiv(M, BLOCK_M) + n_slots, tl.cdiv(num_tiles_n, TILES_N), GROUP_M)
@@ -139,9 +129,7 @@ def _mixed_fwd_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_tile = _load_rows(x_ptr, rows, row_ok, offs_k, stride_xm, stride_xk, K)
         # acc += x W^T, with the W^T tile (BLOCK_K, BLOCK_N)
-        w_tile = _load_weight(w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr, wq_offset,
-                              wq_blocksize, offs_n, offs_k, stride_wn, stride_wk, N, K, True, W_NF4, W_NESTED,
-                              y_ptr.dtype.element_ty)
+        w_tile = _load_weight(w, offs_n, offs_k, N, K, True, W_NF4, W_NESTED, y_ptr.dtype.element_ty)
         acc = _dot(x_tile, w_tile, acc, DOT_PRECISION, UPCAST)
         if HAS_DROPOUT:
             # the mask of the row's own index, as the single-adapter kernels draw it with this slot's p
@@ -167,9 +155,7 @@ def _mixed_fwd_kernel(
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
-                w_tile = _load_weight(w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr,
-                                      wq_offset, wq_blocksize, offs_n, offs_k, stride_wn, stride_wk, N, K, True,
-                                      W_NF4, W_NESTED, y_ptr.dtype.element_ty)
+                w_tile = _load_weight(w, offs_n, offs_k, N, K, True, W_NF4, W_NESTED, y_ptr.dtype.element_ty)
                 acc = _dot(_load_rows(x_ptr, rows, row_ok, offs_k, stride_xm, stride_xk, K), w_tile, acc,
                            DOT_PRECISION, UPCAST)
             _mixed_fwd_epilogue(acc, u_scaled, b_tile_ptr, bias_ptr, y_ptr, rows, row_ok, offs_n, offs_r, N, rank,

@@ -9,7 +9,8 @@ import triton
 import triton.language as tl
 
 from lorakern.kernels.dora_tiles import _dora_small_m_epilogue
-from lorakern.kernels.tiles import _atomic_add, _dot, _dropout_keep, _keep_scale, _load, _load_weight
+from lorakern.kernels.loops import _fwd_k_loop_u
+from lorakern.kernels.tiles import _atomic_add, _dot, _keep_scale, _load
 
 
 @triton.jit
@@ -36,6 +37,8 @@ def _lora_small_m_kernel(
     K-partial u_k = x~[:, k] A^T[k], so each split adds s u_k B^T for its own k. The splits of the first
     n tile also add u_k to u; the first split adds the bias.
     """
+    w = (w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr, wq_offset, wq_blocksize, stride_wn,
+         stride_wk)  # the W operand of tiles._load_weight
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     keep_scale = _keep_scale(dropout_p)
@@ -44,25 +47,10 @@ def _lora_small_m_kernel(
     offs_r = tl.arange(0, R_PAD)
     k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_start = pid_k * k_per_split
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    acc_xl = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)  # x~ W^T: DoRA with dropout only (else dead)
-    u = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
-    for k0 in range(k_start, min(K, k_start + k_per_split), BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x_tile = _load(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
-        w_tile = _load_weight(w_ptr, wq_absmax_ptr, wq_map_ptr, wq_nested_absmax_ptr, wq_nested_map_ptr, wq_offset,
-                              wq_blocksize, offs_n, offs_k, stride_wn, stride_wk, N, K, True, W_NF4, W_NESTED,
-                              x_ptr.dtype.element_ty)
-        # acc += x W^T
-        acc = _dot(x_tile, w_tile, acc, DOT_PRECISION, UPCAST)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, offs_m, offs_k, K, dropout_p)
-            x_tile = tl.where(keep, x_tile.to(ACC_DTYPE) * keep_scale, 0.0).to(x_tile.dtype)
-            if HAS_MAGNITUDE:
-                # acc_xl += x~ W^T
-                acc_xl = _dot(x_tile, w_tile, acc_xl, DOT_PRECISION, UPCAST)
-        # u_k += x~ A^T
-        u = _dot(x_tile, _load(a_ptr, offs_k, offs_r, stride_ak, stride_ar, K, R), u, DOT_PRECISION, UPCAST)
+    acc, acc_xl, u = _fwd_k_loop_u(x_ptr, offs_m, None, M, stride_xm, stride_xk, w, offs_n, N, a_ptr, offs_r, R,
+                                   stride_ar, stride_ak, k_start, min(K, k_start + k_per_split), K, seed, dropout_p,
+                                   keep_scale, HAS_DROPOUT, HAS_MAGNITUDE, W_NF4, W_NESTED, BLOCK_K, ACC_DTYPE,
+                                   DOT_PRECISION, UPCAST)
     if HAS_MAGNITUDE:
         _dora_small_m_epilogue(acc, acc_xl, (u * scaling).to(x_ptr.dtype.element_ty), b_ptr, bias_ptr, c_ptr, y_ptr,
                                z_ptr, offs_m, offs_n, offs_r, M, N, R, stride_bn, stride_br, pid_k == 0, HAS_BIAS,

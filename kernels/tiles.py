@@ -1,9 +1,11 @@
-"""Shared @triton.jit helpers of the fused LoRA kernels (forward.py, backward.py, small_m.py).
+"""Shared @triton.jit helpers of the fused LoRA kernels (forward.py, backward.py, small_m.py, mixed_*.py,
+and the loops they share, loops.py).
 
-Masked tile loads and stores, the dot with the interpreter's bf16 workaround, atomic accumulation into
-fp32 buffers, the W tile (dense, or NF4 decoded where it is loaded), the dropout mask every kernel draws
-from the same Philox bits, and the grouped program order. Also the kernel that writes that mask out
-(launched by dropout_mask in launchers.py).
+Masked tile loads and stores (of a block of rows, or of rows gathered by index), the dot with the
+interpreter's bf16 workaround, atomic accumulation into fp32 buffers, the W tile (dense, or NF4 decoded
+where it is loaded), the dropout mask every kernel draws from the same Philox bits and x~ = x * mask,
+and the grouped program order. Also the kernel that writes that mask out (launched by dropout_mask in
+launchers.py).
 
 Triton resolves the globals of a kernel in the kernel's own module: each kernel module imports the
 helpers it calls from here by name.
@@ -40,6 +42,30 @@ def _store(ptr, value, rows, cols, stride_rows, stride_cols, n_rows, n_cols):
 
 
 @triton.jit
+def _load_rows(ptr, rows, row_ok, cols, stride_rows, stride_cols, n_cols):
+    """The tile at ptr[rows, cols] (rows gathered), zero where not row_ok or cols >= n_cols."""
+    mask = row_ok[:, None] & (cols[None, :] < n_cols)
+    return tl.load(ptr + rows[:, None] * stride_rows + cols[None, :] * stride_cols, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, value, rows, row_ok, cols, stride_rows, stride_cols, n_cols):
+    mask = row_ok[:, None] & (cols[None, :] < n_cols)
+    tl.store(ptr + rows[:, None] * stride_rows + cols[None, :] * stride_cols, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_either(ptr, rows, row_ok, cols, stride_rows, stride_cols, n_rows, n_cols):
+    """_load (row_ok None: rows < n_rows, a block of rows) or _load_rows (the rows gathered, where row_ok):
+    the loops in loops.py serve the single-adapter and the segmented kernels alike."""
+    if row_ok is None:
+        tile = _load(ptr, rows, cols, stride_rows, stride_cols, n_rows, n_cols)
+    else:
+        tile = _load_rows(ptr, rows, row_ok, cols, stride_rows, stride_cols, n_cols)
+    return tile
+
+
+@triton.jit
 def _atomic_add(ptr, value, rows, cols, n_rows, n_cols):
     """ptr[rows, cols] += value for a contiguous (n_rows, n_cols) accumulator."""
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
@@ -47,13 +73,16 @@ def _atomic_add(ptr, value, rows, cols, n_rows, n_cols):
 
 
 @triton.jit
-def _load_weight(w_ptr, absmax_ptr, map_ptr, nested_absmax_ptr, nested_map_ptr, offset, blocksize,
-                 offs_n, offs_k, stride_wn, stride_wk, N, K,
+def _load_weight(w, offs_n, offs_k, N, K,
                  TRANSPOSED: tl.constexpr, W_NF4: tl.constexpr, W_NESTED: tl.constexpr, OUT_DTYPE: tl.constexpr):
     """The W tile (len(offs_n), len(offs_k)), or W^T's (len(offs_k), len(offs_n)) when TRANSPOSED; zero
-    outside (N, K). With W_NF4 the tile is decoded from bitsandbytes' layout where it is loaded: element
-    f = n K + k sits in byte f // 2 (high nibble first), its absmax is block f // blocksize's (decoded from
-    the 8-bit double quantization with W_NESTED), and w = NF4[code] * absmax in fp32, rounded once."""
+    outside (N, K). w is the kernel's W operand, one tuple (w_ptr, absmax_ptr, map_ptr, nested_absmax_ptr,
+    nested_map_ptr, offset, blocksize, stride_wn, stride_wk); the NF4 statistics are unused for a dense W.
+
+    With W_NF4 the tile is decoded from bitsandbytes' layout where it is loaded: element f = n K + k sits
+    in byte f // 2 (high nibble first), its absmax is block f // blocksize's (decoded from the 8-bit double
+    quantization with W_NESTED), and w = NF4[code] * absmax in fp32, rounded once."""
+    w_ptr, absmax_ptr, map_ptr, nested_absmax_ptr, nested_map_ptr, offset, blocksize, stride_wn, stride_wk = w
     if TRANSPOSED:
         n = offs_n[None, :]
         k = offs_k[:, None]
@@ -93,6 +122,12 @@ def _keep_scale(dropout_p):
 
 
 @triton.jit
+def _dropped(x_tile, keep, keep_scale, ACC_DTYPE: tl.constexpr):
+    """x~ = x * keep / (1 - p) in x's dtype, scaled in the accumulation dtype."""
+    return tl.where(keep, x_tile.to(ACC_DTYPE) * keep_scale, 0.0).to(x_tile.dtype)
+
+
+@triton.jit
 def _tile_ids(pid, num_pid_m, num_pid_inner, GROUP_M: tl.constexpr):
     """Program id -> (m tile, inner group), in groups of GROUP_M m tiles so neighbours share W in L2."""
     num_pid_in_group = GROUP_M * num_pid_inner
@@ -102,6 +137,17 @@ def _tile_ids(pid, num_pid_m, num_pid_inner, GROUP_M: tl.constexpr):
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_inner = (pid % num_pid_in_group) // group_size_m
     return pid_m, pid_inner
+
+
+@triton.jit
+def _program_tiles(M, n_cols, n_extra_m, BLOCK_M: tl.constexpr, BLOCK_COLS: tl.constexpr, TILES: tl.constexpr,
+                   GROUP_M: tl.constexpr):
+    """(m tile, column group, column tiles) of this program, over cdiv(M, BLOCK_M) + n_extra_m m tiles
+    (n_extra_m: n_slots for a segmented grid, else 0) and groups of TILES tiles of BLOCK_COLS columns."""
+    pid = tl.program_id(0)
+    num_tiles = tl.cdiv(n_cols, BLOCK_COLS)
+    pid_m, pid_g = _tile_ids(pid, tl.cdiv(M, BLOCK_M) + n_extra_m, tl.cdiv(num_tiles, TILES), GROUP_M)
+    return pid_m, pid_g, num_tiles
 
 
 @triton.jit

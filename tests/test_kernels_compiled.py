@@ -55,3 +55,48 @@ def test_sm90_tensor_core_configs_use_wgmma(reports):
     big = [r for r in results if r["arch"] == 90 and r["dtype"] == "bfloat16" and r["tensor_cores_expected"]]
     assert len(big) >= 20 and all(r["wgmma"] for r in big)
     assert not any(r["wgmma"] for r in results if r["arch"] == 80), "wgmma exists on sm_90 only"
+
+
+_PTX = """//
+.version 8.7
+.target sm_90a
+\t.file\t1 "/work/a/kernels/forward.py"
+\t.globl\t_lora_fwd_kernel
+.visible .entry _lora_fwd_kernel(
+{
+$L__tmp0:
+\t.loc\t1 55 19
+\tmov.u32 \t%r1, %ctaid.x;
+\tadd.s32 \t%r2, %r1, 127;
+}
+\t.section\t.debug_str
+{
+.b8 95
+}
+"""
+
+
+def test_compare_ptx_ignores_line_info_and_catches_one_changed_instruction(tmp_path):
+    """What --ptx-dir folders are diffed on: a moved helper (other .loc/.file lines, other debug sections)
+    leaves the code identical; one changed instruction or one reordered pair does not."""
+    from lorakern.kernels.compile_check import _spread, compare_ptx
+
+    before, after = tmp_path / "before", tmp_path / "after"
+    before.mkdir()
+    after.mkdir()
+    (before / "fwd.ptx").write_text(_PTX)
+    moved = (_PTX.replace("/work/a/kernels/forward.py", "/work/b/kernels/loops.py").replace("55 19", "40 9")
+             .replace("$L__tmp0:", "$L__tmp3:").replace(".b8 95", ".b8 96"))
+    (after / "fwd.ptx").write_text(moved)
+    (after / "bwd.ptx").write_text(_PTX)
+    identical, differing, unmatched = compare_ptx(str(before), str(after))
+    assert (identical, differing, unmatched) == (["fwd.ptx"], {}, ["bwd.ptx"])
+    for changed in (moved.replace("127;", "128;"),
+                    moved.replace("\tmov.u32 \t%r1, %ctaid.x;\n\tadd.s32 \t%r2, %r1, 127;",
+                                  "\tadd.s32 \t%r2, %r1, 127;\n\tmov.u32 \t%r1, %ctaid.x;")):
+        (after / "fwd.ptx").write_text(changed)
+        identical, differing, _ = compare_ptx(str(before), str(after))
+        assert not identical and list(differing) == ["fwd.ptx"]
+    # --sample: first to last, evenly; all of them when asked for as many or more
+    assert _spread(7, 1) == [3] and _spread(7, 2) == [0, 6] and _spread(7, 3) == [0, 3, 6]
+    assert _spread(2, 5) == [0, 1] and _spread(4, None) == [0, 1, 2, 3]
