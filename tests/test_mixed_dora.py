@@ -21,7 +21,7 @@ from lorakern import LoraConfig, LoraLinear, core, dispatch, dora, inject, mixed
 from lorakern.errors import LorakernError
 from lorakern.testing import reference_nf4_weight
 from lorakern.testing_masks import torch_mask
-from toy_models import Toy, check_compiled_mixed_batch, randomize, train_mixed_and_alone
+from toy_models import Toy, assert_close_scaled, check_compiled_mixed_batch, randomize, check_mixed_training_equals_alone
 
 DROPOUT_SEED = 11
 ROWS = ("every row one DoRA adapter, alone (the single-adapter call)",
@@ -160,9 +160,7 @@ def tolerance(dtype):
 
 
 def assert_matches(got, want, dtype, what):
-    rtol, atol = tolerance(dtype)
-    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
-    np.testing.assert_allclose(f64(got), want, rtol=rtol, atol=atol * scale, err_msg=what)
+    assert_close_scaled(got, want, *tolerance(dtype), what)
 
 
 def check(case, backend=None):
@@ -261,15 +259,11 @@ def toy_two_dora_adapters(quantize=None):
 def test_training_two_dora_adapters_mixed_equals_training_each_alone_on_its_rows():
     gen = torch.Generator().manual_seed(2)
     data = [(torch.randn(6, 4, 8, generator=gen), torch.randn(6, 4, 3, generator=gen)) for _ in range(3)]
-    mixed_model, alone_models = train_mixed_and_alone(toy_two_dora_adapters, ["a", "b", "b", None, "a", "b"], data)
-    for name, alone in alone_models.items():
-        trained = {n: p for n, p in mixed_model.named_parameters() if f".{name}." in n}
-        initial = dict(toy_two_dora_adapters().named_parameters())
-        magnitudes = [n for n in trained if n.endswith("lora_magnitude_vector")]
-        assert magnitudes and all(not torch.equal(trained[n], initial[n]) for n in magnitudes)  # they trained
-        for n, p in alone.named_parameters():
-            if n in trained:
-                torch.testing.assert_close(trained[n], p, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+    trained = check_mixed_training_equals_alone(toy_two_dora_adapters, ["a", "b", "b", None, "a", "b"], data)
+    initial = dict(toy_two_dora_adapters().named_parameters())
+    for name, params in trained.items():
+        magnitudes = [n for n in params if n.endswith("lora_magnitude_vector")]
+        assert magnitudes and all(not torch.equal(params[n], initial[n]) for n in magnitudes), name  # they trained
 
 
 @pytest.mark.parametrize("scale_off", [False, True], ids=["as-is", "magnitude-scale-off"])

@@ -27,10 +27,11 @@ def randomize(model: nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
 
 
-def train_mixed_and_alone(build, rows, steps, lr=0.005):
+def check_mixed_training_equals_alone(build, rows, steps, lr=0.005):
     """SGD on ``build()`` in one mixed batch (``rows``: an adapter name or None per batch row), and on a fresh
     ``build()`` per adapter trained alone on its own rows, over the same ``steps`` ((x, target) pairs; the loss
-    summed over rows, so each adapter's share is its rows' sum). Returns (mixed model, {name: alone model})."""
+    summed over rows, so each adapter's share is its rows' sum): every parameter of an adapter ends where
+    training it alone ends. Returns {adapter name: {parameter name: its tensor in the mixed model}}."""
     import lorakern
 
     mixed = build()
@@ -42,17 +43,22 @@ def train_mixed_and_alone(build, rows, steps, lr=0.005):
             loss = ((mixed(x) - y) ** 2).sum()
         loss.backward()
         optimizer.step()
-    alone = {}
+    trained_by_name = {}
     for name in sorted({r for r in rows if r is not None}):
-        model = alone[name] = build()
-        lorakern.set_adapter(model, name)
+        alone = build()
+        lorakern.set_adapter(alone, name)
         mine = [i for i, r in enumerate(rows) if r == name]
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+        optimizer = torch.optim.SGD([p for p in alone.parameters() if p.requires_grad], lr=lr)
         for x, y in steps:
             optimizer.zero_grad()
-            ((model(x[mine]) - y[mine]) ** 2).sum().backward()
+            ((alone(x[mine]) - y[mine]) ** 2).sum().backward()
             optimizer.step()
-    return mixed, alone
+        trained = trained_by_name[name] = {n: p for n, p in mixed.named_parameters() if f".{name}." in n}
+        assert trained
+        for n, p in alone.named_parameters():
+            if n in trained:
+                torch.testing.assert_close(trained[n], p, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+    return trained_by_name
 
 
 def check_compiled_mixed_batch(model, x, rows):
@@ -79,3 +85,12 @@ def check_compiled_mixed_batch(model, x, rows):
     for name in eager_grads:
         torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=1e-5, atol=1e-6, msg=name)
     return compiled, eager_grads
+
+
+def assert_close_scaled(got, want, rtol: float, atol: float, what: str) -> None:
+    """``got`` (a tensor) against ``want`` (float64 NumPy) with atol scaled by the larger of 1 and want's largest
+    magnitude: the bound the mixed-batch tests put on every output and gradient."""
+    import numpy as np
+
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    np.testing.assert_allclose(got.detach().double().cpu().numpy(), want, rtol=rtol, atol=atol * scale, err_msg=what)
