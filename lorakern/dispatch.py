@@ -328,6 +328,12 @@ def lora_forward_mixed(x: torch.Tensor, base: str, weight: Any, bias: Optional[t
     return y.to(x.dtype) if base == "nf4" and compute_dtype is not None else y
 
 
+def _caster(dtype: torch.dtype) -> Callable[[Optional[torch.Tensor]], Optional[torch.Tensor]]:
+    """t cast to ``dtype`` (None stays None). A tensor already in it is returned without a call to .to(), which
+    costs ~1 us even when it has nothing to do, the check ~0.1 us (a mixed call of 8 adapters makes ~20)."""
+    return lambda t: t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def function_output(y: torch.Tensor, lead: Sequence[int]) -> torch.Tensor:
     """y (M, N) returned by an autograd Function as the layer's output (*lead, N): storage shared, not a view.
     Autograd forbids an in-place write into a view a custom Function returns (an inplace ReLU after the
@@ -342,7 +348,7 @@ def prepare_mixed(x: torch.Tensor, base: str, weight: Any, bias: Optional[torch.
     """The MixedCall for these operands: x flattened to (M, K), everything cast to the compute dtype (a
     DoRA slot's magnitude, the fifth entry of its tuple, stays in its own dtype, as in a single-adapter call)."""
     dtype = compute_dtype_of(x, base, compute_dtype)
-    cast = lambda t: None if t is None else t.to(dtype)
+    cast = _caster(dtype)
     if len(adapters) != len(groups.counts) and not torch.compiler.is_compiling():
         raise LorakernError(f"{len(adapters)} adapters given for {len(groups.counts)} slots; give one entry per slot "
                             f"(None where the layer lacks that adapter)")
@@ -359,7 +365,7 @@ def prepare(x: torch.Tensor, base: str, weight: Any, bias: Optional[torch.Tensor
     """The call for these operands, each cast to the compute dtype (``compute_dtype_of``; a 4-bit base's
     storage is passed as it is). Casts are not autocast ops, so this reads autocast's state and casts alike."""
     dtype = compute_dtype_of(x, base, compute_dtype)
-    cast = lambda t: None if t is None else t.to(dtype)
+    cast = _caster(dtype)
     return Call(cast(x), base, cast(weight) if base == "dense" else weight, cast(bias), cast(lora_A), cast(lora_B),
                 scaling, dropout_p, magnitude=magnitude)
 
