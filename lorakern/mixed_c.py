@@ -22,8 +22,9 @@ _Adapters = Sequence[Optional[tuple[torch.Tensor, torch.Tensor, float, float]]]
 
 
 def _addresses(tensors: Sequence[Optional[torch.Tensor]]) -> ctypes.Array:
-    """The tensors' data pointers (NULL for None) as a C ``const float *const *`` (ctypes.addressof to pass it).
-    A ctypes array, not a torch one: torch.tensor(list) cost ~6 us a call, and a call makes up to six."""
+    """The tensors' data pointers (NULL for None) as a C ``const float *const *``. A ctypes array, not a torch
+    one: torch.tensor(list) cost ~6 us a call, and a call makes up to six. Passed as it is, ctypes holds it
+    for the duration of the call."""
     return (ctypes.c_void_p * max(1, len(tensors)))(*[None if t is None else t.data_ptr() for t in tensors])
 
 
@@ -46,10 +47,9 @@ class _Plan:
 
 def _transposed(library, plan: _Plan, B: Sequence[Optional[torch.Tensor]], N: int) -> torch.Tensor:
     """Every present B_a (N x r_a) as B_a^T (r_a x N), one after another in one buffer, by one C call."""
-    B = [None if b is None else b.contiguous() for b in B]  # named, as is every array below: they outlive the call
-    addresses, buffer = _addresses(B), torch.empty(plan.r_total * N, dtype=torch.float32)
-    library.lora_transpose_many_f32(ctypes.addressof(addresses), ctypes.addressof(plan.ranks), len(B), N,
-                                    _ptr(buffer))
+    B = [None if b is None else b.contiguous() for b in B]  # named: the copies outlive the call
+    buffer = torch.empty(plan.r_total * N, dtype=torch.float32)
+    library.lora_transpose_many_f32(_addresses(B), plan.ranks, len(B), N, _ptr(buffer))
     return buffer
 
 
@@ -88,9 +88,8 @@ class MixedLoraFunction(torch.autograd.Function):
         A_addr, Bt_addr = _addresses(A), _slots_in(B_t, plan, N)
         # u_i = x~_i A_a^T and y_i = b + s_a u_i B_a^T per row of slot a (b alone for the other rows)
         library.lora_mixed_forward_f32(
-            _ptr(xl2), _ptr(plan.order), _ptr(plan.offsets), len(A), ctypes.addressof(A_addr),
-            ctypes.addressof(Bt_addr), ctypes.addressof(plan.ranks), ctypes.addressof(plan.scaling), _ptr(b), rows, K,
-            N, plan.r_max, _ptr(u), _ptr(y), torch.get_num_threads(),
+            _ptr(xl2), _ptr(plan.order), _ptr(plan.offsets), len(A), A_addr, Bt_addr, plan.ranks, plan.scaling,
+            _ptr(b), rows, K, N, plan.r_max, _ptr(u), _ptr(y), torch.get_num_threads(),
         )
         # y += x W^T: the base GEMM accumulates onto every row, in place
         y.addmm_(x2, weight.t())
@@ -117,13 +116,11 @@ class MixedLoraFunction(torch.autograd.Function):
                 for a in range(n)]
         A_addr, Bt_addr, dA_addr, dBt_addr = _addresses(A), _slots_in(B_t, plan, N), _addresses(dA), _addresses(dB_t)
         threads = torch.get_num_threads()
-        scratch = g.new_empty(library.lora_mixed_backward_scratch(K, N, ctypes.addressof(plan.ranks),
-                                                                  ctypes.addressof(A_addr), n, threads))
+        scratch = g.new_empty(library.lora_mixed_backward_scratch(K, N, plan.ranks, A_addr, n, threads))
         # per slot a: s_a (g B_a) A_a into term's rows, dA_a = s_a (g B_a)^T x~, dB_a^T = s_a u^T g over a's rows
         library.lora_mixed_backward_f32(
-            _ptr(g), _ptr(xl2), _ptr(u), _ptr(plan.order), _ptr(plan.offsets), n, ctypes.addressof(A_addr),
-            ctypes.addressof(Bt_addr), ctypes.addressof(plan.ranks), ctypes.addressof(plan.scaling), rows, K, N,
-            plan.r_max, _ptr(term), ctypes.addressof(dA_addr), ctypes.addressof(dBt_addr), _ptr(scratch), threads,
+            _ptr(g), _ptr(xl2), _ptr(u), _ptr(plan.order), _ptr(plan.offsets), n, A_addr, Bt_addr, plan.ranks,
+            plan.scaling, rows, K, N, plan.r_max, _ptr(term), dA_addr, dBt_addr, _ptr(scratch), threads,
         )
         dx = dxl = None
         if need_x:
