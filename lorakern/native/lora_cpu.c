@@ -355,6 +355,13 @@ static inline vf vabs(vf v) { vi bits = (vi)v; bits &= 0x7fffffff; return (vf)bi
  * DoRA's sum_rows(g * (y - b)) when the forward kept y = c z + b rather than z, with what bounds its rounding
  * (the second row: y - b loses what y's rounding loses) beside its size (the third): lorakern/dora.py
  * recomputes a column from z wherever the second is large against the third. */
+static inline void shifted_product(float *acc, int64_t ld, int64_t n, float g, float y, float h) {
+    float d = y - h;
+    acc[n] += g * d;
+    acc[ld + n] += fabsf(g) * (fabsf(y) + fabsf(h));
+    acc[2 * ld + n] += fabsf(g * d);
+}
+
 static void accumulate_shifted_products(float *acc, int64_t ld, const float *const *g, const float *const *y,
                                         const float *shift, int64_t rows, int64_t len) {
     int64_t t = 0;
@@ -373,40 +380,26 @@ static void accumulate_shifted_products(float *acc, int64_t ld, const float *con
             store(acc + 2 * ld + n, s3);
         }
         for (; n < len; ++n)
-            for (int q = 0; q < ROWS; ++q) {
-                float d = y[t + q][n] - shift[n];
-                acc[n] += g[t + q][n] * d;
-                acc[ld + n] += fabsf(g[t + q][n]) * (fabsf(y[t + q][n]) + fabsf(shift[n]));
-                acc[2 * ld + n] += fabsf(g[t + q][n] * d);
-            }
+            for (int q = 0; q < ROWS; ++q) shifted_product(acc, ld, n, g[t + q][n], y[t + q][n], shift[n]);
     }
     for (; t < rows; ++t)
-        for (int64_t n = 0; n < len; ++n) {
-            float d = y[t][n] - shift[n];
-            acc[n] += g[t][n] * d;
-            acc[ld + n] += fabsf(g[t][n]) * (fabsf(y[t][n]) + fabsf(shift[n]));
-            acc[2 * ld + n] += fabsf(g[t][n] * d);
-        }
+        for (int64_t n = 0; n < len; ++n) shifted_product(acc, ld, n, g[t][n], y[t][n], shift[n]);
 }
 
-/* Ask for rows first .. first + count - 1 (below M) of a row-major matrix with rows of len floats to be brought
- * towards L2, one request per cache line. The backward prefetches the next chunk's rows of g and x~ while it
- * computes on this chunk's (already in cache): its first passes over a chunk otherwise wait on memory
- * (measured at 4096 x 768, r=8, caches flushed before each call as in a training step: 2.08 -> 1.87 ms
- * without dx's term, 2.56 -> 2.33 ms with it; the same a chunk further ahead, or into L1, gained no more). */
-static inline void prefetch_rows(const float *base, int64_t first, int64_t count, int64_t M, int64_t len) {
-    for (int64_t i = first; i < first + count && i < M; ++i)
-        for (int64_t k = 0; k < len; k += 64 / (int64_t)sizeof(float)) __builtin_prefetch(base + i * len + k, 0, 2);
-}
-
-/* The same for rows order[first] .. order[first + count - 1] (positions below M): a mixed batch's gathered rows,
- * whose addresses no hardware prefetcher can guess (the mixed backward, 8 adapters at 4096 x 768, r=8, cold
- * caches: 2.53 -> 2.30 ms; the mixed forward, whose rows come in runs of a batch row's tokens, gained nothing). */
-static inline void prefetch_ordered(const float *base, const int64_t *order, int64_t first, int64_t count, int64_t M,
-                                    int64_t len) {
-    for (int64_t p = first; p < first + count && p < M; ++p)
-        for (int64_t k = 0; k < len; k += 64 / (int64_t)sizeof(float))
-            __builtin_prefetch(base + order[p] * len + k, 0, 2);
+/* Ask for rows first .. first + count - 1 (positions below M) of a row-major matrix with rows of len floats to
+ * be brought towards L2, one request per cache line; the row at position p is base + index(p) * len, index(p)
+ * = p, or order[p] when order is given (a mixed batch's gathered rows, whose addresses no hardware
+ * prefetcher can guess). The backward prefetches the next chunk's rows of g and x~ while it computes on this
+ * chunk's (already in cache): its first passes over a chunk otherwise wait on memory (measured at 4096 x 768,
+ * r=8, caches flushed before each call as in a training step: 2.08 -> 1.87 ms without dx's term, 2.56 -> 2.33
+ * ms with it, the same a chunk further ahead or into L1 gaining no more; the mixed backward, 8 adapters: 2.53
+ * -> 2.30 ms; the mixed forward, whose rows come in runs of a batch row's tokens, gained nothing). */
+static inline void prefetch_rows(const float *base, const int64_t *order, int64_t first, int64_t count, int64_t M,
+                                 int64_t len) {
+    for (int64_t p = first; p < first + count && p < M; ++p) {
+        const float *row = base + (order ? order[p] : p) * len;
+        for (int64_t k = 0; k < len; k += 64 / (int64_t)sizeof(float)) __builtin_prefetch(row + k, 0, 2);
+    }
 }
 
 /* The backward's passes (lora_backward_f32; dora_backward_f32 adds z and gz). */
@@ -464,9 +457,9 @@ static void backward_passes(const float *g, const float *x_lora, const float *u,
                 float *gBblk = gB + (i0 - row0) * r;
                 /* the next chunk's rows, four per block (this thread's next chunk under the static schedule) */
                 int64_t ahead = row0 + rows + (i0 - row0);
-                prefetch_rows(g, ahead, ROWS, M, N);
-                if (z) prefetch_rows(z, ahead, ROWS, M, N);
-                if (dA || u_from_x) prefetch_rows(x_lora, ahead, ROWS, M, K);
+                prefetch_rows(g, NULL, ahead, ROWS, M, N);
+                if (z) prefetch_rows(z, NULL, ahead, ROWS, M, N);
+                if (dA || u_from_x) prefetch_rows(x_lora, NULL, ahead, ROWS, M, K);
                 const float *gr[ROWS];
                 block_rows(g, i0, M, N, gr);
                 dots4(gr, Bt, r, N, gBblk);  /* rows past M (only in the last block) are never read below */
@@ -657,8 +650,8 @@ void lora_mixed_backward_f32(const float *g, const float *x_lora, const float *u
                 int valid = (int)(rows - t0 < ROWS ? rows - t0 : ROWS);
                 const float *gr[ROWS];
                 /* the next chunk's rows, four per block (as the single-adapter backward does) */
-                prefetch_ordered(g, order, p0 + chunk_rows + t0, ROWS, M, N);
-                if (dA[a]) prefetch_ordered(x_lora, order, p0 + chunk_rows + t0, ROWS, M, K);
+                prefetch_rows(g, order, p0 + chunk_rows + t0, ROWS, M, N);
+                if (dA[a]) prefetch_rows(x_lora, order, p0 + chunk_rows + t0, ROWS, M, K);
                 for (int q = 0; q < ROWS; ++q) gr[q] = grows[t0 + (q < valid ? q : 0)];
                 dots4(gr, Bt[a], r, N, gB + t0 * r);  /* rows past `valid` land in gB's spare rows, never read */
                 if (dx) {
