@@ -34,8 +34,8 @@ def _grads(layer, x, residual, g, in_place: bool, mixed: bool):
     x = x.detach().requires_grad_(True)
     params = [p for p in layer.parameters() if p.requires_grad]
     if mixed:  # rows 0, 2 on "default", 1 on "b", 3 on the base alone
-        out = layer.forward_rows(x, torch.tensor([0, 1, 0, -1]).repeat_interleave(x[0].numel() // 24 if x.dim() > 2
-                                                                                   else 1), ["default", "b"])
+        tokens_per_row = x.numel() // (x.shape[0] * x.shape[-1])
+        out = layer.forward_rows(x, torch.tensor([0, 1, 0, -1]).repeat_interleave(tokens_per_row), ["default", "b"])
     else:
         out = layer(x)
     if in_place:
