@@ -42,7 +42,10 @@ typedef float vf __attribute__((vector_size(LANES * sizeof(float)), aligned(4)))
 
 static inline vf load(const float *p) { return *(const vf *)p; }
 static inline void store(float *p, vf v) { *(vf *)p = v; }
-static inline vf splat(float v) { vf zero = {0}; return zero + v; }
+/* v in every lane. v - 0 is v for every v (0 + v is not: -0 + 0 = +0), so the compiler drops the subtraction
+ * and broadcasts v straight from memory; 0 + v cost an add and a shuffle per splat (accumulate_rows ran at
+ * 88 GFLOP/s one-threaded in L2 against 158 with this form, AVX-512). */
+static inline vf splat(float v) { vf zero = {0}; return v - zero; }
 
 /* A vector used several times: GCC folds each use into a memory operand and loads it again (four loads of
  * one B row per four multiply-adds, measured ~25% slower on AVX-512). An empty asm that "changes" the
