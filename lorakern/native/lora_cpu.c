@@ -426,34 +426,18 @@ static void backward_passes(const float *g, const float *x_lora, const float *u,
         float *gB = need_gB ? (float *)malloc((size_t)(CHUNK_BLOCKS * ROWS * r) * sizeof(float)) : NULL;
         /* u_from_x: the chunk's u = x~ A^T, computed here (the merged forward keeps no u) */
         float *uc = u_from_x ? (float *)malloc((size_t)(CHUNK_BLOCKS * ROWS * r) * sizeof(float)) : NULL;
-        /* Rows go in chunks of CHUNK_BLOCKS * ROWS: dB over the chunk's rows of g first, then g B and dx four
-         * rows at a time, then dA over the chunk. The partial sums are updated once per chunk (in registers,
-         * accumulate_rows), and the second read of the chunk's g and x~ hits L2. */
+        /* Rows go in chunks of CHUNK_BLOCKS * ROWS: g B and dx four rows at a time first, then dB (and DoRA's
+         * sums) over the chunk's rows of g, then dA over the chunk. The partial sums are updated once per chunk
+         * (in registers, accumulate_rows), and the second read of the chunk's g and x~ hits L2. g B goes first
+         * because it reads four rows front to back, streams the hardware prefetcher follows, while
+         * accumulate_rows walks column tiles down all the chunk's rows: as the first reader of g it waited on
+         * memory (4096 x 768, r=8, two threads, caches flushed: 1.88 -> 1.62 ms, 2.11 -> 1.97 with dx's term). */
         #pragma omp for schedule(static)
         for (int64_t chunk = 0; chunk < blocks; chunk += CHUNK_BLOCKS) {
             int64_t last = chunk + CHUNK_BLOCKS < blocks ? chunk + CHUNK_BLOCKS : blocks;
             int64_t row0 = chunk * ROWS, rows = (last * ROWS < M ? last * ROWS : M) - row0;
             const float *grows[CHUNK_BLOCKS * ROWS], *crows[CHUNK_BLOCKS * ROWS];
             row_pointers(g, N, NULL, row0, rows, grows);
-            if (dBt) {
-                if (u_from_x) {  /* four rows at a time; rows past the chunk land in uc's spare rows */
-                    for (int64_t t0 = 0; t0 < rows; t0 += ROWS) {
-                        const float *xr[ROWS];
-                        block_rows(x_lora, row0 + t0, row0 + rows, K, xr);
-                        dots4(xr, A, r, K, uc + t0 * r);
-                    }
-                    row_pointers(uc, r, NULL, 0, rows, crows);
-                } else {
-                    row_pointers(u, r, NULL, row0, rows, crows);
-                }
-                accumulate_rows(pB, ldN, crows, r, grows, N, rows);
-            }
-            if (z) {  /* the chunk's rows of g are in L2 from the dB pass: gz costs a read of z only */
-                const float *zrows[CHUNK_BLOCKS * ROWS];
-                row_pointers(z, N, NULL, row0, rows, zrows);
-                if (z_shift) accumulate_shifted_products(pZ, ldN, grows, zrows, z_shift, rows, N);
-                else accumulate_products(pZ, grows, zrows, rows, N);
-            }
             for (int64_t blk = chunk; need_gB && blk < last; ++blk) {
                 int64_t i0 = blk * ROWS;
                 int valid = (int)(M - i0 < ROWS ? M - i0 : ROWS);
@@ -472,6 +456,25 @@ static void backward_passes(const float *g, const float *x_lora, const float *u,
                     for (int64_t e = 0; e < ROWS * r; ++e) coef[e] = e < valid * r ? scaling * gBblk[e] : 0.0f;
                     rank_update4(dr, NULL, coef, A, r, K);
                 }
+            }
+            if (dBt) {
+                if (u_from_x) {  /* four rows at a time; rows past the chunk land in uc's spare rows */
+                    for (int64_t t0 = 0; t0 < rows; t0 += ROWS) {
+                        const float *xr[ROWS];
+                        block_rows(x_lora, row0 + t0, row0 + rows, K, xr);
+                        dots4(xr, A, r, K, uc + t0 * r);
+                    }
+                    row_pointers(uc, r, NULL, 0, rows, crows);
+                } else {
+                    row_pointers(u, r, NULL, row0, rows, crows);
+                }
+                accumulate_rows(pB, ldN, crows, r, grows, N, rows);
+            }
+            if (z) {  /* the chunk's rows of g are in L2 from the passes above: gz costs a read of z only */
+                const float *zrows[CHUNK_BLOCKS * ROWS];
+                row_pointers(z, N, NULL, row0, rows, zrows);
+                if (z_shift) accumulate_shifted_products(pZ, ldN, grows, zrows, z_shift, rows, N);
+                else accumulate_products(pZ, grows, zrows, rows, N);
             }
             if (dA) {
                 const float *xrows[CHUNK_BLOCKS * ROWS];
@@ -644,12 +647,8 @@ void lora_mixed_backward_f32(const float *g, const float *x_lora, const float *u
             float *pA = mine + part[a], *pB = pA + r * ldK;
             const float *grows[CHUNK_BLOCKS * ROWS], *crows[CHUNK_BLOCKS * ROWS], *xrows[CHUNK_BLOCKS * ROWS];
             row_pointers(g, N, order, p0, rows, grows);
-            if (dBt[a]) {
-                row_pointers(u, r_max, order, p0, rows, crows);
-                accumulate_rows(pB, ldN, crows, r, grows, N, rows);
-            }
-            if (!dx && !dA[a]) continue;
-            for (int64_t t0 = 0; t0 < rows; t0 += ROWS) {
+            /* g B first, four rows at a time, then dB and dA: the order of the single-adapter backward */
+            for (int64_t t0 = 0; (dx || dA[a]) && t0 < rows; t0 += ROWS) {
                 int valid = (int)(rows - t0 < ROWS ? rows - t0 : ROWS);
                 const float *gr[ROWS];
                 /* the next chunk's rows, four per block (as the single-adapter backward does) */
@@ -663,6 +662,10 @@ void lora_mixed_backward_f32(const float *g, const float *x_lora, const float *u
                     for (int64_t e = 0; e < ROWS * r; ++e) coef[e] = e < valid * r ? scaling[a] * gB[t0 * r + e] : 0.0f;
                     rank_update4(dr, NULL, coef, A[a], r, K);
                 }
+            }
+            if (dBt[a]) {
+                row_pointers(u, r_max, order, p0, rows, crows);
+                accumulate_rows(pB, ldN, crows, r, grows, N, rows);
             }
             if (dA[a]) {
                 row_pointers(gB, r, NULL, 0, rows, crows);
