@@ -256,7 +256,7 @@ def _forward_native(library, x2, weight, bias, lora_A, lora_B, B_t, scale, scali
     c = scale.contiguous()
     if folded:
         # y = x (diag(c) W')^T + b: one GEMM, as the frozen layer's (the caller keeps y when m trains)
-        merged = merged_weight(weight, lora_B, lora_A, scaling).mul_(c[:, None])  # a workspace: not kept
+        merged = merged_weight(weight, lora_B, lora_A, scaling, library, c)  # a workspace: not kept
         return None, None, (torch.addmm(b, x2, merged.t()) if b is not None else x2 @ merged.t())
     x2, A = x2.contiguous(), lora_A.contiguous()  # named: the copies outlive the call
     z = torch.mm(x2, weight.t())
@@ -304,7 +304,7 @@ def _folded_grads_native(library, g, x_lora, y, shift, weight, lora_A, lora_B, s
     dx = None
     if need_x:
         # dx = g diag(c) (W + s B A)
-        dx = g @ merged_weight(weight, lora_B, lora_A, scaling).mul_(c[:, None])
+        dx = g @ merged_weight(weight, lora_B, lora_A, scaling, library, c)
     return dx, dA, dB, sums
 
 

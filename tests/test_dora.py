@@ -77,7 +77,9 @@ def test_c_path_matches_reference(shape, dropout, level, monkeypatch):
     folded = M >= K and dropout == 0
     # (the norm always in C: dora_norm_f32)
     if folded:
-        expected = ["dora_norm_f32", "dora_backward_scratch", "dora_backward_f32"]
+        # diag(c) W' formed in C (lora_merge_f32) for the forward's GEMM and again for dx's
+        expected = ["dora_norm_f32", "lora_merge_f32", "dora_backward_scratch", "dora_backward_f32",
+                    "lora_merge_f32"]
     else:
         expected = ["dora_norm_f32"] + (["dora_forward_f32"] if dropout == 0 else []) + [
             "dora_scale_grad_f32", "lora_backward_scratch", "lora_backward_f32"]
@@ -88,7 +90,7 @@ def test_c_path_matches_reference(shape, dropout, level, monkeypatch):
     spy.calls.clear()
     with torch.no_grad():
         y = layer(x)
-    assert spy.calls == ["dora_norm_f32"] + ([] if M >= K else ["dora_forward_f32"]), spy.calls
+    assert spy.calls == ["dora_norm_f32"] + (["lora_merge_f32"] if M >= K else ["dora_forward_f32"]), spy.calls
     a = layer.adapters["default"]
     ref = core.dora.forward(f64(x), f64(layer.weight), f64(a.lora_A), f64(a.lora_B), f64(a.lora_magnitude_vector),
                             f64(layer.bias), core.scaling(a.r, a.alpha))

@@ -71,6 +71,60 @@ def test_native_path_matches_the_reference(spy, M, K, N, r, bias, dropout):
     assert spy.calls == ["lora_forward_f32", "lora_backward_scratch", "lora_backward_f32"], spy.calls
 
 
+MERGE_SHAPES = [(1, 6, 1), (6, 42, 3), (42, 123, 8), (123, 431, 17), (64, 32, 16), (7, 33, 5)]
+
+
+def _merge_reference(W, A, B, s, c):
+    merged = W.double().numpy() + s * (B.double().numpy() @ A.double().numpy())
+    return merged if c is None else c.double().numpy()[:, None] * merged
+
+
+def _merge_limit(W, A, B, s, c) -> np.ndarray:
+    """The fp32 bound of each entry of the merge: bound(r + 1 terms) times the terms' magnitudes
+    |c| (|W| + s |B| |A|)."""
+    size = np.abs(W.double().numpy()) + s * (np.abs(B.double().numpy()) @ np.abs(A.double().numpy()))
+    if c is not None:
+        size = np.abs(c.double().numpy())[:, None] * size
+    return bound(torch.float32, A.shape[0] + 1) * size + 1e-30
+
+
+def _merge_error(got, W, A, B, s, c) -> float:
+    """The largest error of ``got`` against the float64 merge, in units of each entry's bound."""
+    return float(np.max(np.abs(got.double().numpy() - _merge_reference(W, A, B, s, c)) / _merge_limit(W, A, B, s, c)))
+
+
+@pytest.mark.parametrize("N,K,r", MERGE_SHAPES, ids=[f"N{n}-K{k}-r{r}" for n, k, r in MERGE_SHAPES])
+@pytest.mark.parametrize("scaled", [False, True], ids=["W+sBA", "diag(c)(W+sBA)"])
+def test_the_merged_weight_in_one_pass(spy, N, K, r, scaled):
+    """functional.merged_weight through lora_merge_f32 (rows of W four at a time, N % 4 != 0 writes past the
+    last row into a spare; K off the vector multiples takes the scalar tail) against the float64 merge, with
+    DoRA's row scale and without; the same comparison fails on a merge off by a few times its bound."""
+    from lorakern.functional import merged_weight, release_workspaces
+
+    gen = torch.Generator().manual_seed(N * 1000 + K + r)
+    W, A, B = (torch.randn(*shape, generator=gen) for shape in ((N, K), (r, K), (N, r)))
+    c = torch.rand(N, generator=gen) + 0.5 if scaled else None
+    got = merged_weight(W, B, A, 1.75, spy, c).clone()
+    assert spy.calls == ["lora_merge_f32"], spy.calls
+    assert _merge_error(got, W, A, B, 1.75, c) <= 1.0
+    # a perturbation of four bounds at one entry is seen
+    bad = got.clone()
+    bad[N // 2, K // 2] += 4 * float(_merge_limit(W, A, B, 1.75, c)[N // 2, K // 2])
+    assert _merge_error(bad, W, A, B, 1.75, c) > 1.0
+    release_workspaces()
+
+
+def test_the_merged_forms_use_the_one_pass_merge(spy):
+    """A merged forward and backward (pinned) form W' in C, and the layer still matches the reference."""
+    from lorakern.functional import pinned_formulation
+
+    layer = random_layer(24, 20, 5, torch.float32, bias=True).train()
+    x = torch.randn(37, 24, generator=torch.Generator().manual_seed(3))
+    with pinned_formulation("merged"):
+        assert_matches_reference(compare_layer(layer, x))
+    assert spy.calls.count("lora_merge_f32") >= 2 and "lora_forward_f32" not in spy.calls, spy.calls
+
+
 SEEN = []
 
 

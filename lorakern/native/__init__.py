@@ -84,6 +84,7 @@ _LIBRARIES = {
             "dora_backward_f32": (None, [_POINTER] * 5 + [_FLOAT] + [_I64] * 4 + [_POINTER] * 7 + [_INT]),
             "dora_backward_scratch": (_I64, [_I64, _I64, _I64, _INT]),
             "dora_norm_f32": (None, [_POINTER] * 5 + [_FLOAT] + [_I64] * 3 + [_POINTER, _INT]),
+            "lora_merge_f32": (None, [_POINTER] * 3 + [_FLOAT, _POINTER] + [_I64] * 3 + [_POINTER, _INT]),
         },
     ),
 }

@@ -145,16 +145,22 @@ static inline int aligned_rows(float *const rows[ROWS]) {
     return 1;
 }
 
-/* row_q[n] = init[n] (0 when init is NULL) + sum_j coef[q * r + j] * mat[j * len + n], four rows q.
- * Two vectors of each row stay in registers over all j: two loads per eight multiply-adds. */
-static void rank_update4(float *const rows[ROWS], const float *init, const float *coef, const float *mat,
-                         int64_t r, int64_t len) {
+/* row_q[n] = c_q init_q[n] + sum_j coef[q * r + j] * mat[j * len + n], four rows q (init NULL: 0, c NULL: 1).
+ * Two vectors of each row stay in registers over all j: two loads per eight multiply-adds. `stream`: stores
+ * that bypass the cache (every row aligned to a vector). Inlined, so the NULL tests fold where constant. */
+static inline __attribute__((always_inline)) void update4(float *const rows[ROWS], const float *const *init,
+                                                          const float *c, const float *coef, const float *mat,
+                                                          int64_t r, int64_t len, int stream) {
     float *o0 = rows[0], *o1 = rows[1], *o2 = rows[2], *o3 = rows[3];
-    int stream = STREAM_STORES && aligned_rows(rows);
     int64_t n = 0;
     for (; n + 2 * LANES <= len; n += 2 * LANES) {
-        vf v0 = init ? load(init + n) : splat(0), w0 = init ? load(init + n + LANES) : splat(0);
-        vf v1 = v0, v2 = v0, v3 = v0, w1 = w0, w2 = w0, w3 = w0;
+        vf v[ROWS], w[ROWS];
+        for (int q = 0; q < ROWS; ++q) {
+            v[q] = init ? load(init[q] + n) : splat(0);
+            w[q] = init ? load(init[q] + n + LANES) : splat(0);
+            if (c) { v[q] *= splat(c[q]); w[q] *= splat(c[q]); }
+        }
+        vf v0 = v[0], v1 = v[1], v2 = v[2], v3 = v[3], w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
         for (int64_t j = 0; j < r; ++j) {
             vf m = load(mat + j * len + n), mm = load(mat + j * len + n + LANES);
             IN_REGISTER(m); IN_REGISTER(mm);
@@ -172,16 +178,20 @@ static void rank_update4(float *const rows[ROWS], const float *init, const float
             store(o0 + n + LANES, w0); store(o1 + n + LANES, w1); store(o2 + n + LANES, w2); store(o3 + n + LANES, w3);
         }
     }
-    for (; n < len; ++n) {
-        float start = init ? init[n] : 0.0f;
-        float v0 = start, v1 = start, v2 = start, v3 = start;
-        for (int64_t j = 0; j < r; ++j) {
-            float m = mat[j * len + n];
-            v0 += coef[0 * r + j] * m; v1 += coef[1 * r + j] * m;
-            v2 += coef[2 * r + j] * m; v3 += coef[3 * r + j] * m;
+    for (; n < len; ++n)
+        for (int q = 0; q < ROWS; ++q) {
+            float t = init ? (c ? c[q] * init[q][n] : init[q][n]) : 0.0f;
+            for (int64_t j = 0; j < r; ++j) t += coef[q * r + j] * mat[j * len + n];
+            rows[q][n] = t;
         }
-        o0[n] = v0; o1[n] = v1; o2[n] = v2; o3[n] = v3;
-    }
+}
+
+/* row_q[n] = init[n] (0 when init is NULL) + sum_j coef[q * r + j] * mat[j * len + n], four rows q: the rank-r
+ * term of y (init the bias) and of dx, streamed past the cache where the rows allow. */
+static void rank_update4(float *const rows[ROWS], const float *init, const float *coef, const float *mat,
+                         int64_t r, int64_t len) {
+    const float *shared[ROWS] = {init, init, init, init};
+    update4(rows, init ? shared : NULL, NULL, coef, mat, r, len, STREAM_STORES && aligned_rows(rows));
 }
 
 /* Rows of acc a register tile holds: JT rows by two vectors (AVX-512: 16 accumulators of its 32 registers;
@@ -772,6 +782,35 @@ void dora_norm_f32(const float *W, const float *A, const float *B, const float *
             float n2 = w2[i0 + q] + 2.0f * s * cross + s * s * quad;
             norm[i0 + q] = sqrtf(n2 > 0.0f ? n2 : 0.0f);
         }
+    }
+}
+
+/* out (N x K) = diag(c) (W + s B A), the weight of the merged forms (lorakern/functional.py, merged_weight;
+ * c NULL: 1; DoRA's folded path passes its magnitude scale). B is N x r, A r x K. One pass over the rows of W,
+ * four at a time, A read from L1: torch's addmm then mul_ read and wrote the N x K weight twice, and its
+ * K = r product runs far below BLAS's speed. Plain stores: the GEMM that follows reads out from the cache. */
+void lora_merge_f32(const float *W, const float *A, const float *B, float s, const float *c, int64_t N, int64_t K,
+                    int64_t r, float *out, int threads) {
+    int64_t blocks = (N + ROWS - 1) / ROWS;
+    #pragma omp parallel num_threads(threads)
+    {
+        float coef[ROWS * 256], scale[ROWS];
+        float *spare = (float *)malloc((size_t)K * sizeof(float));
+        #pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+            int64_t i0 = blk * ROWS;
+            const float *wr[ROWS];
+            float *orow[ROWS];
+            block_rows(W, i0, N, K, wr);  /* rows past N read row i0 again and land in spare */
+            block_rows_out(out, i0, N, K, spare, orow);
+            for (int q = 0; q < ROWS; ++q) {
+                int64_t i = i0 + q < N ? i0 + q : i0;
+                scale[q] = c ? c[i] : 1.0f;
+                for (int64_t j = 0; j < r; ++j) coef[q * r + j] = scale[q] * s * B[i * r + j];
+            }
+            update4(orow, wr, c ? scale : NULL, coef, A, r, K, 0);
+        }
+        free(spare);
     }
 }
 
