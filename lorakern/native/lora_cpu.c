@@ -562,7 +562,8 @@ static int64_t segment_blocks(const int64_t *offsets, const float *const *A, int
 
 static int64_t slot_of_block(const int64_t *first_block, int64_t n_slots, int64_t blk) {
     int64_t a = 0;
-    while (first_block[a + 1] <= blk) ++a;  /* slots without blocks have first_block[a + 1] == first_block[a] */
+    /* slots without blocks have first_block[a + 1] == first_block[a]; blk < the total, so a stays below n_slots */
+    while (a + 1 < n_slots && first_block[a + 1] <= blk) ++a;
     return a;
 }
 
