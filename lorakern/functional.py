@@ -18,6 +18,7 @@ import torch
 from lorakern import dispatch, mixed, mixed_c, native
 from lorakern.dispatch import Call, Implementation
 from lorakern.errors import LorakernError
+from lorakern.masks import seeded_rand
 from lorakern.native import pointer as _ptr
 
 
@@ -352,9 +353,9 @@ def _c_unsupported_common(x: torch.Tensor) -> Optional[str]:
 
 
 def torch_dropout_mask(seed: int, shape, p: float, device) -> torch.Tensor:
-    """The torch path's mask: torch.rand from a generator seeded with ``seed`` on the input's device."""
-    generator = torch.Generator(device=device).manual_seed(int(seed))
-    keep = torch.rand(shape, generator=generator, device=device) >= p
+    """The torch path's mask: torch.rand from a generator seeded with ``seed`` on the input's device (the
+    custom op lorakern.masks.seeded_rand, so that torch.compile traces a fixed seed)."""
+    keep = seeded_rand(shape, seed, device) >= p
     return keep.to(torch.float32) * (1.0 / (1.0 - p))
 
 

@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from lorakern import dispatch, native
+from lorakern.masks import seeded_rand
 from lorakern.native import pointer as _ptr
 
 _Adapters = Sequence[Optional[tuple[torch.Tensor, torch.Tensor, float, float]]]
@@ -149,8 +150,8 @@ def mixed_dropout(x: torch.Tensor, slot: torch.Tensor, adapters: _Adapters,
     if not any(p):
         return None
     p_row = torch.tensor(p + [0.0], dtype=torch.float32, device=x.device)[slot.clamp(min=-1)]  # -1: the last, 0
-    generator = None if seed is None else torch.Generator(device=x.device).manual_seed(int(seed))
-    keep = torch.rand(x.shape, generator=generator, device=x.device) >= p_row[:, None]
+    uniform = torch.rand(x.shape, device=x.device) if seed is None else seeded_rand(x.shape, seed, x.device)
+    keep = uniform >= p_row[:, None]
     return x * (keep.to(x.dtype) / (1.0 - p_row)[:, None].to(x.dtype))
 
 
