@@ -59,7 +59,8 @@ def spy(request, monkeypatch):
 
 SHAPES = [(1, 6, 42, 1), (6, 42, 123, 3), (42, 123, 6, 8), (123, 431, 42, 17), (7, 16, 32, 16), (5, 33, 64, 2),
           (9, 48, 80, 5),  # these two: 64-byte rows, written with streaming stores where the CPU has them
-          (9, 1100, 1030, 17)]  # rows past dots4's DOT_TILE (tiles and a tail) and r past DOT_GROUP (a second, odd group)
+          (9, 1100, 1030, 17),  # rows past dots4's DOT_TILE (tiles and a tail) and r past DOT_GROUP (a second, odd group)
+          (37, 4100, 4000, 5)]  # wide rows: the backward's chunks shrink to 16 rows (chunk_blocks), three chunks here
 
 
 @pytest.mark.parametrize("M,K,N,r", SHAPES, ids=[f"M{m}-K{k}-N{n}-r{r}" for m, k, n, r in SHAPES])

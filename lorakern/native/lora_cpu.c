@@ -35,7 +35,7 @@
 #error "LANES must be 4, 8 or 16"
 #endif
 #define ROWS 4
-#define CHUNK_BLOCKS 16 /* four-row blocks per chunk of the backward: 64 rows of g, ~200 KB at N = 768 */
+#define CHUNK_BLOCKS 16 /* at most, four-row blocks per chunk of the backward: 64 rows of g, ~200 KB at N = 768 */
 
 /* LANES floats; aligned(4): rows start anywhere, so every load and store through it is an unaligned one. */
 typedef float vf __attribute__((vector_size(LANES * sizeof(float)), aligned(4)));
@@ -461,6 +461,16 @@ static inline void prefetch_rows(const float *base, const int64_t *order, int64_
     }
 }
 
+/* Four-row blocks per chunk of the backward: as many as keep the chunk's rows of the matrices it reads twice
+ * (g and x~, of `width` floats together) within CHUNK_BYTES of L2, from 1 to CHUNK_BLOCKS. 64 rows of 4096-wide
+ * g and x~ took 2 MB, all of L2, and dA's pass read x~ again from L3 (4096 x 4096, r=16, caches flushed, without
+ * dx's term: 16.5 -> 15.6 ms; 768-wide rows keep 64-row chunks). */
+#define CHUNK_BYTES (512 * 1024)
+static int64_t chunk_blocks(int64_t width) {
+    int64_t blocks = CHUNK_BYTES / (width * (int64_t)sizeof(float) * ROWS);
+    return blocks < 1 ? 1 : blocks > CHUNK_BLOCKS ? CHUNK_BLOCKS : blocks;
+}
+
 /* The backward's passes (lora_backward_f32; dora_backward_f32 adds z and gz). */
 static void backward_passes(const float *g, const float *x_lora, const float *u, const float *A, const float *Bt,
                             float scaling, int64_t M, int64_t K, int64_t N, int64_t r, float *dx, float *dA,
@@ -470,6 +480,7 @@ static void backward_passes(const float *g, const float *x_lora, const float *u,
     int64_t z_rows = z ? (z_shift ? 3 : 1) : 0;  /* gz's rows: sum_rows(g z), or the three sums of y mode */
     int64_t ldK = padded(K), ldN = padded(N), per_thread = r * (ldK + ldN) + z_rows * ldN;
     int need_gB = dx != NULL || dA != NULL, u_from_x = dBt != NULL && u == NULL;
+    int64_t step = chunk_blocks(K + N);  /* z is read once, front to back: it need not stay */
     #pragma omp parallel num_threads(threads)
     {
         int tid = thread_id(), team = team_size();
@@ -482,15 +493,15 @@ static void backward_passes(const float *g, const float *x_lora, const float *u,
         float *gB = need_gB ? (float *)malloc((size_t)(CHUNK_BLOCKS * ROWS * r) * sizeof(float)) : NULL;
         /* u_from_x: the chunk's u = x~ A^T, computed here (the merged forward keeps no u) */
         float *uc = u_from_x ? (float *)malloc((size_t)(CHUNK_BLOCKS * ROWS * r) * sizeof(float)) : NULL;
-        /* Rows go in chunks of CHUNK_BLOCKS * ROWS: g B and dx four rows at a time first, then dB (and DoRA's
+        /* Rows go in chunks of `step` four-row blocks: g B and dx four rows at a time first, then dB (and DoRA's
          * sums) over the chunk's rows of g, then dA over the chunk. The partial sums are updated once per chunk
          * (in registers, accumulate_rows), and the second read of the chunk's g and x~ hits L2. g B goes first
          * because it reads four rows front to back, streams the hardware prefetcher follows, while
          * accumulate_rows walks column tiles down all the chunk's rows: as the first reader of g it waited on
          * memory (4096 x 768, r=8, two threads, caches flushed: 1.88 -> 1.62 ms, 2.11 -> 1.97 with dx's term). */
         #pragma omp for schedule(static)
-        for (int64_t chunk = 0; chunk < blocks; chunk += CHUNK_BLOCKS) {
-            int64_t last = chunk + CHUNK_BLOCKS < blocks ? chunk + CHUNK_BLOCKS : blocks;
+        for (int64_t chunk = 0; chunk < blocks; chunk += step) {
+            int64_t last = chunk + step < blocks ? chunk + step : blocks;
             int64_t row0 = chunk * ROWS, rows = (last * ROWS < M ? last * ROWS : M) - row0;
             const float *grows[CHUNK_BLOCKS * ROWS], *crows[CHUNK_BLOCKS * ROWS];
             row_pointers(g, N, NULL, row0, rows, grows);
