@@ -24,7 +24,7 @@ import torch
 from lorakern import dispatch, mixed, native
 from lorakern.errors import LorakernError
 from lorakern.functional import (_dense_base_output, _dropped_out, _rank_r_grads_native, _rank_r_grads_torch,
-                                 merged_weight, torch_dropout_mask)
+                                 merged_weight, torch_dropout_mask, workspace_like)
 from lorakern.native import pointer as _ptr
 from lorakern.nf4 import lora as _nf4_lora  # registers the NF4 torch implementation DoRA attaches to
 from lorakern.nf4.storage import NF4Storage
@@ -134,7 +134,7 @@ class DoraLinearFunction(torch.autograd.Function):
     u (for dB), z (M x N, for dm), c, n.
     On the fp32 CPU path with at least as many rows as input features (``folds_scale``) the call runs
     merged and gc is never formed: y = x (diag(c) (W + s B A))^T + b in one GEMM, gc (W + s B A) = g diag(c)
-    (W + s B A) and gc B = g (diag(c) B) (_forward_native, _folded_grads_native); dm then reads y itself,
+    (W + s B A) and gc B = g (diag(c) B) (_folded_forward_native, _folded_grads_native); dm then reads y itself,
     z = (y - b) / c, and recomputes z for the columns where y kept too few of its bits
     (_magnitude_grad_from_output): no second M x N tensor and no pass over y in the forward.
     The base weight is frozen (DoRA trains A, B and m).
@@ -147,31 +147,37 @@ class DoraLinearFunction(torch.autograd.Function):
         separate = x_lora is not None
         xl2 = x_lora.reshape(-1, in_features) if separate else x2
         need_m = ctx.needs_input_grad[6]
-        norm = weight_norm(weight, lora_A, lora_B, scaling, base_norm_sq, library)
-        scale = (magnitude.detach().to(norm.dtype) / norm).to(x.dtype)  # c
         # the fp32 CPU path runs merged with c folded in (see folds_scale): no u, no B^T in the forward
         folded = library is not None and not separate and folds_scale(x2.shape[0], in_features)
-        B_t = None if folded else lora_B.t().contiguous()
-        if library is not None and not separate:
-            u, z, y = _forward_native(library, x2, weight, bias, lora_A, lora_B, B_t, scale, scaling, need_m, folded)
+        if folded:
+            # n, c = m / n and diag(c) W' in one pass over W, then y = x (diag(c) W')^T + b: one GEMM
+            norm, scale, y = _folded_forward_native(library, x2, weight, bias, lora_A, lora_B, magnitude, scaling,
+                                                    base_norm_sq)
+            u = z = None
         else:
-            # u = x~ A^T;  z = x~ W^T + s u B^T
-            u = xl2 @ lora_A.t()
-            base_lora = _base_mm(xl2, weight)
-            z = torch.addmm(base_lora, u, B_t, alpha=scaling) if separate else base_lora.addmm_(u, B_t, alpha=scaling)
-            if separate:
-                # y = x W^T + b + c z~ - x~ W^T
-                y = _base_mm(x2, weight)
-                if bias is not None:
-                    y.add_(bias)
-                y.addcmul_(z, scale).sub_(base_lora)
-            elif need_m:
-                # y = c z + b (z kept for dm)
-                y = torch.addcmul(bias, z, scale) if bias is not None else z * scale
+            norm = weight_norm(weight, lora_A, lora_B, scaling, base_norm_sq, library)
+            scale = (magnitude.detach().to(norm.dtype) / norm).to(x.dtype)  # c
+            if library is not None and not separate:
+                u, z, y = _forward_native(library, x2, weight, bias, lora_A, lora_B, scale, scaling, need_m)
             else:
-                # nothing needs z: scaled in place
-                y = z.mul_(scale) if bias is None else z.mul_(scale).add_(bias)
-                z = None
+                B_t = lora_B.t().contiguous()
+                # u = x~ A^T;  z = x~ W^T + s u B^T
+                u = xl2 @ lora_A.t()
+                base_lora = _base_mm(xl2, weight)
+                z = torch.addmm(base_lora, u, B_t, alpha=scaling) if separate else base_lora.addmm_(u, B_t, alpha=scaling)
+                if separate:
+                    # y = x W^T + b + c z~ - x~ W^T
+                    y = _base_mm(x2, weight)
+                    if bias is not None:
+                        y.add_(bias)
+                    y.addcmul_(z, scale).sub_(base_lora)
+                elif need_m:
+                    # y = c z + b (z kept for dm)
+                    y = torch.addcmul(bias, z, scale) if bias is not None else z * scale
+                else:
+                    # nothing needs z: scaled in place
+                    y = z.mul_(scale) if bias is None else z.mul_(scale).add_(bias)
+                    z = None
         ctx.weight = weight if isinstance(weight, NF4Storage) else None
         ctx.scaling, ctx.x_shape, ctx.separate, ctx.has_bias = scaling, x.shape, separate, bias is not None
         ctx.library, ctx.m_dtype, ctx.folded = library, magnitude.dtype, folded
@@ -242,22 +248,38 @@ def _output_intact(y: torch.Tensor, version: int) -> bool:
     return y._version == version
 
 
-def _forward_native(library, x2, weight, bias, lora_A, lora_B, B_t, scale, scaling, need_m, folded):
-    """The fp32 CPU forward. Returns (u or None, z or None, y); z is kept only when m trains.
-
-    ``folded`` (folds_scale: at least as many rows as input features): W' = W + s B A is formed in this
-    thread's workspace (N K r multiply-adds, cheaper here than the M N r rank-r term) and
+def _folded_forward_native(library, x2, weight, bias, lora_A, lora_B, magnitude, scaling, base_norm_sq):
+    """The fp32 CPU forward with c folded in (folds_scale: at least as many rows as input features). Returns
+    (n, c, y). One C pass over the rows of W computes their W A^T, n (the formula in weight_norm), c = m / n
+    and diag(c) W', W' = W + s B A, into this thread's workspace (lora_cpu.c, dora_merge_f32: N K r
+    multiply-adds, cheaper here than the M N r rank-r term; W is read once, not once for n and again for W'):
         y = x (diag(c) W')^T + b                  one GEMM, no pass over y, no z: dm reads y (z = (y - b) / c)
-    with no u: the backward forms u from x in the pass that reads x for dA.
-    Otherwise BLAS writes x W^T and one C pass over the rows computes u = x A^T and finishes
+    with no u: the backward forms u from x in the pass that reads x for dA."""
+    (out_features, in_features), r = weight.shape, lora_A.shape[0]
+    with torch.no_grad():
+        w2 = (row_norms_sq(weight, torch.float32) if base_norm_sq is None else base_norm_sq.to(torch.float32))
+        # named: the contiguous copies outlive the call
+        W, A, B, w2 = weight.detach().contiguous(), lora_A.detach().contiguous(), lora_B.detach().contiguous(), \
+            w2.contiguous()
+        m = magnitude.detach().to(torch.float32).contiguous()
+        gram = A @ A.t()
+        norm, scale = torch.empty_like(w2), torch.empty_like(w2)
+        merged = workspace_like(W)  # a workspace: nothing may hold it past this call
+        library.dora_merge_f32(_ptr(W), _ptr(A), _ptr(B), _ptr(w2), _ptr(gram), _ptr(m), scaling, out_features,
+                               in_features, r, _ptr(norm), _ptr(scale), _ptr(merged), torch.get_num_threads())
+    # y = x (diag(c) W')^T + b: as the frozen layer's GEMM (the caller keeps y when m trains)
+    y = torch.addmm(bias, x2, merged.t()) if bias is not None else x2 @ merged.t()
+    return norm, scale, y
+
+
+def _forward_native(library, x2, weight, bias, lora_A, lora_B, scale, scaling, need_m):
+    """The fp32 CPU forward with fewer rows than input features. Returns (u, z or None, y); z is kept only
+    when m trains. BLAS writes x W^T and one C pass over the rows computes u = x A^T and finishes
     y = c (x W^T + s u B^T) + b (lora_cpu.c, dora_forward_f32): the magnitude scale costs no pass of its own."""
     rows, (out_features, r) = x2.shape[0], (weight.shape[0], lora_A.shape[0])
     b = None if bias is None else bias.contiguous()
     c = scale.contiguous()
-    if folded:
-        # y = x (diag(c) W')^T + b: one GEMM, as the frozen layer's (the caller keeps y when m trains)
-        merged = merged_weight(weight, lora_B, lora_A, scaling, library, c)  # a workspace: not kept
-        return None, None, (torch.addmm(b, x2, merged.t()) if b is not None else x2 @ merged.t())
+    B_t = lora_B.t().contiguous()
     x2, A = x2.contiguous(), lora_A.contiguous()  # named: the copies outlive the call
     z = torch.mm(x2, weight.t())
     y = x2.new_empty(rows, out_features) if need_m else z

@@ -243,6 +243,16 @@ class _Workspaces(threading.local):
 _WORKSPACES = _Workspaces()
 
 
+def workspace_like(weight: torch.Tensor) -> torch.Tensor:
+    """This thread's workspace for an N x K weight of ``weight``'s shape and dtype on the CPU (merged_weight):
+    the next call for that shape overwrites it."""
+    key = (tuple(weight.shape), weight.dtype)
+    buffer = _WORKSPACES.buffers.get(key)
+    if buffer is None:
+        buffer = _WORKSPACES.buffers[key] = torch.empty(weight.shape, dtype=weight.dtype)
+    return buffer
+
+
 def merged_weight(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor, scaling: float,
                   library=None, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W' = W + s B A (diag(row_scale) (W + s B A) when given: DoRA's folded weight) for one merged call, in a
@@ -260,10 +270,7 @@ def merged_weight(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tens
     if torch.compiler.is_compiling() or weight.device.type != "cpu":
         merged = torch.addmm(weight, lora_B, lora_A, alpha=scaling)
         return merged if row_scale is None else merged.mul_(row_scale[:, None])
-    key = (tuple(weight.shape), weight.dtype)
-    buffer = _WORKSPACES.buffers.get(key)
-    if buffer is None:
-        buffer = _WORKSPACES.buffers[key] = torch.empty(weight.shape, dtype=weight.dtype)
+    buffer = workspace_like(weight)
     (out_features, in_features), r = weight.shape, lora_A.shape[0]
     if library is not None and r <= NATIVE_MAX_RANK and \
             all(t.dtype == torch.float32 for t in (weight, lora_A, lora_B, buffer)) and \

@@ -85,6 +85,7 @@ _LIBRARIES = {
             "dora_backward_scratch": (_I64, [_I64, _I64, _I64, _INT]),
             "dora_norm_f32": (None, [_POINTER] * 5 + [_FLOAT] + [_I64] * 3 + [_POINTER, _INT]),
             "lora_merge_f32": (None, [_POINTER] * 3 + [_FLOAT, _POINTER] + [_I64] * 3 + [_POINTER, _INT]),
+            "dora_merge_f32": (None, [_POINTER] * 6 + [_FLOAT] + [_I64] * 3 + [_POINTER] * 3 + [_INT]),
         },
     ),
 }

@@ -816,8 +816,22 @@ void dora_forward_f32(const float *x, const float *A, const float *Bt, const flo
     }
 }
 
+/* ||W_i + s (B A)_i|| from w2 = ||W_i||^2, b = B_i (r), wa = (W A^T)_i (r) and gram = A A^T (r x r):
+ * sqrt(max(0, w2 + 2 s <b, wa> + s^2 b gram b^T)). */
+static inline float dora_row_norm(float w2, const float *b, const float *wa, const float *gram, float s, int64_t r) {
+    float cross = 0.0f, quad = 0.0f;
+    for (int64_t j = 0; j < r; ++j) {
+        float gb = 0.0f;
+        for (int64_t k = 0; k < r; ++k) gb += gram[j * r + k] * b[k];
+        cross += b[j] * wa[j];
+        quad += b[j] * gb;
+    }
+    float n2 = w2 + 2.0f * s * cross + s * s * quad;
+    return sqrtf(n2 > 0.0f ? n2 : 0.0f);
+}
+
 /* DoRA's row norms without B A (lorakern/dora.py, weight_norm): for each row i of W (N x K),
- * norm[i] = sqrt(max(0, w2[i] + 2 s <B_i, (W A^T)_i> + s^2 B_i G B_i^T)), G = A A^T (r x r), B: N x r. */
+ * norm[i] = ||W_i + s (B A)_i|| (dora_row_norm), W A^T four rows at a time. B: N x r. */
 void dora_norm_f32(const float *W, const float *A, const float *B, const float *w2, const float *gram, float s,
                    int64_t N, int64_t K, int64_t r, float *norm, int threads) {
     int64_t blocks = (N + ROWS - 1) / ROWS;
@@ -828,31 +842,21 @@ void dora_norm_f32(const float *W, const float *A, const float *B, const float *
         const float *wr[ROWS];
         block_rows(W, i0, N, K, wr);
         dots4(wr, A, r, K, wa);
-        for (int q = 0; q < ROWS && i0 + q < N; ++q) {
-            const float *b = B + (i0 + q) * r;
-            float cross = 0.0f, quad = 0.0f;
-            for (int64_t j = 0; j < r; ++j) {
-                float gb = 0.0f;
-                for (int64_t k = 0; k < r; ++k) gb += gram[j * r + k] * b[k];
-                cross += b[j] * wa[q * r + j];
-                quad += b[j] * gb;
-            }
-            float n2 = w2[i0 + q] + 2.0f * s * cross + s * s * quad;
-            norm[i0 + q] = sqrtf(n2 > 0.0f ? n2 : 0.0f);
-        }
+        for (int q = 0; q < ROWS && i0 + q < N; ++q)
+            norm[i0 + q] = dora_row_norm(w2[i0 + q], B + (i0 + q) * r, wa + q * r, gram, s, r);
     }
 }
 
-/* out (N x K) = diag(c) (W + s B A), the weight of the merged forms (lorakern/functional.py, merged_weight;
- * c NULL: 1; DoRA's folded path passes its magnitude scale). B is N x r, A r x K. One pass over the rows of W,
- * four at a time, A read from L1: torch's addmm then mul_ read and wrote the N x K weight twice, and its
- * K = r product runs far below BLAS's speed. Plain stores: the GEMM that follows reads out from the cache. */
-void lora_merge_f32(const float *W, const float *A, const float *B, float s, const float *c, int64_t N, int64_t K,
-                    int64_t r, float *out, int threads) {
+/* out (N x K) = diag(c) (W + s B A), four rows of W at a time, A read from L1. The scale c: given (c_in; NULL
+ * means 1), or with w2 given DoRA's c = m / ||W_i + s (B A)_i|| computed from the same rows (their W A^T first,
+ * while they are in L1), written to c_out and the norms to norm. */
+static void merge_rows(const float *W, const float *A, const float *B, float s, const float *c_in, const float *w2,
+                       const float *gram, const float *m, int64_t N, int64_t K, int64_t r, float *norm,
+                       float *c_out, float *out, int threads) {
     int64_t blocks = (N + ROWS - 1) / ROWS;
     #pragma omp parallel num_threads(threads)
     {
-        float coef[ROWS * 256], scale[ROWS];
+        float coef[ROWS * 256], scale[ROWS], wa[ROWS * 256];
         float *spare = (float *)malloc((size_t)K * sizeof(float));
         #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; ++blk) {
@@ -861,15 +865,43 @@ void lora_merge_f32(const float *W, const float *A, const float *B, float s, con
             float *orow[ROWS];
             block_rows(W, i0, N, K, wr);  /* rows past N read row i0 again and land in spare */
             block_rows_out(out, i0, N, K, spare, orow);
+            if (w2) dots4(wr, A, r, K, wa);
             for (int q = 0; q < ROWS; ++q) {
                 int64_t i = i0 + q < N ? i0 + q : i0;
-                scale[q] = c ? c[i] : 1.0f;
+                if (w2) {
+                    float n = dora_row_norm(w2[i], B + i * r, wa + q * r, gram, s, r);
+                    scale[q] = m[i] / n;
+                    if (i == i0 + q) {  /* a real row, not a repeat past N */
+                        norm[i] = n;
+                        c_out[i] = scale[q];
+                    }
+                } else {
+                    scale[q] = c_in ? c_in[i] : 1.0f;
+                }
                 for (int64_t j = 0; j < r; ++j) coef[q * r + j] = scale[q] * s * B[i * r + j];
             }
-            update4(orow, wr, c ? scale : NULL, coef, A, r, K, 0);
+            update4(orow, wr, w2 || c_in ? scale : NULL, coef, A, r, K, 0);
         }
         free(spare);
     }
+}
+
+/* out (N x K) = diag(c) (W + s B A), the weight of the merged forms (lorakern/functional.py, merged_weight;
+ * c NULL: 1; DoRA's folded backward passes its magnitude scale). B is N x r, A r x K. One pass over the rows
+ * of W: torch's addmm then mul_ read and wrote the N x K weight twice, and its K = r product runs far below
+ * BLAS's speed. Plain stores: the GEMM that follows reads out from the cache. */
+void lora_merge_f32(const float *W, const float *A, const float *B, float s, const float *c, int64_t N, int64_t K,
+                    int64_t r, float *out, int threads) {
+    merge_rows(W, A, B, s, c, NULL, NULL, NULL, N, K, r, NULL, NULL, out, threads);
+}
+
+/* DoRA's folded forward weight in one pass over W (lorakern/dora.py, _forward_native): norm[i] =
+ * ||W_i + s (B A)_i|| (from w2 = ||W_i||^2 and gram = A A^T, as dora_norm_f32), c[i] = m[i] / norm[i], and
+ * out = diag(c) (W + s B A). */
+void dora_merge_f32(const float *W, const float *A, const float *B, const float *w2, const float *gram,
+                    const float *m, float s, int64_t N, int64_t K, int64_t r, float *norm, float *c, float *out,
+                    int threads) {
+    merge_rows(W, A, B, s, NULL, w2, gram, m, N, K, r, norm, c, out, threads);
 }
 
 /* DoRA backward's first pass: gc = g * c (columns scaled: the LoRA backward then runs on gc) and, when z is
