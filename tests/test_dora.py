@@ -331,9 +331,14 @@ def test_lorakern_dora_adapter_loads_into_peft(tmp_path, batch):
                                                          use_dora=True))
     _perturb(ours, seed=2)
     save_adapter(ours, str(tmp_path))
-    theirs = PeftModel.from_pretrained(tiny_roberta_classifier(), str(tmp_path)).eval()
+    theirs = PeftModel.from_pretrained(tiny_roberta_classifier(), str(tmp_path), is_trainable=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(**batch).logits, ours(**batch).logits, rtol=1e-5, atol=1e-6)
+    # one training step's gradients of A, B and the magnitude, this direction too
+    expected, got = _step_grads(theirs, batch, True), _step_grads(ours, batch, False)
+    assert set(got) == set(expected) and len(got) == 2 * 2 * 3  # 2 layers x 2 targets x (A, B, m)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_fresh_dora_magnitude_equals_peft_init():
