@@ -235,9 +235,11 @@ def test_all_rows_one_adapter_equals_the_single_adapter_layer_and_dispatch_expla
         layer.forward_rows(x, torch.zeros(15, dtype=torch.int64), ["nope"])
 
 
-def toy_two_adapters():
-    model = inject(Toy(), LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"], modules_to_save=["head"]), "a")
-    lorakern.add_adapter(model, "b", LoraConfig(r=3, lora_alpha=3, target_modules=["q"], modules_to_save=["head"]))
+def toy_two_adapters(quantize=None):
+    model = inject(Toy(), LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"], modules_to_save=["head"],
+                                     quantize=quantize), "a")
+    lorakern.add_adapter(model, "b", LoraConfig(r=3, lora_alpha=3, target_modules=["q"], modules_to_save=["head"],
+                                                quantize=quantize))
     randomize(model, 1)
     return model
 
@@ -254,8 +256,9 @@ def test_training_two_adapters_mixed_equals_training_each_alone_on_its_rows():
         torch.testing.assert_close(out, mixed(base_rows), rtol=0, atol=0)
 
 
-def test_compiled_mixed_batch_has_no_graph_breaks_and_matches_eager():
-    model = toy_two_adapters()
+@pytest.mark.parametrize("quantize", [None, "nf4"], ids=["dense", "nf4"])
+def test_compiled_mixed_batch_has_no_graph_breaks_and_matches_eager(quantize):
+    model = toy_two_adapters(quantize)
     x = torch.randn(4, 3, 8)
     compiled, _ = check_compiled_mixed_batch(model, x, ["b", None, "a", "b"])
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
