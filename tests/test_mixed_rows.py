@@ -112,3 +112,26 @@ def test_forward_rows_refuses_a_row_list_of_the_wrong_length_or_type():
         layer.forward_rows(x, torch.zeros(15), ["default", "b"])
     with pytest.raises(LorakernError, match="row_adapter holds -2"):
         layer.forward_rows(x, torch.full((15,), -2), ["default", "b"])
+
+
+def test_a_batch_of_one_adapter_is_the_single_adapter_call(monkeypatch):
+    """Every row one adapter (and no other handed in): each layer makes the single-adapter call, at its cost,
+    no mixed call; rows of two adapters make mixed calls. Same values as set_adapter either way."""
+    from lorakern import dispatch
+
+    calls = []
+    for name in ("lora_forward", "prepare_mixed"):
+        real = getattr(dispatch, name)
+        monkeypatch.setattr(dispatch, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    model = deep_model()
+    x = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(2))
+    with lorakern.adapter_rows(model, ["b", "b", "b"]):
+        out = model(x)
+    assert calls and set(calls) == {"lora_forward"}, calls  # the 3 layers "b" targets; none mixed
+    assert len(calls) == 3
+    lorakern.set_adapter(model, "b")
+    torch.testing.assert_close(out, model(x), rtol=1e-6, atol=1e-6)
+    calls.clear()
+    with lorakern.adapter_rows(model, ["b", "a", "b"]):
+        model(x)
+    assert "prepare_mixed" in calls, calls
