@@ -16,7 +16,7 @@ from lorakern.errors import AdapterError, ConfigError, LorakernError
 from lorakern.testing import TOLERANCE, assert_matches_reference
 from lorakern.testing_dora import compare_dora, dora_layer, f64
 
-DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
 PATHS = ("torch", "c")
