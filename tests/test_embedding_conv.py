@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import strategies
 from lorakern import core
 from lorakern.conv import LoraConv
 from lorakern.embedding import LoraEmbedding
@@ -112,18 +114,35 @@ def test_conv_dropout_applies_to_the_lora_input_only():
     check(results, torch.float64, length)
 
 
+CONV_SEEN = []
+CONV_AXES = {"dims": ["Conv1d", "Conv2d"], "groups": ["groups=1", "groups=2"], "stride": ["stride=1", "stride=2"],
+             "dilation": ["dilation=1", "dilation=2"], "padding": ["padding=0", "padding=1", "padding=2"]}
+
+
 @given(dims=st.sampled_from([1, 2]), C=st.integers(1, 5), O=st.integers(1, 5), k=st.integers(1, 3),
        stride=st.integers(1, 2), padding=st.integers(0, 2), dilation=st.integers(1, 2), groups=st.sampled_from([1, 2]),
        r=st.integers(1, 3), N=st.integers(1, 2), size=st.tuples(st.integers(1, 7), st.integers(1, 7)))
 @example(dims=2, C=1, O=1, k=1, stride=1, padding=0, dilation=1, groups=1, r=1, N=1, size=(1, 1))  # all 1
 @example(dims=1, C=2, O=4, k=3, stride=2, padding=2, dilation=2, groups=2, r=2, N=2, size=(1, 1))  # all padding
 @example(dims=2, C=5, O=3, k=3, stride=1, padding=0, dilation=1, groups=1, r=3, N=1, size=(3, 7))  # one row out
-def test_conv_matches_the_reference_over_shapes(dims, C, O, k, stride, padding, dilation, groups, r, N, size):
+def _conv_matches_the_reference(dims, C, O, k, stride, padding, dilation, groups, r, N, size):
     C, O, r = C * groups, O * groups, r * groups
     if min(s + 2 * padding - dilation * (k - 1) for s in size[:dims]) < 1:
         return  # the kernel does not fit: torch refuses such a convolution for the base layer too
+    # counted once it runs (explicit examples too: the share count is over the cases compared)
+    CONV_SEEN.append(SimpleNamespace(classes={"dims": f"Conv{dims}d", "groups": f"groups={groups}",
+                                              "stride": f"stride={stride}", "dilation": f"dilation={dilation}",
+                                              "padding": f"padding={padding}"}))
     results, length, _, _ = run_conv(dims, C, O, k, stride, padding, dilation, groups, r, N, size, torch.float64)
     check(results, torch.float64, length)
+
+
+def test_conv_matches_the_reference_over_shapes():
+    """Conv1d and Conv2d over channels, kernel sizes, stride, padding, dilation, groups, ranks and batch sizes
+    (the stated shares asserted on the examples that ran, those whose kernel fits its input)."""
+    CONV_SEEN.clear()
+    _conv_matches_the_reference()
+    strategies.assert_shares(CONV_SEEN, CONV_AXES)
 
 
 # ---- embedding against the reference --------------------------------------------------------------------
