@@ -166,3 +166,14 @@ def test_check_shows_why_the_c_kernels_did_not_build(c_rows_only, monkeypatch, t
                      rf"\(exit 1\).*\| n/a +\|", text), text
     assert re.search(r"\| torch +\| float32 +\|.*\| pass +\|", text), text
     assert [str(w.message) for w in caught if "lora_cpu.c" in str(w.message)], "the failure was not warned about"
+
+
+def test_check_with_a_bad_isa_level_says_so_in_one_line(monkeypatch, capsys):
+    """LORAKERN_ISA naming no level ends `lorakern check` with one line naming it and the fix (exit 2), not a
+    traceback. (A bad LORAKERN_FORMULATION does not reach check: it pins each formulation itself.)"""
+    from lorakern.cli import main
+
+    monkeypatch.setenv("LORAKERN_ISA", "sse9")
+    assert main(["check", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "LORAKERN_ISA='sse9' is not an ISA level" in err and "set it to one of" in err, err
