@@ -589,6 +589,29 @@ def cpu_model() -> str:
     return cpu_info().get("model name") or platform.processor() or platform.machine()
 
 
+# The /proc/cpuinfo flags that decide which kernels run (lorakern's C builds, MKL's and ATen's code paths):
+# RESULTS.md gives them beside each machine's numbers.
+VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16",
+                "avx512_fp16", "amx_bf16", "amx_tile", "asimd", "sve", "sve2")
+
+
+def cpu_flags() -> str:
+    """This CPU's VECTOR_FLAGS, space-separated ("flags" on x86, "Features" on aarch64)."""
+    from lorakern.native import cpu_info
+
+    info = cpu_info()
+    have = set((info.get("flags") or info.get("Features") or "").split())
+    return " ".join(flag for flag in VECTOR_FLAGS if flag in have)
+
+
+def c_kernels() -> str:
+    """The ISA level lorakern's C kernels were built for, or why they serve no call here."""
+    from lorakern import native
+
+    level, why = native.build_status()
+    return level or f"not built: {why}"
+
+
 def _version(module: str) -> Optional[str]:
     try:
         from importlib.metadata import version
@@ -603,6 +626,8 @@ def machine() -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "processor": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "c_kernels": c_kernels(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "malloc": _MALLOC,
@@ -771,6 +796,8 @@ def run(shapes: list[Shape], dtype: torch.dtype, device: str, out_dir: Optional[
         rows.extend(measure(shape, dtype, device, rounds=rounds, only=only, modes=modes))
     info = machine()
     title = f"{info['date']} on {info.get('gpu') or info['processor']} ({device}, {dtype}, {info['torch_threads']} threads, {rounds} rounds)"
+    if device == "cpu":
+        title += f"; CPU flags: {info['cpu_flags'] or '-'}; C kernels: {info['c_kernels']}"
     table = markdown(rows)
     nf4_rows = None
     if nf4 is not None and _importable("bitsandbytes"):

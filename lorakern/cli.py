@@ -100,7 +100,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command == "check":
         from lorakern.check import run_check
 
-        return 0 if run_check(args.device) else 1
+        try:
+            return 0 if run_check(args.device) else 1
+        except ValueError as exc:  # bad settings (LORAKERN_ISA, LORAKERN_FORMULATION, ...): one line naming the fix
+            return main_error(exc)
     if args.command == "bench":
         try:
             return run_bench(args)

@@ -12,6 +12,7 @@ the trainable parameters:
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -30,6 +31,11 @@ def _decay_names(module: nn.Module, prefix: str = "") -> set[str]:
     return names
 
 
+def _positive_finite(value: object) -> bool:
+    # an infinite rate trains B to inf/NaN without an error; True would pass as the ratio 1
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and math.isfinite(value)
+
+
 def _is_embedding_lora(name: str) -> bool:
     return any(part.startswith("lora_embedding_") for part in name.split("."))
 
@@ -37,11 +43,11 @@ def _is_embedding_lora(name: str) -> bool:
 def loraplus_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float = 16.0,
                           loraplus_weight_decay: float = 0.0, loraplus_lr_embedding: float = 1e-6) -> list[dict]:
     """The four groups of PEFT's LoRA+ (A, embedding, B with decay, B without), in PEFT's order."""
-    if not (isinstance(loraplus_lr_ratio, (int, float)) and loraplus_lr_ratio > 0):
-        raise LorakernError(f"loraplus_lr_ratio must be a positive number (B's learning rate over A's), got "
+    if not _positive_finite(loraplus_lr_ratio):
+        raise LorakernError(f"loraplus_lr_ratio must be a positive number (B's learning rate over A's, finite), got "
                             f"{loraplus_lr_ratio!r}; LoRA+ suggests 16 (values below 1 make B the slower factor)")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise LorakernError(f"lr must be a positive number (A's learning rate), got {lr!r}")
+    if not _positive_finite(lr):
+        raise LorakernError(f"lr must be a positive number (A's learning rate, finite), got {lr!r}")
     decay = {name for name in _decay_names(model) if "bias" not in name}
     groups: dict[str, dict[str, torch.Tensor]] = {"A": {}, "embedding": {}, "B": {}, "B_no_decay": {}}
     for name, param in model.named_parameters():

@@ -132,6 +132,10 @@ def forward_grouped(layer: nn.Module, x: torch.Tensor, names: Sequence[str], gro
         raise AdapterError(f"this layer has merged adapters {layer.merged_adapters}, which every row would get; "
                            f"unmerge() it before a mixed batch")
     adapters = _adapters_for(layer, names)
+    if all(a is None for a in adapters):
+        # none of the batch's adapters is on this layer: every row gets the base output, as the plain layer
+        # computes it (no grouping, no mixed call: a batch costs here what the base layer costs)
+        return layer.base.forward(layer, x)
     # DoRA slots' norms use the layer's cached ||W_i||^2 (a merged layer was refused above)
     norm_sq = layer._base_norm_sq() if any(a is not None and len(a) > 4 for a in adapters) else None
     return dispatch.lora_forward_mixed(x, layer.base.kind, layer.base.operand(layer), layer.bias, adapters, groups,

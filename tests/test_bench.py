@@ -128,6 +128,20 @@ def test_quick_cli_run_writes_json_markdown_and_plot(tmp_path, capsys):
     rows = data["rows"]
     assert data["machine"]["torch"] == torch.__version__ and data["machine"]["date"]
     assert data["machine"]["peft"] and data["machine"]["loralib"] and data["machine"]["processor"]
+    # the CPU's vector flags and the C kernels' level beside the numbers (RESULTS.md quotes the title)
+    from lorakern import native
+
+    flags = set(native.cpu_info().get("flags", "").split())
+    assert data["machine"]["cpu_flags"].split() == [f for f in bench.VECTOR_FLAGS if f in flags]
+    level, why = native.build_status()
+    assert data["machine"]["c_kernels"] == (level or f"not built: {why}")
+    title = next(line for line in printed.splitlines() if " on " in line and "rounds)" in line)
+    assert f"CPU flags: {data['machine']['cpu_flags'] or '-'}; C kernels: {data['machine']['c_kernels']}" in title
+    assert title in (tmp_path / "lora_linear.md").read_text()
+    # the formulation each lorakern row took is in its row: factored at this small M, merged where pinned
+    forms = {r["provider"]: r["formulation"] for r in rows}
+    assert forms["lorakern torch"] == "factored/factored" and forms["lorakern, merged"] == "merged/merged"
+    assert forms["PEFT lora.Linear"] is None
     assert {r["provider"] for r in rows} == set(PROVIDERS)
     assert {r["mode"] for r in rows} == set(bench.MODES)
     assert len(rows) == len(PROVIDERS) * len(bench.MODES)
@@ -147,6 +161,23 @@ def test_quick_cli_run_writes_json_markdown_and_plot(tmp_path, capsys):
     assert "| lorakern torch |" in printed
     assert (tmp_path / "lora_linear.png").read_bytes()[:4] == b"\x89PNG"
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_the_form_column_shows_the_cost_models_choice_on_each_side_of_the_switch():
+    """lorakern bench's "form fwd/bwd" column: what functional.choose_formulation picks for the row's shape
+    (no dropout, the benchmark's case), on each side of both switches, and the pins of the pinned providers."""
+    from lorakern.functional import BACKWARD_MERGE_OVERHEAD, FORWARD_MERGE_OVERHEAD
+
+    K, N, r = 96, 80, 4
+    forward_switch, backward_switch = K * (r + FORWARD_MERGE_OVERHEAD) // r, N * (r + BACKWARD_MERGE_OVERHEAD) // r
+    assert forward_switch < backward_switch  # this shape merges the forward first
+    form = lambda provider, M: bench._formulation(provider, bench.Shape("t", M, K, N, r), torch.float32)
+    assert form("lorakern torch", forward_switch) == "factored/factored"
+    assert form("lorakern torch", forward_switch + 1) == "merged/factored"
+    assert form("lorakern torch, no C", backward_switch + 1) == "merged/merged"
+    assert form("lorakern, factored", 10**6) == "factored/factored" and form("lorakern, merged", 1) == "merged/merged"
+    assert bench._formulation("lorakern torch", bench.Shape("t", 10**6, K, N, r), torch.bfloat16) == "factored/factored"
+    assert form("PEFT lora.Linear", 10**6) is None and form(bench.FROZEN, 10**6) is None
 
 
 def test_cli_times_only_the_asked_providers_and_modes(tmp_path):

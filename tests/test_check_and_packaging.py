@@ -116,3 +116,64 @@ def test_a_missing_optional_package_names_the_extra(monkeypatch):
                                           r"with pip install 'lorakern\[harness\]'"):
         require("tokenizers", "harness", "the harness")
     assert main(["glue", "--task", "sst2", "--out", "/nonexistent/never-written"]) == 2  # one line, exit 2
+
+
+@pytest.fixture
+def c_rows_only(monkeypatch):
+    """run_check cut to its torch and C rows on one small shape (the C row's label and status are the subject)."""
+    from lorakern import check
+
+    monkeypatch.setattr(check, "GRID", [((6, 42), 12, 5, 0.0)])
+    monkeypatch.setattr(check, "available_paths", lambda device: ["torch", "c"])
+    for rows in ("mixed_rows", "dora_rows", "mixed_dora_rows"):
+        monkeypatch.setattr(check, rows, lambda device: [])
+
+
+def test_check_shows_the_c_kernels_row_with_the_isa_level_built(c_rows_only):
+    import re
+
+    from lorakern import native
+
+    level, why = native.build_status()
+    if level is None:
+        pytest.skip(f"the C kernels are not built here: {why}")
+    out = io.StringIO()
+    assert run_check("cpu", out=out)
+    text = out.getvalue()
+    assert re.search(rf"\| C kernels \({level}\) +\| float32 +\| [0-9.e+-]+ +\|.*\| pass +\|", text), text
+    assert re.search(rf"\| C kernels \({level}\) +\| float64 +\| - +\| not run by this path: fp32 only", text), text
+
+
+def test_check_shows_why_the_c_kernels_did_not_build(c_rows_only, monkeypatch, tmp_path):
+    """CC=false: the C row says the compiler failed (naming it and the level), the torch rows still pass."""
+    import re
+    import warnings
+
+    from lorakern import native
+
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("LORAKERN_CACHE", str(tmp_path))
+    monkeypatch.setenv("LORAKERN_NATIVE", "1")
+    monkeypatch.setattr(native, "_LOADED", {})
+    monkeypatch.setattr(native, "_FAILURES", {})
+    out = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run_check("cpu", out=out)
+    text = out.getvalue()
+    level = native.chosen_level().name
+    assert re.search(rf"\| C kernels +\| all +\| - +\| not run: not built: false failed to build lora_cpu.c for {level} "
+                     rf"\(exit 1\).*\| n/a +\|", text), text
+    assert re.search(r"\| torch +\| float32 +\|.*\| pass +\|", text), text
+    assert [str(w.message) for w in caught if "lora_cpu.c" in str(w.message)], "the failure was not warned about"
+
+
+def test_check_with_a_bad_isa_level_says_so_in_one_line(monkeypatch, capsys):
+    """LORAKERN_ISA naming no level ends `lorakern check` with one line naming it and the fix (exit 2), not a
+    traceback. (A bad LORAKERN_FORMULATION does not reach check: it pins each formulation itself.)"""
+    from lorakern.cli import main
+
+    monkeypatch.setenv("LORAKERN_ISA", "sse9")
+    assert main(["check", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "LORAKERN_ISA='sse9' is not an ISA level" in err and "set it to one of" in err, err

@@ -8,6 +8,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from torch import nn
 
+import strategies
 from conftest import tiny_roberta_classifier
 from lorakern import LoraConfig, LoraLinear, core, dora, inject, load_adapter, lora_layers, merge_and_unload, save_adapter
 from lorakern.core import nf4 as core_nf4
@@ -15,27 +16,52 @@ from lorakern.errors import AdapterError, ConfigError, LorakernError
 from lorakern.testing import TOLERANCE, assert_matches_reference
 from lorakern.testing_dora import compare_dora, dora_layer, f64
 
-DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
-@given(lead=st.lists(st.integers(1, 9), max_size=2), K=st.integers(1, 90), N=st.integers(1, 90),
-       r=st.integers(1, 20), dtype=st.sampled_from(DTYPES), dropout=st.sampled_from([0.0, 0.0, 0.3]),
-       bias=st.booleans(), alpha=st.one_of(st.none(), st.floats(0.5, 32.0)), seed=st.integers(0, 2**16),
-       path=st.sampled_from(["torch", "c"]))
-@example(lead=[], K=1, N=1, r=1, dtype=torch.float32, dropout=0.0, bias=True, alpha=None, seed=0, path="c")
-@example(lead=[3, 5], K=37, N=41, r=20, dtype=torch.float64, dropout=0.3, bias=False, alpha=4.0, seed=1, path="torch")
-@example(lead=[6], K=42, N=5, r=7, dtype=torch.bfloat16, dropout=0.3, bias=True, alpha=16.0, seed=2, path="torch")
-@example(lead=[1], K=90, N=90, r=1, dtype=torch.float32, dropout=0.0, bias=False, alpha=None, seed=3, path="torch")
-@example(lead=[], K=1, N=23, r=2, dtype=torch.bfloat16, dropout=0.0, bias=False, alpha=None, seed=1, path="torch")
-@example(lead=[2, 9], K=17, N=33, r=20, dtype=torch.float32, dropout=0.3, bias=True, alpha=2.0, seed=4, path="c")
-def test_torch_and_c_paths_match_reference(lead, K, N, r, dtype, dropout, bias, alpha, seed, path):
+PATHS = ("torch", "c")
+SEEN = []
+
+
+def _run_case(case) -> None:
+    # the C kernels take fp32 only (and serve only where they build): other draws run the torch path
     from lorakern import native
 
-    # the C kernels take fp32 only (and serve only where they build): other draws run the torch path
-    backend = "c" if path == "c" and dtype == torch.float32 and native.lora_library() is not None else "torch"
-    layer = dora_layer(K, N, r, dtype, bias=bias, dropout=dropout, alpha=alpha, seed=seed, backend=backend).train()
-    x = torch.randn(*lead, K, generator=torch.Generator().manual_seed(seed + 7), dtype=torch.float64).to(dtype)
-    assert_matches_reference(compare_dora(layer, x, seed))
+    wanted = case.extra.get("path", "torch")
+    backend = "c" if wanted == "c" and case.dtype == torch.float32 and native.lora_library() is not None else "torch"
+    layer = dora_layer(case.K, case.N, case.r, case.dtype, bias=case.bias, dropout=case.dropout, alpha=case.alpha,
+                       seed=case.seed, backend=backend).train()
+    assert_matches_reference(compare_dora(layer, strategies.make_input(case), case.seed))
+
+
+@given(case=strategies.lora_cases(DTYPES, scaling=True, path=st.sampled_from(PATHS)))
+def _torch_and_c_paths_match_reference(case):
+    SEEN.append(case)
+    _run_case(case)
+
+
+def test_torch_and_c_paths_match_reference():
+    """DoRA on every tile class, layout, rank class, dtype and dropout of tests/strategies.py, torch and C
+    (the stated shares asserted on the examples that ran)."""
+    SEEN.clear()
+    _torch_and_c_paths_match_reference()
+    strategies.assert_shares(SEEN, strategies.axes_for(DTYPES, path=[f"path={p}" for p in PATHS]))
+
+
+# explicit edge cases: (lead, K, N, r, dtype, dropout, bias, alpha, seed, path)
+DORA_EXPLICIT = [((), 1, 1, 1, torch.float32, 0.0, True, None, 0, "c"),
+                 ((3, 5), 37, 41, 20, torch.float64, 0.3, False, 4.0, 1, "torch"),
+                 ((6,), 42, 5, 7, torch.bfloat16, 0.3, True, 16.0, 2, "torch"),
+                 ((1,), 90, 90, 1, torch.float32, 0.0, False, None, 3, "torch"),
+                 ((), 1, 23, 2, torch.bfloat16, 0.0, False, None, 1, "torch"),
+                 ((2, 9), 17, 33, 20, torch.float32, 0.3, True, 2.0, 4, "c")]
+
+
+@pytest.mark.parametrize("index", range(len(DORA_EXPLICIT)))
+def test_explicit_dora_cases(index):
+    lead, K, N, r, dtype, dropout, bias, alpha, seed, path = DORA_EXPLICIT[index]
+    layout = "3-D" if len(lead) == 2 else ("1-D" if not lead else "contiguous 2-D")
+    _run_case(strategies.Case(lead, K, N, r, dtype, layout, dropout, bias, seed, alpha=alpha, extra={"path": path}))
 
 
 class _Spy:
@@ -332,9 +358,14 @@ def test_lorakern_dora_adapter_loads_into_peft(tmp_path, batch):
                                                          use_dora=True))
     _perturb(ours, seed=2)
     save_adapter(ours, str(tmp_path))
-    theirs = PeftModel.from_pretrained(tiny_roberta_classifier(), str(tmp_path)).eval()
+    theirs = PeftModel.from_pretrained(tiny_roberta_classifier(), str(tmp_path), is_trainable=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(**batch).logits, ours(**batch).logits, rtol=1e-5, atol=1e-6)
+    # one training step's gradients of A, B and the magnitude, this direction too
+    expected, got = _step_grads(theirs, batch, True), _step_grads(ours, batch, False)
+    assert set(got) == set(expected) and len(got) == 2 * 2 * 3  # 2 layers x 2 targets x (A, B, m)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_fresh_dora_magnitude_equals_peft_init():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +15,9 @@ import torch.nn.functional as F
 from hypothesis import example, given
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import strategies
 from lorakern import core
 from lorakern.conv import LoraConv
 from lorakern.embedding import LoraEmbedding
@@ -111,18 +114,35 @@ def test_conv_dropout_applies_to_the_lora_input_only():
     check(results, torch.float64, length)
 
 
+CONV_SEEN = []
+CONV_AXES = {"dims": ["Conv1d", "Conv2d"], "groups": ["groups=1", "groups=2"], "stride": ["stride=1", "stride=2"],
+             "dilation": ["dilation=1", "dilation=2"], "padding": ["padding=0", "padding=1", "padding=2"]}
+
+
 @given(dims=st.sampled_from([1, 2]), C=st.integers(1, 5), O=st.integers(1, 5), k=st.integers(1, 3),
        stride=st.integers(1, 2), padding=st.integers(0, 2), dilation=st.integers(1, 2), groups=st.sampled_from([1, 2]),
        r=st.integers(1, 3), N=st.integers(1, 2), size=st.tuples(st.integers(1, 7), st.integers(1, 7)))
 @example(dims=2, C=1, O=1, k=1, stride=1, padding=0, dilation=1, groups=1, r=1, N=1, size=(1, 1))  # all 1
 @example(dims=1, C=2, O=4, k=3, stride=2, padding=2, dilation=2, groups=2, r=2, N=2, size=(1, 1))  # all padding
 @example(dims=2, C=5, O=3, k=3, stride=1, padding=0, dilation=1, groups=1, r=3, N=1, size=(3, 7))  # one row out
-def test_conv_matches_the_reference_over_shapes(dims, C, O, k, stride, padding, dilation, groups, r, N, size):
+def _conv_matches_the_reference(dims, C, O, k, stride, padding, dilation, groups, r, N, size):
     C, O, r = C * groups, O * groups, r * groups
     if min(s + 2 * padding - dilation * (k - 1) for s in size[:dims]) < 1:
         return  # the kernel does not fit: torch refuses such a convolution for the base layer too
+    # counted once it runs (explicit examples too: the share count is over the cases compared)
+    CONV_SEEN.append(SimpleNamespace(classes={"dims": f"Conv{dims}d", "groups": f"groups={groups}",
+                                              "stride": f"stride={stride}", "dilation": f"dilation={dilation}",
+                                              "padding": f"padding={padding}"}))
     results, length, _, _ = run_conv(dims, C, O, k, stride, padding, dilation, groups, r, N, size, torch.float64)
     check(results, torch.float64, length)
+
+
+def test_conv_matches_the_reference_over_shapes():
+    """Conv1d and Conv2d over channels, kernel sizes, stride, padding, dilation, groups, ranks and batch sizes
+    (the stated shares asserted on the examples that ran, those whose kernel fits its input)."""
+    CONV_SEEN.clear()
+    _conv_matches_the_reference()
+    strategies.assert_shares(CONV_SEEN, CONV_AXES)
 
 
 # ---- embedding against the reference --------------------------------------------------------------------
@@ -278,3 +298,53 @@ def test_inits_are_peft_rules():
     assert 0.95 * bound_A < float(conv.lora_A.abs().max()) <= bound_A and conv.lora_B.abs().max() == 0
     gaussian = LoraConv.from_conv(nn.Conv1d(30, 40, 5), r=8, init="gaussian")
     assert abs(float(gaussian.lora_A.std()) * 8 - 1.0) < 0.05 and gaussian.lora_B.abs().max() == 0
+
+
+# ---- how the LoRA branch is computed -------------------------------------------------------------------
+class _RecordOps(TorchDispatchMode):
+    """(op name, shapes of its tensor arguments, its other arguments but None) of every aten op a block runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append((func.overloadpacket.__name__, [tuple(a.shape) for a in args if torch.is_tensor(a)],
+                         [a for a in args if not torch.is_tensor(a) and a is not None]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_embedding_gathers_rows_of_a_transposed_and_never_forms_a_one_hot():
+    """The LoRA term of an embedding is a gather of A^T's rows (V x r) then (M, r) @ B^T: no op sees an
+    (M, V) operand (a one-hot matmul would), and the only products are r wide."""
+    V, D, r = 37, 6, 3
+    layer = LoraEmbedding.from_embedding(nn.Embedding(V, D, padding_idx=1), r=r)
+    randomize_adapters(layer)
+    ids = torch.tensor([[1, 5, 36, 5], [0, 2, 2, 9]])
+    with _RecordOps() as record:
+        layer(ids)
+    gathers = [shapes for name, shapes, _ in record.ops if name == "embedding"]
+    assert gathers == [[(V, D), (2, 4)], [(V, r), (2, 4)]], record.ops  # the base's table, then A^T
+    products = [shapes for name, shapes, _ in record.ops if name in ("mm", "bmm", "matmul", "addmm", "einsum")]
+    assert products and all(r in shapes[0][-1:] for shapes in products), products  # (M, r) @ (r, D)
+    assert not any(V in s[-1:] and len(s) > 1 and s[0] == ids.numel() for _, shapes, _ in record.ops for s in shapes)
+
+
+@pytest.mark.parametrize("dims,groups", [(2, 1), (2, 2), (1, 3)], ids=["conv2d", "conv2d-groups2", "conv1d-groups3"])
+def test_conv_runs_a_conv_with_r_outputs_then_a_1x1_conv(dims, groups):
+    """The LoRA branch is conv(x, A) with r output channels and the base's stride, padding and dilation (all
+    input channels), then a grouped 1 x 1 conv with B: never the merged (O, C, k...) kernel in the forward."""
+    C, O, r, k = 6, 12, 3 * groups, 3
+    base = {1: nn.Conv1d, 2: nn.Conv2d}[dims](C, O, k, stride=2, padding=1, dilation=2, groups=groups)
+    layer = LoraConv.from_conv(base, r=r)
+    randomize_adapters(layer)
+    x = torch.randn(2, C, *(11,) * dims)
+    with _RecordOps() as record:
+        layer(x)
+    convs = [(shapes[1], rest) for name, shapes, rest in record.ops if name == "convolution"]
+    one = (1,) * dims
+    kernel = (k,) * dims
+    assert [c[0] for c in convs] == [(O, C // groups, *kernel), (r, C, *kernel), (O, r // groups, *one)], convs
+    # (stride, padding, dilation, transposed, output_padding, groups) of the A and B convolutions
+    assert convs[1][1][0] == [2] * dims and convs[1][1][1] == [1] * dims and convs[1][1][2] == [2] * dims
+    assert convs[1][1][-1] == 1 and convs[2][1][0] == [1] * dims and convs[2][1][-1] == groups

@@ -153,3 +153,48 @@ def test_keyed_states_load_only_into_the_same_tasks():
     with pytest.raises(ValueError, match=r"holds states for one \(a single-task run's\)"):
         other.load_state_dict(optimizers["sst2"].state_dict())
     assert all(not opt.state for opt in other.items.values())  # refused before any state changed
+
+
+def test_the_issues_command_sst2_mrpc_rte_equals_each_task_alone_and_loads_into_peft(tmp_path, no_dropout):
+    """`lorakern glue --task sst2,mrpc,rte --mixed` through the CLI: each task's final metrics equal training it
+    alone, and the adapter folder is one PEFT multi-adapter folder: PEFT loads the three adapters (LoRA and
+    classifier head each) onto one base and gives lorakern's logits for each."""
+    import json
+
+    from peft import PeftModel
+
+    import lorakern
+    from lorakern.harness.data import corpus_texts, glue_task, load_glue
+    from lorakern.harness.glue import TINY_MAX_LENGTH
+
+    tasks = ["sst2", "mrpc", "rte"]
+    out = tmp_path / "mixed"
+    assert main(["glue", "--task", ",".join(tasks), "--mixed", "--head", "hf", "--warmup-epochs", "0",
+                 "--decay-epochs", "1", "--batch-size", "32", "--no-progress", "--out", str(out)]) == 0
+    summaries = json.load(open(out / "metrics.json"))["summaries"]
+    for task in tasks:
+        alone = run_glue_mixed([task], out=str(tmp_path / task), train=SHORT, head="hf", vocabulary=tasks)
+        got, want = summaries[task]["final"], alone["tasks"][task]["final"]
+        assert got.keys() == want.keys() and summaries[task]["reload_agrees"]
+        for key in want:
+            assert got[key] == pytest.approx(want[key], abs=1e-9), (task, key)
+
+    # the base the run trained on, rebuilt as the harness builds it (tiny RoBERTa over the three tasks' texts)
+    texts = [t for name in sorted(tasks) for t in corpus_texts(load_glue(glue_task(name), None, False))]
+    backbone = models.Backbone(models.TINY, texts, TINY_MAX_LENGTH, seed=TrainConfig().seed)
+    base = lambda: backbone.hf_model("classification", 2)
+    folder = out / "adapter"
+    peft = PeftModel.from_pretrained(base(), str(folder / tasks[0]), adapter_name=tasks[0]).eval()
+    ours = lorakern.load_adapter(base(), str(folder / tasks[0]), adapter_name=tasks[0]).eval()
+    for task in tasks[1:]:
+        peft.load_adapter(str(folder / task), adapter_name=task)
+        lorakern.load_adapter(ours, str(folder / task), adapter_name=task)
+    ids = torch.randint(3, backbone.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    with torch.no_grad():
+        for task in tasks:
+            peft.set_adapter(task)
+            lorakern.set_adapter(ours, task)
+            logits[task] = ours(input_ids=ids).logits
+            torch.testing.assert_close(peft(input_ids=ids).logits, logits[task], rtol=1e-5, atol=1e-6, msg=task)
+    assert not torch.allclose(logits["sst2"], logits["rte"])  # three different adapters, not one loaded thrice

@@ -3,6 +3,7 @@ independent LoftQ loop on bitsandbytes' quantizer; the conversion of a trained P
 plain rank-2r LoRA on the original base, against the trained model and PEFT's own conversion; bad input."""
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lorakern
+import strategies
 from lorakern import LoraConfig, inject, lora_layers
 from lorakern.core.nf4 import NF4_CODE
 from lorakern.errors import AdapterError, ConfigError, LorakernError
@@ -80,14 +82,40 @@ def test_residual_plus_update_is_the_original_weight(init, shape, r, alpha, rslo
         check_close(update, s * B @ (B.T @ W), np.abs(W).max(), bound, "olora: s B A vs s B B^T W")
 
 
-@given(out=st.integers(1, 24), inp=st.integers(1, 24), data=st.data(),
-       init=st.sampled_from(["pissa", "olora", "pissa_niter_2"]),
-       dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]))
-@example(out=1, inp=1, data=None, init="pissa", dtype=torch.float32)
-@example(out=1, inp=17, data=None, init="olora", dtype=torch.float64)
-@example(out=17, inp=1, data=None, init="pissa_niter_2", dtype=torch.bfloat16)
-def test_residual_plus_update_over_shapes_and_dtypes(out, inp, data, init, dtype):
-    r = data.draw(st.integers(1, min(out, inp)), label="r") if data is not None else 1
+# The property test's axes, each drawn uniformly from its labels (the stated share: 1 / its labels) and
+# checked on the examples that ran.
+INITS = ("pissa", "olora", "pissa_niter_2")
+INIT_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SHAPES = ("wide (out < in)", "tall (out > in)", "square")
+RANK_CLASSES = ("r below min(out, in)", "r = min(out, in)")
+INIT_AXES = {"init": list(INITS), "dtype": list(INIT_DTYPES), "shape": list(SHAPES), "r": list(RANK_CLASSES)}
+
+
+@st.composite
+def init_cases(draw):
+    init, dtype, shape, rank = (draw(st.sampled_from(labels)) for labels in INIT_AXES.values())
+    if shape == SHAPES[2]:
+        out = inp = draw(st.integers(2 if rank == RANK_CLASSES[0] else 1, 24))
+    else:
+        small = draw(st.integers(2 if rank == RANK_CLASSES[0] else 1, 23))
+        large = draw(st.integers(small + 1, 24))
+        out, inp = (small, large) if shape == SHAPES[0] else (large, small)
+    r = min(out, inp) if rank == RANK_CLASSES[1] else draw(st.integers(1, min(out, inp) - 1))
+    return SimpleNamespace(out=out, inp=inp, r=r, init=init, dtype=INIT_DTYPES[dtype],
+                           classes={"init": init, "dtype": dtype, "shape": shape, "r": rank})
+
+
+SEEN = []
+
+
+@given(case=init_cases())
+@example(case=SimpleNamespace(out=1, inp=1, r=1, init="pissa", dtype=torch.float32, classes={}))
+@example(case=SimpleNamespace(out=1, inp=17, r=1, init="olora", dtype=torch.float64, classes={}))
+@example(case=SimpleNamespace(out=17, inp=1, r=1, init="pissa_niter_2", dtype=torch.bfloat16, classes={}))
+def _residual_plus_update_is_w(case):
+    if case.classes:
+        SEEN.append(case)
+    out, inp, r, init, dtype = case.out, case.inp, case.r, case.init, case.dtype
     torch.manual_seed(out * 31 + inp)
     linear = nn.Linear(inp, out).to(dtype)
     W = f64(linear.weight)
@@ -101,6 +129,15 @@ def test_residual_plus_update_over_shapes_and_dtypes(out, inp, data, init, dtype
     bound = rounding + 16 * eps * max(out, inp) * np.abs(W).max()
     error = np.abs(f64(layer.weight) + s * B @ A - W).max()
     assert error <= bound, f"{init} {dtype} ({out}, {inp}) r={r}: max |W_res + s B A - W| {error:.3g} > bound {bound:.3g}"
+
+
+def test_residual_plus_update_over_shapes_and_dtypes():
+    """PiSSA, OLoRA and randomized PiSSA on wide, tall and square weights, r below and at full rank, in
+    fp64 / fp32 / bf16 / fp16: W_res + s B A = W to the dtype's rounding (the stated shares asserted on the
+    drawn examples that ran)."""
+    SEEN.clear()
+    _residual_plus_update_is_w()
+    strategies.assert_shares(SEEN, INIT_AXES)
 
 
 def test_pissa_niter_spans_the_full_svd_subspace():

@@ -88,9 +88,12 @@ def test_grouping_rules_embedding_and_bad_ratio():
     assert b["params"] == [model.scale] and (b["lr"], b["weight_decay"]) == (0.4, 0.01)
     assert {id(p) for p in b_no_decay["params"]} == {id(model.norm.weight), id(model.norm.bias)}
     assert b_no_decay["weight_decay"] == 0.0
-    for ratio in (0, -1.0, float("nan")):
+    for ratio in (0, -1.0, float("nan"), float("inf"), True):  # inf would train B to NaN; True is not a ratio
         with pytest.raises(LorakernError, match="loraplus_lr_ratio must be a positive number.*suggests 16"):
             lorakern.loraplus_optimizer(model, torch.optim.AdamW, lr=0.1, loraplus_lr_ratio=ratio)
+    for lr in (0.0, float("inf")):
+        with pytest.raises(LorakernError, match=f"lr must be a positive number.*got {lr}"):
+            lorakern.loraplus_optimizer(model, torch.optim.AdamW, lr=lr)
     with pytest.raises(LorakernError, match="no trainable parameters; inject LoRA"):
         lorakern.loraplus_optimizer(nn.Linear(2, 2).requires_grad_(False), torch.optim.SGD, lr=0.1)
 
@@ -108,5 +111,13 @@ def test_harness_flag_runs_end_to_end(tmp_path, capsys):
     lrs = [group["initial_lr"] for group in checkpoint["optimizer"]["param_groups"]]
     assert len(lrs) == 4 and lrs[2] == pytest.approx(16 * lrs[0])
     assert json.load(open(tmp_path / "metrics.json"))["epochs"]
-    with pytest.raises(ValueError, match="loraplus_lr_ratio must be positive"):
-        TrainConfig(loraplus_lr_ratio=0)
+    for ratio in (0, float("inf")):
+        with pytest.raises(ValueError, match="loraplus_lr_ratio must be positive and finite"):
+            TrainConfig(loraplus_lr_ratio=ratio)
+    with pytest.raises(ValueError, match="lr must be positive and finite, got inf"):
+        TrainConfig(lr=float("inf"))
+    # through the command line: refused before any training
+    assert main(["glue", "--task", "sst2", "--loraplus-lr-ratio", "inf", "--out", str(tmp_path / "inf"),
+                 "--no-progress"]) != 0
+    assert "loraplus_lr_ratio must be positive and finite" in capsys.readouterr().err
+    assert not (tmp_path / "inf" / "metrics.json").exists()

@@ -3,6 +3,8 @@ row-by-row reference (lorakern.core.mixed_forward / mixed_backward), outputs and
 NF4 bases; training two adapters in one mixed run against training each alone; the model-level API
 (lorakern.adapter_rows) on a tiny RoBERTa with per-row heads, under torch.compile, activation
 checkpointing and DDP; and the errors that leave the model as it was."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lorakern
+import strategies
 from conftest import tiny_roberta_classifier
 from lorakern import LoraConfig, core, dispatch, inject, lora_layers, native
 from lorakern.errors import AdapterError, LorakernError
@@ -77,41 +80,92 @@ def assert_matches(got, want, dtype, what):
     assert_close_scaled(got, want, *tolerance(dtype), what)
 
 
-ASSIGNMENTS = st.integers(1, 3).flatmap(lambda n: st.tuples(
-    st.just(n),
-    st.lists(st.integers(-1, n - 1), min_size=1, max_size=9),
-    st.lists(st.tuples(st.sampled_from([1, 2, 3, 5, 8, 16, 64]), st.sampled_from([1.0, 4.0, 16.0])),
-             min_size=n, max_size=n),
-    st.lists(st.booleans(), min_size=n, max_size=n),
-))
+# Each axis drawn uniformly from its labels (a label's stated share: 1 / its axis's labels), checked on the
+# examples that ran by strategies.assert_shares.
+ROWS = ("every row one adapter", "an adapter without rows", "base-only rows among adapters' rows",
+        "every row base-only", "every adapter has rows")
+KINDS = ("fp32", "fp64", "nf4", "fp32-c")
+RANKS = ("r=1 among the ranks", "r=64 among the ranks", "ranks 2..16 only")
+PRESENT = ("the layer has every adapter", "the layer lacks one adapter")
+AXES = {"rows": list(ROWS), "kind": list(KINDS), "ranks": list(RANKS), "present": list(PRESENT)}
 
 
-@given(case=ASSIGNMENTS, K=st.sampled_from([1, 3, 8, 17]), N=st.sampled_from([1, 4, 13]),
-       kind=st.sampled_from(["fp32", "fp64", "nf4", "fp32-c"]), seed=st.integers(0, 2**16))
-@example(case=(2, [0, 0, 0, 0], [(4, 8.0), (2, 4.0)], [True, True]), K=8, N=4, kind="fp64", seed=0)  # one adapter only
-@example(case=(3, [0, 2, 0, 2], [(1, 1.0), (64, 16.0), (3, 4.0)], [True, True, True]), K=17, N=13, kind="fp32",
-         seed=1)  # an adapter with no rows, ranks 1 and 64
-@example(case=(2, [-1, 1, -1, 0, -1], [(2, 4.0), (5, 1.0)], [True, True]), K=3, N=4, kind="fp64", seed=2)  # base rows
-@example(case=(1, [-1, -1, -1], [(8, 16.0)], [True]), K=8, N=4, kind="fp32", seed=3)  # every row base-only
-@example(case=(1, [0, 0, 0], [(8, 16.0)], [True]), K=8, N=4, kind="fp32", seed=6)  # one slot: the single-adapter call
-@example(case=(2, [0, 1, 1, 0], [(2, 4.0), (3, 4.0)], [True, False]), K=8, N=4, kind="fp64", seed=4)  # layer lacks one
-@example(case=(2, [1, 0, -1, 1, 0], [(4, 4.0), (16, 16.0)], [True, True]), K=17, N=13, kind="nf4", seed=5)  # NF4 base
-@example(case=(3, [2, 0, -1, 2, 0], [(4, 4.0), (64, 16.0), (1, 2.0)], [True, True, False]), K=17, N=13, kind="fp32-c",
-         seed=7)  # the C kernels, an adapter with no rows and one the layer lacks
-def test_torch_and_c_paths_match_the_row_by_row_reference(case, K, N, kind, seed):
-    n, rows, ranks, present = case
-    dtype = torch.float64 if kind == "fp64" else torch.float32
-    base = "nf4" if kind == "nf4" else "dense"
-    if base == "nf4":
-        K = 64  # NF4 blocks of 64
-    backend = "c" if kind == "fp32-c" and native.lora_library() is not None else "torch"
-    x, weight, W_ref, b, factors, dy = make_case(rows, ranks, present, K, N, dtype, base, seed)
-    y, grads = run_mixed(x, weight, b, factors, rows, base, dy, backend)
-    y_ref, grads_ref = reference(x, W_ref, b, factors, rows, dy)
+@st.composite
+def assignments(draw):
+    """A mixed call's operands: n adapters (ranks 1..64 mixed, alphas), which of them the layer has, the rows'
+    slots (-1: base only), K and N; ``classes`` names the label drawn on each axis of AXES."""
+    rows_label, kind = draw(st.sampled_from(ROWS)), draw(st.sampled_from(KINDS))
+    ranks_label, present_label = draw(st.sampled_from(RANKS)), draw(st.sampled_from(PRESENT))
+    n = draw(st.integers(2 if rows_label == ROWS[1] else 1, 3))
+    ranks = [draw(st.sampled_from([2, 3, 5, 8, 16])) for _ in range(n)]
+    if ranks_label != RANKS[2]:
+        ranks[draw(st.integers(0, n - 1))] = 1 if ranks_label == RANKS[0] else 64
+    alphas = [draw(st.sampled_from([1.0, 4.0, 16.0])) for _ in range(n)]
+    present = [True] * n
+    if present_label == PRESENT[1]:
+        present[draw(st.integers(0, n - 1))] = False
+    M = draw(st.integers(1, 9))
+    if rows_label == ROWS[0]:
+        rows = [draw(st.integers(0, n - 1))] * M
+    elif rows_label == ROWS[1]:
+        empty = draw(st.integers(0, n - 1))
+        others = [a for a in range(n) if a != empty]
+        rows = draw(st.permutations(others[:1] + draw(st.lists(st.sampled_from(others + [-1]), max_size=M - 1))))
+    elif rows_label == ROWS[2]:
+        rows = draw(st.permutations([-1, draw(st.integers(0, n - 1))]
+                                    + draw(st.lists(st.integers(-1, n - 1), max_size=M - 1))))
+    elif rows_label == ROWS[3]:
+        rows = [-1] * M
+    else:
+        rows = draw(st.permutations(list(range(n)) + draw(st.lists(st.integers(0, n - 1), max_size=M - 1))))
+    K = 64 if kind == "nf4" else draw(st.sampled_from([1, 3, 8, 17]))  # NF4 blocks of 64
+    return SimpleNamespace(n=n, rows=list(rows), ranks=list(zip(ranks, alphas)), present=present, K=K,
+                           N=draw(st.sampled_from([1, 4, 13])), kind=kind, seed=draw(st.integers(0, 2**16)),
+                           classes={"rows": rows_label, "kind": kind, "ranks": ranks_label, "present": present_label})
+
+
+def case_of(n, rows, ranks, present, K, N, kind, seed):
+    """An explicit case (no classes: the share count is over drawn examples)."""
+    return SimpleNamespace(n=n, rows=rows, ranks=ranks, present=present, K=K, N=N, kind=kind, seed=seed, classes={})
+
+
+SEEN = []
+
+
+@given(case=assignments())
+@example(case=case_of(2, [0, 0, 0, 0], [(4, 8.0), (2, 4.0)], [True, True], K=8, N=4, kind="fp64", seed=0))  # one adapter only
+@example(case=case_of(3, [0, 2, 0, 2], [(1, 1.0), (64, 16.0), (3, 4.0)], [True, True, True], K=17, N=13, kind="fp32",
+                      seed=1))  # an adapter with no rows, ranks 1 and 64
+@example(case=case_of(2, [-1, 1, -1, 0, -1], [(2, 4.0), (5, 1.0)], [True, True], K=3, N=4, kind="fp64", seed=2))  # base rows
+@example(case=case_of(1, [-1, -1, -1], [(8, 16.0)], [True], K=8, N=4, kind="fp32", seed=3))  # every row base-only
+@example(case=case_of(1, [0, 0, 0], [(8, 16.0)], [True], K=8, N=4, kind="fp32", seed=6))  # one slot: the single-adapter call
+@example(case=case_of(2, [0, 1, 1, 0], [(2, 4.0), (3, 4.0)], [True, False], K=8, N=4, kind="fp64", seed=4))  # layer lacks one
+@example(case=case_of(2, [1, 0, -1, 1, 0], [(4, 4.0), (16, 16.0)], [True, True], K=17, N=13, kind="nf4", seed=5))  # NF4 base
+@example(case=case_of(3, [2, 0, -1, 2, 0], [(4, 4.0), (64, 16.0), (1, 2.0)], [True, True, False], K=17, N=13,
+                      kind="fp32-c", seed=7))  # the C kernels, an adapter with no rows and one the layer lacks
+def _paths_match_the_row_by_row_reference(case):
+    if case.classes:
+        SEEN.append(case)
+    dtype = torch.float64 if case.kind == "fp64" else torch.float32
+    base = "nf4" if case.kind == "nf4" else "dense"
+    K = 64 if base == "nf4" else case.K  # NF4 blocks of 64
+    backend = "c" if case.kind == "fp32-c" and native.lora_library() is not None else "torch"
+    x, weight, W_ref, b, factors, dy = make_case(case.rows, case.ranks, case.present, K, case.N, dtype, base, case.seed)
+    y, grads = run_mixed(x, weight, b, factors, case.rows, base, dy, backend)
+    y_ref, grads_ref = reference(x, W_ref, b, factors, case.rows, dy)
     assert_matches(y, y_ref, dtype, "y")
     assert grads.keys() == grads_ref.keys()
     for name in grads:
         assert_matches(grads[name], grads_ref[name], dtype, name)
+
+
+def test_torch_and_c_paths_match_the_row_by_row_reference():
+    """Every assignment class (one adapter, one without rows, base rows mixed in or alone, every adapter with
+    rows), fp32 / fp64 / NF4 torch and fp32 C, ranks 1..64 mixed, a layer lacking an adapter; output and every
+    gradient (the stated shares asserted on the drawn examples that ran)."""
+    SEEN.clear()
+    _paths_match_the_row_by_row_reference()
+    strategies.assert_shares(SEEN, AXES)
 
 
 def test_seeded_dropout_uses_each_adapters_mask_rows_and_matches_the_reference():
@@ -181,9 +235,11 @@ def test_all_rows_one_adapter_equals_the_single_adapter_layer_and_dispatch_expla
         layer.forward_rows(x, torch.zeros(15, dtype=torch.int64), ["nope"])
 
 
-def toy_two_adapters():
-    model = inject(Toy(), LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"], modules_to_save=["head"]), "a")
-    lorakern.add_adapter(model, "b", LoraConfig(r=3, lora_alpha=3, target_modules=["q"], modules_to_save=["head"]))
+def toy_two_adapters(quantize=None):
+    model = inject(Toy(), LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"], modules_to_save=["head"],
+                                     quantize=quantize), "a")
+    lorakern.add_adapter(model, "b", LoraConfig(r=3, lora_alpha=3, target_modules=["q"], modules_to_save=["head"],
+                                                quantize=quantize))
     randomize(model, 1)
     return model
 
@@ -200,8 +256,9 @@ def test_training_two_adapters_mixed_equals_training_each_alone_on_its_rows():
         torch.testing.assert_close(out, mixed(base_rows), rtol=0, atol=0)
 
 
-def test_compiled_mixed_batch_has_no_graph_breaks_and_matches_eager():
-    model = toy_two_adapters()
+@pytest.mark.parametrize("quantize", [None, "nf4"], ids=["dense", "nf4"])
+def test_compiled_mixed_batch_has_no_graph_breaks_and_matches_eager(quantize):
+    model = toy_two_adapters(quantize)
     x = torch.randn(4, 3, 8)
     compiled, _ = check_compiled_mixed_batch(model, x, ["b", None, "a", "b"])
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]

@@ -270,6 +270,24 @@ def test_the_isa_level_can_be_capped_and_a_bad_one_is_refused(monkeypatch):
     assert native.chosen_level().name == "generic"
 
 
+def test_the_capped_level_is_the_one_built_and_used(fresh_build, monkeypatch):
+    """LORAKERN_ISA makes lora_library() (what every layer asks for) build and load that level, and
+    build_status (lorakern check's row) name it: each lower level this CPU runs, then the default again."""
+    _compiler_or_skip()
+    here = [level.name for level in native.levels_here()]
+    for name in here[1:] + here[:1]:
+        monkeypatch.setenv(native.ISA_ENV, name)
+        library = native.lora_library()
+        assert library is not None and library is native._LOADED[("lora_cpu", name)]
+        assert native.build_status() == (name, None)
+        assert any(p.name.startswith(f"lora_cpu-{name}-") for p in fresh_build.iterdir()), list(fresh_build.iterdir())
+        layer, x = random_layer(24, 12, 4, torch.float32), torch.randn(9, 24)
+        assert "runs: c" in layer.dispatch_report(x), layer.dispatch_report(x)
+        assert_matches_reference(compare_layer(layer, x))
+    monkeypatch.delenv(native.ISA_ENV)
+    assert native.build_status() == (here[0], None)
+
+
 def test_the_c_implementation_takes_float32_cpu_rows_only():
     from lorakern import dispatch
 

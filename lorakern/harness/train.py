@@ -78,10 +78,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
-            raise ValueError(f"loraplus_lr_ratio must be positive (B's lr over A's; LoRA+ suggests 16), got "
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be positive and finite, got {self.lr}")
+        # an infinite ratio would train B to inf/NaN and still report metrics
+        if self.loraplus_lr_ratio is not None and not (self.loraplus_lr_ratio > 0
+                                                       and math.isfinite(self.loraplus_lr_ratio)):
+            raise ValueError(f"loraplus_lr_ratio must be positive and finite (B's lr over A's; LoRA+ suggests 16), got "
                              f"{self.loraplus_lr_ratio}; leave it unset for plain AdamW")
         if self.warmup_epochs < 0 or self.decay_epochs < 0 or self.epochs < 1:
             raise ValueError(f"need warmup_epochs >= 0, decay_epochs >= 0 and at least one epoch, got "
