@@ -22,6 +22,49 @@ from lorakern.masks import seeded_rand
 from lorakern.native import pointer as _ptr
 
 
+def forward_output(x2: torch.Tensor, xl2: torch.Tensor, lora_separate: bool, weight: torch.Tensor,
+                   bias: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                   library=None) -> tuple[torch.Tensor, Optional[torch.Tensor], "Formulation"]:
+    """LoraLinearFunction's forward on rows: (y (M, N), u = x~ A^T or None when the merged form defers it, the
+    formulation), without an autograd node (the Function's forward, and ``_run`` when nothing needs a gradient)."""
+    rows, in_features = x2.shape
+    out_features, r = weight.shape[0], lora_A.shape[0]
+    form = choose_formulation(rows, in_features, out_features, r, lora_separate, x2.dtype)
+    if form.forward == "merged":
+        # y = x (W + s B A)^T + b: one N x K weight formed, the base GEMM runs on it. u = x A^T is left to
+        # the backward, whose pass over x for dA computes it chunk by chunk (no pass over x here)
+        merged = merged_weight(weight, lora_B, lora_A, scaling, library)
+        y = torch.addmm(bias, x2, merged.t()) if bias is not None else x2 @ merged.t()
+        del merged  # a workspace: nothing may hold it past this call
+        u = None
+    elif library is not None:
+        # u = x~ A^T and y = b + s u B^T in one pass over x~ (lorakern/native/lora_cpu.c)
+        B_t = lora_B.t().contiguous()  # r x N: a few KB
+        xl2, A = xl2.contiguous(), lora_A.contiguous()  # named: the copies outlive the call
+        b = None if bias is None else bias.contiguous()
+        u = xl2.new_empty(rows, r)
+        y = x2.new_empty(rows, out_features)
+        library.lora_forward_f32(
+            _ptr(xl2), _ptr(A), _ptr(B_t), _ptr(b), scaling,
+            rows, in_features, out_features, r, _ptr(u), _ptr(y), torch.get_num_threads(),
+        )
+        # y += x W^T: the base GEMM accumulates onto it, in place (no second M x N temporary)
+        y.addmm_(x2, weight.t())
+    else:
+        B_t = lora_B.t().contiguous()
+        # u = x~ A^T
+        u = xl2 @ lora_A.t()
+        # y = b + s u B^T: the rank-r term initialises y where the bias broadcast would
+        if bias is None:
+            y = x2.new_empty(rows, out_features)
+            y.addmm_(u, B_t, beta=0.0, alpha=scaling)  # beta = 0 ignores the uninitialised memory
+        else:
+            y = torch.addmm(bias, u, B_t, alpha=scaling)
+        # y += x W^T: the base GEMM accumulates onto it, in place (no second M x N temporary)
+        y.addmm_(x2, weight.t())
+    return y, u, form
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """y = x W^T + b + s u B^T with u = x~ A^T, or, where cheaper, y = x (W + s B A)^T + b.
 
@@ -67,45 +110,10 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling: float, library=None):
         in_features = x.shape[-1]
-        out_features, r = weight.shape[0], lora_A.shape[0]
         x2 = x.reshape(-1, in_features)
         xl2 = x2 if x_lora is None else x_lora.reshape(-1, in_features)
-        rows = x2.shape[0]
+        y, u, form = forward_output(x2, xl2, x_lora is not None, weight, bias, lora_A, lora_B, scaling, library)
         need_u = ctx.needs_input_grad[5]  # u = x~ A^T is kept only for dB = s g^T u
-        form = choose_formulation(rows, in_features, out_features, r, x_lora is not None, x.dtype)
-        if form.forward == "merged":
-            # y = x (W + s B A)^T + b: one N x K weight formed, the base GEMM runs on it. u = x A^T is left to
-            # the backward, whose pass over x for dA computes it chunk by chunk (no pass over x here)
-            merged = merged_weight(weight, lora_B, lora_A, scaling, library)
-            y = torch.addmm(bias, x2, merged.t()) if bias is not None else x2 @ merged.t()
-            del merged  # a workspace: nothing may hold it past this call
-            u = None
-        elif library is not None:
-            # u = x~ A^T and y = b + s u B^T in one pass over x~ (lorakern/native/lora_cpu.c)
-            B_t = lora_B.t().contiguous()  # r x N: a few KB
-            xl2, A = xl2.contiguous(), lora_A.contiguous()  # named: the copies outlive the call
-            b = None if bias is None else bias.contiguous()
-            u = xl2.new_empty(rows, r)
-            y = x2.new_empty(rows, out_features)
-            library.lora_forward_f32(
-                _ptr(xl2), _ptr(A), _ptr(B_t), _ptr(b), scaling,
-                rows, in_features, out_features, r, _ptr(u), _ptr(y), torch.get_num_threads(),
-            )
-            # y += x W^T: the base GEMM accumulates onto it, in place (no second M x N temporary)
-            y.addmm_(x2, weight.t())
-        else:
-            B_t = lora_B.t().contiguous()
-            # u = x~ A^T
-            u = xl2 @ lora_A.t()
-            # y = b + s u B^T: the rank-r term initialises y where the bias broadcast would
-            if bias is None:
-                y = x2.new_empty(rows, out_features)
-                y.addmm_(u, B_t, beta=0.0, alpha=scaling)  # beta = 0 ignores the uninitialised memory
-            else:
-                y = torch.addmm(bias, u, B_t, alpha=scaling)
-            # y += x W^T: the base GEMM accumulates onto it, in place (no second M x N temporary)
-            y.addmm_(x2, weight.t())
-
         ctx.library = library  # the backward takes the forward's path
         ctx.merged_backward = form.backward == "merged"
         ctx.scaling = scaling
@@ -378,6 +386,15 @@ def _dropped_out(x: torch.Tensor, dropout_p: float, seed) -> Optional[torch.Tens
 
 def _run(call: Call, library) -> torch.Tensor:
     x_lora = _dropped_out(call.x, call.dropout_p, call.seed)
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in
+                                              (call.x, x_lora, call.weight, call.bias, call.lora_A, call.lora_B)):
+        # nothing to differentiate (inference): the same forward without an autograd node, whose apply cost
+        # ~30 us a call (a 16-token layer's whole LoRA cost is ~100 us)
+        x2 = call.x.reshape(-1, call.x.shape[-1])
+        xl2 = x2 if x_lora is None else x_lora.reshape(-1, call.x.shape[-1])
+        y, _, _ = forward_output(x2, xl2, x_lora is not None, call.weight, call.bias, call.lora_A, call.lora_B,
+                                 call.scaling, library)
+        return y.reshape(*call.x.shape[:-1], y.shape[-1])
     return LoraLinearFunction.apply(call.x, x_lora, call.weight, call.bias, call.lora_A, call.lora_B, call.scaling,
                                     library)
 

@@ -168,3 +168,28 @@ def test_merged_layers_of_one_shape_share_the_workspace_without_mixing_results()
     assert (tuple(first.weight.shape), torch.float32) in functional._WORKSPACES.buffers
     functional.release_workspaces()
     assert not functional._WORKSPACES.buffers
+
+
+@pytest.mark.parametrize("backend", ["torch", "c"])
+@pytest.mark.parametrize("form", ["factored", "merged"])
+def test_inference_without_an_autograd_node_is_the_training_forward(backend, form, monkeypatch):
+    """With nothing to differentiate (torch.no_grad, or no operand that requires grad) the call runs the
+    forward's math without the autograd Function (functional._run): no graph node, and bit for bit the output
+    of the Function's forward, which the tests above compare with the float64 reference, in both forms."""
+    if backend == "c" and native.lora_library() is None:
+        pytest.skip(f"the C kernels are not built here: {native.build_status()[1]}")
+    layer = random_layer(K, N, r, torch.float32, bias=True).eval()
+    layer.backend = backend
+    x = torch.randn(3, SWITCH, K, generator=torch.Generator().manual_seed(7))
+    with pinned_formulation(form):
+        trained = layer(x.clone().requires_grad_(True))
+        with torch.no_grad():
+            inferred = layer(x)
+        frozen_operands = layer(x)  # grad mode, x without grad but the adapters train: a graph node
+        layer.requires_grad_(False)
+        plain = layer(x)  # nothing requires grad: no node either
+    assert trained.grad_fn is not None and frozen_operands.grad_fn is not None
+    assert inferred.grad_fn is None and plain.grad_fn is None
+    assert inferred.shape == trained.shape == (3, SWITCH, N)
+    torch.testing.assert_close(inferred, trained.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(plain, trained.detach(), rtol=0, atol=0)
