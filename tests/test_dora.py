@@ -1,5 +1,8 @@
 """DoRA: the torch (and C) paths against lorakern.core.dora, the norm without B A, NF4, merging, bad input.
 PEFT both ways: tests/test_dora_peft.py."""
+from collections import Counter
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -158,26 +161,95 @@ def test_comparison_fails_on_a_result_spoiled_by_4x_its_bound(name):
     assert not spoiled.passed and spoiled.worst[0] == name
 
 
-@given(K=st.integers(1, 70), N=st.integers(1, 50), r=st.integers(1, 16), s=st.floats(0.05, 8.0),
-       seed=st.integers(0, 2**16))
-@example(K=1, N=1, r=1, s=1.0, seed=0)
-@example(K=64, N=3, r=16, s=8.0, seed=1)
-def test_norm_without_BA_equals_formed_norm(K, N, r, s, seed):
+# The norm's stated shares: the shape axes drawn uniformly from their labels and asserted on the examples
+# that ran; every example runs every path (torch fp64 and fp32: W A^T and the Gram of A; the C kernel
+# dora_norm_f32, dense fp32 W in one pass over its rows, whose K loop has a vector body and a scalar tail;
+# an NF4 base decoded chunk by chunk), so each path's share is all of them, counted as they ran.
+NORM_PATHS = ("torch fp64", "torch fp32", "C fp32", "NF4 base fp32")
+NORM_SHAPES = ("wide (N < K)", "tall (N > K)", "square (N = K)")
+NORM_RANKS = ("r < K", "r = K")
+NORM_WIDTHS = ("K < 16 (tail only)", "K a multiple of 16", "K > 16 with a tail")
+NORM_AXES = {"shape": list(NORM_SHAPES), "r": list(NORM_RANKS), "K": list(NORM_WIDTHS)}
+NORM_SEEN = []
+NORM_RAN = Counter()  # path -> examples it ran (explicit ones included)
+
+
+@st.composite
+def norm_cases(draw):
+    shape, rank, width = (draw(st.sampled_from(labels)) for labels in (NORM_SHAPES, NORM_RANKS, NORM_WIDTHS))
+    top = 32 if rank == NORM_RANKS[1] else 70  # r = K: the Gram of A is K x K
+    if width == NORM_WIDTHS[0]:
+        K = draw(st.integers(2 if shape == NORM_SHAPES[0] or rank == NORM_RANKS[0] else 1, 15))
+    elif width == NORM_WIDTHS[1]:
+        K = draw(st.sampled_from(range(16, top + 1, 16)))
+    else:
+        K = draw(st.integers(17, top).filter(lambda k: k % 16 != 0))
+    r = K if rank == NORM_RANKS[1] else draw(st.integers(1, min(16, K - 1)))
+    N = {NORM_SHAPES[0]: lambda: draw(st.integers(1, K - 1)), NORM_SHAPES[1]: lambda: draw(st.integers(K + 1, K + 40)),
+         NORM_SHAPES[2]: lambda: K}[shape]()
+    return SimpleNamespace(K=K, N=N, r=r, s=draw(st.floats(0.05, 8.0)), seed=draw(st.integers(0, 2**16)),
+                           classes={"shape": shape, "r": rank, "K": width})
+
+
+def _norm_error(got: np.ndarray, formed: np.ndarray, W: np.ndarray, A: np.ndarray, B: np.ndarray, s: float,
+                dtype: torch.dtype) -> tuple[float, np.ndarray]:
+    """(max |got - formed| / bound, bound per row): n^2 sums terms of both signs, so its error is eps x (the
+    length summed) x the same sum of absolute values, and n's error that over 2 n."""
+    Wa, Aa, Ba = abs(W), abs(A), abs(B)
+    absolute = (Wa ** 2).sum(1) + 2 * s * (Ba * (Wa @ Aa.T)).sum(1) + s * s * ((Ba @ (Aa @ Aa.T)) * Ba).sum(1)
+    bound = 4 * TOLERANCE[dtype][0] * (W.shape[1] + A.shape[0]) * absolute / (2 * np.maximum(formed, 1e-30))
+    return float(np.max(np.abs(got - formed) / bound)), bound
+
+
+@given(case=norm_cases())
+@example(case=SimpleNamespace(K=1, N=1, r=1, s=1.0, seed=0, classes={}))
+@example(case=SimpleNamespace(K=64, N=3, r=16, s=8.0, seed=1, classes={}))
+def _norm_matches_the_formed_norm(case):
+    from lorakern import native
+    from lorakern.nf4.codec import quantize_nf4
+    from lorakern.nf4.storage import NF4Storage
+    from lorakern.testing import reference_nf4_weight
+
+    if case.classes:
+        NORM_SEEN.append(case)
+    library = native.lora_library()
+    gen = torch.Generator().manual_seed(case.seed)
+    W, A, B = (torch.randn(*shape, generator=gen, dtype=torch.float64)
+               for shape in ((case.N, case.K), (case.r, case.K), (case.N, case.r)))
+    for path in NORM_PATHS:
+        dtype = torch.float64 if path == "torch fp64" else torch.float32
+        if path == "C fp32" and library is None:
+            continue
+        weight, Ad, Bd = W.to(dtype), A.to(dtype), B.to(dtype)
+        if path == "NF4 base fp32":
+            weight = NF4Storage(quantize_nf4(weight, blocksize=64, double_quant=case.seed % 2 == 0))
+            W_ref = reference_nf4_weight(weight, torch.float32)  # decoded by core, not by the storage
+        else:
+            W_ref = f64(weight)
+        formed = core.dora.weight_norm(W_ref, f64(Ad), f64(Bd), case.s)
+        got = f64(dora.weight_norm(weight, Ad, Bd, case.s, library=library if path == "C fp32" else None))
+        error, bound = _norm_error(got, formed, W_ref, f64(Ad), f64(Bd), case.s, dtype)
+        assert error <= 1.0, (path, error)
+        # the same check fails on a norm off by 4 bounds at one row
+        bad = got.copy()
+        bad[case.N // 2] += 4 * bound[case.N // 2]
+        assert _norm_error(bad, formed, W_ref, f64(Ad), f64(Bd), case.s, dtype)[0] > 1.0
+        NORM_RAN[path] += 1
+
+
+def test_norm_without_BA_equals_formed_norm(monkeypatch):
+    """n_i = ||W_i + s (B A)_i|| without forming B A, on every path (torch fp64 / fp32, the C kernel, an NF4
+    base) for each example, over wide, tall and square W, r below and at K, K's vector body and tail,
+    against the float64 norm of the formed W + s B A (the stated shares asserted on the examples that ran)."""
     from lorakern import native
 
-    gen = torch.Generator().manual_seed(seed)
-    W, A, B = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((N, K), (r, K), (N, r)))
-    formed = core.dora.weight_norm(W.numpy(), A.numpy(), B.numpy(), s)
-    np.testing.assert_allclose(dora.weight_norm(W, A, B, s).numpy(), formed, rtol=1e-12, atol=0)
-    # fp32: n^2 sums terms of both signs; its error is eps x (the length summed) x the same sum of absolute
-    # values, and n's error that over 2 n
-    Wa, Aa, Ba = W.abs().numpy(), A.abs().numpy(), B.abs().numpy()
-    absolute = (Wa ** 2).sum(1) + 2 * s * (Ba * (Wa @ Aa.T)).sum(1) + s * s * ((Ba @ (Aa @ Aa.T)) * Ba).sum(1)
-    bound = 4 * TOLERANCE[torch.float32][0] * (K + r) * absolute / (2 * np.maximum(formed, 1e-30))
-    library = native.lora_library()
-    for path in [None] + ([library] if library is not None else []):
-        got = dora.weight_norm(W.float(), A.float(), B.float(), s, library=path).double().numpy()
-        assert np.all(np.abs(got - formed) <= bound), ("C" if path else "torch", np.max(np.abs(got - formed) / bound))
+    monkeypatch.setenv("LORAKERN_NATIVE", "1")  # the C kernel too, where it builds
+    NORM_SEEN.clear()
+    NORM_RAN.clear()
+    _norm_matches_the_formed_norm()
+    strategies.assert_shares(NORM_SEEN, NORM_AXES)
+    every = [p for p in NORM_PATHS if p != "C fp32" or native.lora_library() is not None]
+    assert all(NORM_RAN[p] >= len(NORM_SEEN) for p in every), (dict(NORM_RAN), len(NORM_SEEN))
 
 
 def test_gradcheck_float64():
