@@ -39,6 +39,14 @@ LAYOUTS = ("contiguous 2-D", "3-D", "non-contiguous")
 WIDTHS = ("ragged (not a multiple of 32)", "whole blocks (32, 64)")
 RANKS = ("r=1", "r not a power of two", "r a power of two (2..64)")
 DROPOUTS = (0.0, 0.1, 0.5)
+# The C kernels' wide-row classes (lorakern/native/lora_cpu.c), drawn only where a test asks (``wide_share``):
+# rows longer than DOT_TILE = 1024 floats are dotted in tiles, r > DOT_GROUP = 16 rows of A / B^T take a second
+# group of carried sums, and the backward's chunks shrink below 64 rows once K + N > 2048 (512 KB / ((K + N)
+# x 16 bytes) four-row blocks). K, N in 1025..2200 (their tails off the vector width mostly, sometimes whole)
+# give chunks of 28..60 rows; M in 61..80 spans two or three of them; r in 17..40.
+WIDE = "wide rows (K, N > 1024, r > 16, several backward chunks)"
+NARROW = "small shapes"
+WIDE_MAX = 2200
 
 
 @dataclass
@@ -90,10 +98,15 @@ def _rank(draw, max_r: int) -> tuple[str, int]:
 
 
 @st.composite
-def lora_cases(draw, dtypes, max_r: int = 64, width_cap: int = 70, scaling: bool = False, **extra):
+def lora_cases(draw, dtypes, max_r: int = 64, width_cap: int = 70, scaling: bool = False, wide_share: int = 0,
+               **extra):
     """A Case: M from M_CLASSES, layout from LAYOUTS, K and N from WIDTHS, r from RANKS, dtype from
     ``dtypes``, dropout from DROPOUTS, bias on or off; ``scaling`` also draws alpha and rsLoRA; ``extra``
-    name -> strategy for a path's own parameters (labels of their values are counted too)."""
+    name -> strategy for a path's own parameters (labels of their values are counted too). ``wide_share`` = n
+    (C kernels only: the float64 reference of a wide case costs ~1000 small ones): 1 case in n is a WIDE
+    one instead (axis "wide", stated shares ``wide_shares(n)``), its M / K / N / r labelled WIDE too."""
+    if wide_share and draw(st.integers(1, wide_share)) == wide_share:
+        return _wide_case(draw, dtypes, scaling, extra)
     m_label = draw(st.sampled_from(list(M_CLASSES)))
     low, high = M_CLASSES[m_label]
     M = draw(st.sampled_from([BLOCK, 2 * BLOCK])) if m_label.startswith("M=32") else draw(st.integers(low, high))
@@ -118,7 +131,32 @@ def lora_cases(draw, dtypes, max_r: int = 64, width_cap: int = 70, scaling: bool
     case.classes = {"M": m_label, "layout": layout, "K": k_label, "N": n_label, "r": r_label,
                     "dtype": dtype_label(dtype), "dropout": f"p={dropout}",
                     **{name: f"{name}={value}" for name, value in case.extra.items()}}
+    if wide_share:
+        case.classes["wide"] = NARROW
     return case
+
+
+def _wide_case(draw, dtypes, scaling: bool, extra: dict) -> Case:
+    M = draw(st.integers(61, 80))
+    layout = draw(st.sampled_from(LAYOUTS))
+    lead = (M // 2, 2) if layout == "3-D" and M % 2 == 0 else (M,)
+    layout = "contiguous 2-D" if layout == "3-D" and M % 2 else layout
+    K, N = (draw(st.one_of(st.integers(1025, WIDE_MAX), st.sampled_from([1040, 2048]))) for _ in range(2))
+    case = Case(lead, K, N, draw(st.integers(17, 40)), draw(st.sampled_from(list(dtypes))), layout,
+                draw(st.sampled_from(DROPOUTS)), draw(st.booleans()), draw(st.integers(0, 2**16)))
+    if scaling:
+        case.alpha = draw(st.one_of(st.none(), st.floats(0.5, 64.0)))
+        case.use_rslora = draw(st.booleans())
+    case.extra = {name: draw(strategy) for name, strategy in extra.items()}
+    case.classes = {"M": WIDE, "layout": layout, "K": WIDE, "N": WIDE, "r": WIDE, "dtype": dtype_label(case.dtype),
+                    "dropout": f"p={case.dropout}", "wide": WIDE,
+                    **{name: f"{name}={value}" for name, value in case.extra.items()}}
+    return case
+
+
+def wide_shares(n: int) -> dict:
+    """The stated shares of the "wide" axis for ``lora_cases(wide_share=n)``, for ``assert_shares``."""
+    return {NARROW: 1 - 1 / n, WIDE: 1 / n}
 
 
 def make_input(case: Case, device: str = "cpu") -> torch.Tensor:
@@ -161,15 +199,18 @@ SHARE_FLOOR = 1 / 10
 
 def assert_shares(cases: list, axes: dict) -> dict:
     """Every label of every axis got at least SHARE_FLOOR of its stated share (1 / labels) of ``cases``;
-    returns axis -> {label: measured share}. ``axes``: axis -> labels (``axes_for``)."""
+    returns axis -> {label: measured share}. ``axes``: axis -> labels (``axes_for``), or label -> its
+    stated share where an axis is not drawn uniformly."""
     assert cases, "the property test ran no examples"
     shares = {}
     for axis, labels in axes.items():
         counts = Counter(case.classes[axis] for case in cases)
         shares[axis] = {label: counts[label] / len(cases) for label in labels}
-        floor = SHARE_FLOOR / len(labels)
-        thin = {label: counts[label] for label in labels if counts[label] < floor * len(cases) - 1e-9}
-        assert not thin, (f"{axis}: labels drawn in fewer than {floor:.1%} of {len(cases)} examples: {thin} "
+        stated = labels if isinstance(labels, dict) else {label: 1 / len(labels) for label in labels}
+        thin = {label: counts[label] for label in labels
+                if counts[label] < SHARE_FLOOR * stated[label] * len(cases) - 1e-9}
+        assert not thin, (f"{axis}: labels drawn in fewer than {SHARE_FLOOR:.0%} of their stated shares "
+                          f"{ {label: f'{stated[label]:.1%}' for label in thin} } of {len(cases)} examples: {thin} "
                           f"(all: {dict(counts)})")
     # the measured shares, for `pytest -rP` (docs/testing.md quotes them)
     print(f"{len(cases)} examples: " + "; ".join(
@@ -182,3 +223,53 @@ def axes_for(dtypes, max_r: int = 64, **extra_labels) -> dict:
     """The labels ``lora_cases`` draws on each axis, for ``assert_shares``."""
     return {"M": list(M_CLASSES), "layout": list(LAYOUTS), "K": list(WIDTHS), "N": list(WIDTHS), "r": list(RANKS),
             "dtype": [dtype_label(d) for d in dtypes], "dropout": [f"p={p}" for p in DROPOUTS], **extra_labels}
+
+
+# The mixed-adapter Triton kernels' property test (test_kernels_mixed.py): its axes, each drawn uniformly
+# from its labels (the stated share: 1 / its labels) and checked on the examples that ran: M's tile classes
+# and K / N's widths as above (widths capped at 48: interpreted segmented kernels cost more per example),
+# then the mixed axes.
+MIXED_ROWS = ("spread over slots and base rows", "every row one slot", "a slot without rows", "every row base-only")
+MIXED_RANKS = ("r=1 among the slots", "r=64 among the slots", "ranks 2..63 only")
+ABSENT = ("the layer has every slot's adapter", "the layer lacks one slot's adapter")
+MIXED_DTYPES = ("fp32", "bf16", "fp16")
+BASE_KINDS = ("dense", "nf4")
+MIXED_AXES = {"M": list(M_CLASSES), "K": list(WIDTHS), "N": list(WIDTHS),
+              "rows": list(MIXED_ROWS), "ranks": list(MIXED_RANKS), "absent": list(ABSENT),
+              "dtype": list(MIXED_DTYPES), "base": list(BASE_KINDS)}
+WIDTH_CAP = 48
+
+
+@st.composite
+def mixed_kernel_cases(draw):
+    m_label = draw(st.sampled_from(list(M_CLASSES)))
+    low, high = M_CLASSES[m_label]
+    M = draw(st.sampled_from([low, high]) if m_label.startswith("M=32") else st.integers(low, high))
+    widths = []
+    for _ in range(2):
+        label = draw(st.sampled_from(WIDTHS))
+        value = (draw(st.sampled_from([32])) if label == WIDTHS[1]
+                 else draw(st.integers(1, WIDTH_CAP).filter(lambda w: w % BLOCK != 0)))
+        widths.append((label, value))
+    rows_label, ranks_label = draw(st.sampled_from(MIXED_ROWS)), draw(st.sampled_from(MIXED_RANKS))
+    absent_label = draw(st.sampled_from(ABSENT))
+    n = draw(st.integers(2 if rows_label == MIXED_ROWS[2] else 1, 4))
+    ranks = [draw(st.integers(2, 63)) for _ in range(n)]
+    if ranks_label != MIXED_RANKS[2]:
+        ranks[draw(st.integers(0, n - 1))] = 1 if ranks_label == MIXED_RANKS[0] else 64
+    if absent_label == ABSENT[1]:
+        ranks[draw(st.integers(0, n - 1))] = None
+    if rows_label == MIXED_ROWS[0]:
+        slots = draw(st.lists(st.integers(-1, n - 1), min_size=M, max_size=M))
+    elif rows_label == MIXED_ROWS[1]:
+        slots = [draw(st.integers(0, n - 1))] * M
+    elif rows_label == MIXED_ROWS[2]:
+        empty = draw(st.integers(0, n - 1))
+        slots = draw(st.lists(st.sampled_from([-1] + [a for a in range(n) if a != empty]), min_size=M, max_size=M))
+    else:
+        slots = [-1] * M
+    dtype, base = draw(st.sampled_from(MIXED_DTYPES)), draw(st.sampled_from(BASE_KINDS))
+    classes = {"M": m_label, "K": widths[0][0], "N": widths[1][0], "rows": rows_label, "ranks": ranks_label,
+               "absent": absent_label, "dtype": dtype, "base": base}
+    return dict(M=M, K=widths[0][1], N=widths[1][1], ranks=ranks, slots=slots, dtype=dtype, base=base,
+                seed=draw(st.integers(0, 2**16)), classes=classes)

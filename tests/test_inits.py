@@ -1,8 +1,8 @@
 """Inits from the base weight (PiSSA, pissa_niter_K, OLoRA, LoftQ) against float64 NumPy, PEFT 0.21 and an
 independent LoftQ loop on bitsandbytes' quantizer; the conversion of a trained PiSSA / OLoRA adapter to a
-plain rank-2r LoRA on the original base, against the trained model and PEFT's own conversion; bad input."""
+plain rank-2r LoRA on the original base, against the trained model and PEFT's own conversion. The refusals:
+tests/test_inits_refusals.py."""
 import json
-import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,24 +16,12 @@ import lorakern
 import strategies
 from lorakern import LoraConfig, inject, lora_layers
 from lorakern.core.nf4 import NF4_CODE
-from lorakern.errors import AdapterError, ConfigError, LorakernError
 from lorakern.layer import LoraLinear
 from lorakern.nf4.codec import quantize_nf4
 from lorakern.nf4.storage import NF4Storage
+from toy_models import InitToy
 
 EPS32 = float(np.finfo(np.float32).eps)
-
-
-class Toy(nn.Module):
-    def __init__(self, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.q = nn.Linear(20, 12)
-        self.v = nn.Linear(12, 14)
-        self.head = nn.Linear(14, 3)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.v(torch.relu(self.q(x)))))
 
 
 def f64(t):
@@ -166,15 +154,15 @@ def _peft_model(init, seed=0, **extra):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    return get_peft_model(Toy(seed), PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"],
-                                                    init_lora_weights=init, **extra))
+    return get_peft_model(InitToy(seed), PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"],
+                                                        init_lora_weights=init, **extra))
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_init_equals_peft_on_the_same_weights(init):
     extra = {"rank_pattern": {"v": 3}, "alpha_pattern": {"v": 5}}
     theirs = _peft_model(init, **extra)
-    ours = inject(Toy(), LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=init, **extra))
+    ours = inject(InitToy(), LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=init, **extra))
     for name, layer in lora_layers(ours).items():
         peft_layer = theirs.base_model.model.get_submodule(name)
         for ours_t, theirs_t in [(layer.lora_A, peft_layer.lora_A["default"].weight),
@@ -203,7 +191,7 @@ def test_converted_adapter_on_the_original_base_gives_the_trained_outputs(tmp_pa
     patterns = {} if rslora else {"rank_pattern": {"v": 3}, "alpha_pattern": {"v": 5}}
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=init, use_rslora=rslora,
                         **patterns)
-    model = inject(Toy(), config)
+    model = inject(InitToy(), config)
     lorakern.save_adapter(model, str(tmp_path / "init"))  # right after injection, before training
     _train(model)
     x = torch.randn(5, 20, generator=torch.Generator().manual_seed(9))
@@ -215,19 +203,19 @@ def test_converted_adapter_on_the_original_base_gives_the_trained_outputs(tmp_pa
     assert saved["lora_alpha"] == pytest.approx(8 * (np.sqrt(2) if rslora else 2))
     if patterns:
         assert saved["rank_pattern"] == {"v": 6} and saved["alpha_pattern"] == {"v": 10}
-    fresh = lorakern.load_adapter(Toy(), str(tmp_path / "out"))
-    assert f64(fresh.q.weight).tolist() == f64(Toy().q.weight).tolist()  # the original base, untouched
+    fresh = lorakern.load_adapter(InitToy(), str(tmp_path / "out"))
+    assert f64(fresh.q.weight).tolist() == f64(InitToy().q.weight).tolist()  # the original base, untouched
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), trained, rtol=1e-5, atol=1e-5)
-        peft = PeftModel.from_pretrained(Toy(), str(tmp_path / "out"))
+        peft = PeftModel.from_pretrained(InitToy(), str(tmp_path / "out"))
         torch.testing.assert_close(peft(x), trained, rtol=1e-5, atol=1e-5)
     # the plain (unconverted) adapter reloads too, here and in PEFT: the load re-runs the init on the fresh base
     lorakern.save_adapter(model, str(tmp_path / "plain"))
     assert json.load(open(tmp_path / "plain" / "adapter_config.json"))["init_lora_weights"] == init
     with torch.no_grad():
-        torch.testing.assert_close(lorakern.load_adapter(Toy(), str(tmp_path / "plain"))(x), trained,
+        torch.testing.assert_close(lorakern.load_adapter(InitToy(), str(tmp_path / "plain"))(x), trained,
                                    rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(PeftModel.from_pretrained(Toy(), str(tmp_path / "plain"))(x), trained,
+        torch.testing.assert_close(PeftModel.from_pretrained(InitToy(), str(tmp_path / "plain"))(x), trained,
                                    rtol=1e-5, atol=1e-5)
 
 
@@ -235,7 +223,7 @@ def test_conversion_equals_peft_conversion(tmp_path):
     from safetensors.torch import load_file
 
     extra = {"rank_pattern": {"v": 3}, "alpha_pattern": {"v": 5}}
-    ours = inject(Toy(), LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights="pissa", **extra))
+    ours = inject(InitToy(), LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights="pissa", **extra))
     theirs = _peft_model("pissa", **extra)
     lorakern.save_adapter(ours, str(tmp_path / "ours_init"))
     theirs.peft_config["default"].init_lora_weights = True  # PEFT's documented workflow
@@ -315,81 +303,14 @@ def test_nf4_pissa_quantizes_the_residual_and_loftq_model_reloads(tmp_path):
     assert (layer.nf4.dequantize(torch.float32) - expected).abs().max() <= 1e-5 * float(W.abs().max())
     config = LoraConfig(r=2, lora_alpha=2, target_modules=["q", "v"], quantize="nf4",
                         init_lora_weights="loftq", loftq_config={"loftq_bits": 4, "loftq_iter": 2})
-    model = inject(Toy(), config)
+    model = inject(InitToy(), config)
     x = torch.randn(3, 20)
     with torch.no_grad():
         expected_out = model(x)
     lorakern.save_adapter(model, str(tmp_path))
     assert json.load(open(tmp_path / "adapter_config.json"))["loftq_config"] == {"loftq_bits": 4, "loftq_iter": 2}
     with torch.no_grad():  # the load re-runs LoftQ on the fresh base: the same NF4 base the adapter was fitted to
-        torch.testing.assert_close(lorakern.load_adapter(Toy(), str(tmp_path))(x), expected_out, rtol=0, atol=0)
-
-
-# ---- bad input ------------------------------------------------------------------------------------------------
-class WithEmbedding(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(10, 8)
-        self.q = nn.Linear(8, 8)
-
-
-def test_bad_input_names_the_fix(tmp_path):
-    with pytest.raises(LorakernError, match=r"init_lora_weights='pissa' decomposes the weight of a Linear.*Embedding"):
-        inject(WithEmbedding(), LoraConfig(target_modules=["emb", "q"], init_lora_weights="pissa"))
-    with pytest.raises(ConfigError, match="loftq.*quantize='nf4'"):
-        LoraConfig(target_modules=["q"], init_lora_weights="loftq", loftq_config={"loftq_bits": 4, "loftq_iter": 1})
-    with pytest.raises(ConfigError, match="loftq_config must be specified"):
-        LoraConfig(target_modules=["q"], init_lora_weights="loftq", quantize="nf4")
-    with pytest.raises(ConfigError, match="loftq_bits=8.*use loftq_bits=4"):
-        LoraConfig(target_modules=["q"], init_lora_weights="loftq", quantize="nf4", loftq_config={"loftq_bits": 8})
-    with pytest.raises(LorakernError, match="keep the layer out of quantize_skip"):
-        inject(Toy(), LoraConfig(target_modules=["q"], init_lora_weights="loftq", quantize="nf4", quantize_skip=["q"],
-                                 loftq_config={"loftq_iter": 1}))
-    with pytest.raises(ConfigError, match="full precision; inject with quantize='nf4'"):
-        LoraLinear(8, 8, init="loftq")
-    with pytest.raises(ConfigError, match=r"r=9 directions of a \(8, 20\).*use r <= 8"):
-        LoraLinear(20, 8, r=9, init="pissa")
-    with pytest.raises(ConfigError, match="pissa_niter_4"):
-        LoraConfig(target_modules=["q"], init_lora_weights="pissa_niter_x")
-    model = inject(Toy(), LoraConfig(r=2, target_modules=["q"], init_lora_weights="olora"))
-    with pytest.raises(ConfigError, match="cannot be reset"):
-        model.q.reset_lora_parameters()
-    # conversion: no initial adapter, a mismatched one, nothing to convert
-    with pytest.raises(AdapterError, match="no initial adapter 'default'.*save the adapter right after lorakern.inject"):
-        lorakern.save_adapter(model, str(tmp_path / "out"), path_initial_model_for_weight_conversion=str(tmp_path / "no"))
-    other = inject(Toy(), LoraConfig(r=3, target_modules=["q"], init_lora_weights="olora"))
-    lorakern.save_adapter(other, str(tmp_path / "other"))
-    with pytest.raises(AdapterError, match="does not match adapter 'default'.*differ in shape"):
-        lorakern.save_adapter(model, str(tmp_path / "out"), path_initial_model_for_weight_conversion=str(tmp_path / "other"))
-    plain = inject(Toy(), LoraConfig(r=2, target_modules=["q"]))
-    with pytest.raises(AdapterError, match="converts PiSSA.*save without it"):
-        lorakern.save_adapter(plain, str(tmp_path / "out"), path_initial_model_for_weight_conversion=str(tmp_path / "other"))
-    assert not os.path.exists(tmp_path / "out")  # every refusal came before anything was written
-    with pytest.warns(UserWarning, match="cannot be converted"):
-        rs = LoraConfig(target_modules=["q"], init_lora_weights="pissa", use_rslora=True, rank_pattern={"q": 2})
-    rs_model = inject(Toy(), rs)
-    lorakern.save_adapter(rs_model, str(tmp_path / "rs_init"))
-    with pytest.raises(AdapterError, match="use_rslora with rank_pattern"):
-        lorakern.save_adapter(rs_model, str(tmp_path / "out"), path_initial_model_for_weight_conversion=str(tmp_path / "rs_init"))
-
-
-def test_a_second_base_rewriting_adapter_is_refused_and_the_model_is_left_as_it_was():
-    model = inject(Toy(), LoraConfig(r=2, target_modules=["q", "v"], init_lora_weights="pissa"))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(AdapterError, match=r"rewrites this layer's base weight.*adapters \['default'\]"), \
-            pytest.warns(UserWarning, match="do not combine as plain LoRAs do"):
-        lorakern.add_adapter(model, "b", LoraConfig(r=2, target_modules=["v"], init_lora_weights="olora"))
-    after = model.state_dict()
-    assert list(model.lorakern_configs) == ["default"] and all(torch.equal(before[k], after[k]) for k in before)
-    with pytest.warns(UserWarning, match="do not combine as plain LoRAs do"):  # another layer: allowed, as in PEFT
-        lorakern.add_adapter(model, "c", LoraConfig(r=2, target_modules=["head"]))
-    assert list(model.lorakern_configs) == ["default", "c"]
-    # a failed injection puts the wrapped modules back with their weights untouched
-    toy = Toy()
-    original = {k: v.clone() for k, v in toy.state_dict().items()}
-    with pytest.raises(ConfigError, match="use r <= 3"):
-        inject(toy, LoraConfig(r=4, target_modules=["q", "head"], init_lora_weights="pissa"))
-    assert all(torch.equal(original[k], v) for k, v in toy.state_dict().items()) and not lora_layers(toy)
+        torch.testing.assert_close(lorakern.load_adapter(InitToy(), str(tmp_path))(x), expected_out, rtol=0, atol=0)
 
 
 def test_gpt2_conv1d_base_keeps_its_layout():

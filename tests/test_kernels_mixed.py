@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import example, given
-from hypothesis import strategies as st
 
 import strategies
 from lorakern import core
@@ -308,59 +307,11 @@ def test_compiles_without_graph_break():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-# The property test's axes, each drawn uniformly from its labels (the stated share: 1 / its labels) and
-# checked on the examples that ran: M's tile classes and K / N's widths as tests/strategies.py states them
-# (widths capped at 48 here: interpreted segmented kernels cost more per example), then the mixed axes.
-MIXED_ROWS = ("spread over slots and base rows", "every row one slot", "a slot without rows", "every row base-only")
-MIXED_RANKS = ("r=1 among the slots", "r=64 among the slots", "ranks 2..63 only")
-ABSENT = ("the layer has every slot's adapter", "the layer lacks one slot's adapter")
-MIXED_DTYPES = ("fp32", "bf16", "fp16")
-BASE_KINDS = ("dense", "nf4")
-MIXED_AXES = {"M": list(strategies.M_CLASSES), "K": list(strategies.WIDTHS), "N": list(strategies.WIDTHS),
-              "rows": list(MIXED_ROWS), "ranks": list(MIXED_RANKS), "absent": list(ABSENT),
-              "dtype": list(MIXED_DTYPES), "base": list(BASE_KINDS)}
-WIDTH_CAP = 48
-
-
-@st.composite
-def mixed_kernel_cases(draw):
-    m_label = draw(st.sampled_from(list(strategies.M_CLASSES)))
-    low, high = strategies.M_CLASSES[m_label]
-    M = draw(st.sampled_from([low, high]) if m_label.startswith("M=32") else st.integers(low, high))
-    widths = []
-    for _ in range(2):
-        label = draw(st.sampled_from(strategies.WIDTHS))
-        value = (draw(st.sampled_from([32])) if label == strategies.WIDTHS[1]
-                 else draw(st.integers(1, WIDTH_CAP).filter(lambda w: w % strategies.BLOCK != 0)))
-        widths.append((label, value))
-    rows_label, ranks_label = draw(st.sampled_from(MIXED_ROWS)), draw(st.sampled_from(MIXED_RANKS))
-    absent_label = draw(st.sampled_from(ABSENT))
-    n = draw(st.integers(2 if rows_label == MIXED_ROWS[2] else 1, 4))
-    ranks = [draw(st.integers(2, 63)) for _ in range(n)]
-    if ranks_label != MIXED_RANKS[2]:
-        ranks[draw(st.integers(0, n - 1))] = 1 if ranks_label == MIXED_RANKS[0] else 64
-    if absent_label == ABSENT[1]:
-        ranks[draw(st.integers(0, n - 1))] = None
-    if rows_label == MIXED_ROWS[0]:
-        slots = draw(st.lists(st.integers(-1, n - 1), min_size=M, max_size=M))
-    elif rows_label == MIXED_ROWS[1]:
-        slots = [draw(st.integers(0, n - 1))] * M
-    elif rows_label == MIXED_ROWS[2]:
-        empty = draw(st.integers(0, n - 1))
-        slots = draw(st.lists(st.sampled_from([-1] + [a for a in range(n) if a != empty]), min_size=M, max_size=M))
-    else:
-        slots = [-1] * M
-    dtype, base = draw(st.sampled_from(MIXED_DTYPES)), draw(st.sampled_from(BASE_KINDS))
-    classes = {"M": m_label, "K": widths[0][0], "N": widths[1][0], "rows": rows_label, "ranks": ranks_label,
-               "absent": absent_label, "dtype": dtype, "base": base}
-    return dict(M=M, K=widths[0][1], N=widths[1][1], ranks=ranks, slots=slots, dtype=dtype, base=base,
-                seed=draw(st.integers(0, 2**16)), classes=classes)
-
-
+# the strategy and its stated shares: strategies.mixed_kernel_cases, strategies.MIXED_AXES
 SEEN = []
 
 
-@given(case=mixed_kernel_cases())
+@given(case=strategies.mixed_kernel_cases())
 @example(case=dict(M=33, K=45, N=70, ranks=[1, None, 64], slots=None, dtype="fp32", base="dense", seed=0, classes={}))
 @example(case=dict(M=32, K=32, N=32, ranks=[16, 16], slots=None, dtype="bf16", base="nf4", seed=1, classes={}))
 def _assignments_match_reference(case):
@@ -379,7 +330,7 @@ def test_assignments():
     and NF4 bases (the stated shares asserted on the drawn examples that ran)."""
     SEEN.clear()
     _assignments_match_reference()
-    strategies.assert_shares(SEEN, MIXED_AXES)
+    strategies.assert_shares(SEEN, strategies.MIXED_AXES)
 
 
 def test_gradcheck_float64():

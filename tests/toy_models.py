@@ -1,5 +1,5 @@
 """A small model and an adapter randomizer that several test files share (no pytest here: the DDP worker
-script of test_mixed_batches.py imports it in its own processes)."""
+script of test_mixed_models.py imports it in its own processes)."""
 import torch
 from torch import nn
 
@@ -13,6 +13,21 @@ class Toy(nn.Module):
         self.q = nn.Linear(8, 6)
         self.v = nn.Linear(6, 6)
         self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.v(torch.relu(self.q(x)))))
+
+
+class InitToy(nn.Module):
+    """q (20 -> 12), v (12 -> 14) and head (14 -> 3) with ReLUs between, seeded: layers wide enough for the
+    inits that decompose the base weight (PiSSA, OLoRA, LoftQ) at r up to 12."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.q = nn.Linear(20, 12)
+        self.v = nn.Linear(12, 14)
+        self.head = nn.Linear(14, 3)
 
     def forward(self, x):
         return self.head(torch.relu(self.v(torch.relu(self.q(x)))))
