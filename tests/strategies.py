@@ -231,6 +231,28 @@ def axes_for(dtypes, max_r: int = 64, **extra_labels) -> dict:
 # then the mixed axes.
 MIXED_ROWS = ("spread over slots and base rows", "every row one slot", "a slot without rows", "every row base-only")
 MIXED_RANKS = ("r=1 among the slots", "r=64 among the slots", "ranks 2..63 only")
+
+
+def draw_ranks(draw, rows_label: str, ranks_label: str) -> list:
+    """1..4 adapters' ranks (2 at least for the MIXED_ROWS class that leaves one without rows): one of them 1 or
+    64 as ``ranks_label`` of MIXED_RANKS says, the others 2..63."""
+    n = draw(st.integers(2 if rows_label == MIXED_ROWS[2] else 1, 4))
+    ranks = [draw(st.integers(2, 63)) for _ in range(n)]
+    if ranks_label != MIXED_RANKS[2]:
+        ranks[draw(st.integers(0, n - 1))] = 1 if ranks_label == MIXED_RANKS[0] else 64
+    return ranks
+
+
+def draw_slots(draw, M: int, n: int, rows_label: str) -> list:
+    """M rows' slots among n adapters (-1: base only) of the MIXED_ROWS class ``rows_label``."""
+    if rows_label == MIXED_ROWS[0]:
+        return draw(st.lists(st.integers(-1, n - 1), min_size=M, max_size=M))
+    if rows_label == MIXED_ROWS[1]:
+        return [draw(st.integers(0, n - 1))] * M
+    if rows_label == MIXED_ROWS[2]:
+        empty = draw(st.integers(0, n - 1))
+        return draw(st.lists(st.sampled_from([-1] + [a for a in range(n) if a != empty]), min_size=M, max_size=M))
+    return [-1] * M
 ABSENT = ("the layer has every slot's adapter", "the layer lacks one slot's adapter")
 MIXED_DTYPES = ("fp32", "bf16", "fp16")
 BASE_KINDS = ("dense", "nf4")
@@ -253,21 +275,10 @@ def mixed_kernel_cases(draw):
         widths.append((label, value))
     rows_label, ranks_label = draw(st.sampled_from(MIXED_ROWS)), draw(st.sampled_from(MIXED_RANKS))
     absent_label = draw(st.sampled_from(ABSENT))
-    n = draw(st.integers(2 if rows_label == MIXED_ROWS[2] else 1, 4))
-    ranks = [draw(st.integers(2, 63)) for _ in range(n)]
-    if ranks_label != MIXED_RANKS[2]:
-        ranks[draw(st.integers(0, n - 1))] = 1 if ranks_label == MIXED_RANKS[0] else 64
+    ranks = draw_ranks(draw, rows_label, ranks_label)
     if absent_label == ABSENT[1]:
-        ranks[draw(st.integers(0, n - 1))] = None
-    if rows_label == MIXED_ROWS[0]:
-        slots = draw(st.lists(st.integers(-1, n - 1), min_size=M, max_size=M))
-    elif rows_label == MIXED_ROWS[1]:
-        slots = [draw(st.integers(0, n - 1))] * M
-    elif rows_label == MIXED_ROWS[2]:
-        empty = draw(st.integers(0, n - 1))
-        slots = draw(st.lists(st.sampled_from([-1] + [a for a in range(n) if a != empty]), min_size=M, max_size=M))
-    else:
-        slots = [-1] * M
+        ranks[draw(st.integers(0, len(ranks) - 1))] = None
+    slots = draw_slots(draw, M, len(ranks), rows_label)
     dtype, base = draw(st.sampled_from(MIXED_DTYPES)), draw(st.sampled_from(BASE_KINDS))
     classes = {"M": m_label, "K": widths[0][0], "N": widths[1][0], "rows": rows_label, "ranks": ranks_label,
                "absent": absent_label, "dtype": dtype, "base": base}

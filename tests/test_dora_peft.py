@@ -48,6 +48,14 @@ def _step_grads(model, batch, peft_names):
     return _lora_grads(model, peft_names)
 
 
+def _assert_same_step_grads(theirs, ours, batch, count: int) -> None:
+    """One training step's gradients of every A, B and magnitude: PEFT's model against ours, key by key."""
+    expected, got = _step_grads(theirs, batch, True), _step_grads(ours, batch, False)
+    assert set(got) == set(expected) and len(got) == count
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+
+
 def test_peft_dora_adapter_loads_here_with_the_same_logits_and_gradients(tmp_path, batch):
     theirs = _peft_dora()
     _perturb(theirs, seed=1)
@@ -57,10 +65,7 @@ def test_peft_dora_adapter_loads_here_with_the_same_logits_and_gradients(tmp_pat
     theirs.eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, rtol=1e-5, atol=1e-6)
-    expected, got = _step_grads(theirs, batch, True), _step_grads(ours, batch, False)
-    assert set(got) == set(expected) and len(got) == 3 * 2 * 3  # 2 layers x 3 targets x (A, B, m)
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+    _assert_same_step_grads(theirs, ours, batch, 3 * 2 * 3)  # 2 layers x 3 targets x (A, B, m)
 
 
 def test_magnitude_keyed_with_weight_suffix_loads_too(tmp_path, batch):
@@ -91,10 +96,7 @@ def test_lorakern_dora_adapter_loads_into_peft(tmp_path, batch):
     with torch.no_grad():
         torch.testing.assert_close(theirs(**batch).logits, ours(**batch).logits, rtol=1e-5, atol=1e-6)
     # one training step's gradients of A, B and the magnitude, this direction too
-    expected, got = _step_grads(theirs, batch, True), _step_grads(ours, batch, False)
-    assert set(got) == set(expected) and len(got) == 2 * 2 * 3  # 2 layers x 2 targets x (A, B, m)
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+    _assert_same_step_grads(theirs, ours, batch, 2 * 2 * 3)  # 2 layers x 2 targets x (A, B, m)
 
 
 def test_fresh_dora_magnitude_equals_peft_init():

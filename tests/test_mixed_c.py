@@ -120,8 +120,7 @@ def assert_within(rel: dict[str, float], K: int, N: int, r_max: int) -> None:
 M_UNITS = {"M=1": [1], "a four-row tail (3, 5)": [3, 5], "one whole four-row block (4)": [4],
            "at a 64-row chunk's edge (63..65)": [63, 64, 65], "over two chunks (131)": [131]}
 LANE_WIDTHS = ("whole vectors (a multiple of 16)", "a lane tail")
-ROW_CLASSES = ("spread over slots and base rows", "every row one slot", "a slot without rows", "every row base-only")
-RANK_CLASSES = ("r=1 among the slots", "r=64 among the slots", "ranks 2..63 only")
+ROW_CLASSES, RANK_CLASSES = strategies.MIXED_ROWS, strategies.MIXED_RANKS
 AXES = {"M": list(M_UNITS), "K": list(LANE_WIDTHS), "N": list(LANE_WIDTHS), "rows": list(ROW_CLASSES),
         "ranks": list(RANK_CLASSES)}
 
@@ -136,20 +135,9 @@ def mixed_cases(draw):
         widths.append((label, draw(st.sampled_from([16, 32, 48, 64])) if label == LANE_WIDTHS[0]
                        else draw(st.integers(1, 70).filter(lambda w: w % 16 != 0))))
     rows_label, ranks_label = draw(st.sampled_from(ROW_CLASSES)), draw(st.sampled_from(RANK_CLASSES))
-    n = draw(st.integers(2 if rows_label == ROW_CLASSES[2] else 1, 4))
-    ranks = [draw(st.integers(2, 63)) for _ in range(n)]
-    if ranks_label != RANK_CLASSES[2]:
-        ranks[draw(st.integers(0, n - 1))] = 1 if ranks_label == RANK_CLASSES[0] else 64
-    if rows_label == ROW_CLASSES[0]:
-        slots = draw(st.lists(st.integers(-1, n - 1), min_size=M, max_size=M))
-    elif rows_label == ROW_CLASSES[1]:
-        slots = [draw(st.integers(0, n - 1))] * M
-    elif rows_label == ROW_CLASSES[2]:
-        empty = draw(st.integers(0, n - 1))
-        slots = draw(st.lists(st.sampled_from([-1] + [a for a in range(n) if a != empty]), min_size=M, max_size=M))
-    else:
-        slots = [-1] * M
-    present = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    ranks = strategies.draw_ranks(draw, rows_label, ranks_label)
+    slots = strategies.draw_slots(draw, M, len(ranks), rows_label)
+    present = draw(st.lists(st.booleans(), min_size=len(ranks), max_size=len(ranks)))
     classes = {"M": m_label, "K": widths[0][0], "N": widths[1][0], "rows": rows_label, "ranks": ranks_label}
     return SimpleNamespace(case=(M, widths[0][1], widths[1][1], ranks, slots, present, draw(st.booleans())),
                            classes=classes)
