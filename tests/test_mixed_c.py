@@ -153,6 +153,9 @@ SEEN = []
 @example(drawn=SimpleNamespace(case=(9, 16, 48, [7, 2], [0, -1, 1, 0, -1, 1, 0, 0, 1], [True, False], True),
                                classes={}))  # a layer lacks slot 1
 @example(drawn=SimpleNamespace(case=(5, 1, 1, [1], [-1] * 5, [True], False), classes={}))  # base-only rows only
+# wide rows: the backward's chunks shrink to 16 rows (lora_cpu.c, chunk_blocks), slot 0's 40 rows span three of them
+@example(drawn=SimpleNamespace(case=(47, 4100, 4000, [5, 3], [0] * 40 + [1] * 5 + [-1] * 2, [True, True], True),
+                               classes={}))
 def _mixed_c_matches_the_reference(drawn):
     if drawn.classes:
         SEEN.append(drawn)

@@ -478,6 +478,12 @@ static int64_t chunk_blocks(int64_t width) {
     return blocks < 1 ? 1 : blocks > CHUNK_BLOCKS ? CHUNK_BLOCKS : blocks;
 }
 
+/* Threads for a backward over `chunks` chunks: no more than there are chunks (a thread without rows still paid
+ * the team's start and the reduction), at least one. */
+static int backward_team(int threads, int64_t chunks) {
+    return chunks < 1 ? 1 : chunks < threads ? (int)chunks : threads;
+}
+
 /* The backward's passes (lora_backward_f32; dora_backward_f32 adds z and gz). */
 static void backward_passes(const float *g, const float *x_lora, const float *u, const float *A, const float *Bt,
                             float scaling, int64_t M, int64_t K, int64_t N, int64_t r, float *dx, float *dA,
@@ -488,9 +494,7 @@ static void backward_passes(const float *g, const float *x_lora, const float *u,
     int64_t ldK = padded(K), ldN = padded(N), per_thread = r * (ldK + ldN) + z_rows * ldN;
     int need_gB = dx != NULL || dA != NULL, u_from_x = dBt != NULL && u == NULL;
     int64_t step = chunk_blocks(K + N);  /* z is read once, front to back: it need not stay */
-    /* no more threads than chunks: a thread without rows still paid the team's start and the reduction */
-    int team_wanted = (blocks + step - 1) / step < threads ? (int)((blocks + step - 1) / step) : threads;
-    #pragma omp parallel num_threads(team_wanted > 0 ? team_wanted : 1)
+    #pragma omp parallel num_threads(backward_team(threads, (blocks + step - 1) / step))
     {
         int tid = thread_id(), team = team_size();
         float *pA = partial + tid * per_thread, *pB = pA + r * ldK, *pZ = pB + r * ldN;
@@ -700,15 +704,14 @@ void lora_mixed_backward_f32(const float *g, const float *x_lora, const float *u
                              const int64_t *ranks, const float *scaling, int64_t M, int64_t K, int64_t N,
                              int64_t r_max, float *dx, float *const *dA, float *const *dBt, float *partial,
                              int threads) {
-    const int64_t chunk_rows = CHUNK_BLOCKS * ROWS;
+    const int64_t chunk_rows = chunk_blocks(K + N) * ROWS;  /* as the single-adapter backward sizes its chunks */
     int64_t first_chunk[n_slots + 1], part[n_slots + 1];
     int64_t chunks = segment_blocks(offsets, A, n_slots, chunk_rows, first_chunk);
     int64_t ldK = padded(K), ldN = padded(N);
     part[0] = 0;
     for (int64_t a = 0; a < n_slots; ++a) part[a + 1] = part[a] + (A[a] ? ranks[a] * (ldK + ldN) : 0);
     int64_t per_thread = part[n_slots];
-    int team_wanted = chunks < threads ? (int)chunks : threads;  /* no more threads than chunks */
-    #pragma omp parallel num_threads(team_wanted > 0 ? team_wanted : 1)
+    #pragma omp parallel num_threads(backward_team(threads, chunks))
     {
         int tid = thread_id(), team = team_size();
         float *mine = partial + tid * per_thread;
@@ -905,7 +908,7 @@ void lora_merge_f32(const float *W, const float *A, const float *B, float s, con
     merge_rows(W, A, B, s, c, NULL, NULL, NULL, N, K, r, NULL, NULL, out, threads);
 }
 
-/* DoRA's folded forward weight in one pass over W (lorakern/dora.py, _forward_native): norm[i] =
+/* DoRA's folded forward weight in one pass over W (lorakern/dora.py, _folded_forward_native): norm[i] =
  * ||W_i + s (B A)_i|| (from w2 = ||W_i||^2 and gram = A A^T, as dora_norm_f32), c[i] = m[i] / norm[i], and
  * out = diag(c) (W + s B A). */
 void dora_merge_f32(const float *W, const float *A, const float *B, const float *w2, const float *gram,
