@@ -91,6 +91,15 @@ def _add_base_grad(out: Optional[torch.Tensor], g: torch.Tensor, weight: Weight)
     return g @ weight if out is None else out.addmm_(g, weight)
 
 
+def _norm_operands_f32(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                       base_norm_sq: Optional[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """What the C kernels that compute the norm take (dora_norm_f32, dora_merge_f32): W, A, B detached and
+    contiguous, ||W_i||^2 (the cached one when given) and the Gram matrix A A^T, all fp32."""
+    w2 = row_norms_sq(weight, torch.float32) if base_norm_sq is None else base_norm_sq.to(torch.float32)
+    A = lora_A.detach().contiguous()
+    return weight.detach().contiguous(), A, lora_B.detach().contiguous(), w2.contiguous(), A @ A.t()
+
+
 def weight_norm(weight: Weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                 base_norm_sq: Optional[torch.Tensor] = None, library=None) -> torch.Tensor:
     """n_i = ||W_i + s (B A)_i|| without forming B A (module docstring), detached, in fp32 (fp64 for fp64
@@ -98,17 +107,15 @@ def weight_norm(weight: Weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scal
     (lorakern.native), which take a dense fp32 W in one pass over its rows (dora_norm_f32)."""
     with torch.no_grad():
         acc = _accumulation(lora_A.dtype)
-        w2 = row_norms_sq(weight, acc) if base_norm_sq is None else base_norm_sq.to(acc)
         A, B = lora_A.detach(), lora_B.detach()
         if library is not None and isinstance(weight, torch.Tensor) and acc == torch.float32 and \
                 weight.dtype == A.dtype == B.dtype == torch.float32:
-            # named: the contiguous copies outlive the call
-            W, A, B, w2 = weight.contiguous(), A.contiguous(), B.contiguous(), w2.contiguous()
-            gram = A @ A.t()
+            W, A, B, w2, gram = _norm_operands_f32(weight, A, B, base_norm_sq)  # named: they outlive the call
             norm = torch.empty_like(w2)
             library.dora_norm_f32(_ptr(W), _ptr(A), _ptr(B), _ptr(w2), _ptr(gram), scaling, W.shape[0], W.shape[1],
                                   A.shape[0], _ptr(norm), torch.get_num_threads())
             return norm
+        w2 = row_norms_sq(weight, acc) if base_norm_sq is None else base_norm_sq.to(acc)
         WA = _weight_At(weight, A, acc)
         A, B = A.to(acc), B.to(acc)
         gram = A @ A.t()
@@ -257,12 +264,8 @@ def _folded_forward_native(library, x2, weight, bias, lora_A, lora_B, magnitude,
     with no u: the backward forms u from x in the pass that reads x for dA."""
     (out_features, in_features), r = weight.shape, lora_A.shape[0]
     with torch.no_grad():
-        w2 = (row_norms_sq(weight, torch.float32) if base_norm_sq is None else base_norm_sq.to(torch.float32))
-        # named: the contiguous copies outlive the call
-        W, A, B, w2 = weight.detach().contiguous(), lora_A.detach().contiguous(), lora_B.detach().contiguous(), \
-            w2.contiguous()
+        W, A, B, w2, gram = _norm_operands_f32(weight, lora_A, lora_B, base_norm_sq)  # named: they outlive the call
         m = magnitude.detach().to(torch.float32).contiguous()
-        gram = A @ A.t()
         norm, scale = torch.empty_like(w2), torch.empty_like(w2)
         merged = workspace_like(W)  # a workspace: nothing may hold it past this call
         library.dora_merge_f32(_ptr(W), _ptr(A), _ptr(B), _ptr(w2), _ptr(gram), _ptr(m), scaling, out_features,

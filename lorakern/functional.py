@@ -277,19 +277,19 @@ def merged_weight(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tens
     torch.compile's tracing, and off the CPU, W' is a fresh tensor."""
     if torch.compiler.is_compiling() or weight.device.type != "cpu":
         merged = torch.addmm(weight, lora_B, lora_A, alpha=scaling)
-        return merged if row_scale is None else merged.mul_(row_scale[:, None])
-    buffer = workspace_like(weight)
-    (out_features, in_features), r = weight.shape, lora_A.shape[0]
-    if library is not None and r <= NATIVE_MAX_RANK and \
-            all(t.dtype == torch.float32 for t in (weight, lora_A, lora_B, buffer)) and \
-            (row_scale is None or row_scale.dtype == torch.float32):
-        # named: the contiguous copies outlive the call
-        W, A, B = weight.detach().contiguous(), lora_A.detach().contiguous(), lora_B.detach().contiguous()
-        c = None if row_scale is None else row_scale.detach().contiguous()
-        library.lora_merge_f32(_ptr(W), _ptr(A), _ptr(B), scaling, _ptr(c), out_features, in_features, r,
-                               _ptr(buffer), torch.get_num_threads())
-        return buffer
-    merged = torch.addmm(weight, lora_B, lora_A, alpha=scaling, out=buffer)
+    else:
+        buffer = workspace_like(weight)
+        (out_features, in_features), r = weight.shape, lora_A.shape[0]
+        if library is not None and r <= NATIVE_MAX_RANK and \
+                all(t.dtype == torch.float32 for t in (weight, lora_A, lora_B, buffer)) and \
+                (row_scale is None or row_scale.dtype == torch.float32):
+            # named: the contiguous copies outlive the call
+            W, A, B = weight.detach().contiguous(), lora_A.detach().contiguous(), lora_B.detach().contiguous()
+            c = None if row_scale is None else row_scale.detach().contiguous()
+            library.lora_merge_f32(_ptr(W), _ptr(A), _ptr(B), scaling, _ptr(c), out_features, in_features, r,
+                                   _ptr(buffer), torch.get_num_threads())
+            return buffer
+        merged = torch.addmm(weight, lora_B, lora_A, alpha=scaling, out=buffer)
     return merged if row_scale is None else merged.mul_(row_scale[:, None])
 
 
