@@ -238,8 +238,10 @@ class LoraLinear(NamedAdapters, nn.Module):
     # ---- compute --------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         adapters = [] if self.disabled else self._unmerged_active()
+        weight = self.base.operand(self)
         if self.base.kind == "dense":
-            check_operands(x, self.base.operand(self), self.bias, self._active().lora_A, self._active().lora_B)
+            active = self._active()
+            check_operands(x, weight, self.bias, active.lora_A, active.lora_B)
         else:
             check_nf4_input(x, self.nf4)
         groups = self.row_groups if self.pending_rows is None else (self.row_groups or pending(self))
@@ -256,7 +258,7 @@ class LoraLinear(NamedAdapters, nn.Module):
                                     f"norm is the unmerged weight's; unmerge() first, or merge every active adapter")
             norm_sq = self._base_norm_sq()
         return dispatch.lora_forward(
-            x, self.base.kind, self.base.operand(self), self.bias,
+            x, self.base.kind, weight, self.bias,
             [(a.lora_A, a.lora_B, a.scaling, a.dropout if training else 0.0)
              + ((a.lora_magnitude_vector,) if a.use_dora else ()) for a in adapters],
             seed=self.dropout_seed, compute_dtype=self.compute_dtype, requested=self.backend, base_norm_sq=norm_sq)

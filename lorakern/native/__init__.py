@@ -78,6 +78,7 @@ _LIBRARIES = {
             "lora_mixed_backward_f32": (None, [_POINTER] * 5 + [_I64] + [_POINTER] * 4 + [_I64] * 4
                                         + [_POINTER] * 4 + [_INT]),
             "lora_mixed_backward_scratch": (_I64, [_I64, _I64, _POINTER, _POINTER, _I64, _INT]),
+            "lora_transpose_f32": (None, [_POINTER, _I64, _I64, _POINTER]),
             "lora_transpose_many_f32": (None, [_POINTER, _POINTER, _I64, _I64, _POINTER]),
             "dora_forward_f32": (None, [_POINTER] * 5 + [_FLOAT] + [_I64] * 4 + [_POINTER] * 3 + [_INT, _INT]),
             "dora_scale_grad_f32": (None, [_POINTER] * 3 + [_I64] * 2 + [_POINTER] * 3 + [_INT]),
@@ -161,19 +162,26 @@ def levels_here() -> list[Level]:
 def chosen_level() -> Level:
     """The level the libraries are built for: the best this CPU executes, or $LORAKERN_ISA's (a lower one).
     A name that is not a level, or one this CPU cannot execute, raises ValueError with the choices."""
-    here = levels_here()
-    requested = os.environ.get(ISA_ENV, "").strip().lower()
+    return _level_for(os.environ.get(ISA_ENV, ""), cpu_info().get("flags", ""), platform.machine())
+
+
+@functools.lru_cache(maxsize=16)
+def _level_for(requested: str, flags_line: str, machine: str) -> Level:
+    """``chosen_level`` for these $LORAKERN_ISA, CPU flags and machine (cached: asked on every LoRA call; a
+    ValueError is raised again each time, never cached)."""
+    here = list(_levels_with(flags_line, machine))
+    requested = requested.strip().lower()
     if not requested or requested == "auto":
         return here[0]
-    names = [level.name for level in _architecture_levels()]
+    names = [level.name for level in _architecture_levels(machine)]
     if requested not in names:
-        raise ValueError(f"{ISA_ENV}={requested!r} is not an ISA level of {platform.machine()}; set it to one of "
+        raise ValueError(f"{ISA_ENV}={requested!r} is not an ISA level of {machine}; set it to one of "
                          f"{', '.join(names)} (or unset it for the best this CPU runs: {here[0].name})")
     for level in here:
         if level.name == requested:
             return level
-    missing = next(level for level in _architecture_levels() if level.name == requested).cpu_flags
-    missing = sorted(missing - set(cpu_info().get("flags", "").split()))
+    missing = next(level for level in _architecture_levels(machine) if level.name == requested).cpu_flags
+    missing = sorted(missing - set(flags_line.split()))
     raise ValueError(f"{ISA_ENV}={requested!r} needs CPU flags this CPU lacks ({', '.join(missing)}); set it to one "
                      f"of {', '.join(level.name for level in here)} or unset it")
 

@@ -605,16 +605,19 @@ int64_t dora_backward_scratch(int64_t K, int64_t N, int64_t r, int threads) {
  * adapter) get no rank-r term. Per slot: A[a] (r[a] x K), Bt[a] (r[a] x N), scaling[a]. u is M x r_max, row i's
  * first r[slot] entries used. The kernels are the single-adapter ones over gathered row pointers. */
 
-/* dst = the slots' B_a^T (r[a] x N each, B_a N x r[a] row-major), one after another; slots whose B[a] is NULL
- * take no room. The kernels read B_a^T's rows as vectors; torch's copy of a transposed 768 x 8 took ~14 us
- * an adapter, this one pass over all of them ~1 us each. */
+/* dst = B^T (r x N) of B (N x r, row-major). The kernels read B^T's rows as vectors; torch's copy of a
+ * transposed 768 x 8 took ~12 us a call (a 16-token layer's whole LoRA term costs ~8 us), this pass ~1 us. */
+void lora_transpose_f32(const float *B, int64_t N, int64_t r, float *dst) {
+    for (int64_t j = 0; j < r; ++j)  /* B (N r floats) stays in L1; each row of dst is written in order */
+        for (int64_t i = 0; i < N; ++i) dst[j * N + i] = B[i * r + j];
+}
+
+/* dst = the slots' B_a^T (r[a] x N each), one after another; slots whose B[a] is NULL take no room. */
 void lora_transpose_many_f32(const float *const *B, const int64_t *ranks, int64_t n_slots, int64_t N, float *dst) {
     for (int64_t a = 0; a < n_slots; ++a) {
         if (!B[a]) continue;
-        int64_t r = ranks[a];
-        for (int64_t j = 0; j < r; ++j)  /* B_a (N r floats) stays in L1; each row of dst is written in order */
-            for (int64_t i = 0; i < N; ++i) dst[j * N + i] = B[a][i * r + j];
-        dst += r * N;
+        lora_transpose_f32(B[a], N, ranks[a], dst);
+        dst += ranks[a] * N;
     }
 }
 
