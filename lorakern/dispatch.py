@@ -34,12 +34,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
+from lorakern import _env
 from lorakern.errors import LorakernError
 
 BACKEND_ENV = "LORAKERN_BACKEND"
@@ -175,7 +175,7 @@ def _load(name: str) -> bool:
 
 
 def requested_backend(requested: Optional[str] = None) -> str:
-    choice = (requested or os.environ.get(BACKEND_ENV) or "auto").strip().lower()
+    choice = (requested or _env.get(BACKEND_ENV) or "auto").strip().lower()
     if choice not in BACKEND_CHOICES:
         raise LorakernError(f"{BACKEND_ENV}={choice!r} is not a backend; set it to one of {', '.join(BACKEND_CHOICES)} "
                             f"(or unset it for auto)")

@@ -8,14 +8,13 @@ Shapes: x (..., K), W (N, K), b (N,), A (r, K), B (N, r), y (..., N).
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from lorakern import dispatch, mixed, mixed_c, native
+from lorakern import _env, dispatch, mixed, mixed_c, native
 from lorakern.dispatch import Call, Implementation
 from lorakern.errors import LorakernError
 from lorakern.masks import seeded_rand
@@ -235,7 +234,7 @@ def choose_formulation(rows: int, in_features: int, out_features: int, r: int, l
     of s B A, which is small beside W). $LORAKERN_FORMULATION=factored|merged pins the choice where
     merged is allowed (``pinned_formulation`` does the same within a block).
     """
-    pinned = _PINNED[-1] if _PINNED else (os.environ.get(FORMULATION_ENV) or "auto").strip().lower()
+    pinned = _PINNED[-1] if _PINNED else (_env.get(FORMULATION_ENV) or "auto").strip().lower()
     if pinned not in FORMULATION_CHOICES:
         raise LorakernError(f"{FORMULATION_ENV}={pinned!r} is not a formulation; set it to one of "
                          f"{', '.join(FORMULATION_CHOICES)} (or unset it for auto)")

@@ -30,6 +30,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
+from lorakern import _env
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ISA_ENV = "LORAKERN_ISA"
 _POINTER, _I64, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -162,7 +164,7 @@ def levels_here() -> list[Level]:
 def chosen_level() -> Level:
     """The level the libraries are built for: the best this CPU executes, or $LORAKERN_ISA's (a lower one).
     A name that is not a level, or one this CPU cannot execute, raises ValueError with the choices."""
-    return _level_for(os.environ.get(ISA_ENV, ""), cpu_info().get("flags", ""), platform.machine())
+    return _level_for(_env.get(ISA_ENV, ""), cpu_info().get("flags", ""), platform.machine())
 
 
 @functools.lru_cache(maxsize=16)
@@ -229,7 +231,7 @@ def build(name: str, level: Level) -> ctypes.CDLL:
 
 
 def _get(name: str, level: Optional[Level] = None) -> Optional[ctypes.CDLL]:
-    if _DISABLED or os.environ.get("LORAKERN_NATIVE", "1") == "0":
+    if _DISABLED or _env.get("LORAKERN_NATIVE", "1") == "0":
         return None
     level = level or chosen_level()
     key = (name, level.name)
