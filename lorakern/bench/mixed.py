@@ -22,7 +22,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from lorakern.bench import FROZEN, MODES, Built, Row, Shape, _step, _timer, make_operands, markdown, summary
+from lorakern.bench.measure import Row
+from lorakern.bench.providers import FROZEN, Built, make_operands
+from lorakern.bench.report import markdown, summary
+from lorakern.bench.shapes import Shape
+from lorakern.bench.timing import MODES, _step, _timer
 
 TOKENS_PER_ROW = 128
 
@@ -87,7 +91,7 @@ def _mixed_providers(o, x3: torch.Tensor, n: int, modes) -> dict[str, Callable[[
         from peft import LoraConfig
         from peft.tuners.lora.layer import Linear
 
-        from lorakern.bench import _base_linear
+        from lorakern.bench.providers import _base_linear
 
         layer = Linear(_base_linear(o), names[0], config=LoraConfig(r=r, lora_alpha=o.s * r), r=r,
                        lora_alpha=o.s * r)
@@ -156,7 +160,7 @@ def run_mixed(shapes: list[Shape], n_adapters: int, dtype: torch.dtype, device: 
     """Measure and print (and write mixed.{json,md} into ``out_dir``)."""
     from dataclasses import asdict
 
-    from lorakern.bench import write_results
+    from lorakern.bench.report import write_results
 
     rows = []
     for i, shape in enumerate(shapes):
