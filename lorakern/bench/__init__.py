@@ -47,7 +47,7 @@ from __future__ import annotations
 # The public names, and the private ones benchmarks/ and tests/ reach for (_step, _formulation, ...).
 from lorakern.bench.machine import VECTOR_FLAGS, c_kernels, cpu_flags, cpu_model, keep_freed_memory, machine
 from lorakern.bench.main import run
-from lorakern.bench.measure import Row, _formulation, measure
+from lorakern.bench.measure import Row, _formulation, measure, timed_row
 from lorakern.bench.nf4 import measure_nf4, nf4_markdown
 from lorakern.bench.providers import (FROZEN, Built, Operands, _base_linear, _importable, _magnitude, _peft_dora,
                                       make_operands, providers)
@@ -55,11 +55,11 @@ from lorakern.bench.report import (checked_markdown, finish_checked, gpu_script_
                                    reference_markdown, report, summary, write_results)
 from lorakern.bench.shapes import (LAYERS, PEAKS, RANKS, SHAPES_CPU, SHAPES_GPU, SHAPES_QUICK, TOKENS_CPU, TOKENS_GPU,
                                    Shape, flops, min_bytes, shape_grid)
-from lorakern.bench.timing import MODES, AllocationTracker, _step, _timer, interleaved, peak_memory
+from lorakern.bench.timing import MODES, AllocationTracker, _step, _timer, calls_per_sample, interleaved, peak_memory
 
 __all__ = ["FROZEN", "LAYERS", "MODES", "PEAKS", "RANKS", "SHAPES_CPU", "SHAPES_GPU", "SHAPES_QUICK", "TOKENS_CPU",
            "TOKENS_GPU", "VECTOR_FLAGS", "AllocationTracker", "Built", "Operands", "Row", "Shape", "c_kernels",
-           "checked_markdown", "cpu_flags", "cpu_model", "finish_checked", "flops", "gpu_script_parser",
-           "interleaved", "keep_freed_memory", "machine", "make_operands", "markdown", "measure", "measure_nf4",
-           "min_bytes", "nf4_markdown", "peak_memory", "plot", "plot_png", "providers", "reference_markdown", "report",
-           "run", "shape_grid", "summary", "write_results"]
+           "calls_per_sample", "checked_markdown", "cpu_flags", "cpu_model", "finish_checked", "flops",
+           "gpu_script_parser", "interleaved", "keep_freed_memory", "machine", "make_operands", "markdown", "measure",
+           "measure_nf4", "min_bytes", "nf4_markdown", "peak_memory", "plot", "plot_png", "providers",
+           "reference_markdown", "report", "run", "shape_grid", "summary", "timed_row", "write_results"]

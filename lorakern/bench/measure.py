@@ -11,7 +11,7 @@ import torch
 
 from lorakern.bench.providers import FROZEN, Built, Operands, make_operands, providers
 from lorakern.bench.shapes import PEAKS, Shape, _card_family, flops, min_bytes
-from lorakern.bench.timing import MODES, _minor_faults, _step, _timer, peak_memory
+from lorakern.bench.timing import MODES, _minor_faults, _step, _timer, calls_per_sample, peak_memory
 
 
 @dataclass
@@ -45,6 +45,18 @@ class Row:
     samples: list = field(default_factory=list)
 
 
+def timed_row(label: str, shape: Shape, dtype: torch.dtype, mode: str, provider: str, values: list[float],
+              base: list[float]) -> Row:
+    """The row of ``provider``'s samples ``values`` (ms per call, one per round): min, median, and their ratios
+    to the frozen layer's samples ``base`` of the same rounds."""
+    row = Row(label, shape.M, shape.K, shape.N, shape.r, str(dtype).replace("torch.", ""), mode, provider,
+              min(values), statistics.median(values), samples=values)
+    row.ratio_min = row.min_ms / min(base)
+    row.ratio_median = row.median_ms / statistics.median(base)
+    row.ratio_paired = statistics.median(v / b for v, b in zip(values, base))
+    return row
+
+
 def _checked(device: str, rounds: int, modes, only: Optional[list[str]]) -> dict[str, Callable[[Operands], Built]]:
     """The providers available on ``device``, once ``rounds``, ``modes`` and ``only`` are known to be valid."""
     if rounds < 1:
@@ -73,12 +85,7 @@ def measure(shape: Shape, dtype: torch.dtype, device: str, rounds: int = 7, call
         for step in steps.values():  # warm-up: compile, autotune, allocate
             for _ in range(2):
                 timed(step.run, 1, step.setup)
-        # Enough calls per sample that one sample lasts ~20 ms (timer resolution and launch jitter).
-        if calls <= 0:
-            probe = timed(steps[FROZEN].run, 3, steps[FROZEN].setup)
-            n_calls = max(1, min(200, int(20.0 / max(probe, 1e-3))))
-        else:
-            n_calls = calls
+        n_calls = calls if calls > 0 else calls_per_sample(timed, steps[FROZEN])
         samples = {name: [] for name in steps}
         faults = dict.fromkeys(steps, 0)
         for _ in range(rounds):
@@ -92,11 +99,7 @@ def measure(shape: Shape, dtype: torch.dtype, device: str, rounds: int = 7, call
         base = samples[FROZEN]
         lora_activation = shape.M * shape.r * o.x.element_size()
         for name, values in samples.items():
-            row = Row(shape.name, shape.M, shape.K, shape.N, shape.r, str(dtype).replace("torch.", ""), mode, name,
-                      min(values), statistics.median(values), samples=values)
-            row.ratio_min = row.min_ms / min(base)
-            row.ratio_median = row.median_ms / statistics.median(base)
-            row.ratio_paired = statistics.median(v / b for v, b in zip(values, base))
+            row = timed_row(shape.name, shape, dtype, mode, name, values, base)
             row.faults_per_call = faults[name] / (rounds * n_calls)
             row.formulation = _formulation(name, shape, dtype)
             if memory:

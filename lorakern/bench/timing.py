@@ -105,6 +105,13 @@ def interleaved(candidates: dict[str, Callable[[], object]], rounds: int, device
     return samples
 
 
+def calls_per_sample(timed, step: _Step) -> int:
+    """Enough calls of ``step`` (the frozen layer's, probed with ``timed``) per sample that one sample lasts
+    ~20 ms (timer resolution and launch jitter), at most 200."""
+    probe = timed(step.run, 3, step.setup)
+    return max(1, min(200, int(20.0 / max(probe, 1e-3))))
+
+
 def _step(built: Built, grad: torch.Tensor, mode: str) -> _Step:
     if mode == "fwd":
         return _Step(lambda: built.forward())
