@@ -64,7 +64,7 @@ def run_bench(args) -> int:
         shapes, rounds = bench.shape_grid(layers, ranks, device, args.tokens), args.rounds
         nf4 = (4096, 4096, 256) if args.nf4 else None
     if args.adapters is not None:
-        from lorakern.bench_mixed import run_mixed
+        from lorakern.bench.mixed import run_mixed
 
         if not (args.quick or args.shapes or args.ranks):
             shapes = bench.shape_grid(("768x768",), (8,), device, args.tokens)

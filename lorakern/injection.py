@@ -10,10 +10,9 @@ names in ``model.lorakern_active``. Only the active adapters train, as in PEFT.
 """
 from __future__ import annotations
 
-import copy
 import warnings
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Union
 
 import torch
 from torch import nn
@@ -23,65 +22,11 @@ from lorakern.errors import AdapterError, LorakernError
 from lorakern.inits import rewrites_base
 from lorakern.layer import DEFAULT_ADAPTER, LoraLinear, is_linear_like
 from lorakern.layer_types import LORA_LAYERS, SUPPORTED, can_take_lora, new_lora_layer
+from lorakern.modules_to_save import ModulesToSaveWrapper
 from lorakern.nf4.modules import LinearNF4
-from lorakern.rows import pending, wrapper_forward
 
 # Heads of transformers' sequence-classification models, kept out of "all-linear" like PEFT does.
 _CLASSIFIER_HEAD_NAMES = ("classifier", "score")
-
-
-class ModulesToSaveWrapper(nn.Module):
-    """A module trained in full per adapter (PEFT's wrapper of the same name and keys): the original stays
-    as it was (``original_module``, frozen) and each adapter trains its own copy
-    (``modules_to_save.<adapter>``). The forward runs the active adapter's copy, or the original when no
-    active adapter has one or adapters are disabled. In a mixed batch (lorakern.adapter_rows) each row
-    runs its own adapter's copy."""
-
-    row_groups = None  # set by lorakern.adapter_rows for the duration of a mixed batch
-    pending_rows = None  # an ended block's rows until its backward ends (lorakern.rows.pending)
-
-    def __init__(self, original: nn.Module, adapter_name: str) -> None:
-        super().__init__()
-        self.original_module = original
-        self.modules_to_save = nn.ModuleDict()
-        self.active_adapter: Optional[str] = None
-        self.disabled = False
-        self.add(adapter_name)
-
-    def add(self, adapter_name: str) -> None:
-        copy_ = copy.deepcopy(self.original_module)
-        copy_.requires_grad_(True)
-        self.modules_to_save[adapter_name] = copy_
-        if self.active_adapter is None:
-            self.active_adapter = adapter_name
-        self.original_module.requires_grad_(False)
-
-    def set_adapter(self, names: list[str]) -> None:
-        having = [n for n in names if n in self.modules_to_save]
-        if len(having) > 1:
-            raise AdapterError(f"adapters {having} each train their own copy of this module (modules_to_save); only "
-                               f"one of them can be active at a time: set_adapter one of them")
-        self.active_adapter = having[0] if having else None
-        for name, module in self.modules_to_save.items():
-            module.requires_grad_(name == self.active_adapter)
-
-    @property
-    def active_module(self) -> nn.Module:
-        if self.disabled or self.active_adapter is None:
-            return self.original_module
-        return self.modules_to_save[self.active_adapter]
-
-    def forward(self, *args, **kwargs):
-        groups = self.row_groups if self.pending_rows is None else (self.row_groups or pending(self))
-        if groups is not None and not self.disabled:
-            return wrapper_forward(self, groups, args, kwargs)
-        return self.active_module(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.active_module, name)  # head.out_proj, head.weight, ... as on the module itself
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -36,6 +36,14 @@ def _positive_finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and math.isfinite(value)
 
 
+def check_loraplus_lr_ratio(loraplus_lr_ratio: object) -> None:
+    """Raise LorakernError unless ``loraplus_lr_ratio`` is a positive, finite number (not a bool): the one
+    check of the ratio, made by loraplus_param_groups and by the harness's TrainConfig."""
+    if not _positive_finite(loraplus_lr_ratio):
+        raise LorakernError(f"loraplus_lr_ratio must be a positive number (B's learning rate over A's, finite), got "
+                            f"{loraplus_lr_ratio!r}; LoRA+ suggests 16 (values below 1 make B the slower factor)")
+
+
 def _is_embedding_lora(name: str) -> bool:
     return any(part.startswith("lora_embedding_") for part in name.split("."))
 
@@ -43,9 +51,7 @@ def _is_embedding_lora(name: str) -> bool:
 def loraplus_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float = 16.0,
                           loraplus_weight_decay: float = 0.0, loraplus_lr_embedding: float = 1e-6) -> list[dict]:
     """The four groups of PEFT's LoRA+ (A, embedding, B with decay, B without), in PEFT's order."""
-    if not _positive_finite(loraplus_lr_ratio):
-        raise LorakernError(f"loraplus_lr_ratio must be a positive number (B's learning rate over A's, finite), got "
-                            f"{loraplus_lr_ratio!r}; LoRA+ suggests 16 (values below 1 make B the slower factor)")
+    check_loraplus_lr_ratio(loraplus_lr_ratio)
     if not _positive_finite(lr):
         raise LorakernError(f"lr must be a positive number (A's learning rate, finite), got {lr!r}")
     decay = {name for name in _decay_names(model) if "bias" not in name}
@@ -77,4 +83,4 @@ def loraplus_optimizer(model: nn.Module, optimizer_cls: type[torch.optim.Optimiz
     return optimizer_cls(groups, lr=lr, **kwargs)
 
 
-__all__ = ["loraplus_optimizer", "loraplus_param_groups"]
+__all__ = ["check_loraplus_lr_ratio", "loraplus_optimizer", "loraplus_param_groups"]

@@ -236,7 +236,7 @@ def test_all_rows_one_adapter_equals_the_single_adapter_layer_and_dispatch_expla
 def test_bench_adapters_providers_compute_the_same_mixed_batch():
     """lorakern bench --adapters: every provider computes the same y (the timings compare like with like)."""
     from lorakern.bench import Shape, make_operands
-    from lorakern.bench_mixed import _mixed_providers
+    from lorakern.bench.mixed import _mixed_providers
 
     shape = Shape("tiny", 24, 16, 12, 4)
     o = make_operands(shape, torch.float32, "cpu")

@@ -44,6 +44,7 @@ from torch import nn
 from lorakern._io import atomic_write_bytes
 from lorakern.harness import distributed
 from lorakern.harness.checkpoint import begin, save_checkpoint
+from lorakern.loraplus import check_loraplus_lr_ratio, loraplus_optimizer
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
@@ -80,11 +81,8 @@ class TrainConfig:
         self.betas = tuple(float(b) for b in self.betas)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be positive and finite, got {self.lr}")
-        # an infinite ratio would train B to inf/NaN and still report metrics
-        if self.loraplus_lr_ratio is not None and not (self.loraplus_lr_ratio > 0
-                                                       and math.isfinite(self.loraplus_lr_ratio)):
-            raise ValueError(f"loraplus_lr_ratio must be positive and finite (B's lr over A's; LoRA+ suggests 16), got "
-                             f"{self.loraplus_lr_ratio}; leave it unset for plain AdamW")
+        if self.loraplus_lr_ratio is not None:  # checked here, before any training, as the optimiser will
+            check_loraplus_lr_ratio(self.loraplus_lr_ratio)
         if self.warmup_epochs < 0 or self.decay_epochs < 0 or self.epochs < 1:
             raise ValueError(f"need warmup_epochs >= 0, decay_epochs >= 0 and at least one epoch, got "
                              f"{self.warmup_epochs} + {self.decay_epochs}")
@@ -235,8 +233,6 @@ def train(model: nn.Module, features: list, collate: Callable, loss_fn: Callable
         optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
                                       weight_decay=config.weight_decay)
     else:
-        from lorakern.loraplus import loraplus_optimizer
-
         optimizer = loraplus_optimizer(model, torch.optim.AdamW, lr=config.lr,
                                        loraplus_lr_ratio=config.loraplus_lr_ratio,
                                        loraplus_weight_decay=config.weight_decay, betas=config.betas, eps=config.eps)

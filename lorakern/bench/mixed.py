@@ -15,14 +15,18 @@ leave an adapter under two rows); row b uses adapter b mod N.
 """
 from __future__ import annotations
 
-import statistics
 import sys
+from dataclasses import asdict
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from lorakern.bench import FROZEN, MODES, Built, Row, Shape, _step, _timer, make_operands, markdown, summary
+from lorakern.bench.measure import Row, timed_row
+from lorakern.bench.providers import FROZEN, Built, _base_linear, _importable, make_operands
+from lorakern.bench.report import markdown, summary, write_results
+from lorakern.bench.shapes import Shape
+from lorakern.bench.timing import MODES, _step, _timer, calls_per_sample
 
 TOKENS_PER_ROW = 128
 
@@ -87,8 +91,6 @@ def _mixed_providers(o, x3: torch.Tensor, n: int, modes) -> dict[str, Callable[[
         from peft import LoraConfig
         from peft.tuners.lora.layer import Linear
 
-        from lorakern.bench import _base_linear
-
         layer = Linear(_base_linear(o), names[0], config=LoraConfig(r=r, lora_alpha=o.s * r), r=r,
                        lora_alpha=o.s * r)
         for name in names[1:]:
@@ -102,9 +104,7 @@ def _mixed_providers(o, x3: torch.Tensor, n: int, modes) -> dict[str, Callable[[
         return Built(lambda: layer(x3, adapter_names=row_names), [x3])
 
     out = {FROZEN: frozen, "lorakern mixed": lorakern_mixed, "lorakern loop": lorakern_loop}
-    import importlib.util
-
-    if importlib.util.find_spec("peft") is not None:
+    if _importable("peft"):
         out["PEFT mixed (fwd only)"] = peft_mixed
     return out
 
@@ -131,8 +131,7 @@ def measure_mixed(shape: Shape, n_adapters: int, dtype: torch.dtype, device: str
         steps = {name: _step(b, grad, mode) for name, b in built.items() if mode == "fwd" or "PEFT" not in name}
         for step in steps.values():
             timed(step.run, 1, step.setup)
-        n_calls = calls if calls > 0 else max(1, min(200, int(20.0 / max(timed(steps[FROZEN].run, 3,
-                                                                                steps[FROZEN].setup), 1e-3))))
+        n_calls = calls if calls > 0 else calls_per_sample(timed, steps[FROZEN])
         samples: dict[str, list[float]] = {name: [] for name in steps}
         for _ in range(rounds):
             for name, step in steps.items():
@@ -142,22 +141,13 @@ def measure_mixed(shape: Shape, n_adapters: int, dtype: torch.dtype, device: str
         base = samples[FROZEN]
         label = f"{shape.name}, {n_adapters} adapters"
         for name, values in samples.items():
-            row = Row(label, shape.M, shape.K, shape.N, shape.r, str(dtype).replace("torch.", ""), mode, name,
-                      min(values), statistics.median(values), samples=values)
-            row.ratio_min = row.min_ms / min(base)
-            row.ratio_median = row.median_ms / statistics.median(base)
-            row.ratio_paired = statistics.median(v / b for v, b in zip(values, base))
-            rows.append(row)
+            rows.append(timed_row(label, shape, dtype, mode, name, values, base))
     return rows
 
 
 def run_mixed(shapes: list[Shape], n_adapters: int, dtype: torch.dtype, device: str, rounds: int = 7,
               modes=MODES, out_dir: Optional[str] = None) -> list[Row]:
     """Measure and print (and write mixed.{json,md} into ``out_dir``)."""
-    from dataclasses import asdict
-
-    from lorakern.bench import write_results
-
     rows = []
     for i, shape in enumerate(shapes):
         print(f"[{i + 1}/{len(shapes)}] {shape.name} M={shape.M} r={shape.r}, {n_adapters} adapters", file=sys.stderr,
