@@ -233,3 +233,43 @@ def test_a_merged_layer_is_refused_and_the_model_left_as_it_was():
         with lorakern.adapter_rows(model, ["a", "b"]):
             pass
     assert model_state(model) == before and model.q.row_groups is None
+
+
+@pytest.mark.parametrize("backend", ["c", "torch"])
+def test_a_mixed_batch_equals_peft_mixed_batch_inference(tmp_path, backend):
+    """PEFT runs mixed batches at inference (``adapter_names=``, "__base__" for the base): the same adapters and
+    heads, saved by lorakern and loaded by PEFT, give lorakern's logits row for row (two adapters with different
+    r, alpha and targets, per-row output projections of the head, base rows)."""
+    from peft import PeftModel
+
+    # PEFT batches modules_to_save copies per row only for Linear/Embedding/Conv modules: the head's out_proj
+    model = tiny_roberta_classifier()
+    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["out_proj"]),
+           adapter_name="sst2")
+    lorakern.add_adapter(model, "mrpc", LoraConfig(r=2, lora_alpha=3, target_modules=["query", "key"],
+                                                   modules_to_save=["out_proj"]))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapters." in name or ".modules_to_save." in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    for layer in lora_layers(model).values():
+        layer.backend = backend
+    lorakern.save_adapter(model, str(tmp_path))
+    peft = PeftModel.from_pretrained(tiny_roberta_classifier(), str(tmp_path / "sst2"), adapter_name="sst2")
+    peft.load_adapter(str(tmp_path / "mrpc"), adapter_name="mrpc")
+    peft.eval()
+    model.eval()
+    ids = torch.randint(3, 64, (6, 9), generator=torch.Generator().manual_seed(5))
+    rows = ["mrpc", None, "sst2", "sst2", "mrpc", None]
+    with torch.no_grad(), lorakern.adapter_rows(model, rows):
+        ours = model(input_ids=ids).logits
+    with torch.no_grad():
+        theirs = peft(input_ids=ids, adapter_names=["__base__" if r is None else r for r in rows]).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    # the rows differ by adapter (a model that ignored the rows, or swapped two adapters, would fail above)
+    assert not torch.allclose(ours[0], ours[2]) and not torch.allclose(ours[1], ours[0])
+    with torch.no_grad():
+        swapped = peft(input_ids=ids, adapter_names=["sst2" if r == "mrpc" else "mrpc" if r == "sst2" else "__base__"
+                                                     for r in rows]).logits
+    assert not torch.allclose(ours, swapped, rtol=1e-5, atol=1e-6)
