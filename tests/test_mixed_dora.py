@@ -183,8 +183,12 @@ def scales_off(monkeypatch, factor: float, slots=None) -> None:
     off = lambda values, f: [v if v is None or not hit(a) else v * f for a, v in enumerate(values)]
     real_torch, real_c = mixed._dora_scales, mixed_dora_c.slot_scales
     monkeypatch.setattr(mixed, "_dora_scales", lambda call, norm: off(real_torch(call, norm), factor))
-    monkeypatch.setattr(mixed_dora_c, "slot_scales",
-                        lambda call, norm: (lambda n, c: (off(n, 1 / factor), off(c, factor)))(*real_c(call, norm)))
+
+    def c_path(call, norm):
+        norms, scales = real_c(call, norm)
+        return off(norms, 1 / factor), off(scales, factor)
+
+    monkeypatch.setattr(mixed_dora_c, "slot_scales", c_path)
 
 
 SEEN = []
