@@ -27,8 +27,8 @@ returns None; one without ``run_mixed`` declines it, saying so. ``lora_forward_m
 Mixed paths: triton (the segmented kernels, dense and NF4), c (dense fp32 CPU eager: lorakern.mixed_c, one
 pass over the rows grouped by adapter), torch (dense and NF4: lorakern.mixed.run_torch). A mixed call with DoRA
 slots (``MixedCall.magnitudes``) runs only where lorakern.dora attached a ``run_mixed_dora``: torch (dense and
-NF4) and c (dense: lorakern.mixed_dora_c, declining dropout on a DoRA slot); the triton mixed path applies no
-magnitude scale and declines it, saying so.
+NF4) and c (dense: lorakern.mixed_dora_c); the triton mixed path applies no magnitude scale and declines it,
+saying so.
 """
 from __future__ import annotations
 
@@ -118,8 +118,7 @@ class Implementation:
     ``run_mixed(mixed_call) -> y`` and ``unsupported_mixed(mixed_call)``: the mixed-adapter path (an
     implementation without ``run_mixed`` declines mixed calls). ``run_dora``: run(call) for a call with a
     magnitude vector (DoRA; set by ``attach_dora``), None where the implementation declines DoRA;
-    ``run_mixed_dora`` the same for a mixed call with DoRA slots, ``unsupported_mixed_dora`` what it declines
-    beyond ``unsupported_mixed``."""
+    ``run_mixed_dora`` the same for a mixed call with DoRA slots."""
 
     name: str
     base: str
@@ -131,7 +130,6 @@ class Implementation:
     unsupported_mixed: Optional[Callable[[MixedCall], Optional[str]]] = None
     run_dora: Optional[Callable[[Call], torch.Tensor]] = None
     run_mixed_dora: Optional[Callable[[MixedCall], torch.Tensor]] = None
-    unsupported_mixed_dora: Optional[Callable[[MixedCall], Optional[str]]] = None
 
 
 _REGISTRY: dict[tuple[str, str], Implementation] = {}
@@ -148,18 +146,14 @@ def register(implementation: Implementation) -> None:
 
 
 def attach_dora(runs: dict[tuple[str, str], Callable[[Call], torch.Tensor]], further: Callable[..., torch.Tensor],
-                mixed_runs: Optional[dict[tuple[str, str], Callable[[MixedCall], torch.Tensor]]] = None,
-                mixed_unsupported: Optional[dict[tuple[str, str], Callable[[MixedCall], Optional[str]]]] = None
-                ) -> None:
+                mixed_runs: Optional[dict[tuple[str, str], Callable[[MixedCall], torch.Tensor]]] = None) -> None:
     """Give the registered implementations {(name, base): run} a DoRA run (and those in ``mixed_runs`` a
-    mixed run for calls with DoRA slots, with what it declines in ``mixed_unsupported``), and set how a
-    further active DoRA adapter composes (lorakern.dora calls this when imported; dispatch itself holds no
-    DoRA math)."""
+    mixed run for calls with DoRA slots), and set how a further active DoRA adapter composes (lorakern.dora
+    calls this when imported; dispatch itself holds no DoRA math)."""
     for key, run in runs.items():
         _REGISTRY[key] = dataclasses.replace(_REGISTRY[key], run_dora=run)
     for key, run in (mixed_runs or {}).items():
-        _REGISTRY[key] = dataclasses.replace(_REGISTRY[key], run_mixed_dora=run,
-                                             unsupported_mixed_dora=(mixed_unsupported or {}).get(key))
+        _REGISTRY[key] = dataclasses.replace(_REGISTRY[key], run_mixed_dora=run)
     _DORA_FURTHER[:] = [further]
 
 
@@ -204,10 +198,7 @@ def verdict(name: str, call: Union[Call, MixedCall]) -> Optional[str]:
         if call.magnitudes is not None and implementation.run_mixed_dora is None:
             return (f"no DoRA in the {name} mixed-adapter path yet (it applies no magnitude scale); the torch "
                     f"implementation runs mixed batches with DoRA adapters")
-        reason = None if implementation.unsupported_mixed is None else implementation.unsupported_mixed(call)
-        if reason is None and call.magnitudes is not None and implementation.unsupported_mixed_dora is not None:
-            reason = implementation.unsupported_mixed_dora(call)
-        return reason
+        return None if implementation.unsupported_mixed is None else implementation.unsupported_mixed(call)
     if call.magnitude is not None and implementation.run_dora is None:
         return (f"no DoRA in the {name} implementation yet (its epilogue does not apply the magnitude scale); "
                 f"the torch implementation runs DoRA")

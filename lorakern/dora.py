@@ -422,8 +422,7 @@ dispatch.attach_dora({("torch", "dense"): lambda call: run(call, None),
                       ("torch", "nf4"): run}, further_term,
                      {("torch", "dense"): lambda call: run_mixed(call, _dense_base_output),
                       ("torch", "nf4"): lambda call: run_mixed(call, _nf4_lora._base_output),
-                      ("c", "dense"): run_mixed},
-                     {("c", "dense"): mixed_dora_c.unsupported})
+                      ("c", "dense"): run_mixed})
 
 __all__ = ["DoraLinearFunction", "check_frozen_base", "further_term", "row_norms_sq", "run", "run_mixed",
            "weight_norm"]

@@ -4,8 +4,8 @@ scaling recomputed from r and alpha, the norm from W, A and B by forming W + s B
 seed's generator): the output and every gradient (x, each A, B and magnitude, the bias), at every ISA level
 this CPU executes; mixes of DoRA and plain slots, base-only rows, adapters without rows, a layer without one
 of the adapters, ranks 1..64, rows around the kernels' four-row blocks, 16-row blocks and 64-row chunks,
-seeded dropout on the plain slots; that auto really takes this path (a spy on the library, the torch path
-switched off), that it declines dropout on a DoRA slot with the reason, and that a corrupted scale fails."""
+seeded dropout on the plain slots or on every slot (a DoRA slot's second base product x~ W^T); that auto
+really takes this path (a spy on the library, the torch path switched off), and that a corrupted scale fails."""
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,7 +18,6 @@ import lorakern
 import strategies
 from lorakern import core, dispatch, mixed, mixed_dora_c, native
 from lorakern import dora as _dora  # noqa: F401 (attaches the DoRA runs to the implementations)
-from lorakern.errors import LorakernError
 from lorakern.testing_masks import torch_mask
 from toy_models import assert_close_scaled
 
@@ -173,7 +172,7 @@ M_UNITS = {"M=1": [1], "a four-row tail (3, 5, 7)": [3, 5, 7], "at a 16-row bloc
 LANE_WIDTHS = ("whole vectors (a multiple of 16)", "a lane tail")
 MIXES = ("every adapter DoRA", "DoRA and plain adapters")
 BIASES = ("no bias", "frozen bias", "trained bias")
-DROPOUTS = ("dropout off", "seeded dropout on the plain adapters")
+DROPOUTS = ("dropout off", "seeded dropout on the plain adapters", "seeded dropout on every adapter")
 AXES = {"M": list(M_UNITS), "K": list(LANE_WIDTHS), "N": list(LANE_WIDTHS), "rows": list(strategies.MIXED_ROWS),
         "ranks": list(strategies.MIXED_RANKS), "absent": list(strategies.ABSENT), "mix": list(MIXES),
         "bias": list(BIASES), "dropout": list(DROPOUTS)}
@@ -197,7 +196,7 @@ def mixed_dora_cases(draw):
     # without rows when there is only one)
     uses_dora = [True] + [mix == MIXES[0] or draw(st.booleans()) for _ in ranks[1:]]
     specs = [(d, r, draw(st.sampled_from([1.0, 4.0, 16.0])),
-              draw(st.sampled_from([0.1, 0.5])) if dropout == DROPOUTS[1] and not d else 0.0)
+              draw(st.sampled_from([0.1, 0.5])) if dropout == DROPOUTS[2] or (dropout == DROPOUTS[1] and not d) else 0.0)
              for d, r in zip(uses_dora, ranks)]
     if absent == strategies.ABSENT[1]:
         if len(specs) == 1:
@@ -224,6 +223,9 @@ SEEN = []
 @example(case=explicit(9, 16, 48, [(True, 64, 16.0, 0.0), (True, 1, 1.0, 0.0)], [1] * 9))  # DoRA slot 0: no rows
 @example(case=explicit(9, 16, 17, [(True, 7, 4.0, 0.0), None, (False, 2, 4.0, 0.5)],
                        [0, -1, 1, 0, 2, 1, 0, 2, 2], "no bias"))  # the layer lacks slot 1; the plain slot drops out
+# DoRA slots with and without dropout beside a plain one that drops out, a trained bias, 4-row tails
+@example(case=explicit(23, 33, 19, [(True, 4, 8.0, 0.5), (True, 3, 3.0, 0.0), (False, 5, 5.0, 0.1), (True, 2, 4.0, 0.1)],
+                       [0, 1, 2, -1, 0, 0, 3, 1, 2] * 2 + [3, 0, 0, -1, 1], "trained bias"))
 @example(case=explicit(5, 1, 1, [(True, 1, 1.0, 0.0), (False, 1, 1.0, 0.0)], [-1] * 5))  # base-only rows only
 # wide rows: the backward's chunks shrink to 16 rows (lora_cpu.c, chunk_blocks), slot 0's 40 rows span three
 @example(case=explicit(47, 1100, 1030, [(True, 20, 16.0, 0.0), (False, 3, 4.0, 0.0)], [0] * 40 + [1] * 5 + [-1] * 2))
@@ -245,12 +247,13 @@ def test_mixed_dora_c_matches_the_reference(library):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_auto_takes_the_c_path_once_per_call(library, threads):
-    """auto runs a DoRA mixed batch through one C forward pass and one C scale pass, the norm once per DoRA
-    slot with rows (none for slot 3, which has none); the torch mixed path never runs (the fixture)."""
+    """auto runs a DoRA mixed batch (slot 0 dropping out) through one C forward pass and one C scale pass, the
+    norm once per DoRA slot with rows (none for slot 3, which has none); the torch mixed path never runs (the
+    fixture)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        case = explicit(30, 24, 20, [(True, 4, 8.0, 0.0), (False, 3, 3.0, 0.1), (True, 6, 6.0, 0.0),
+        case = explicit(30, 24, 20, [(True, 4, 8.0, 0.2), (False, 3, 3.0, 0.1), (True, 6, 6.0, 0.0),
                                      (True, 2, 2.0, 0.0)], [0, 1, 2, -1, 2, 1] * 5, "trained bias")
         library.calls.clear()
         y, grads, dy = run(case, requested=None)
@@ -268,12 +271,13 @@ def test_auto_takes_the_c_path_once_per_call(library, threads):
 
 @pytest.mark.parametrize("frozen", ["x", "m", "A and B", "one adapter", "everything (no_grad)"])
 def test_partial_gradients(library, frozen):
-    case = explicit(21, 19, 23, [(True, 5, 10.0, 0.0), (True, 3, 3.0, 0.0), (False, 2, 4.0, 0.0)],
+    case = explicit(21, 19, 23, [(True, 5, 10.0, 0.0), (True, 3, 3.0, 0.3), (False, 2, 4.0, 0.0)],
                     [0, 1, 2, -1, 0, 1, 1] * 3, "trained bias", seed=5)
     if frozen == "everything (no_grad)":
         with torch.no_grad():
             y = dispatch.lora_forward_mixed(case.x, "dense", case.W, case.b, case.adapters,
-                                            lorakern.rows.group_rows(torch.tensor(case.slots), 3), requested="c")
+                                            lorakern.rows.group_rows(torch.tensor(case.slots), 3), seed=SEED,
+                                            requested="c")
         assert y.grad_fn is None
         assert_close(case, y, reference(case, torch.zeros(y.shape))["y"], "y")
         return
@@ -298,19 +302,21 @@ def perturbed_scales(monkeypatch, slot: int, factor: float) -> None:
     monkeypatch.setattr(mixed_dora_c, "slot_scales", off)
 
 
-PERTURBED = {"M": 12, "K": 17, "N": 13, "specs": [(True, 3, 4.0, 0.0), (False, 2, 8.0, 0.0), (True, 2, 2.0, 0.0)],
+# slot 0 DoRA, slot 1 plain, slot 2 DoRA dropping out
+PERTURBED = {"M": 12, "K": 17, "N": 13, "specs": [(True, 3, 4.0, 0.0), (False, 2, 8.0, 0.1), (True, 2, 2.0, 0.3)],
              "slots": [0, 1, 2, -1, 0, 2] * 2, "bias": "trained bias"}
 
 
-def test_a_corrupted_scale_on_one_slot_fails_the_comparison(library, monkeypatch):
-    """c of slot 2 off by 4x the comparison's bound: y, dA2, dB2, dm2 and dx fail, the other slots pass."""
+@pytest.mark.parametrize("slot", [0, 2], ids=["DoRA slot", "DoRA slot with dropout"])
+def test_a_corrupted_scale_on_one_slot_fails_the_comparison(library, monkeypatch, slot):
+    """c of one slot off by 4x the comparison's bound: y, dx and its dA, dB, dm fail, the other slots pass."""
     case = explicit(**PERTURBED)
     check(case)  # passes as it is
-    perturbed_scales(monkeypatch, 2, 1 + 4 * (RTOL + ATOL) * conditioning(case))
+    perturbed_scales(monkeypatch, slot, 1 + 4 * (RTOL + ATOL) * conditioning(case))
     y, grads, dy = run(case)
     want = reference(case, dy)
     for name, got in {"y": y, **grads}.items():
-        if name in ("y", "dx", "dA2", "dB2", "dm2"):
+        if name in ("y", "dx", f"dA{slot}", f"dB{slot}", f"dm{slot}"):
             with pytest.raises(AssertionError):
                 assert_close(case, got, want[name], name)
         else:
@@ -321,24 +327,6 @@ def test_a_wrong_output_fails_the_comparison(library):
     """y 4x the bound off fails check's comparison (its comparisons can fail)."""
     with pytest.raises(AssertionError, match="y"):
         check(explicit(**PERTURBED), factor=1 + 4 * (RTOL + ATOL) * conditioning(explicit(**PERTURBED)))
-
-
-def test_dropout_on_a_dora_adapter_is_declined_with_the_reason():
-    """Its rows need x~ W^T, a second base product the C path does not run: pinned to c it raises with the
-    reason and the fix, auto takes torch and says why; in eval (p = 0) c takes it."""
-    case = explicit(**{**PERTURBED, "specs": [(True, 3, 4.0, 0.2), (False, 2, 8.0, 0.1), (True, 2, 2.0, 0.0)]})
-    with pytest.raises(LorakernError, match=r"the c backend cannot run this layer: (dropout \(p=0.2\) on a DoRA "
-                                            r"adapter \(slot 0\): its rows need the second base product x~ W\^T|"
-                                            r"not built).*LORAKERN_BACKEND=auto"):
-        run(case)
-    groups = lorakern.rows.group_rows(torch.tensor(case.slots), 3)
-    call = dispatch.prepare_mixed(case.x, "dense", case.W, case.b, case.adapters, groups)
-    report = dispatch.explain(call)
-    assert report.startswith("runs: torch"), report
-    if native.lora_library() is not None:
-        assert "c: dropout (p=0.2) on a DoRA adapter (slot 0)" in report, report
-        call.adapters = [None if a is None else (*a[:3], 0.0) for a in call.adapters]
-        assert dispatch.explain(call).startswith("runs: c"), dispatch.explain(call)
 
 
 def test_bench_use_dora_providers_compute_the_same_mixed_batch():
