@@ -56,11 +56,12 @@ def slot_scales(call: Any, norm: Callable) -> tuple[list, list]:
     return norms, scales
 
 
-def _z_blocks(z: torch.Tensor, keep: Sequence[bool], counts: Sequence[int]) -> list:
-    """Each kept slot's rows of the one z buffer (its rows one after another, slot by slot), None elsewhere."""
+def _slot_blocks(buffer: torch.Tensor, keep: Sequence[bool], counts: Sequence[int]) -> list:
+    """Each kept slot's rows of a buffer holding one row per row of the kept slots (slot after slot, each in its
+    segment's order: z, v), None for the other slots."""
     out, start = [], 0
     for kept, count in zip(keep, counts):
-        out.append(z[start:start + count] if kept else None)
+        out.append(buffer[start:start + count] if kept else None)
         start += count if kept else 0
     return out
 
@@ -110,14 +111,15 @@ class MixedDoraFunction(torch.autograd.Function):
         if slots.dropped:
             # v_i = x~_i W^T on the rows of the DoRA slots that drop out: PEFT's second base product
             dropped_rows = slots.rows(plan.order, slots.dropped)
-            v_blocks = _z_blocks(torch.mm(xl2.index_select(0, dropped_rows), weight.t()),
+            v_blocks = _slot_blocks(torch.mm(xl2.index_select(0, dropped_rows), weight.t()),
                                  [a in slots.dropped for a in range(n)], slots.counts)
-        # per row: u_i = x~_i A_a^T; plain: y_i += s_a u_i B_a^T + b; DoRA: z_i = y_i + s_a u_i B_a^T, y_i = c_a z_i + b;
-        # DoRA dropping out: z_i = v_i + s_a u_i B_a^T, y_i = y_i - v_i + c_a z_i + b
+        # per row: u_i = x~_i A_a^T; plain: y_i += s_a u_i B_a^T + b;
+        # DoRA: z_i = y_i + s_a u_i B_a^T, y_i = c_a z_i + b;
+        # DoRA dropping out: z_i = v_i + s_a u_i B_a^T, y_i += c_a z_i - v_i + b
         library.dora_mixed_forward_f32(
             _ptr(xl2), _ptr(plan.order), _ptr(plan.offsets), n, _addresses(A), _slots_in(B_t, plan, N), plan.ranks,
             plan.scaling, _addresses(slots.scales), _addresses(v_blocks), _ptr(b), rows, K, N, plan.r_max, _ptr(u),
-            _ptr(y), _addresses(_z_blocks(z, keep, slots.counts)), torch.get_num_threads(),
+            _ptr(y), _addresses(_slot_blocks(z, keep, slots.counts)), torch.get_num_threads(),
         )
         ctx.dropped_rows = dropped_rows
         ctx.plan, ctx.library, ctx.slots, ctx.keep, ctx.x_shape = plan, library, slots, keep, x.shape
@@ -144,7 +146,7 @@ class MixedDoraFunction(torch.autograd.Function):
         # g'_i = c_a g_i on DoRA rows (g_i elsewhere, and on the rows of DoRA slots that drop out); gz_a = sum g_i z_i
         library.dora_mixed_scale_grad_f32(
             _ptr(g), _ptr(plan.order), _ptr(plan.offsets), n, _addresses(scaled),
-            _addresses(_z_blocks(z, ctx.keep, slots.counts)), rows, N, _ptr(gc), gz_addr, _ptr(scratch), threads,
+            _addresses(_slot_blocks(z, ctx.keep, slots.counts)), rows, N, _ptr(gc), gz_addr, _ptr(scratch), threads,
         )
         if slots.dropped:
             # the slots that drop out: g'_i B_a = g_i (diag(c_a) B_a), their B_a^T blocks scaled by column

@@ -146,7 +146,8 @@ def conditioning(case) -> float:
             continue
         A, B, s = f(case.adapters[a][0]), f(case.adapters[a][1]), spec[2] / spec[1]
         n2 = np.linalg.norm(W + s * B @ A, axis=1) ** 2
-        terms = (W * W).sum(1) + 2 * abs(s) * (abs(B) * abs(W @ A.T)).sum(1) + s * s * ((abs(B) @ abs(A @ A.T)) * abs(B)).sum(1)
+        terms = (W * W).sum(1) + 2 * abs(s) * (abs(B) * abs(W @ A.T)).sum(1) \
+            + s * s * ((abs(B) @ abs(A @ A.T)) * abs(B)).sum(1)
         worst = max(worst, float((terms / np.maximum(n2, np.finfo(np.float64).tiny)).max()))
     return worst
 
@@ -187,7 +188,8 @@ def mixed_dora_cases(draw):
         label = draw(st.sampled_from(LANE_WIDTHS))
         widths.append((label, draw(st.sampled_from([16, 32, 48])) if label == LANE_WIDTHS[0]
                        else draw(st.integers(1, 50).filter(lambda w: w % 16 != 0))))
-    rows_label, ranks_label = draw(st.sampled_from(strategies.MIXED_ROWS)), draw(st.sampled_from(strategies.MIXED_RANKS))
+    rows_label = draw(st.sampled_from(strategies.MIXED_ROWS))
+    ranks_label = draw(st.sampled_from(strategies.MIXED_RANKS))
     absent, mix = draw(st.sampled_from(strategies.ABSENT)), draw(st.sampled_from(MIXES))
     bias, dropout = draw(st.sampled_from(BIASES)), draw(st.sampled_from(DROPOUTS))
     ranks = strategies.draw_ranks(draw, rows_label, ranks_label)
@@ -195,8 +197,8 @@ def mixed_dora_cases(draw):
     # slot 0 DoRA and present; the others DoRA or plain as the mix says; one of them absent (a second slot
     # without rows when there is only one)
     uses_dora = [True] + [mix == MIXES[0] or draw(st.booleans()) for _ in ranks[1:]]
-    specs = [(d, r, draw(st.sampled_from([1.0, 4.0, 16.0])),
-              draw(st.sampled_from([0.1, 0.5])) if dropout == DROPOUTS[2] or (dropout == DROPOUTS[1] and not d) else 0.0)
+    drops = lambda d: dropout == DROPOUTS[2] or (dropout == DROPOUTS[1] and not d)
+    specs = [(d, r, draw(st.sampled_from([1.0, 4.0, 16.0])), draw(st.sampled_from([0.1, 0.5])) if drops(d) else 0.0)
              for d, r in zip(uses_dora, ranks)]
     if absent == strategies.ABSENT[1]:
         if len(specs) == 1:
@@ -224,7 +226,8 @@ SEEN = []
 @example(case=explicit(9, 16, 17, [(True, 7, 4.0, 0.0), None, (False, 2, 4.0, 0.5)],
                        [0, -1, 1, 0, 2, 1, 0, 2, 2], "no bias"))  # the layer lacks slot 1; the plain slot drops out
 # DoRA slots with and without dropout beside a plain one that drops out, a trained bias, 4-row tails
-@example(case=explicit(23, 33, 19, [(True, 4, 8.0, 0.5), (True, 3, 3.0, 0.0), (False, 5, 5.0, 0.1), (True, 2, 4.0, 0.1)],
+@example(case=explicit(23, 33, 19,
+                       [(True, 4, 8.0, 0.5), (True, 3, 3.0, 0.0), (False, 5, 5.0, 0.1), (True, 2, 4.0, 0.1)],
                        [0, 1, 2, -1, 0, 0, 3, 1, 2] * 2 + [3, 0, 0, -1, 1], "trained bias"))
 @example(case=explicit(5, 1, 1, [(True, 1, 1.0, 0.0), (False, 1, 1.0, 0.0)], [-1] * 5))  # base-only rows only
 # wide rows: the backward's chunks shrink to 16 rows (lora_cpu.c, chunk_blocks), slot 0's 40 rows span three

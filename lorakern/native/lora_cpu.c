@@ -993,8 +993,10 @@ static void shifted_update4(float *const rows[ROWS], float *const keep[ROWS], co
         }
         if (keep[0]) { store(keep[0] + n, t0); store(keep[1] + n, t1); store(keep[2] + n, t2); store(keep[3] + n, t3); }
         vf c = load(scale + n), b = bias ? load(bias + n) : splat(0);
-        store(rows[0] + n, (load(rows[0] + n) - v0) + c * t0 + b); store(rows[1] + n, (load(rows[1] + n) - v1) + c * t1 + b);
-        store(rows[2] + n, (load(rows[2] + n) - v2) + c * t2 + b); store(rows[3] + n, (load(rows[3] + n) - v3) + c * t3 + b);
+        store(rows[0] + n, (load(rows[0] + n) - v0) + c * t0 + b);
+        store(rows[1] + n, (load(rows[1] + n) - v1) + c * t1 + b);
+        store(rows[2] + n, (load(rows[2] + n) - v2) + c * t2 + b);
+        store(rows[3] + n, (load(rows[3] + n) - v3) + c * t3 + b);
     }
     for (; n < len; ++n)
         for (int q = 0; q < ROWS; ++q) {
