@@ -960,7 +960,8 @@ void dora_scale_grad_f32(const float *g, const float *z, const float *scale, int
 /* ---- DoRA slots in a mixed batch (lorakern/mixed_dora_c.py) --------------------------------------------
  * The grouping of the mixed kernels above. Per slot a, scale[a] = c_a = m_a / ||W + s_a B_a A_a|| (N floats)
  * for a DoRA slot, NULL for a plain one; z[a] (NULL: not kept) holds one row of N floats per row of slot a,
- * in the order of its segment: z_i = x_i W^T + s_a u_i B_a^T, what the backward's dm_a needs. */
+ * in the order of its segment: z_i = x_i W^T + s_a u_i B_a^T (x~_i W^T + s_a u_i B_a^T on a slot that drops
+ * out), what the backward's dm_a needs. */
 
 /* y_i += b for the rows without a rank-r term (rows of no slot, rows of a slot whose A[a] is NULL). */
 static void bias_plain_rows(const int64_t *order, const int64_t *offsets, const float *const *A, int64_t n_slots,
