@@ -28,6 +28,9 @@ def add_bench_command(sub) -> None:
     bench.add_argument("--adapters", type=int, default=None,
                        help="time a mixed-adapter batch instead: rows spread evenly over N adapters (lorakern mixed, "
                             "a loop of the single-adapter layer, PEFT's adapter_names=); default shape 768x768 r=8")
+    bench.add_argument("--use-dora", action="store_true",
+                       help="with --adapters N: every adapter DoRA (lorakern mixed beside the same layer pinned to "
+                            "its torch path; no PEFT row: PEFT refuses DoRA in mixed batches)")
     bench.add_argument("--malloc", default="default", choices=("keep", "default"),
                        help="default: the C library's own behaviour, as a user's training process runs (default); "
                             "keep: glibc keeps freed memory for reuse, so no provider pays page faults for "
@@ -63,12 +66,16 @@ def run_bench(args) -> int:
             raise ValueError(f"--ranks must be comma-separated integers, got {args.ranks!r}; e.g. --ranks 8,16,64") from None
         shapes, rounds = bench.shape_grid(layers, ranks, device, args.tokens), args.rounds
         nf4 = (4096, 4096, 256) if args.nf4 else None
+    if args.use_dora and args.adapters is None:
+        raise ValueError("--use-dora applies to a mixed batch: pass --adapters N as well (one DoRA adapter: "
+                         "--provider 'lorakern DoRA')")
     if args.adapters is not None:
         from lorakern.bench.mixed import run_mixed
 
         if not (args.quick or args.shapes or args.ranks):
             shapes = bench.shape_grid(("768x768",), (8,), device, args.tokens)
-        run_mixed(shapes, args.adapters, getattr(torch, dtype_name), device, rounds, modes, args.out)
+        run_mixed(shapes, args.adapters, getattr(torch, dtype_name), device, rounds, modes, args.out,
+                  use_dora=args.use_dora)
         return 0
     bench.run(shapes, getattr(torch, dtype_name), device, args.out, rounds=rounds, draw=args.plot, nf4=nf4,
               modes=modes, only=args.provider, keep_memory=args.malloc == "keep")

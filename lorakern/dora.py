@@ -13,7 +13,8 @@ than W_i its relative error grows as ||W_i||^2 / n_i^2 (never the case for a tra
 
 Importing this module attaches ``run`` to lorakern.dispatch's torch (dense, NF4) and c implementations
 (``dispatch.attach_dora``), ``further_term``, which composes a further active DoRA adapter as PEFT does, and
-``run_mixed`` to the torch implementations' mixed-adapter path (lorakern.mixed.run_torch with ``weight_norm``).
+``run_mixed`` to the torch implementations' mixed-adapter path (lorakern.mixed.run_torch with ``weight_norm``)
+and to the c one (lorakern.mixed_dora_c).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Optional, Union
 
 import torch
 
-from lorakern import dispatch, mixed, native
+from lorakern import dispatch, mixed, mixed_dora_c, native
 from lorakern.errors import LorakernError
 from lorakern.functional import (_dense_base_output, _dropped_out, _rank_r_grads_native, _rank_r_grads_torch,
                                  merged_weight, torch_dropout_mask, workspace_like)
@@ -406,10 +407,13 @@ def further_term(y: torch.Tensor, x: torch.Tensor, weight: Weight, bias: Optiona
     return y + (scale - 1) * base_part + scale * ((x_lora @ lora_A.t()) @ lora_B.t() * scaling)
 
 
-def run_mixed(call, base_output) -> torch.Tensor:
+def run_mixed(call, base_output=None) -> torch.Tensor:
     """A mixed-adapter call with DoRA slots (dispatch.MixedCall.magnitudes) on the torch path: lorakern.mixed's
-    grouped terms, each DoRA slot scaled by its c = m / weight_norm (autograd differentiates them)."""
+    grouped terms, each DoRA slot scaled by its c = m / weight_norm (autograd differentiates them); without
+    ``base_output``, on the fp32 CPU C path (lorakern.mixed_dora_c, the norms by weight_norm's C branch)."""
     check_frozen_base(call.weight)
+    if base_output is None:
+        return mixed_dora_c.run_mixed(call, weight_norm)
     return mixed.run_torch(call, base_output, torch_dropout_mask, weight_norm)
 
 
@@ -417,7 +421,8 @@ dispatch.attach_dora({("torch", "dense"): lambda call: run(call, None),
                       ("c", "dense"): lambda call: run(call, native.lora_library()),
                       ("torch", "nf4"): run}, further_term,
                      {("torch", "dense"): lambda call: run_mixed(call, _dense_base_output),
-                      ("torch", "nf4"): lambda call: run_mixed(call, _nf4_lora._base_output)})
+                      ("torch", "nf4"): lambda call: run_mixed(call, _nf4_lora._base_output),
+                      ("c", "dense"): run_mixed})
 
 __all__ = ["DoraLinearFunction", "check_frozen_base", "further_term", "row_norms_sq", "run", "run_mixed",
            "weight_norm"]

@@ -61,6 +61,28 @@ def _slots_in(buffer: torch.Tensor, plan: _Plan, N: int) -> ctypes.Array:
         *[start + plan.bt_offset[a] * N * size if present else None for a, present in enumerate(plan.present)])
 
 
+def rank_r_grads(library, plan: _Plan, g: torch.Tensor, xl2: torch.Tensor, u: torch.Tensor,
+                 A: Sequence[Optional[torch.Tensor]], B_t: torch.Tensor, want_term: bool, need_A: Sequence[bool],
+                 need_B: Sequence[bool]) -> tuple:
+    """(term, [dA_a], [dB_a^T]) of every slot's rows of g in one C pass (``lora_mixed_backward_f32``):
+    term (M, K) = s_a (g_i B_a) A_a on slot a's rows, 0 on the others (None unless ``want_term``);
+    dA_a = s_a sum_i (g_i B_a)^T x~_i and dB_a^T = s_a sum_i u_i^T g_i over a's rows (None where not needed)."""
+    n, (rows, N), K = len(plan.present), g.shape, xl2.shape[1]
+    term = g.new_empty(rows, K) if want_term else None
+    # each gradient its own tensor: autograd may keep a handed-back gradient as the parameter's .grad
+    dA = [A[a].new_empty(A[a].shape) if A[a] is not None and need_A[a] else None for a in range(n)]
+    dB_t = [A[a].new_empty(A[a].shape[0], N) if A[a] is not None and need_B[a] else None for a in range(n)]
+    A_addr, Bt_addr, dA_addr, dBt_addr = _addresses(A), _slots_in(B_t, plan, N), _addresses(dA), _addresses(dB_t)
+    threads = torch.get_num_threads()
+    scratch = g.new_empty(library.lora_mixed_backward_scratch(K, N, plan.ranks, A_addr, n, threads))
+    # per slot a: s_a (g B_a) A_a into term's rows, dA_a = s_a (g B_a)^T x~, dB_a^T = s_a u^T g over a's rows
+    library.lora_mixed_backward_f32(
+        _ptr(g), _ptr(xl2), _ptr(u), _ptr(plan.order), _ptr(plan.offsets), n, A_addr, Bt_addr, plan.ranks,
+        plan.scaling, rows, K, N, plan.r_max, _ptr(term), dA_addr, dBt_addr, _ptr(scratch), threads,
+    )
+    return term, dA, dB_t
+
+
 class MixedLoraFunction(torch.autograd.Function):
     """y = x W^T + b + (each row's) s_a (x~ A_a^T) B_a^T, with a hand-written backward.
 
@@ -108,21 +130,9 @@ class MixedLoraFunction(torch.autograd.Function):
         need_x, need_xl, need_W, need_b = ctx.needs_input_grad[:4]
         factor_needs = ctx.needs_input_grad[6:]
         g = grad_y.reshape(-1, weight.shape[0]).contiguous()
-        rows, K, N = g.shape[0], weight.shape[1], weight.shape[0]
         want_term = need_xl or (need_x and not ctx.lora_separate)
-        term = g.new_empty(rows, K) if want_term else None
-        # each gradient its own tensor: autograd may keep a handed-back gradient as the parameter's .grad
-        dA = [A[a].new_empty(A[a].shape) if A[a] is not None and factor_needs[2 * a] else None for a in range(n)]
-        dB_t = [A[a].new_empty(A[a].shape[0], N) if A[a] is not None and factor_needs[2 * a + 1] else None
-                for a in range(n)]
-        A_addr, Bt_addr, dA_addr, dBt_addr = _addresses(A), _slots_in(B_t, plan, N), _addresses(dA), _addresses(dB_t)
-        threads = torch.get_num_threads()
-        scratch = g.new_empty(library.lora_mixed_backward_scratch(K, N, plan.ranks, A_addr, n, threads))
-        # per slot a: s_a (g B_a) A_a into term's rows, dA_a = s_a (g B_a)^T x~, dB_a^T = s_a u^T g over a's rows
-        library.lora_mixed_backward_f32(
-            _ptr(g), _ptr(xl2), _ptr(u), _ptr(plan.order), _ptr(plan.offsets), n, A_addr, Bt_addr, plan.ranks,
-            plan.scaling, rows, K, N, plan.r_max, _ptr(term), dA_addr, dBt_addr, _ptr(scratch), threads,
-        )
+        term, dA, dB_t = rank_r_grads(library, plan, g, xl2, u, A, B_t, want_term, factor_needs[0::2],
+                                      factor_needs[1::2])
         dx = dxl = None
         if need_x:
             if ctx.lora_separate:

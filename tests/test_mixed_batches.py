@@ -15,6 +15,7 @@ import lorakern
 import strategies
 from lorakern import core, dispatch, native
 from lorakern.errors import AdapterError, LorakernError
+from lorakern.nf4 import lora as _nf4_lora  # noqa: F401 (registers the NF4 torch implementation; run alone, nothing else does)
 from lorakern.nf4.codec import quantize_nf4
 from lorakern.nf4.storage import NF4Storage
 from lorakern.rows import group_rows

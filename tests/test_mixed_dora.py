@@ -1,9 +1,10 @@
-"""DoRA adapters in mixed-adapter batches (the torch path): each row's output and every gradient (x, each A,
-B and magnitude, the bias when trained) against a float64 reference computed row by row (lorakern.core.dora
-for DoRA rows, core LoRA for plain rows, x W^T + b for base-only rows), dense and NF4 bases, dropout with the
-mask recomputed from the torch generator; two DoRA adapters trained in one mixed run against each trained
-alone; torch.compile; the C and Triton mixed paths declining DoRA as documented; the GLUE harness's --mixed
-with --lora-use-dora."""
+"""DoRA adapters in mixed-adapter batches (the torch path, and the C path where auto takes it: fp32 dense
+eager; tests/test_mixed_dora_c.py tests that one on its own): each row's output
+and every gradient (x, each A, B and magnitude, the bias when trained) against a float64 reference computed
+row by row (lorakern.core.dora for DoRA rows, core LoRA for plain rows, x W^T + b for base-only rows), dense
+and NF4 bases, dropout with the mask recomputed from the torch generator; two DoRA adapters trained in one
+mixed run against each trained alone; torch.compile; the Triton mixed path declining DoRA, as documented;
+the GLUE harness's --mixed with --lora-use-dora."""
 import json
 import warnings
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ from torch import nn
 
 import lorakern
 import strategies
-from lorakern import LoraConfig, LoraLinear, core, dispatch, dora, inject, mixed, native
+from lorakern import LoraConfig, LoraLinear, core, dispatch, dora, inject, mixed, mixed_dora_c, native
 from lorakern.errors import LorakernError
 from lorakern.testing import reference_nf4_weight
 from lorakern.testing_masks import torch_mask
@@ -174,6 +175,22 @@ def check(case, backend=None):
     return grads
 
 
+def scales_off(monkeypatch, factor: float, slots=None) -> None:
+    """Every DoRA slot's c = m / n (those in ``slots`` when given) times ``factor``, on both paths that run a mixed
+    batch with DoRA adapters on the CPU: torch (lorakern.mixed._dora_scales) and c (lorakern.mixed_dora_c.slot_scales,
+    whose n, which dm divides by, goes off by 1 / factor with it)."""
+    hit = lambda a: slots is None or a in slots
+    off = lambda values, f: [v if v is None or not hit(a) else v * f for a, v in enumerate(values)]
+    real_torch, real_c = mixed._dora_scales, mixed_dora_c.slot_scales
+    monkeypatch.setattr(mixed, "_dora_scales", lambda call, norm: off(real_torch(call, norm), factor))
+
+    def c_path(call, norm):
+        norms, scales = real_c(call, norm)
+        return off(norms, 1 / factor), off(scales, factor)
+
+    monkeypatch.setattr(mixed_dora_c, "slot_scales", c_path)
+
+
 SEEN = []
 
 
@@ -213,13 +230,7 @@ def test_the_comparison_fails_when_the_magnitude_scale_is_off(base, monkeypatch)
     case = SimpleNamespace(**{**vars(MUTATION_CASE), "base": base})
     check(case)  # passes as it is
     rtol, atol = tolerance(torch.float64 if base == BASES[0] else torch.float32)
-    real = mixed._dora_scales
-
-    def off(call, norm):  # slot 2's c off by a few times the comparison's bound
-        scales = real(call, norm)
-        return [c if slot != 2 else c * (1 + 4 * (rtol + atol)) for slot, c in enumerate(scales)]
-
-    monkeypatch.setattr(mixed, "_dora_scales", off)
+    scales_off(monkeypatch, 1 + 4 * (rtol + atol), slots=[2])  # slot 2's c off by a few times the bound
     layer = build_layer(case)
     x, y, grads, dy = run_layer(layer, case)
     y_ref, want = reference(layer, case, x, dy)
@@ -273,9 +284,7 @@ def test_mixed_dora_batch_matches_peft_run_per_adapter_on_its_rows(tmp_path, mon
     A, B and magnitude gradients as one mixed batch here (PEFT's adapters saved, loaded by lorakern). With
     every c off by 1e-4 (a few times the comparison's tolerance) the comparison fails."""
     if scale_off:
-        real = mixed._dora_scales
-        monkeypatch.setattr(mixed, "_dora_scales", lambda call, norm: [None if c is None else c * (1 + 1e-4)
-                                                                        for c in real(call, norm)])
+        scales_off(monkeypatch, 1 + 1e-4)
         with pytest.raises(AssertionError):
             compare_with_peft(tmp_path)
     else:
@@ -340,38 +349,37 @@ def test_compiled_mixed_dora_batch_has_no_graph_breaks_and_matches_eager(quantiz
     assert any(n.endswith("lora_magnitude_vector") for n in eager_grads)
 
 
-def test_explicit_c_and_triton_requests_decline_dora_mixed_batches_by_name():
+def test_triton_declines_dora_mixed_batches_by_name_and_c_takes_them():
+    """triton's mixed path applies no magnitude scale: pinned, it raises with the reason; auto says why it passed
+    it. c runs them, dropout on a DoRA adapter included (tests/test_mixed_dora_c.py tests it)."""
     case = SimpleNamespace(**{**vars(MUTATION_CASE), "base": BASES[1], "bias": BIASES[1]})
+    dropped = SimpleNamespace(**{**vars(case), "specs": [(True, 3, 4.0, 0.1)] + case.specs[1:]})
     layer = build_layer(case)
     x = torch.randn(6, case.K)
     slots = torch.tensor(case.rows)
-    for backend in ("c", "triton"):
-        layer.backend = backend
-        # "triton is not installed" where it is not: the same refusal, another reason
-        with pytest.raises(LorakernError, match=rf"the {backend} backend cannot run this layer: (no DoRA in the "
-                                                rf"{backend} mixed-adapter path|triton is not installed).*"
-                                                rf"LORAKERN_BACKEND=auto"):
-            layer.forward_rows(x, slots, list(layer.adapters))
-    layer.backend = None
-    adapters = mixed._adapters_for(layer, list(layer.adapters))
-    call = dispatch.prepare_mixed(x, "dense", layer.weight, layer.bias, adapters,
-                                  lorakern.rows.group_rows(slots, len(adapters)))
-    report = dispatch.explain(call)
-    assert report.startswith("runs: torch"), report
-    assert "c: no DoRA in the c mixed-adapter path yet" in report, report
-    # the plain adapter alone in a mixed batch: c takes it again
-    plain = dispatch.prepare_mixed(x, "dense", layer.weight, layer.bias, [adapters[1]],
-                                   lorakern.rows.group_rows(torch.zeros(6), 1))
-    assert "no DoRA" not in dispatch.explain(plain)
-    # every row one DoRA adapter, none other handed in: the single-adapter call, which c runs
-    if native.lora_library() is not None:
-        check(SimpleNamespace(**{**vars(case), "specs": case.specs[:1], "rows": [0] * 6}), backend="c")
+    layer.backend = "triton"
+    # "triton is not installed" where it is not: the same refusal, another reason
+    with pytest.raises(LorakernError, match=r"the triton backend cannot run this layer: (no DoRA in the triton "
+                                            r"mixed-adapter path|triton is not installed).*LORAKERN_BACKEND=auto"):
+        layer.forward_rows(x, slots, list(layer.adapters))
+    if native.lora_library() is None:
+        return
+    for spec in (case, dropped):
+        layer = build_layer(spec)
+        adapters = mixed._adapters_for(layer, list(layer.adapters))
+        call = dispatch.prepare_mixed(x, "dense", layer.weight, layer.bias, adapters,
+                                      lorakern.rows.group_rows(slots, len(adapters)))
+        report = dispatch.explain(call)
+        assert report.startswith("runs: c"), report
+        assert "triton:" in report and "torch: takes it too" in report, report
+        check(spec, backend="c")
 
 
 def test_lorakern_check_runs_mixed_dora_on_torch_and_fails_on_a_wrong_scale(monkeypatch):
     """``lorakern check``'s "mixed DoRA" rows: torch passes in every dtype (fp16 and bf16 too, against the
-    single DoRA call's bound), c and triton say why they do not run it; with every c off by 1e-5 (several
-    times the fp32 bound) the fp64 and fp32 rows fail, and compare_mixed_dora sees a gradient off by 4 bounds."""
+    single DoRA call's bound), c in fp32 (and says why not in the others), triton says why it does not run it;
+    with every c off by 1e-5 (several times the fp32 bound) the torch fp64 and fp32 rows and the c row fail,
+    and compare_mixed_dora sees a gradient off by 4 bounds."""
     from lorakern.check import mixed_dora_rows
     from lorakern.testing_dora import compare_mixed_dora, dora_layer
 
@@ -379,15 +387,18 @@ def test_lorakern_check_runs_mixed_dora_on_torch_and_fails_on_a_wrong_scale(monk
     torch_rows = [r for r in rows if r[0] == "mixed DoRA: torch"]
     assert [r[1] for r in torch_rows] == ["float64", "float32", "float16", "bfloat16"]
     assert all(r[-1] == "pass" for r in torch_rows), torch_rows
-    others = [r for r in rows if r[0] != "mixed DoRA: torch"]
+    c_rows = [r for r in rows if r[0].startswith("mixed DoRA: C kernels")]
+    built = native.lora_library() is not None
+    assert [r[1] for r in c_rows if r[-1] == "pass"] == (["float32"] if built else []), c_rows
+    assert all(r[-1] == "n/a" and ("fp32 only" in r[3] or "not built" in r[3]) for r in c_rows if r[1] != "float32")
+    others = [r for r in rows if r[0] != "mixed DoRA: torch" and r not in c_rows]
     assert others and all(r[-1] == "n/a" and ("mixed-adapter path yet (it applies no magnitude scale)" in r[3]
                                                or "triton is not installed" in r[3]) for r in others), others
-    real = mixed._dora_scales
-    monkeypatch.setattr(mixed, "_dora_scales", lambda call, norm: [None if c is None else c * (1 + 1e-5)
-                                                                    for c in real(call, norm)])
-    failed = {r[1] for r in mixed_dora_rows(torch.device("cpu")) if r[0] == "mixed DoRA: torch" and r[-1] == "FAIL"}
-    assert {"float64", "float32"} <= failed, failed
-    monkeypatch.setattr(mixed, "_dora_scales", real)
+    scales_off(monkeypatch, 1 + 1e-5)
+    failed = {(r[0].split(" (")[0], r[1]) for r in mixed_dora_rows(torch.device("cpu")) if r[-1] == "FAIL"}
+    assert {("mixed DoRA: torch", "float64"), ("mixed DoRA: torch", "float32")} <= failed, failed
+    assert not built or ("mixed DoRA: C kernels", "float32") in failed, failed
+    monkeypatch.undo()
     layer = dora_layer(9, 7, 3, torch.float32, seed=3)
     layer.add_adapter("plain", r=2)
     nn.init.normal_(layer.adapters["plain"].lora_B)

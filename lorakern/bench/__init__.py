@@ -63,3 +63,5 @@ __all__ = ["FROZEN", "LAYERS", "MODES", "PEAKS", "RANKS", "SHAPES_CPU", "SHAPES_
            "gpu_script_parser", "interleaved", "keep_freed_memory", "machine", "make_operands", "markdown", "measure",
            "measure_nf4", "min_bytes", "nf4_markdown", "peak_memory", "plot", "plot_png", "providers",
            "reference_markdown", "report", "run", "shape_grid", "summary", "timed_row", "write_results"]
+# re-exported for benchmarks/ and tests/, which reach for them as lorakern.bench._X
+_REEXPORTED = (_formulation, _base_linear, _importable, _magnitude, _peft_dora, _step, _timer)
