@@ -19,5 +19,5 @@ setup(
                                        "fixtures/squad/*.json"],
                   # the C sources of the CPU kernels (LoRA products, NF4 codec), compiled on first use
                   # (lorakern/native/__init__.py)
-                  "lorakern.native": ["*.c"]},
+                  "lorakern.native": ["*.c", "lora_cpu/*.h"]},
 )

@@ -323,3 +323,48 @@ def test_the_build_cache_is_keyed_by_the_cpu(monkeypatch, tmp_path):
         assert native.lora_library() is not None
         built.append(sorted(p.name for p in tmp_path.iterdir()))
     assert len(built[0]) == 1 and len(built[1]) == 2 and built[2] == built[1], built
+
+
+def test_the_build_key_hashes_every_part_the_source_includes(tmp_path, monkeypatch):
+    """lora_cpu.c is one translation unit that #includes its parts from lora_cpu/: each part it includes is
+    hashed into the cache key (an edit to any of them builds anew; a stale library would run old code)."""
+    import re
+    import shutil
+
+    source = open(f"{native.HERE}/lora_cpu.c").read()
+    included = re.findall(r'#include "(lora_cpu/[^"]+)"', source)
+    assert included
+    shutil.copy(f"{native.HERE}/lora_cpu.c", tmp_path)
+    shutil.copytree(f"{native.HERE}/lora_cpu", tmp_path / "lora_cpu")
+    monkeypatch.setattr(native, "HERE", str(tmp_path))
+    hashed = [part.split(b"\0", 1)[0].decode() for part in native._source_bytes("lora_cpu")]
+    assert hashed[0] == "lora_cpu.c" and sorted(f"lora_cpu/{name}" for name in hashed[1:]) == sorted(included)
+    before = b"".join(native._source_bytes("lora_cpu"))
+    for part in included:
+        path = tmp_path / part
+        original = path.read_text()
+        path.write_text(original + "\n/* edited */\n")
+        assert b"".join(native._source_bytes("lora_cpu")) != before, part
+        path.write_text(original)
+    assert b"".join(native._source_bytes("lora_cpu")) == before
+
+
+def test_the_wheel_carries_the_c_sources_and_their_parts(tmp_path):
+    """A non-editable install builds the C kernels from the installed package: every source and part ships."""
+    import os
+    import subprocess
+    import sys
+    import zipfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                           str(tmp_path), root], capture_output=True, text=True)
+    if done.returncode != 0 and "No module named" in done.stderr:
+        pytest.skip(f"cannot build a wheel here: {done.stderr.strip()[-200:]}")
+    assert done.returncode == 0, done.stderr
+    wheel, = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    here = os.path.join(root, "lorakern", "native")
+    wanted = {f"lorakern/native/{f}" for f in os.listdir(here) if f.endswith(".c")}
+    wanted |= {f"lorakern/native/lora_cpu/{f}" for f in os.listdir(os.path.join(here, "lora_cpu"))}
+    assert wanted <= names, sorted(wanted - names)

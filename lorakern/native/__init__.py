@@ -4,13 +4,13 @@
 ``lora_library()``: the rank-r products of a LoRA layer and DoRA's scaled epilogue (lora_cpu.c, fp32, fused
 multiply-adds allowed).
 
-One source per library, built for an ISA level (``LEVELS``): ``avx512`` (x86-64 with AVX-512 F/BW/DQ/VL,
+One translation unit per library (lora_cpu.c includes its parts from lora_cpu/), built for an ISA level (``LEVELS``): ``avx512`` (x86-64 with AVX-512 F/BW/DQ/VL,
 16 floats per vector), ``avx2`` (x86-64 with AVX2 and FMA, 8), ``generic`` (any x86-64: SSE2, 4; or any
 aarch64: NEON, 4; or any other target GCC or Clang compiles for, 4). The best level this CPU can execute
 (read from /proc/cpuinfo) is built, unless $LORAKERN_ISA caps it lower (so one machine can test and
 measure the lower builds too). Each build is compiled with the system C compiler (``cc``, override with
 $CC) into a cache folder ($LORAKERN_CACHE, default ~/.cache/lorakern) under a name that hashes the
-source, the flags, the compiler and the CPU, written atomically, and loaded with ctypes.
+source and its parts, the flags, the compiler and the CPU, written atomically, and loaded with ctypes.
 
 Where a build fails (no compiler, or a compiler error) the library is None, callers use their torch path,
 and one warning per library and level says why, with the compiler's first lines of error;
@@ -193,6 +193,21 @@ def _level_for(requested: str, flags_line: str, machine: str) -> Level:
                      f"of {', '.join(level.name for level in here)} or unset it")
 
 
+def _source_bytes(name: str) -> list[bytes]:
+    """The text of library ``name``'s source and of the parts it includes (the .h files in the folder of the
+    same name, e.g. lora_cpu/), in a fixed order: what the build's cache key hashes, so that an edit to any
+    part builds anew."""
+    paths = [os.path.join(HERE, f"{name}.c")]
+    parts = os.path.join(HERE, name)
+    if os.path.isdir(parts):
+        paths += [os.path.join(parts, f) for f in sorted(os.listdir(parts)) if f.endswith(".h")]
+    contents = []
+    for path in paths:
+        with open(path, "rb") as handle:
+            contents.append(os.path.basename(path).encode() + b"\0" + handle.read())
+    return contents
+
+
 def build(name: str, level: Level) -> ctypes.CDLL:
     """Compile (or take from the cache) library ``name`` for ``level`` and load it.
 
@@ -201,8 +216,7 @@ def build(name: str, level: Level) -> ctypes.CDLL:
     flags = [*base_flags, *level.flags, f"-DLANES={level.lanes}"]
     source = os.path.join(HERE, f"{name}.c")
     compiler = os.environ.get("CC", "cc")
-    with open(source, "rb") as handle:
-        key = handle.read() + " ".join([compiler, *flags, _cpu_signature()]).encode()
+    key = b"".join(_source_bytes(name)) + " ".join([compiler, *flags, _cpu_signature()]).encode()
     digest = hashlib.sha256(key).hexdigest()[:16]
     folder = os.environ.get("LORAKERN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lorakern"))
     target = os.path.join(folder, f"{name}-{level.name}-{digest}.so")
