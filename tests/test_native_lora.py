@@ -356,9 +356,18 @@ def test_the_wheel_carries_the_c_sources_and_their_parts(tmp_path):
     import sys
     import zipfile
 
+    import shutil
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # built from a copy: setuptools writes build/ beside setup.py
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(root, name), tree / name)
+    for name in ("lorakern", "kernels"):
+        shutil.copytree(os.path.join(root, name), tree / name, ignore=shutil.ignore_patterns("__pycache__"))
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                           str(tmp_path), root], capture_output=True, text=True)
+                           str(tmp_path), str(tree)], capture_output=True, text=True)
     if done.returncode != 0 and "No module named" in done.stderr:
         pytest.skip(f"cannot build a wheel here: {done.stderr.strip()[-200:]}")
     assert done.returncode == 0, done.stderr
