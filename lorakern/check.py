@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from lorakern import dispatch, native
-from lorakern.functional import pinned_formulation
+from lorakern.formulation import pinned_formulation
 from lorakern.testing import compare_layer, random_layer
 
 # (x shape, out_features, r, dropout): odd sizes that hit every edge, 1-D/3-D inputs, r above min(in, out).
@@ -213,7 +213,7 @@ def run_check(device: Optional[str] = None, out=sys.stdout) -> bool:
                 rows.append((_path_label(path), _name(dtype), "-", f"not run by this path: {why}", "n/a"))
                 continue
             worst_ratio, worst = -1.0, None
-            # both formulations (functional.choose_formulation): merged where allowed, factored everywhere
+            # both formulations (formulation.choose_formulation): merged where allowed, factored everywhere
             for form in ("factored", "merged") if path != "triton" else ("auto",):
                 for case, (shape, out_features, r, dropout) in enumerate(GRID):
                     layer = random_layer(shape[-1], out_features, r, dtype, dropout=dropout, seed=case,

@@ -24,8 +24,9 @@ import torch
 
 from lorakern import dispatch, mixed, mixed_dora_c, native
 from lorakern.errors import LorakernError
+from lorakern.formulation import merged_weight, workspace_like
 from lorakern.functional import (_dense_base_output, _dropped_out, _rank_r_grads_native, _rank_r_grads_torch,
-                                 merged_weight, torch_dropout_mask, workspace_like)
+                                 torch_dropout_mask)
 from lorakern.native import pointer as _ptr
 from lorakern.nf4 import lora as _nf4_lora  # registers the NF4 torch implementation DoRA attaches to
 from lorakern.nf4.storage import NF4Storage

@@ -98,15 +98,15 @@ def test_lorakern_training_step_memory_grows_with_tokens_by_exactly_the_rank_r_a
     dx = g W', where the step's peak is). The rest of the difference (dA, dB, B^T copies, the C kernels'
     per-thread partial sums, the merged form's N x K W + s B A) does not depend on M. Each formulation
     pinned, so both token counts take the same one."""
-    from lorakern import functional
-    from lorakern.functional import pinned_formulation
+    from lorakern import formulation
+    from lorakern.formulation import pinned_formulation
 
     if not native:
         monkeypatch.setenv("LORAKERN_NATIVE", "0")
     K, N, r = 96, 80, 4
 
     def extra(M):
-        functional.release_workspaces()  # each step allocates the merged form's W' workspace afresh: it cancels
+        formulation.release_workspaces()  # each step allocates the merged form's W' workspace afresh: it cancels
         o = bench.make_operands(bench.Shape("t", M, K, N, r), torch.float32, "cpu")
         available = bench.providers("cpu")
         frozen = bench.peak_memory(available[bench.FROZEN](o), o.grad, "fwd+bwd", "cpu")
@@ -164,9 +164,9 @@ def test_quick_cli_run_writes_json_markdown_and_plot(tmp_path, capsys):
 
 
 def test_the_form_column_shows_the_cost_models_choice_on_each_side_of_the_switch():
-    """lorakern bench's "form fwd/bwd" column: what functional.choose_formulation picks for the row's shape
+    """lorakern bench's "form fwd/bwd" column: what formulation.choose_formulation picks for the row's shape
     (no dropout, the benchmark's case), on each side of both switches, and the pins of the pinned providers."""
-    from lorakern.functional import BACKWARD_MERGE_OVERHEAD, FORWARD_MERGE_OVERHEAD
+    from lorakern.formulation import BACKWARD_MERGE_OVERHEAD, FORWARD_MERGE_OVERHEAD
 
     K, N, r = 96, 80, 4
     forward_switch, backward_switch = K * (r + FORWARD_MERGE_OVERHEAD) // r, N * (r + BACKWARD_MERGE_OVERHEAD) // r

@@ -1,11 +1,11 @@
 """The cost model that picks, per call, between the factored form (through u = x~ A^T) and forming
-W + s B A (functional.choose_formulation): the choice on each side of the switch, the cases where merged
+W + s B A (formulation.choose_formulation): the choice on each side of the switch, the cases where merged
 is declined, and both forms against the float64 reference there, with and without the C kernels."""
 import pytest
 import torch
 
-from lorakern import functional, native
-from lorakern.functional import BACKWARD_MERGE_OVERHEAD, FORWARD_MERGE_OVERHEAD, choose_formulation, pinned_formulation
+from lorakern import formulation, functional, native
+from lorakern.formulation import BACKWARD_MERGE_OVERHEAD, FORWARD_MERGE_OVERHEAD, choose_formulation, pinned_formulation
 from lorakern.testing import assert_matches_reference, compare_layer, random_layer
 
 K, N, r = 16, 24, 3
@@ -39,13 +39,13 @@ def test_merged_is_declined_for_half_dtypes_and_dropout(dtype):
 
 
 def test_the_formulation_can_be_pinned_and_a_bad_pin_is_refused(monkeypatch):
-    monkeypatch.setenv(functional.FORMULATION_ENV, "merged")
+    monkeypatch.setenv(formulation.FORMULATION_ENV, "merged")
     assert choose_formulation(1, K, N, r, False, torch.float32).forward == "merged"
-    monkeypatch.setenv(functional.FORMULATION_ENV, "factored")
+    monkeypatch.setenv(formulation.FORMULATION_ENV, "factored")
     assert choose_formulation(10**6, K, N, r, False, torch.float64).backward == "factored"
     with pinned_formulation("merged"):  # the context wins over the environment
         assert choose_formulation(1, K, N, r, False, torch.float32).forward == "merged"
-    monkeypatch.setenv(functional.FORMULATION_ENV, "fused")
+    monkeypatch.setenv(formulation.FORMULATION_ENV, "fused")
     with pytest.raises(ValueError, match="LORAKERN_FORMULATION='fused'.*auto, factored, merged"):
         choose_formulation(1, K, N, r, False, torch.float32)
     with pytest.raises(ValueError, match="formulation must be one of"):
@@ -157,7 +157,7 @@ def test_merged_layers_of_one_shape_share_the_workspace_without_mixing_results()
             y.square().sum().backward()
         return [y.detach()] + [p.grad.clone() for p in (first.lora_A, first.lora_B, second.lora_A, second.lora_B)]
 
-    functional.release_workspaces()
+    formulation.release_workspaces()
     expected = run("factored", False)
     for checkpoint in (False, True):
         got = run("merged", checkpoint)
@@ -165,9 +165,9 @@ def test_merged_layers_of_one_shape_share_the_workspace_without_mixing_results()
             # the two forms round differently (fp32, reductions of 16..40); another layer's W' would be O(1) off
             error = float((a - b).abs().max() / b.abs().max())
             assert error < 1e-5, f"{name} (checkpoint={checkpoint}): relative error {error:.2g}"
-    assert (tuple(first.weight.shape), torch.float32) in functional._WORKSPACES.buffers
-    functional.release_workspaces()
-    assert not functional._WORKSPACES.buffers
+    assert (tuple(first.weight.shape), torch.float32) in formulation._WORKSPACES.buffers
+    formulation.release_workspaces()
+    assert not formulation._WORKSPACES.buffers
 
 
 @pytest.mark.parametrize("backend", ["torch", "c"])

@@ -100,10 +100,10 @@ def _merge_error(got, W, A, B, s, c) -> float:
 @pytest.mark.parametrize("N,K,r", MERGE_SHAPES, ids=[f"N{n}-K{k}-r{r}" for n, k, r in MERGE_SHAPES])
 @pytest.mark.parametrize("scaled", [False, True], ids=["W+sBA", "diag(c)(W+sBA)"])
 def test_the_merged_weight_in_one_pass(spy, N, K, r, scaled):
-    """functional.merged_weight through lora_merge_f32 (rows of W four at a time, N % 4 != 0 writes past the
+    """formulation.merged_weight through lora_merge_f32 (rows of W four at a time, N % 4 != 0 writes past the
     last row into a spare; K off the vector multiples takes the scalar tail) against the float64 merge, with
     DoRA's row scale and without; the same comparison fails on a merge off by a few times its bound."""
-    from lorakern.functional import merged_weight, release_workspaces
+    from lorakern.formulation import merged_weight, release_workspaces
 
     gen = torch.Generator().manual_seed(N * 1000 + K + r)
     W, A, B = (torch.randn(*shape, generator=gen) for shape in ((N, K), (r, K), (N, r)))
@@ -120,7 +120,7 @@ def test_the_merged_weight_in_one_pass(spy, N, K, r, scaled):
 
 def test_the_merged_forms_use_the_one_pass_merge(spy):
     """A merged forward and backward (pinned) form W' in C, and the layer still matches the reference."""
-    from lorakern.functional import pinned_formulation
+    from lorakern.formulation import pinned_formulation
 
     layer = random_layer(24, 20, 5, torch.float32, bias=True).train()
     x = torch.randn(37, 24, generator=torch.Generator().manual_seed(3))

@@ -40,7 +40,7 @@ class Row:
     # of memory the allocator got from the kernel, a cost the allocator setting decides (see module doc)
     faults_per_call: Optional[float] = None
     # the formulation lorakern's torch path took, forward/backward ("merged/factored"; see
-    # functional.choose_formulation); None for the peers and the Triton path
+    # formulation.choose_formulation); None for the peers and the Triton path
     formulation: Optional[str] = None
     samples: list = field(default_factory=list)
 
@@ -120,7 +120,7 @@ def measure(shape: Shape, dtype: torch.dtype, device: str, rounds: int = 7, call
 
 
 def _formulation(provider: str, shape: Shape, dtype: torch.dtype) -> Optional[str]:
-    from lorakern.functional import choose_formulation, pinned_formulation
+    from lorakern.formulation import choose_formulation, pinned_formulation
 
     pin = {"lorakern, factored": "factored", "lorakern, merged": "merged"}.get(provider)
     if pin is None and provider not in ("lorakern torch", "lorakern torch, no C"):

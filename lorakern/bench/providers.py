@@ -65,9 +65,9 @@ def _lorakern(backend: Optional[str]) -> Callable[[Operands], Built]:
 
 
 def _lorakern_pinned(formulation: str) -> Callable[[Operands], Built]:
-    """lorakern's torch path with the formulation pinned (``functional.choose_formulation`` picks one of
+    """lorakern's torch path with the formulation pinned (``formulation.choose_formulation`` picks one of
     these two by cost for the plain provider): what the choice buys, side by side."""
-    from lorakern.functional import pinned_formulation
+    from lorakern.formulation import pinned_formulation
 
     def build(o: Operands) -> Built:
         def forward() -> torch.Tensor:

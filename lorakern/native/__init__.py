@@ -33,6 +33,7 @@ from typing import Optional
 from lorakern import _env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+LORA_MAX_RANK = 256  # lora_cpu.c keeps four rows' r coefficients on the stack
 ISA_ENV = "LORAKERN_ISA"
 _POINTER, _I64, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 

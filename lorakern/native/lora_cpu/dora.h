@@ -132,7 +132,7 @@ static void merge_rows(const float *W, const float *A, const float *B, float s, 
     }
 }
 
-/* out (N x K) = diag(c) (W + s B A), the weight of the merged forms (lorakern/functional.py, merged_weight;
+/* out (N x K) = diag(c) (W + s B A), the weight of the merged forms (lorakern/formulation.py, merged_weight;
  * c NULL: 1; DoRA's folded backward passes its magnitude scale). B is N x r, A r x K. One pass over the rows
  * of W: torch's addmm then mul_ read and wrote the N x K weight twice, and its K = r product runs far below
  * BLAS's speed. Plain stores: the GEMM that follows reads out from the cache. */
