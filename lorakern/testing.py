@@ -68,6 +68,23 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 STORE_ULPS = 2.0
 
 
+class LibrarySpy:
+    """A compiled C library (lorakern.native) whose calls are recorded by name in ``calls``: the tests that check
+    which C functions a path runs put it where ``native.lora_library()`` is asked for."""
+
+    def __init__(self, library) -> None:
+        self.library, self.calls = library, []
+
+    def __getattr__(self, name: str):
+        function = getattr(self.library, name)
+
+        def call(*args):
+            self.calls.append(name)
+            return function(*args)
+
+        return call
+
+
 def bound(dtype: torch.dtype, reduction_length: int) -> float:
     """The fp32 / fp64 bound relative to the magnitude: (STORE_ULPS eps_s + sqrt(L) eps_a)."""
     store, accumulate = TOLERANCE[dtype]

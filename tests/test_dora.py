@@ -14,7 +14,7 @@ import strategies
 from lorakern import LoraConfig, LoraLinear, core, dora, inject
 from lorakern.core import nf4 as core_nf4
 from lorakern.errors import AdapterError, ConfigError, LorakernError
-from lorakern.testing import TOLERANCE, assert_matches_reference
+from lorakern.testing import TOLERANCE, LibrarySpy, assert_matches_reference
 from lorakern.testing_dora import compare_dora, dora_layer, f64
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -65,17 +65,6 @@ def test_explicit_dora_cases(index):
     _run_case(strategies.Case(lead, K, N, r, dtype, layout, dropout, bias, seed, alpha=alpha, extra={"path": path}))
 
 
-class _Spy:
-    """A C library whose calls are recorded by name."""
-
-    def __init__(self, library):
-        self.library, self.calls = library, []
-
-    def __getattr__(self, name):
-        function = getattr(self.library, name)
-        return lambda *args: (self.calls.append(name), function(*args))[1]
-
-
 def _levels():
     from lorakern import native
 
@@ -93,7 +82,7 @@ def test_c_path_matches_reference(shape, dropout, level, monkeypatch):
     library = native.lora_library(next(lv for lv in native.levels_here() if lv.name == level))
     if library is None:
         pytest.skip(f"the C kernels are not built here: {native.build_status()[1]}")
-    spy = _Spy(library)
+    spy = LibrarySpy(library)
     monkeypatch.setattr(native, "lora_library", lambda: spy)
     M, K, N, r = shape
     layer = dora_layer(K, N, r, torch.float32, bias=M % 2 == 0, dropout=dropout, seed=M, backend="c").train()

@@ -18,28 +18,13 @@ import lorakern
 import strategies
 from lorakern import core, dispatch, mixed, mixed_dora_c, native
 from lorakern import dora as _dora  # noqa: F401 (attaches the DoRA runs to the implementations)
+from lorakern.testing import LibrarySpy
 from lorakern.testing_masks import torch_mask
 from toy_models import assert_close_scaled
 
 LEVELS = [level.name for level in native.levels_here()]
 SEED = 11  # the dropout seed
 RTOL = ATOL = 5e-5  # fp32 against float64, as tests/test_mixed_dora.py (atol scaled by the largest |value|)
-
-
-class _Spy:
-    """The compiled library, counting the calls that reach it."""
-
-    def __init__(self, library):
-        self.library, self.calls = library, []
-
-    def __getattr__(self, name):
-        function = getattr(self.library, name)
-
-        def call(*args):
-            self.calls.append(name)
-            return function(*args)
-
-        return call
 
 
 @pytest.fixture(params=LEVELS)
@@ -50,7 +35,7 @@ def library(request, monkeypatch):
     built = native.lora_library(level)
     if built is None:
         pytest.skip(f"no C library for {level.name}: {native.build_status()}")
-    spy = _Spy(built)
+    spy = LibrarySpy(built)
     monkeypatch.setattr(native, "lora_library", lambda: spy)
 
     def torch_ran(*args, **kwargs):

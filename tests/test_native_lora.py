@@ -11,24 +11,8 @@ from hypothesis import given
 
 import strategies
 from lorakern import native
-from lorakern.testing import (assert_matches_reference, bound, compare_layer, magnitudes, random_layer,
+from lorakern.testing import (LibrarySpy, assert_matches_reference, bound, compare_layer, magnitudes, random_layer,
                               reference_scaling)
-
-
-class _Spy:
-    """Wraps the compiled library and counts the calls that reach it."""
-
-    def __init__(self, library):
-        self.library, self.calls = library, []
-
-    def __getattr__(self, name):
-        function = getattr(self.library, name)
-
-        def call(*args):
-            self.calls.append(name)
-            return function(*args)
-
-        return call
 
 
 def _compiler_or_skip():
@@ -52,7 +36,7 @@ def spy(request, monkeypatch):
     level = next(level for level in native.levels_here() if level.name == request.param)
     library = native.lora_library(level)
     assert library is not None, native.build_status()
-    wrapped = _Spy(library)
+    wrapped = LibrarySpy(library)
     monkeypatch.setattr(native, "lora_library", lambda: wrapped)
     return wrapped
 
