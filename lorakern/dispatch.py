@@ -26,8 +26,8 @@ A mixed-adapter call (``MixedCall``: each row of x uses its own adapter, or none
 returns None; one without ``run_mixed`` declines it, saying so. ``lora_forward_mixed`` is its entry point.
 Mixed paths: triton (the segmented kernels, dense and NF4), c (dense fp32 CPU eager: lorakern.mixed_c, one
 pass over the rows grouped by adapter), torch (dense and NF4: lorakern.mixed.run_torch). A mixed call with DoRA
-slots (``MixedCall.magnitudes``) runs only where lorakern.dora attached a ``run_mixed_dora`` (torch, dense and
-NF4); the triton and c mixed paths apply no magnitude scale and decline it, saying so.
+slots (``MixedCall.magnitudes``) runs only where a ``run_mixed_dora`` is attached (torch by lorakern.dora, triton
+by lorakern.kernels, dense and NF4); the c mixed path applies no magnitude scale and declines it, saying so.
 """
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ import torch
 
 from lorakern import core, dispatch
 from lorakern.dispatch import MixedCall
+from lorakern.kernels import lora_linear as kl
 from lorakern.kernels import mixed_dora_ops
 from lorakern.kernels.mixed_dora_ops import mixed_dora_triton, run_mixed_dora
 from lorakern.kernels.mixed_ops import mixed_lora_triton
@@ -130,6 +131,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_dense_matches_reference(case):
     M, K, N, ranks, dora, rule, dtype, dropouts = CASES[case]
+    if dtype == "fp64" and not kl.INTERPRETED:
+        pytest.skip("fp64 runs on the interpreted kernels only")
     call, W = build_dora(M, K, N, ranks, dora, slots_for(rule, M, len(ranks)), DTYPES[dtype], dropouts=dropouts)
     assert_matches(call, W, ranks)
 
@@ -219,6 +222,8 @@ def test_gradcheck_float64():
     """The hand-written backward against finite differences, with and without dropout, in what does not move the
     detached norm n_0 (x, the bias, m_0, the plain slot's A and B); the DoRA slot's A and B (whose finite
     differences would move n_0) are checked against core.dora above."""
+    if not kl.INTERPRETED:
+        pytest.skip("fp64 runs on the interpreted kernels only")
     gen = torch.Generator().manual_seed(0)
     make = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_(True)
     M, K, N = 6, 5, 4
