@@ -206,7 +206,7 @@ def test_each_comparison_fails_on_a_result_spoiled_by_4x_its_bound():
     call, W = build_dora(M, K, N, ranks, {0}, slots_for("random", M, 2), torch.float32, dropouts=[0.3, 0.1])
     y, grads, grad_y = run_with_grads(call)
     assert max(errors(call, W, ranks, y, grads, grad_y)[0].values()) <= 1.0
-    exp, mag = reference(call, W, grad_y, ranks)
+    _, mag = reference(call, W, grad_y, ranks)
     limit = bound(torch.float32, max(M, K, N)) + 2 * TOLERANCE[torch.float32][0]
     for name in ("y", "dx", "dA0", "dB0", "dm0", "dA1", "db"):
         results = {"y": y.detach(), **{k: v.detach() for k, v in grads.items()}}
@@ -280,7 +280,7 @@ def test_the_dispatch_takes_the_triton_path_for_dora_slots(monkeypatch):
     from lorakern.rows import group_rows
 
     M, K, N, ranks = 9, 16, 12, [2, 3]
-    call, W = build_dora(M, K, N, ranks, {0}, [0, 1, -1, 0, 1, 0, -1, 0, 1], torch.float32)
+    call, _ = build_dora(M, K, N, ranks, {0}, [0, 1, -1, 0, 1, 0, -1, 0, 1], torch.float32)
     adapters = [tuple(a) + ((m,) if m is not None else ()) for a, m in zip(call.adapters, call.magnitudes)]
     groups = group_rows(call.slot, 2)
     prepared = dispatch.prepare_mixed(call.x, "dense", call.weight, call.bias, adapters, groups)
