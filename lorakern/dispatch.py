@@ -196,7 +196,7 @@ def verdict(name: str, call: Union[Call, MixedCall]) -> Optional[str]:
             return f"no mixed-adapter path in the {name} implementation for a {call.base} base yet"
         if call.magnitudes is not None and implementation.run_mixed_dora is None:
             return (f"no DoRA in the {name} mixed-adapter path yet (it applies no magnitude scale); the torch "
-                    f"implementation runs mixed batches with DoRA adapters")
+                    f"and triton implementations run mixed batches with DoRA adapters")
         return None if implementation.unsupported_mixed is None else implementation.unsupported_mixed(call)
     if call.magnitude is not None and implementation.run_dora is None:
         return (f"no DoRA in the {name} implementation yet (its epilogue does not apply the magnitude scale); "
