@@ -41,8 +41,11 @@ timeout 90 lorakern bench --device cuda --dtype bfloat16 --shapes 4096x4096,768x
 timeout 50 $PY benchmarks/bench_qlora.py --device cuda --rounds 5 --out "$OUT" 2>&1 | tee "$OUT/qlora.txt" || status=1
 
 # 5. The segmented kernels of mixed-adapter batches, compiled, against the float64 reference (the fixed
-#    cases; the hypothesis draws would autotune a new shape each). 50 seconds at most.
-timeout 50 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_mixed.py -k "not assignments" -x 2>&1 \
+#    cases; the hypothesis draws would autotune a new shape each), then with DoRA slots (HAS_MAGNITUDE: three
+#    fixed cases, fp32 at R_PAD 16, dense without and with dropout, NF4 with it; each new autotune key compiles
+#    its configs). 50 seconds at most.
+timeout 50 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_mixed.py tests/test_kernels_mixed_dora.py -x \
+  -k "not assignments and (not mixed_dora or spread or dropout-per-slot or nf4_matches_reference[dropout])" 2>&1 \
   | tee "$OUT/mixed_tests.txt" || status=1
 
 # 6. Mixed batch at the target: bf16, 8192 tokens, 4096 x 4096, r = 16, 8 adapters; y, dx, dA, dB

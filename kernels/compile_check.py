@@ -37,7 +37,9 @@ WEIGHTS = ("dense", "nf4")
 # dora_fwd, dora_bwd, dora_small: the single-adapter kernels with DoRA's magnitude (HAS_MAGNITUDE, z kept, dm),
 # without dropout; dora_drop_*: the same with dropout (a second accumulator: more registers)
 DORA_KINDS = ("dora_fwd", "dora_bwd", "dora_small", "dora_drop_fwd", "dora_drop_bwd", "dora_drop_small")
-KINDS = ("fwd", "bwd", "small", "mixed_fwd", "mixed_bwd") + DORA_KINDS
+# mixed_dora_*: the segmented kernels with DoRA slots (HAS_MAGNITUDE), without and with dropout
+MIXED_DORA_KINDS = ("mixed_dora_fwd", "mixed_dora_bwd", "mixed_dora_drop_fwd", "mixed_dora_drop_bwd")
+KINDS = ("fwd", "bwd", "small", "mixed_fwd", "mixed_bwd") + DORA_KINDS + MIXED_DORA_KINDS
 _PTR = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
 
 
@@ -76,7 +78,7 @@ def _ptxas() -> str:
 
 # the row grouping and per-slot scalars of the segmented kernels (mixed_launchers.py passes these dtypes)
 _SEGMENT_PTRS = {"order_ptr": "*i64", "offsets_ptr": "*i64", "ranks_ptr": "*i32", "scaling_ptr": "*fp32",
-                 "dropout_ptr": "*fp32"}
+                 "dropout_ptr": "*fp32", "dora_ptr": "*i32"}
 
 
 def _signature(kind: str, dtype: str, r_pad: int, meta: dict, weight: str = "dense"):
@@ -92,16 +94,20 @@ def _signature(kind: str, dtype: str, r_pad: int, meta: dict, weight: str = "den
     from lorakern.kernels.small_m import _lora_small_m_kernel
 
     # the plain kernels compile with dropout on (their worst case); DoRA's both ways (dora_drop_*: on)
-    dora, dropout = kind.startswith("dora_"), not kind.startswith("dora_") or kind.startswith("dora_drop_")
-    kind = kind.removeprefix("dora_").removeprefix("drop_")
+    if kind.startswith("mixed_dora_"):
+        dora, dropout = True, kind.startswith("mixed_dora_drop_")
+        kind = "mixed_" + kind.removeprefix("mixed_dora_").removeprefix("drop_")
+    else:
+        dora, dropout = kind.startswith("dora_"), not kind.startswith("dora_") or kind.startswith("dora_drop_")
+        kind = kind.removeprefix("dora_").removeprefix("drop_")
     kernel = {"fwd": _lora_fwd_kernel, "bwd": _lora_bwd_kernel, "small": _lora_small_m_kernel,
               "mixed_fwd": _mixed_fwd_kernel, "mixed_bwd": _mixed_bwd_kernel}[kind]
     ptr = _PTR[dtype]
     constexprs = dict(meta)
     # DoRA's switches (off for plain LoRA): the magnitude scale, z kept (forward), dm (backward)
-    if kind in ("fwd", "small"):
+    if kind in ("fwd", "small", "mixed_fwd"):
         constexprs.update(HAS_MAGNITUDE=dora, STORE_Z=dora)
-    elif kind == "bwd":
+    elif kind in ("bwd", "mixed_bwd"):
         constexprs.update(HAS_MAGNITUDE=dora, NEED_DC=dora)
     constexprs.update(R_PAD=r_pad, DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
                       UPCAST=False, ACC_DTYPE=tl.float32)

@@ -132,6 +132,51 @@ _DORA_EXTRA = {
     ("dense", "dora_drop_bwd", 32, 32): [(32, 32, 16, 1, 4, 1), (16, 32, 32, 1, 4, 1)],
     ("dense", "dora_drop_bwd", 32, 64): [(16, 32, 32, 1, 4, 2)],
 }
+# The segmented kernels with DoRA slots (HAS_MAGNITUDE; kinds mixed_dora_fwd / mixed_dora_bwd, mixed_dora_drop_*
+# with dropout's second accumulator) use the segmented kernels' configs above, except the (weight, kind, width,
+# R_PAD, config) entries of _MIXED_DORA_FAILED, which spill on sm_80 or sm_90 (or, sm_90 16-bit, run without wgmma),
+# plus _MIXED_DORA_EXTRA where that left none (both found by the compile checks, 2026-12-01).
+_MIXED_DORA_FAILED = frozenset({
+    ("dense", "mixed_dora_bwd", 16, 32, (128, 128, 32, 1, 8, 3)),
+    ("dense", "mixed_dora_bwd", 32, 32, (16, 32, 32, 1, 4, 2)),
+    ("dense", "mixed_dora_drop_bwd", 16, 32, (128, 128, 32, 1, 8, 3)),
+    ("dense", "mixed_dora_drop_bwd", 16, 64, (128, 64, 32, 1, 8, 4)),
+    ("dense", "mixed_dora_drop_bwd", 32, 16, (16, 64, 32, 1, 4, 2)),
+    ("dense", "mixed_dora_drop_fwd", 16, 16, (64, 64, 64, 4, 4, 4)),
+    ("dense", "mixed_dora_drop_fwd", 16, 16, (128, 128, 32, 2, 8, 4)),
+    ("dense", "mixed_dora_drop_fwd", 16, 16, (128, 128, 64, 1, 8, 3)),
+    ("dense", "mixed_dora_drop_fwd", 16, 32, (64, 64, 64, 4, 4, 4)),
+    ("dense", "mixed_dora_drop_fwd", 16, 32, (128, 64, 64, 2, 8, 3)),
+    ("dense", "mixed_dora_drop_fwd", 16, 32, (128, 128, 32, 2, 8, 4)),
+    ("dense", "mixed_dora_drop_fwd", 16, 64, (64, 64, 64, 4, 4, 4)),
+    ("dense", "mixed_dora_drop_fwd", 16, 64, (128, 128, 32, 1, 8, 3)),
+    ("dense", "mixed_dora_drop_fwd", 32, 16, (32, 64, 32, 1, 4, 2)),
+    ("nf4", "mixed_dora_drop_bwd", 16, 16, (64, 64, 64, 1, 4, 2)),
+    ("nf4", "mixed_dora_drop_bwd", 16, 16, (128, 128, 32, 1, 8, 2)),
+    ("nf4", "mixed_dora_drop_bwd", 16, 32, (64, 64, 64, 1, 4, 2)),
+    ("nf4", "mixed_dora_drop_bwd", 16, 32, (128, 128, 32, 1, 8, 2)),
+    ("nf4", "mixed_dora_drop_fwd", 16, 16, (64, 128, 32, 1, 4, 2)),
+    ("nf4", "mixed_dora_drop_fwd", 16, 32, (64, 128, 32, 1, 4, 2)),
+    ("nf4", "mixed_dora_drop_fwd", 16, 32, (128, 128, 32, 1, 8, 2)),
+    ("nf4", "mixed_dora_drop_fwd", 16, 64, (128, 128, 32, 1, 8, 2)),
+    ("nf4", "mixed_dora_drop_fwd", 32, 16, (16, 32, 16, 1, 4, 2)),
+    ("nf4", "mixed_dora_drop_fwd", 32, 16, (16, 32, 32, 1, 4, 1)),
+    ("nf4", "mixed_dora_drop_fwd", 32, 64, (16, 32, 16, 1, 4, 2)),
+    ("nf4", "mixed_dora_fwd", 16, 16, (64, 128, 32, 1, 4, 2)),
+    ("nf4", "mixed_dora_fwd", 16, 16, (128, 64, 32, 1, 8, 2)),
+    ("nf4", "mixed_dora_fwd", 16, 32, (64, 128, 32, 1, 4, 2)),
+    ("nf4", "mixed_dora_fwd", 16, 32, (128, 128, 32, 1, 8, 2)),
+    ("nf4", "mixed_dora_fwd", 16, 64, (128, 128, 32, 1, 8, 2)),
+})
+_MIXED_DORA_EXTRA = {
+    ("dense", "mixed_dora_bwd", 32, 32): [(16, 32, 32, 1, 4, 1), (32, 32, 16, 1, 4, 1)],
+    ("dense", "mixed_dora_drop_bwd", 32, 16): [(16, 32, 32, 1, 4, 1), (32, 32, 16, 1, 4, 1)],
+    ("dense", "mixed_dora_drop_bwd", 16, 64): [(64, 64, 32, 1, 8, 2), (64, 32, 32, 1, 4, 2)],
+    ("dense", "mixed_dora_drop_fwd", 16, 32): [(128, 64, 32, 2, 8, 3), (64, 64, 32, 2, 4, 3)],
+    ("dense", "mixed_dora_drop_fwd", 16, 64): [(128, 64, 32, 2, 8, 3), (64, 64, 32, 2, 4, 3)],
+    ("nf4", "mixed_dora_drop_fwd", 32, 16): [(16, 32, 16, 1, 4, 1), (16, 16, 32, 1, 4, 1)],
+    ("nf4", "mixed_dora_fwd", 16, 16): [(128, 64, 32, 1, 8, 1), (64, 64, 32, 1, 4, 1)],
+}
 # The decoding kernel (M <= SMALL_M): (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) per weight format and input
 # width, under the same compile checks.
 SMALL_M = 16
@@ -152,7 +197,9 @@ def get_autotune_config(kind: str, dtype: torch.dtype, r_pad: int, weight: str =
     """Configs for ``kind`` ("fwd": TILES_N, or "bwd": TILES_K; "mixed_fwd" / "mixed_bwd" the segmented kernels
     of a mixed-adapter batch: the same tables minus _MIXED_FAILED plus _MIXED_EXTRA; "dora_fwd" / "dora_bwd"
     the kernels with DoRA's magnitude, "dora_drop_fwd" / "dora_drop_bwd" with dropout too: the same tables minus
-    _DORA_FAILED plus _DORA_EXTRA), input dtype, padded rank and weight format."""
+    _DORA_FAILED plus _DORA_EXTRA; "mixed_dora_fwd" / "mixed_dora_bwd" / "mixed_dora_drop_*" the segmented kernels
+    with DoRA slots: the mixed configs minus _MIXED_DORA_FAILED plus _MIXED_DORA_EXTRA), input dtype, padded rank
+    and weight format."""
     tiles = "TILES_N" if kind.endswith("fwd") else "TILES_K"
     if INTERPRETED:  # one small config: the interpreter is slow, and autotuning it measures nothing
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, tiles: 2, "GROUP_M": 2})]
@@ -166,6 +213,9 @@ def get_autotune_config(kind: str, dtype: torch.dtype, r_pad: int, weight: str =
     if kind.startswith("mixed_"):
         entries = [c for c in entries if (weight, family, width, r_pad, c) not in _MIXED_FAILED]
         entries += _MIXED_EXTRA.get((weight, family, width, r_pad), [])
+    if kind.startswith("mixed_dora_"):
+        entries = [c for c in entries if (weight, kind, width, r_pad, c) not in _MIXED_DORA_FAILED]
+        entries += _MIXED_DORA_EXTRA.get((weight, kind, width, r_pad), [])
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, tiles: t, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, t, w, s in entries

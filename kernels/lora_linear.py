@@ -25,6 +25,9 @@ kernels with lorakern.dispatch (lorakern.kernels.BACKENDS names it). The code, b
     mixed_forward.py, mixed_backward.py, mixed_launchers.py, mixed_ops.py
                   the same four roles for mixed-adapter batches (each row its own adapter, one launch per
                   pass): segmented kernels, launchers, the ops lorakern::mixed_lora_fwd / _bwd, run_mixed
+    mixed_dora_tiles.py, mixed_dora_ops.py
+                  DoRA slots in those kernels (HAS_MAGNITUDE): the epilogue helpers, and the ops
+                  lorakern::mixed_dora_fwd / _bwd with mixed_dora_triton, run_mixed_dora
 """
 from __future__ import annotations
 
@@ -76,6 +79,7 @@ from lorakern.kernels.ops import (
 )
 from lorakern.kernels.dora_ops import dora_linear_triton, run_dora, unsupported_dora
 from lorakern.kernels.mixed_ops import mixed_lora_triton, run_mixed, unsupported_mixed
+from lorakern.kernels.mixed_dora_ops import mixed_dora_triton, run_mixed_dora
 from lorakern.kernels.small_m import _lora_small_m_kernel
 from lorakern.kernels.tiles import (
     _atomic_add,
@@ -108,8 +112,10 @@ for _base in dispatch.BASE_KINDS:
     dispatch.register(dispatch.Implementation("triton", _base, _run, dropout_mask, _unsupported, needs_seed=True,
                                               run_mixed=run_mixed, unsupported_mixed=unsupported_mixed))
 # DoRA: the same kernels with the magnitude scale in their epilogues (dora_ops.py), dense and NF4 bases; a further
-# active DoRA adapter composes in torch (lorakern.dora.further_term), as on every implementation
-dispatch.attach_dora({("triton", _base): run_dora for _base in dispatch.BASE_KINDS}, further_term)
+# active DoRA adapter composes in torch (lorakern.dora.further_term), as on every implementation; mixed batches
+# with DoRA slots run the segmented kernels with the magnitude (mixed_dora_ops.py)
+dispatch.attach_dora({("triton", _base): run_dora for _base in dispatch.BASE_KINDS}, further_term,
+                     {("triton", _base): run_mixed_dora for _base in dispatch.BASE_KINDS})
 
 __all__ = [  # re-exported: every name the single-file module had, so lora_linear.X keeps working
     "_atomic_add", "_AUTOTUNED", "_autotuned", "_backward", "_bwd_epilogue", "_check", "_CONFIGS", "_CONFIGS_NF4",
@@ -124,4 +130,6 @@ __all__ = [  # re-exported: every name the single-file module had, so lora_linea
     "dora_linear_triton", "run_dora", "unsupported_dora",
     # the segmented kernels of mixed-adapter batches
     "mixed_lora_triton", "run_mixed", "unsupported_mixed",
+    # ... with DoRA slots
+    "mixed_dora_triton", "run_mixed_dora",
 ]

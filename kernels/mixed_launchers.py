@@ -4,7 +4,8 @@ mixed_forward and mixed_backward take the adapters already stacked: A (n_slots, 
 (n_slots, N, R), zero-padded to the largest rank R, with per-slot ``ranks`` (int32, 0 where the layer
 lacks the slot's adapter), ``scalings`` and ``dropouts`` (float32), all on x's device, and the row
 grouping ``order`` (M,) / ``offsets`` (n_slots + 1,) of lorakern.dispatch.MixedCall. unsupported_mixed
-says why the kernels cannot take a MixedCall.
+says why the kernels cannot take a MixedCall. mixed_dora_forward / mixed_dora_backward launch the same kernels
+with DoRA slots (HAS_MAGNITUDE): a stacked (n_slots + 1, N) scale and per-slot DoRA flags (mixed_dora_tiles.py).
 """
 from __future__ import annotations
 
@@ -54,6 +55,13 @@ def unsupported_mixed(call) -> Optional[str]:
     if not get_autotune_config("mixed_fwd", x.dtype, rank_pad(r_max), call.base):
         return (f"a mixed batch on {'an NF4' if call.base == 'nf4' else 'a dense'} base in {x.dtype} at r={r_max} (no "
                 f"segmented kernel config for it has passed the sm_80/sm_90 compile checks yet)")
+    if call.magnitudes is not None:
+        drops = any(a is not None and a[3] > 0 for a in call.adapters)
+        kinds = [f"mixed_dora_{'drop_' if drops else ''}{pass_}" for pass_ in ("fwd", "bwd")]
+        if not all(get_autotune_config(kind, x.dtype, rank_pad(r_max), call.base) for kind in kinds):
+            return (f"a mixed batch with DoRA adapters{' and dropout' if drops else ''} on "
+                    f"{'an NF4' if call.base == 'nf4' else 'a dense'} base in {x.dtype} at r={r_max} (no segmented "
+                    f"DoRA kernel config for it has passed the sm_80/sm_90 compile checks yet)")
     return None
 
 
@@ -98,16 +106,52 @@ def mixed_forward(x2, weight, bias, a_stack, b_stack, ranks, scalings, dropouts,
     """(y, u): y[i] = x[i] W^T + b + s_a (x~[i] A_a^T) B_a^T for row i of slot a (x W^T + b for base-only rows
     and absent adapters), u[i] = x~[i] A_a^T (M, R; columns past the row's rank and rows without an adapter
     are not written). ``has_dropout``: some slot has p > 0 (known on the host; reading ``dropouts`` would sync)."""
+    y, u, _ = _forward(x2, weight, bias, a_stack, b_stack, ranks, scalings, dropouts, order, offsets, seed,
+                       has_dropout, None, None, False)
+    return y, u
+
+
+def mixed_dora_forward(x2, weight, bias, a_stack, b_stack, ranks, scalings, dropouts, order, offsets, scales,
+                       dora_flags, seed: int = 0, has_dropout: bool = False, need_z: bool = True):
+    """(y, u, z) of a mixed batch with DoRA slots: ``scales`` (n_slots + 1, N) contiguous, fp32 (fp64 for fp64
+    operands), row a c_a = m_a / n_a for a DoRA slot a and ones for any other slot and for the base-only rows
+    (row n_slots); ``dora_flags`` (n_slots,) int32, 1 for a DoRA slot. A DoRA slot's row i gets y_i = c_a z_i + b,
+    z_i = x_i W^T + s_a u_i B_a^T (with dropout y_i = x_i W^T - x~_i W^T + c_a z~_i + b, z~_i = x~_i W^T +
+    s_a u_i B_a^T); other rows as mixed_forward. z (M, N) in x's dtype, written on DoRA rows only, with
+    ``need_z`` (dm needs it), else None."""
+    return _forward(x2, weight, bias, a_stack, b_stack, ranks, scalings, dropouts, order, offsets, seed,
+                    has_dropout, scales, dora_flags, need_z)
+
+
+def _check_dora(x2, N, n_slots, scales, dora_flags) -> None:
+    acc_dtype = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    if (scales.shape != (n_slots + 1, N) or scales.dtype != acc_dtype or not scales.is_contiguous()
+            or scales.device != x2.device):
+        raise ValueError(f"scales must be a contiguous ({n_slots + 1}, {N}) {acc_dtype} tensor on {x2.device} (one row "
+                         f"per slot, then ones for the base-only rows), got {tuple(scales.shape)} {scales.dtype}")
+    if dora_flags.shape != (max(n_slots, 1),) or dora_flags.dtype != torch.int32 or dora_flags.device != x2.device:
+        raise ValueError(f"dora_flags must be int32 of shape ({max(n_slots, 1)},) on {x2.device}, got "
+                         f"{dora_flags.dtype} of shape {tuple(dora_flags.shape)}")
+
+
+def _forward(x2, weight, bias, a_stack, b_stack, ranks, scalings, dropouts, order, offsets, seed, has_dropout, scales,
+             dora_flags, need_z):
+    """(y, u, z): the segmented forward kernel; DoRA slots when ``scales`` is given."""
     _check_mixed(x2, weight, bias, a_stack, b_stack, ranks, scalings, dropouts, order, offsets)
     M, K = x2.shape
     N = weight.shape[0]
     R = a_stack.shape[1]
     n_slots = offsets.shape[0] - 1
+    dora = scales is not None
+    if dora:
+        _check_dora(x2, N, n_slots, scales, dora_flags)
     y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
     u = torch.empty((M, R), device=x2.device, dtype=x2.dtype)
+    z = torch.empty((M, N), device=x2.device, dtype=x2.dtype) if dora and need_z else None
     if M == 0:
-        return y, u
-    kernel, fixed = _autotuned(_mixed_fwd_kernel, "mixed_fwd", x2.dtype, rank_pad(R), _weight_kind(weight))
+        return y, u, z
+    kind = "mixed_fwd" if not dora else "mixed_dora_drop_fwd" if has_dropout else "mixed_dora_fwd"
+    kernel, fixed = _autotuned(_mixed_fwd_kernel, kind, x2.dtype, rank_pad(R), _weight_kind(weight))
 
     def grid(meta):
         # one tile per BLOCK_M rows of each segment: at most cdiv(M, BLOCK_M) + n_slots (the counts stay on
@@ -117,16 +161,17 @@ def mixed_forward(x2, weight, bias, a_stack, b_stack, ranks, scalings, dropouts,
 
     (w, *wq), w_strides, wq_scalars = _weight_args(weight, y)
     kernel[grid](
-        x2, w, bias if bias is not None else y, a_stack, b_stack, y, u,
+        x2, w, bias if bias is not None else y, a_stack, b_stack, y, u, scales if dora else y,
+        dora_flags if dora else ranks, y if z is None else z,
         order, offsets, ranks, scalings, dropouts, *wq,
         M, N, K, R, n_slots,
         x2.stride(0), x2.stride(1), *w_strides, *a_stack.stride(), *b_stack.stride(),
         y.stride(0), y.stride(1), u.stride(0), u.stride(1),
         int(seed), wq_scalars.pop("wq_offset"), wq_scalars.pop("wq_blocksize"),
-        HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout,
+        HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, HAS_MAGNITUDE=dora, STORE_Z=z is not None,
         **wq_scalars, **_meta(x2.dtype, R), **fixed,
     )
-    return y, u
+    return y, u, z
 
 
 def mixed_backward(g, x2, u, weight, a_stack, b_stack, ranks, scalings, dropouts, order, offsets, seed: int = 0,
@@ -137,20 +182,43 @@ def mixed_backward(g, x2, u, weight, a_stack, b_stack, ranks, scalings, dropouts
 
     dA, dB and dbias accumulate atomically in fp32 and come back in the stacks' dtype.
     """
+    return _backward(g, x2, u, weight, a_stack, b_stack, ranks, scalings, dropouts, order, offsets, seed, has_dropout,
+                     need_dx, need_dA, need_dB, need_dbias, None, None, None)[:4]
+
+
+def mixed_dora_backward(g, x2, u, z, weight, a_stack, b_stack, ranks, scalings, dropouts, order, offsets, scales,
+                        dora_flags, seed: int = 0, has_dropout: bool = False, need_dx: bool = True,
+                        need_dA: bool = True, need_dB: bool = True, need_dbias: bool = False):
+    """(dx, dA, dB, dbias, dscales) of mixed_dora_forward: mixed_backward run on gc = g diag(c_a) on each slot's
+    rows (c = 1 off DoRA slots; dx with dropout as in mixed_dora_ops.py), dbias from g, and dscales (n_slots + 1, N)
+    fp32 (fp64 for fp64), row a = sum over DoRA slot a's rows of g z (zeros for other slots; None when z is None),
+    from the pass over g for dB (the last row, the base-only rows', stays zero). dm_a = dscales[a] / n_a."""
+    return _backward(g, x2, u, weight, a_stack, b_stack, ranks, scalings, dropouts, order, offsets, seed, has_dropout,
+                     need_dx, need_dA, need_dB, need_dbias, scales, dora_flags, z)
+
+
+def _backward(g, x2, u, weight, a_stack, b_stack, ranks, scalings, dropouts, order, offsets, seed, has_dropout,
+              need_dx, need_dA, need_dB, need_dbias, scales, dora_flags, z):
     M, N = g.shape
     K = x2.shape[1]
     n_stacked, R = a_stack.shape[:2]
     if g.dtype != x2.dtype:
         g = g.to(x2.dtype)
+    dora = scales is not None
     dx = torch.empty((M, K), device=g.device, dtype=g.dtype) if need_dx else None
     acc_dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
     dA = torch.zeros((n_stacked, R, K), device=g.device, dtype=acc_dtype) if need_dA else None
     dB = torch.zeros((n_stacked, N, R), device=g.device, dtype=acc_dtype) if need_dB else None
     dbias = torch.zeros((N,), device=g.device, dtype=acc_dtype) if need_dbias else None
+    dscales = torch.zeros(scales.shape, device=g.device, dtype=acc_dtype) if dora and z is not None else None
     slots = offsets.shape[0] - 1
-    if M > 0 and (need_dx or need_dA or need_dB or need_dbias):
-        kernel, fixed = _autotuned(_mixed_bwd_kernel, "mixed_bwd", g.dtype, rank_pad(R), _weight_kind(weight))
-        dummy = g
+    if M > 0 and (need_dx or need_dA or need_dB or need_dbias or dscales is not None):
+        kind = "mixed_bwd" if not dora else "mixed_dora_drop_bwd" if has_dropout else "mixed_dora_bwd"
+        kernel, fixed = _autotuned(_mixed_bwd_kernel, kind, g.dtype, rank_pad(R), _weight_kind(weight))
+        dummy = g  # pointers the kernel never reads
+        # accumulators not asked for: the autotuner zeroes every accumulator pointer before each trial, so those
+        # get a spare buffer rather than g
+        spare = torch.zeros(1, device=g.device, dtype=acc_dtype)
 
         def grid(meta):
             groups = triton.cdiv(triton.cdiv(K, meta["BLOCK_K"]), meta["TILES_K"])
@@ -159,20 +227,23 @@ def mixed_backward(g, x2, u, weight, a_stack, b_stack, ranks, scalings, dropouts
         (w, *wq), w_strides, wq_scalars = _weight_args(weight, dummy)
         kernel[grid](
             g, w, a_stack, b_stack, x2, u,
-            dx if dx is not None else dummy, dA if dA is not None else dummy,
-            dB if dB is not None else dummy, dbias if dbias is not None else dummy,
+            dx if dx is not None else dummy, dA if dA is not None else spare,
+            dB if dB is not None else spare, dbias if dbias is not None else spare,
+            scales if dora else dummy, dora_flags if dora else ranks, dummy if z is None else z,
+            spare if dscales is None else dscales,
             order, offsets, ranks, scalings, dropouts, *wq,
             M, N, K, R, slots,
             g.stride(0), g.stride(1), *w_strides, *a_stack.stride(), *b_stack.stride(),
             x2.stride(0), x2.stride(1), u.stride(0), u.stride(1),
             dx.stride(0) if dx is not None else 0, dx.stride(1) if dx is not None else 0,
             int(seed), wq_scalars.pop("wq_offset"), wq_scalars.pop("wq_blocksize"),
-            HAS_DROPOUT=has_dropout, NEED_DX=need_dx, NEED_DA=need_dA,
-            NEED_DB=need_dB, NEED_DBIAS=need_dbias, **wq_scalars, **_meta(g.dtype, R), **fixed,
+            HAS_DROPOUT=has_dropout, NEED_DX=need_dx, NEED_DA=need_dA, NEED_DB=need_dB, NEED_DBIAS=need_dbias,
+            HAS_MAGNITUDE=dora, NEED_DC=dscales is not None, **wq_scalars, **_meta(g.dtype, R), **fixed,
         )
     elif need_dx:
         dx.zero_()
     return (dx,
             None if dA is None else dA.to(a_stack.dtype),
             None if dB is None else dB.to(b_stack.dtype),
-            None if dbias is None else dbias.to(g.dtype))
+            None if dbias is None else dbias.to(g.dtype),
+            dscales)

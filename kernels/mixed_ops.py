@@ -111,6 +111,20 @@ def mixed_lora_triton(x2: torch.Tensor, weight, bias: Optional[torch.Tensor],
     stacked zero-padded to R = max r_a (torch.stack of F.pad, so autograd hands each adapter the first
     r_a rows of its slice); the kernels mask at r_a. B A is never formed.
     """
+    a_stack, b_stack, ranks, scalings, dropouts, has_dropout = _stacked(x2, weight, adapters)
+    # operands in x's dtype (no-ops when they are already; gradients flow back through the casts)
+    bias = None if bias is None else bias.to(x2.dtype)
+    w, nf4_state, nf4_blocksize = _weight_parts(weight)
+    if nf4_blocksize == 0:  # a dense W
+        w = w.to(x2.dtype)
+    y, _ = torch.ops.lorakern.mixed_lora_fwd(x2, w, bias, a_stack, b_stack, ranks, scalings, dropouts, order, offsets,
+                                             _seed_tensor(seed), has_dropout, nf4_state, nf4_blocksize)
+    return y
+
+
+def _stacked(x2: torch.Tensor, weight, adapters: list) -> tuple:
+    """(A stack (n, R, K), B stack (n, N, R), ranks, scalings, dropouts, any p > 0) of the slots' adapters,
+    zero-padded to R = max r_a under autograd (mixed_lora_triton's docstring); the per-slot tensors on x's device."""
     if x2.dim() != 2:
         raise ValueError(f"x must be 2-D (M, K) for a mixed batch, got shape {tuple(x2.shape)}")
     K = x2.shape[1]
@@ -140,15 +154,7 @@ def mixed_lora_triton(x2: torch.Tensor, weight, bias: Optional[torch.Tensor],
             raise ValueError(f"the adapter of slot {slot} has dropout_p={p}; it must be in [0, 1): use 0.0 to "
                              f"disable dropout")
     dropouts = torch.tensor(dropout_ps, dtype=torch.float32, device=x2.device)
-    # operands in x's dtype (no-ops when they are already; gradients flow back through the casts)
-    bias = None if bias is None else bias.to(x2.dtype)
-    w, nf4_state, nf4_blocksize = _weight_parts(weight)
-    if nf4_blocksize == 0:  # a dense W
-        w = w.to(x2.dtype)
-    y, _ = torch.ops.lorakern.mixed_lora_fwd(x2, w, bias, a_stack, b_stack, ranks, scalings, dropouts, order, offsets,
-                                             _seed_tensor(seed), any(p > 0 for p in dropout_ps), nf4_state,
-                                             nf4_blocksize)
-    return y
+    return a_stack, b_stack, ranks, scalings, dropouts, any(p > 0 for p in dropout_ps)
 
 
 def run_mixed(call) -> torch.Tensor:

@@ -159,7 +159,7 @@ MIXED_DORA_ADAPTERS = (("dora", 5, True), ("plain", 3, False), ("idle", 16, True
 def mixed_dora_rows(device: torch.device) -> list[tuple]:
     """One row per implementation and dtype for a mixed batch with DoRA adapters: output and every gradient
     (x, each A, B and magnitude) against lorakern.core.dora / core LoRA row by row, or why the
-    implementation does not run it (c: fp32 only; the triton mixed path applies no magnitude scale)."""
+    implementation does not run it (c: fp32 only; triton: where a segmented DoRA kernel config exists)."""
     from lorakern import mixed
     from lorakern.rows import group_rows
     from lorakern.testing_dora import compare_mixed_dora, dora_layer

@@ -26,9 +26,9 @@ A mixed-adapter call (``MixedCall``: each row of x uses its own adapter, or none
 returns None; one without ``run_mixed`` declines it, saying so. ``lora_forward_mixed`` is its entry point.
 Mixed paths: triton (the segmented kernels, dense and NF4), c (dense fp32 CPU eager: lorakern.mixed_c, one
 pass over the rows grouped by adapter), torch (dense and NF4: lorakern.mixed.run_torch). A mixed call with DoRA
-slots (``MixedCall.magnitudes``) runs only where lorakern.dora attached a ``run_mixed_dora``: torch (dense and
-NF4) and c (dense: lorakern.mixed_dora_c); the triton mixed path applies no magnitude scale and declines it,
-saying so.
+slots (``MixedCall.magnitudes``) runs only where a ``run_mixed_dora`` is attached: torch (dense and NF4, by
+lorakern.dora), c (dense fp32: lorakern.mixed_dora_c, by lorakern.dora) and triton (dense and NF4, by
+lorakern.kernels); an implementation without one declines it, saying so.
 """
 from __future__ import annotations
 
@@ -197,7 +197,7 @@ def verdict(name: str, call: Union[Call, MixedCall]) -> Optional[str]:
             return f"no mixed-adapter path in the {name} implementation for a {call.base} base yet"
         if call.magnitudes is not None and implementation.run_mixed_dora is None:
             return (f"no DoRA in the {name} mixed-adapter path yet (it applies no magnitude scale); the torch "
-                    f"implementation runs mixed batches with DoRA adapters")
+                    f"and triton implementations run mixed batches with DoRA adapters")
         return None if implementation.unsupported_mixed is None else implementation.unsupported_mixed(call)
     if call.magnitude is not None and implementation.run_dora is None:
         return (f"no DoRA in the {name} implementation yet (its epilogue does not apply the magnitude scale); "

@@ -2,7 +2,7 @@
 
 Both weight formats: a dense W and the NF4 (QLoRA) base decoded inside the GEMM; the single-adapter kernels,
 their DoRA variants (dora_*, with and without dropout) and the segmented kernels of mixed-adapter batches
-(mixed_fwd, mixed_bwd). Registers and spills
+(mixed_fwd, mixed_bwd; with DoRA slots mixed_dora_*). Registers and spills
 come from the ptxas shipped inside the triton package; shared memory from the compiled metadata. A config that spills, overflows shared memory, or (sm_90, 16-bit) runs without
 wgmma fails here and is to be removed from kernels/configs.py's table, not hidden.
 """
@@ -41,9 +41,10 @@ def test_every_kernel_arch_dtype_and_rank_is_covered(reports):
     results, _ = reports
     seen = {(r["kernel"], r["weight"], r["dtype"], r["arch"], r["r_pad"]) for r in results}
     # mixed_*: the segmented kernels of mixed batches; dora_*: the kernels with DoRA's magnitude (dora_drop_*: and
-    # dropout)
+    # dropout); mixed_dora_*: the segmented kernels with DoRA slots
     kinds = ("fwd", "bwd", "small", "mixed_fwd", "mixed_bwd", "dora_fwd", "dora_bwd", "dora_small", "dora_drop_fwd",
-             "dora_drop_bwd", "dora_drop_small")
+             "dora_drop_bwd", "dora_drop_small", "mixed_dora_fwd", "mixed_dora_bwd", "mixed_dora_drop_fwd",
+             "mixed_dora_drop_bwd")
     expected = {(k, w, d, a, p) for k in kinds for w in ("dense", "nf4") for d in ("bfloat16", "float32")
                 for a in (80, 90) for p in kl.RANK_PADS}
     assert seen == expected
