@@ -15,15 +15,12 @@ from typing import Optional
 _DATA = getattr(os.environ, "_data", None)
 _ENCODE = getattr(os.environ, "encodekey", None)
 _DECODE = getattr(os.environ, "decodevalue", None)
-_KEYS: dict[str, object] = {}
 
 
 def get(name: str, default: Optional[str] = None) -> Optional[str]:
-    """``os.environ.get(name, default)``."""
+    """``os.environ.get(name, default)``. Nothing is cached here: under torch.compile a module-level cache that
+    a call fills is guarded on, and the next call would recompile."""
     if _DATA is None or _ENCODE is None or _DECODE is None:
         return os.environ.get(name, default)
-    key = _KEYS.get(name)
-    if key is None:
-        key = _KEYS[name] = _ENCODE(name)
-    value = _DATA.get(key)
+    value = _DATA.get(_ENCODE(name))
     return default if value is None else _DECODE(value)
