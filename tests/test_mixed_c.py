@@ -159,7 +159,7 @@ SEEN = []
 # a slot ending 2 rows short of a 64-row chunk, the next slot's rows right after: the chunk must stop at the slot's
 # last row (a chunk that ran on to 64 rows summed slot 1's rows into slot 0's dA and dB)
 @example(drawn=SimpleNamespace(case=(65, 20, 19, [4, 6], [0] * 62 + [1] * 3, [True, True], False), classes={}))
-# the same with wide rows (16-row chunks): slot 0 ends 1 row short of its third chunk
+# the same with wide rows (16-row chunks): slot 0 (31 rows) ends 1 row short of its second chunk
 @example(drawn=SimpleNamespace(case=(33, 4100, 4000, [3, 2], [0] * 31 + [1] * 2, [True, True], True), classes={}))
 # slot 0's last four-row block holds 3 rows and the next row is slot 1's, whose adapter the layer lacks (filled
 # with the bias only): the block must stop at 3 rows (one that took 4 gave that row slot 0's term)
