@@ -85,7 +85,9 @@ def test_c_path_matches_reference(shape, dropout, level, monkeypatch):
     spy = LibrarySpy(library)
     monkeypatch.setattr(native, "lora_library", lambda: spy)
     M, K, N, r = shape
-    layer = dora_layer(K, N, r, torch.float32, bias=M % 2 == 0, dropout=dropout, seed=M, backend="c").train()
+    # alpha = 2.5 r (s = 2.5): a scaling dropped from the C epilogue or the merge is seen (alpha None: s = 1)
+    layer = dora_layer(K, N, r, torch.float32, bias=M % 2 == 0, dropout=dropout, alpha=2.5 * r, seed=M,
+                       backend="c").train()
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(K), dtype=torch.float32)
     assert_matches_reference(compare_dora(layer, x, seed=M))
     # M >= K without dropout: merged with c folded in (the forward is one GEMM on diag(c) W', no C pass; the

@@ -156,6 +156,14 @@ SEEN = []
 # wide rows: the backward's chunks shrink to 16 rows (lora_cpu.c, chunk_blocks), slot 0's 40 rows span three of them
 @example(drawn=SimpleNamespace(case=(47, 4100, 4000, [5, 3], [0] * 40 + [1] * 5 + [-1] * 2, [True, True], True),
                                classes={}))
+# a slot ending 2 rows short of a 64-row chunk, the next slot's rows right after: the chunk must stop at the slot's
+# last row (a chunk that ran on to 64 rows summed slot 1's rows into slot 0's dA and dB)
+@example(drawn=SimpleNamespace(case=(65, 20, 19, [4, 6], [0] * 62 + [1] * 3, [True, True], False), classes={}))
+# the same with wide rows (16-row chunks): slot 0 (31 rows) ends 1 row short of its second chunk
+@example(drawn=SimpleNamespace(case=(33, 4100, 4000, [3, 2], [0] * 31 + [1] * 2, [True, True], True), classes={}))
+# slot 0's last four-row block holds 3 rows and the next row is slot 1's, whose adapter the layer lacks (filled
+# with the bias only): the block must stop at 3 rows (one that took 4 gave that row slot 0's term)
+@example(drawn=SimpleNamespace(case=(7, 24, 20, [3, 2], [0, -1, 0, 0, -1, 1, 1], [True, False], True), classes={}))
 def _mixed_c_matches_the_reference(drawn):
     if drawn.classes:
         SEEN.append(drawn)

@@ -51,7 +51,9 @@ SHAPES = [(1, 6, 42, 1), (6, 42, 123, 3), (42, 123, 6, 8), (123, 431, 42, 17), (
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
 def test_native_path_matches_the_reference(spy, M, K, N, r, bias, dropout):
-    layer = random_layer(K, N, r, torch.float32, bias=bias, dropout=dropout).train()
+    # alpha = 2.5 r: s = 2.5, so a scaling dropped, or applied twice (to each thread's partial sum), is seen
+    # (alpha None gives s = 1, where both are invisible)
+    layer = random_layer(K, N, r, torch.float32, bias=bias, dropout=dropout, alpha=2.5 * r).train()
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M + K))
     assert_matches_reference(compare_layer(layer, x))
     # B^T for each pass by one C transpose (torch's strided copy cost more than a small call's whole C pass)
@@ -139,8 +141,9 @@ def test_c_path_property(spy):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_batched_input_on_one_thread_and_two(spy, threads):
-    """Two threads split the rows and sum their partial dA and dB; one thread has no partner to sum."""
-    layer = random_layer(42, 123, 8, torch.float32)
+    """Two threads split the rows and sum their partial dA and dB (each scaled once, s = 0.75); one thread
+    has no partner to sum."""
+    layer = random_layer(42, 123, 8, torch.float32, alpha=6.0)
     x = torch.randn(3, 41, 42)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
