@@ -8,8 +8,6 @@ import ctypes
 import numpy as np
 import pytest
 import torch
-from hypothesis import example, given
-from hypothesis import strategies as st
 
 from lorakern import native
 from lorakern.testing import bound
