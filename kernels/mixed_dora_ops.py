@@ -12,9 +12,8 @@ from typing import Optional
 import torch
 
 from lorakern.dora import check_frozen_base, weight_norm
-from lorakern.kernels.mixed_launchers import (_check_mixed, mixed_dora_backward, mixed_dora_forward,
-                                              unsupported_mixed)
-from lorakern.kernels.mixed_ops import _stacked
+from lorakern.kernels.mixed_launchers import _check_mixed, mixed_dora_backward, mixed_dora_forward
+from lorakern.kernels.mixed_ops import _stacked, checked_seed
 from lorakern.kernels.ops import _seed_tensor, _weight_from_parts, _weight_parts
 
 
@@ -173,13 +172,7 @@ def run_mixed_dora(call) -> torch.Tensor:
 
     Raises ValueError with the reason when the kernels cannot take the call (unsupported_mixed); dropout with
     no seed fixed draws one from torch's generator, as run_mixed."""
-    reason = unsupported_mixed(call)
-    if reason is not None:
-        raise ValueError(f"the triton kernels cannot take this mixed batch: {reason}")
-    seed = call.seed
-    if seed is None:
-        drops = any(adapter is not None and adapter[3] > 0 for adapter in call.adapters)
-        seed = torch.randint(0, 2**31 - 1, ()) if drops else 0
+    seed = checked_seed(call)
     magnitudes = call.magnitudes if call.magnitudes is not None else [None] * len(call.adapters)
     if not torch.is_grad_enabled():  # no backward follows: detached magnitudes tell the forward to keep no z
         magnitudes = [None if m is None else m.detach() for m in magnitudes]

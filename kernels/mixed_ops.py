@@ -163,14 +163,21 @@ def run_mixed(call) -> torch.Tensor:
     Raises ValueError with the reason when the kernels cannot take the call (unsupported_mixed). Dropout
     with no seed fixed draws one from torch's generator (a 0-d tensor, so torch.compile traces it).
     """
+    return mixed_lora_triton(call.x, call.weight, call.bias, list(call.adapters), call.order, call.offsets,
+                             checked_seed(call))
+
+
+def checked_seed(call) -> object:
+    """The seed a MixedCall's launch takes, after the kernels' checks: ValueError with the reason when they
+    cannot take the call (unsupported_mixed); with dropout and no seed fixed, one drawn from torch's generator
+    (a 0-d tensor, so torch.compile traces it); 0 without dropout."""
     reason = unsupported_mixed(call)
     if reason is not None:
         raise ValueError(f"the triton kernels cannot take this mixed batch: {reason}")
-    seed = call.seed
-    if seed is None:
-        drops = any(adapter is not None and adapter[3] > 0 for adapter in call.adapters)
-        seed = torch.randint(0, 2**31 - 1, ()) if drops else 0
-    return mixed_lora_triton(call.x, call.weight, call.bias, list(call.adapters), call.order, call.offsets, seed)
+    if call.seed is not None:
+        return call.seed
+    drops = any(adapter is not None and adapter[3] > 0 for adapter in call.adapters)
+    return torch.randint(0, 2**31 - 1, ()) if drops else 0
 
 
 __all__ = ["mixed_lora_triton", "run_mixed", "unsupported_mixed"]
