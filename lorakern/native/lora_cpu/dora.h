@@ -4,13 +4,18 @@
 /* ---- DoRA (lorakern/dora.py): the magnitude scale c = m / n (per output column) in the epilogue ---------- */
 
 /* row_q[n] = c[n] * t + b[n], t = base_q[n] + sum_j coef[q * r + j] * mat[j * len + n], for four rows q;
- * t is also written to keep_q[n] when keep is not NULL (the backward's z). base and row may be the same rows. */
-static void scaled_update4(float *const rows[ROWS], float *const keep[ROWS], const float *const base[ROWS],
-                           const float *scale, const float *bias, const float *coef, const float *mat, int64_t r,
-                           int64_t len) {
+ * t is also written to keep_q[n] when keep is not NULL (the backward's z). base and row may be the same rows.
+ * `shifted` (a constant at each call, so each caller gets its own loop): row_q[n] = (row_q[n] - base_q[n]) +
+ * c[n] * t + b[n] instead, DoRA's form with dropout (shifted_update4, mixed_dora.h). */
+static inline __attribute__((always_inline)) void scale_rows4(float *const rows[ROWS], float *const keep[ROWS],
+                                                              const float *const base[ROWS], const float *scale,
+                                                              const float *bias, const float *coef,
+                                                              const float *mat, int64_t r, int64_t len,
+                                                              const int shifted) {
     int64_t n = 0;
     for (; n + LANES <= len; n += LANES) {
-        vf t0 = load(base[0] + n), t1 = load(base[1] + n), t2 = load(base[2] + n), t3 = load(base[3] + n);
+        vf v0 = load(base[0] + n), v1 = load(base[1] + n), v2 = load(base[2] + n), v3 = load(base[3] + n);
+        vf t0 = v0, t1 = v1, t2 = v2, t3 = v3;
         for (int64_t j = 0; j < r; ++j) {
             vf m = load(mat + j * len + n);
             IN_REGISTER(m);
@@ -19,16 +24,31 @@ static void scaled_update4(float *const rows[ROWS], float *const keep[ROWS], con
         }
         if (keep[0]) { store(keep[0] + n, t0); store(keep[1] + n, t1); store(keep[2] + n, t2); store(keep[3] + n, t3); }
         vf c = load(scale + n), b = bias ? load(bias + n) : splat(0);
-        store(rows[0] + n, c * t0 + b); store(rows[1] + n, c * t1 + b);
-        store(rows[2] + n, c * t2 + b); store(rows[3] + n, c * t3 + b);
+        if (shifted) {
+            store(rows[0] + n, (load(rows[0] + n) - v0) + c * t0 + b);
+            store(rows[1] + n, (load(rows[1] + n) - v1) + c * t1 + b);
+            store(rows[2] + n, (load(rows[2] + n) - v2) + c * t2 + b);
+            store(rows[3] + n, (load(rows[3] + n) - v3) + c * t3 + b);
+        } else {
+            store(rows[0] + n, c * t0 + b); store(rows[1] + n, c * t1 + b);
+            store(rows[2] + n, c * t2 + b); store(rows[3] + n, c * t3 + b);
+        }
     }
     for (; n < len; ++n)
         for (int q = 0; q < ROWS; ++q) {
             float t = base[q][n];
             for (int64_t j = 0; j < r; ++j) t += coef[q * r + j] * mat[j * len + n];
             if (keep[q]) keep[q][n] = t;
-            rows[q][n] = scale[n] * t + (bias ? bias[n] : 0.0f);
+            float shift = shifted ? rows[q][n] - base[q][n] : 0.0f;
+            rows[q][n] = shifted ? shift + scale[n] * t + (bias ? bias[n] : 0.0f)
+                                 : scale[n] * t + (bias ? bias[n] : 0.0f);
         }
+}
+
+static void scaled_update4(float *const rows[ROWS], float *const keep[ROWS], const float *const base[ROWS],
+                           const float *scale, const float *bias, const float *coef, const float *mat, int64_t r,
+                           int64_t len) {
+    scale_rows4(rows, keep, base, scale, bias, coef, mat, r, len, 0);
 }
 
 /* DoRA forward, after BLAS wrote z = x W^T (M x N): u = x A^T, then in the same pass over the rows

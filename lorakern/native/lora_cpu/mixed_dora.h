@@ -25,30 +25,7 @@ static void bias_plain_rows(const int64_t *order, const int64_t *offsets, const 
 static void shifted_update4(float *const rows[ROWS], float *const keep[ROWS], const float *const base[ROWS],
                             const float *scale, const float *bias, const float *coef, const float *mat, int64_t r,
                             int64_t len) {
-    int64_t n = 0;
-    for (; n + LANES <= len; n += LANES) {
-        vf v0 = load(base[0] + n), v1 = load(base[1] + n), v2 = load(base[2] + n), v3 = load(base[3] + n);
-        vf t0 = v0, t1 = v1, t2 = v2, t3 = v3;
-        for (int64_t j = 0; j < r; ++j) {
-            vf m = load(mat + j * len + n);
-            IN_REGISTER(m);
-            t0 += splat(coef[0 * r + j]) * m; t1 += splat(coef[1 * r + j]) * m;
-            t2 += splat(coef[2 * r + j]) * m; t3 += splat(coef[3 * r + j]) * m;
-        }
-        if (keep[0]) { store(keep[0] + n, t0); store(keep[1] + n, t1); store(keep[2] + n, t2); store(keep[3] + n, t3); }
-        vf c = load(scale + n), b = bias ? load(bias + n) : splat(0);
-        store(rows[0] + n, (load(rows[0] + n) - v0) + c * t0 + b);
-        store(rows[1] + n, (load(rows[1] + n) - v1) + c * t1 + b);
-        store(rows[2] + n, (load(rows[2] + n) - v2) + c * t2 + b);
-        store(rows[3] + n, (load(rows[3] + n) - v3) + c * t3 + b);
-    }
-    for (; n < len; ++n)
-        for (int q = 0; q < ROWS; ++q) {
-            float t = base[q][n];
-            for (int64_t j = 0; j < r; ++j) t += coef[q * r + j] * mat[j * len + n];
-            if (keep[q]) keep[q][n] = t;
-            rows[q][n] = (rows[q][n] - base[q][n]) + scale[n] * t + (bias ? bias[n] : 0.0f);
-        }
+    scale_rows4(rows, keep, base, scale, bias, coef, mat, r, len, 1);
 }
 
 /* Forward, after BLAS wrote y = x W^T (no bias) for every row: for each row i of slot a, u_i = x~_i A_a^T and
