@@ -41,15 +41,23 @@ static int64_t slot_of_block(const int64_t *first_block, int64_t n_slots, int64_
     return a;
 }
 
+/* The row at position p of the grouped order when it gets no rank-r term (a row of no slot, or of a slot
+ * without an adapter), else -1. */
+static inline int64_t plain_row(const int64_t *order, const int64_t *offsets, const float *const *A,
+                                int64_t n_slots, int64_t p) {
+    int64_t a = 0;
+    while (a < n_slots && offsets[a + 1] <= p) ++a;
+    return a < n_slots && A[a] ? -1 : order[p];
+}
+
 /* Rows of the batch that get no rank-r term: rows of no slot, and the rows of slots without an adapter. */
 static void fill_plain_rows(const int64_t *order, const int64_t *offsets, const float *const *A, int64_t n_slots,
                             int64_t M, const float *fill, int64_t len, float *out) {
     #pragma omp for schedule(static)
     for (int64_t p = 0; p < M; ++p) {
-        int64_t a = 0;
-        while (a < n_slots && offsets[a + 1] <= p) ++a;
-        if (a < n_slots && A[a]) continue;
-        float *row = out + order[p] * len;
+        int64_t i = plain_row(order, offsets, A, n_slots, p);
+        if (i < 0) continue;
+        float *row = out + i * len;
         if (fill) memcpy(row, fill, (size_t)len * sizeof(float));
         else memset(row, 0, (size_t)len * sizeof(float));
     }

@@ -11,10 +11,9 @@ static void bias_plain_rows(const int64_t *order, const int64_t *offsets, const 
                             int64_t M, const float *bias, int64_t N, float *y) {
     #pragma omp for schedule(static)
     for (int64_t p = 0; p < M; ++p) {
-        int64_t a = 0;
-        while (a < n_slots && offsets[a + 1] <= p) ++a;
-        if (!bias || (a < n_slots && A[a])) continue;
-        float *row = y + order[p] * N;
+        int64_t i = bias ? plain_row(order, offsets, A, n_slots, p) : -1;
+        if (i < 0) continue;
+        float *row = y + i * N;
         for (int64_t n = 0; n < N; ++n) row[n] += bias[n];
     }
 }
