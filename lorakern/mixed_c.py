@@ -133,23 +133,30 @@ class MixedLoraFunction(torch.autograd.Function):
         want_term = need_xl or (need_x and not ctx.lora_separate)
         term, dA, dB_t = rank_r_grads(library, plan, g, xl2, u, A, B_t, want_term, factor_needs[0::2],
                                       factor_needs[1::2])
-        dx = dxl = None
-        if need_x:
-            if ctx.lora_separate:
-                dx, dxl = (g @ weight).reshape(ctx.x_shape), term
-            else:
-                # dx = s (g B) A + g W: the base GEMM accumulates onto the rank-r term, in place
-                dx = term.addmm_(g, weight).reshape(ctx.x_shape)
-        elif need_xl:
-            dxl = term
-        if dxl is not None:
-            dxl = dxl.reshape(ctx.x_shape)
+        dx, dxl = input_grads(term, g, weight, need_x, need_xl, ctx.lora_separate, ctx.x_shape)
         db = g.sum(dim=0) if need_b and ctx.has_bias else None
         dW = g.t() @ x2 if need_W else None
         grads = []
         for a in range(n):
             grads += [dA[a], None if dB_t[a] is None else dB_t[a].t()]
         return (dx, dxl, dW, db, None, None, *grads)
+
+
+def input_grads(term: Optional[torch.Tensor], g: torch.Tensor, weight: torch.Tensor, need_x: bool, need_xl: bool,
+                lora_separate: bool, x_shape) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(dx, dx~) of a mixed backward from the rank-r term s (g B) A (``term``) and g (the plain path's g, the
+    DoRA path's g' = c g): with dropout dx = g W and dx~ = term (autograd carries it through the mask);
+    without, dx = term + g W, the base GEMM accumulating onto the term in place."""
+    dx = dxl = None
+    if need_x:
+        if lora_separate:
+            dx, dxl = (g @ weight).reshape(x_shape), term
+        else:
+            # dx = s (g B) A + g W: the base GEMM accumulates onto the rank-r term, in place
+            dx = term.addmm_(g, weight).reshape(x_shape)
+    elif need_xl:
+        dxl = term
+    return dx, None if dxl is None else dxl.reshape(x_shape)
 
 
 def mixed_dropout(x: torch.Tensor, slot: torch.Tensor, adapters: _Adapters,

@@ -166,19 +166,9 @@ class MixedDoraFunction(torch.autograd.Function):
             g_d = torch.cat([g.index_select(0, slots.rows(plan.order, [a])) * (slots.scales[a] - 1)
                              for a in slots.dropped])
             term.index_add_(0, ctx.dropped_rows, g_d @ weight)
-        dx = dxl = None
-        if need_x:
-            if ctx.lora_separate:
-                # dx = g' W (g W on the rows of DoRA slots that drop out); dx~ = s (g' B) A (through the mask by
-                # autograd)
-                dx, dxl = (gc @ weight).reshape(ctx.x_shape), term
-            else:
-                # dx = s (g' B) A + g' W: the base GEMM accumulates onto the rank-r term, in place
-                dx = term.addmm_(gc, weight).reshape(ctx.x_shape)
-        elif need_xl:
-            dxl = term
-        if dxl is not None:
-            dxl = dxl.reshape(ctx.x_shape)
+        # dx = s (g' B) A + g' W, or with dropout dx = g' W (g W on the rows of DoRA slots that drop out) and
+        # dx~ = s (g' B) A
+        dx, dxl = mixed_c.input_grads(term, gc, weight, need_x, need_xl, ctx.lora_separate, ctx.x_shape)
         db = g.sum(dim=0) if need_b and ctx.has_bias else None
         grads = []
         for a in range(n):
