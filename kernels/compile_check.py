@@ -168,11 +168,11 @@ def compile_one(kind: str, dtype: str, arch: int, r_pad: int, config_index: int,
 def _configs(kind: str, dtype: str, r_pad: int, weight: str) -> list:
     import torch
 
-    from lorakern.kernels.configs import _small_m_configs, get_autotune_config
+    from lorakern.kernels.configs import compiled_configs, compiled_small_m_configs
 
     if kind.endswith("small"):
-        return _small_m_configs(getattr(torch, dtype), weight, kind)
-    return get_autotune_config(kind, getattr(torch, dtype), r_pad, weight)
+        return compiled_small_m_configs(getattr(torch, dtype), weight, kind)
+    return compiled_configs(kind, getattr(torch, dtype), r_pad, weight)
 
 
 def compile_config(kind: str, dtype: str, arch: int, r_pad: int, config, weight: str = "dense",

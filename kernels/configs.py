@@ -200,9 +200,16 @@ def get_autotune_config(kind: str, dtype: torch.dtype, r_pad: int, weight: str =
     _DORA_FAILED plus _DORA_EXTRA; "mixed_dora_fwd" / "mixed_dora_bwd" / "mixed_dora_drop_*" the segmented kernels
     with DoRA slots: the mixed configs minus _MIXED_DORA_FAILED plus _MIXED_DORA_EXTRA), input dtype, padded rank
     and weight format."""
-    tiles = "TILES_N" if kind.endswith("fwd") else "TILES_K"
     if INTERPRETED:  # one small config: the interpreter is slow, and autotuning it measures nothing
+        tiles = "TILES_N" if kind.endswith("fwd") else "TILES_K"
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, tiles: 2, "GROUP_M": 2})]
+    return compiled_configs(kind, dtype, r_pad, weight)
+
+
+def compiled_configs(kind: str, dtype: torch.dtype, r_pad: int, weight: str = "dense") -> list[triton.Config]:
+    """The configs a GPU autotunes ``kind`` over (get_autotune_config's when compiled), in either mode: the
+    interpreted tests run each of them on CPU too (tests/test_kernels_gpu_configs.py)."""
+    tiles = "TILES_N" if kind.endswith("fwd") else "TILES_K"
     width = 32 if dtype == torch.float32 else 16
     table = _CONFIGS if weight == "dense" else _CONFIGS_NF4
     family = kind.removeprefix("mixed_").removeprefix("dora_").removeprefix("drop_")
@@ -244,6 +251,11 @@ def _small_m_configs(dtype: torch.dtype, weight: str = "dense", kind: str = "sma
     """The decoding kernel's configs; ``kind`` "dora_small" / "dora_drop_small" drops the _DORA_FAILED entries."""
     if INTERPRETED:
         return [triton.Config({"BLOCK_M": SMALL_M, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2})]
+    return compiled_small_m_configs(dtype, weight, kind)
+
+
+def compiled_small_m_configs(dtype: torch.dtype, weight: str = "dense", kind: str = "small") -> list[triton.Config]:
+    """The decoding kernel's configs a GPU autotunes over, in either mode (as compiled_configs)."""
     width = 32 if dtype == torch.float32 else 16
     return [triton.Config({"BLOCK_M": SMALL_M, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=s)
             for bn, bk, sk, w, s in _CONFIGS_SMALL[(weight, width)]
