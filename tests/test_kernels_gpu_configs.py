@@ -4,7 +4,7 @@ The other interpreted tests run one config per kernel (32-wide blocks, two tiles
 autotunes over the tables of kernels/configs.py instead: blocks of 16 to 128, one to four tiles per program,
 GROUP_M 8. The compile checks (tests/test_kernels_compiled.py) build those for sm_80 and sm_90 but never run
 them, so an index or mask that only a 128-row tile or a four-tile program reaches would first show on a GPU.
-Here every tile shape of the tables runs on CPU, with compiled_configs forced into the interpreted launch
+Here every tile shape of the tables runs on CPU, with compiled_configs forced into the interpreted launches
 (entries that differ only in warps and stages, which do nothing under the interpreter, run once):
 - each kernel family: plain, DoRA, DoRA with dropout, the segmented kernels of mixed batches, with DoRA slots,
   with DoRA slots and dropout;
@@ -14,8 +14,8 @@ Here every tile shape of the tables runs on CPU, with compiled_configs forced in
 - the decoding kernel's (M <= SMALL_M) split-K configs.
 Each shape follows its configs: two M tiles (the second ragged; one partial GROUP_M group); in the forward two
 column groups (the second one ragged tile) and a K loop of two steps (the second ragged); in the backward two
-K-tile groups (likewise) and an N loop of two steps. On CUDA the tables run compiled (the device check), so this
-file runs only under the interpreter.
+K-tile groups (likewise) and an N loop of two steps. On a CUDA machine the same cases run compiled, each config
+an autotuner of its own (a compile per config: minutes on an H200; not part of the device check's budget).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ import test_kernels_mixed as mixed
 import test_kernels_mixed_dora as mixed_dora
 from test_kernels_dora import triton_dora_layer
 
-pytestmark = pytest.mark.skipif(not configs.INTERPRETED, reason="on CUDA the autotuner runs these configs compiled")
+DEVICE = mixed.DEVICE
 
 # family -> (forward kind, backward kind) as the launchers name them
 FAMILIES = {
@@ -146,8 +146,19 @@ def test_the_cases_reach_every_table_entry():
     assert {case.forward.kwargs["GROUP_M"] for case in CASES} == {8}
 
 
+@pytest.fixture(autouse=True)
+def fresh_autotuners():
+    """Compiled, the launchers keep one autotuner per (kind, dtype, R_PAD, weight): each case builds its own from
+    the one config it forces, and the suite's autotuners come back afterwards."""
+    saved = dict(configs._AUTOTUNED)
+    configs._AUTOTUNED.clear()
+    yield
+    configs._AUTOTUNED.clear()
+    configs._AUTOTUNED.update(saved)
+
+
 def forcing(monkeypatch, case: Case) -> list:
-    """Force the case's configs into the interpreted launches; returns the list of kinds launched."""
+    """Force the case's configs into the launches; returns the list of kinds launched."""
     launched = []
 
     def only(kind, dtype, r_pad, weight="dense"):
@@ -173,15 +184,15 @@ def nf4_layer(K: int, N: int, r: int, dtype: torch.dtype, dropout: float, seed: 
         layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) / math.sqrt(r))
     layer.bias.requires_grad_(True)
     layer.backend = "triton"
-    return layer.train()
+    return layer.to(DEVICE).train()
 
 
 def run_case(case: Case) -> None:
     M, K, N = case.shape()
     dtype, r, seed = DTYPES[case.dtype], RANK[case.r_pad], M + K + N
-    x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(DEVICE, dtype)
     if case.family == "plain":
-        layer = (random_layer(K, N, r, dtype, dropout=0.1, seed=seed) if case.weight == "dense"
+        layer = (random_layer(K, N, r, dtype, dropout=0.1, seed=seed, device=DEVICE) if case.weight == "dense"
                  else nf4_layer(K, N, r, dtype, dropout=0.1, seed=seed))
         layer.backend = "triton"
         assert_matches_reference(compare_layer(layer.train(), x, seed=seed))
@@ -218,6 +229,7 @@ def _tile_ids_ignoring_a_partial_group(pid, num_pid_m, num_pid_inner, GROUP_M: t
     return first_pid_m + ((pid % num_pid_in_group) % GROUP_M), (pid % num_pid_in_group) // GROUP_M
 
 
+@pytest.mark.skipif(not configs.INTERPRETED, reason="swaps a jit helper in its module: interpreted kernels only")
 def test_a_tile_order_wrong_for_a_partial_group_fails(monkeypatch):
     """The comparison sees a wrong program-to-tile map of the forward under a GROUP_M 8 table config, and the same
     map passes at the interpreted default config on a shape whose m tiles fill its groups."""
@@ -257,9 +269,9 @@ def test_decoding_config_matches_reference(case, monkeypatch):
     assert M <= SMALL_M
     launched = []
     monkeypatch.setattr(launchers, "_small_m_configs", lambda *args: launched.append(args) or [config])
-    x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(DEVICE, dtype)
     if kind == "small":
-        layer = (random_layer(K, N, r, dtype, dropout=0.1, seed=seed) if weight == "dense"
+        layer = (random_layer(K, N, r, dtype, dropout=0.1, seed=seed, device=DEVICE) if weight == "dense"
                  else nf4_layer(K, N, r, dtype, dropout=0.1, seed=seed))
         layer.backend = "triton"
         assert_matches_reference(compare_layer(layer.train(), x, seed=seed))
