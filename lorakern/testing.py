@@ -250,7 +250,7 @@ def compare_layer(layer, x: torch.Tensor, grad_y: Optional[torch.Tensor] = None,
         layer.dropout_seed = previous_seed
     if grad_y is None:
         gen = torch.Generator().manual_seed(seed)
-        grad_y = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype)
+        grad_y = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(device=y.device, dtype=y.dtype)
     trainable = [p for p in (layer.lora_A, layer.lora_B, layer.bias) if p is not None and p.requires_grad]
     grads = torch.autograd.grad(y, [x, *trainable], grad_y, allow_unused=True)
     grad_of = dict(zip(["x", *[id(p) for p in trainable]], grads))

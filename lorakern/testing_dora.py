@@ -79,7 +79,8 @@ def compare_dora(layer: LoraLinear, x: torch.Tensor, seed: int = 0, perturb: Opt
         # from a seeded generator; triton: Philox per element), kept entries 1 / (1 - p) as a float32
         mask = backend_mask(backend, seed + 1, tuple(x.shape), layer.dropout, x.device)
     y = layer(x)
-    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    grad_y = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device, dtype)
     a = layer.adapters[layer.active_adapters[0]]
     wanted = {name: t for name, t in (("dx", x), ("dA", a.lora_A), ("dB", a.lora_B), ("dm", a.lora_magnitude_vector),
                                       ("db", layer.bias)) if t is not None and t.requires_grad}
@@ -108,7 +109,8 @@ def compare_mixed_dora(layer: LoraLinear, x: torch.Tensor, slots: list[int], nam
     dtype = x.dtype
     x = x.detach().requires_grad_(True)
     y = layer.forward_rows(x, torch.tensor(slots, dtype=torch.int64, device=x.device), names)
-    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    grad_y = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device, dtype)
     adapters = [layer.adapters[n] for n in names]
     wanted = {"dx": x}
     for i, a in enumerate(adapters):
@@ -152,7 +154,7 @@ def _judged(got: dict, ref: dict, mag: dict, limit: float, dtype: torch.dtype, s
     """Each result's error against its reference, in units of its per-element bound; ``perturb`` {name: factor}
     first spoils a result by factor x its bound (the mutation check)."""
     for name, factor in (perturb or {}).items():
-        got[name] = got[name].detach().double() + factor * limit * torch.as_tensor(mag[name])
+        got[name] = got[name].detach().double() + factor * limit * torch.as_tensor(mag[name], device=got[name].device)
     errors, details = {}, {}
     for name in got:
         errors[name], details[name] = rel_error(got[name], ref[name], mag[name], dtype)

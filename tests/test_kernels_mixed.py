@@ -381,10 +381,11 @@ def test_the_dispatch_sends_a_mixed_call_to_the_segmented_kernels():
     from lorakern import dispatch
     from lorakern.rows import group_rows
 
-    x = torch.randn(6, 8)
-    adapters = [(torch.randn(2, 8), torch.randn(5, 2), 0.5, 0.0), (torch.randn(3, 8), torch.randn(5, 3), 2.0, 0.0)]
-    groups = group_rows(torch.tensor([0, 1, -1, 1, 0, 0]), 2)
-    W = torch.randn(5, 8)
+    rand = lambda *shape: torch.randn(*shape, device=DEVICE)  # compiled: CUDA tensors; interpreted: CPU ones
+    x = rand(6, 8)
+    adapters = [(rand(2, 8), rand(5, 2), 0.5, 0.0), (rand(3, 8), rand(5, 3), 2.0, 0.0)]
+    groups = group_rows(torch.tensor([0, 1, -1, 1, 0, 0], device=DEVICE), 2)
+    W = rand(5, 8)
     call = dispatch.prepare_mixed(x, "dense", W, None, adapters, groups)
     assert dispatch.verdict("triton", call) is None
     y = dispatch.lora_forward_mixed(x, "dense", W, None, adapters, groups, requested="triton")

@@ -325,8 +325,10 @@ def test_backend_switch(monkeypatch):
 def test_triton_backend_request(monkeypatch):
     from lorakern import kernels
 
-    layer = random_layer(8, 4, 2, torch.float32)
-    x = torch.randn(3, 8)
+    # compiled (on a CUDA machine) the kernels take CUDA tensors only; interpreted, CPU ones
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layer = random_layer(8, 4, 2, torch.float32, device=device)
+    x = torch.randn(3, 8, device=device)
     monkeypatch.setenv("LORAKERN_BACKEND", "triton")
     if kernels.triton_available():
         assert_matches_reference(compare_layer(layer, x))
