@@ -47,3 +47,15 @@ def test_a_backend_switch_between_calls_decides_the_next_call(monkeypatch, first
                                               layer._active().lora_B, 1.0)) is not None:
         pytest.skip("the C kernels are not built here")
     assert seen == [first, second]
+
+
+def test_ci_draws_take_no_constants_from_our_code():
+    """Under the CI profile hypothesis draws no literal of lorakern's or the tests' source (tests/conftest.py), so
+    the fixed examples depend on the strategies alone; the thorough profile keeps them."""
+    import conftest
+
+    if conftest.HYPOTHESIS_PROFILE != "ci":
+        pytest.skip("the thorough profile draws hypothesis's local constants")
+    from hypothesis.internal.conjecture import providers
+
+    assert 131 not in providers._get_local_constants()  # a literal of tests/test_mixed_c.py's M classes
