@@ -203,7 +203,21 @@ def get_autotune_config(kind: str, dtype: torch.dtype, r_pad: int, weight: str =
     if INTERPRETED:  # one small config: the interpreter is slow, and autotuning it measures nothing
         tiles = "TILES_N" if kind.endswith("fwd") else "TILES_K"
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, tiles: 2, "GROUP_M": 2})]
-    return compiled_configs(kind, dtype, r_pad, weight)
+    return _autotuning(compiled_configs(kind, dtype, r_pad, weight))
+
+
+AUTOTUNE_ENV = "LORAKERN_AUTOTUNE"
+
+
+def _autotuning(configs: list) -> list:
+    """``configs``, or only the first where $LORAKERN_AUTOTUNE=0 (read when a kernel's autotuner is first built):
+    a compiled test run then compiles one config per kernel and times none (an autotuner with several configs
+    compiles and times each for every new (M, N, K, R), minutes of a GPU test run); every config is checked on
+    CPU under the interpreter (tests/test_kernels_gpu_configs.py). Speed wants autotuning: benchmarks leave it on."""
+    value = os.environ.get(AUTOTUNE_ENV, "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{AUTOTUNE_ENV}={value!r}: set it to 1 (autotune over every config) or 0 (the first only)")
+    return configs[:1] if value == "0" else configs
 
 
 def compiled_configs(kind: str, dtype: torch.dtype, r_pad: int, weight: str = "dense") -> list[triton.Config]:
@@ -251,7 +265,7 @@ def _small_m_configs(dtype: torch.dtype, weight: str = "dense", kind: str = "sma
     """The decoding kernel's configs; ``kind`` "dora_small" / "dora_drop_small" drops the _DORA_FAILED entries."""
     if INTERPRETED:
         return [triton.Config({"BLOCK_M": SMALL_M, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2})]
-    return compiled_small_m_configs(dtype, weight, kind)
+    return _autotuning(compiled_small_m_configs(dtype, weight, kind))
 
 
 def compiled_small_m_configs(dtype: torch.dtype, weight: str = "dense", kind: str = "small") -> list[triton.Config]:

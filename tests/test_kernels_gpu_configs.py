@@ -279,3 +279,22 @@ def test_decoding_config_matches_reference(case, monkeypatch):
         layer = triton_dora_layer(K, N, r, dtype, base=weight, dropout=0.2 if "drop" in kind else 0.0, seed=seed)
         assert_matches_reference(compare_dora(layer, x, seed))
     assert launched, "the decoding kernel did not run"
+
+
+def test_autotune_switch_keeps_the_first_config_only(monkeypatch):
+    """LORAKERN_AUTOTUNE=0 (compiled test runs on a GPU, benchmarks/device_check.sh): each kernel's autotuner gets
+    the first config of its table only; unset or 1, every config; another value is refused naming the choices."""
+    monkeypatch.setattr(configs, "INTERPRETED", False)
+    full = compiled_configs("mixed_dora_drop_bwd", torch.bfloat16, 32, "nf4")
+    small = compiled_small_m_configs(torch.bfloat16, "nf4")
+    assert len(full) > 1 and len(small) > 1
+    described = lambda table: [(c.kwargs, c.num_warps, c.num_stages) for c in table]  # noqa: E731
+    monkeypatch.delenv(configs.AUTOTUNE_ENV, raising=False)
+    assert described(configs.get_autotune_config("mixed_dora_drop_bwd", torch.bfloat16, 32, "nf4")) == described(full)
+    monkeypatch.setenv(configs.AUTOTUNE_ENV, "0")
+    assert described(configs.get_autotune_config("mixed_dora_drop_bwd", torch.bfloat16, 32, "nf4")) \
+        == described(full[:1])
+    assert described(configs._small_m_configs(torch.bfloat16, "nf4")) == described(small[:1])
+    monkeypatch.setenv(configs.AUTOTUNE_ENV, "off")
+    with pytest.raises(ValueError, match="LORAKERN_AUTOTUNE='off'.*set it to 1"):
+        configs.get_autotune_config("fwd", torch.float32, 16)
