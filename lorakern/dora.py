@@ -9,7 +9,9 @@ The norm never forms B A: for output row i,
     n_i^2 = ||W_i||^2 + 2 s <B_i, (W A^T)_i> + s^2 B_i (A A^T) B_i^T
 one N x r product W A^T and an r x r Gram matrix per call; ||W_i||^2 of a frozen base is computed once
 by the layer (``row_norms_sq``) and passed in. The identity subtracts: where W_i + s (BA)_i is much smaller
-than W_i its relative error grows as ||W_i||^2 / n_i^2 (never the case for a trained DoRA layer).
+than its parts its relative error grows as (||W_i|| + s ||B_i A||)^2 / n_i^2, and at 2^10 or more (a row the
+adapter nearly cancels: n_i^2 could round to 0 and c = m / n to inf) that row is formed instead
+(``_formed_where_cancelled``: K r multiply-adds per such row; none in a trained layer seen so far).
 
 Importing this module attaches ``run`` to lorakern.dispatch's torch (dense, NF4) and c implementations
 (``dispatch.attach_dora``), ``further_term``, which composes a further active DoRA adapter as PEFT does, and
@@ -116,14 +118,55 @@ def weight_norm(weight: Weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scal
             norm = torch.empty_like(w2)
             library.dora_norm_f32(_ptr(W), _ptr(A), _ptr(B), _ptr(w2), _ptr(gram), scaling, W.shape[0], W.shape[1],
                                   A.shape[0], _ptr(norm), torch.get_num_threads())
-            return norm
+            return _formed_where_cancelled(norm, weight, A, B, w2, gram, scaling)[0]
         w2 = row_norms_sq(weight, acc) if base_norm_sq is None else base_norm_sq.to(acc)
         WA = _weight_At(weight, A, acc)
         A, B = A.to(acc), B.to(acc)
         gram = A @ A.t()
         # ||W_i||^2 + 2 s <B_i, (W A^T)_i> + s^2 B_i (A A^T) B_i^T
         n2 = w2 + (2.0 * scaling) * (B * WA).sum(dim=1) + (scaling * scaling) * ((B @ gram) * B).sum(dim=1)
-        return n2.clamp_min_(0.0).sqrt_()
+        return _formed_where_cancelled(n2.clamp_min_(0.0).sqrt_(), weight, A, B, w2, gram, scaling)[0]
+
+
+CANCELLATION_LIMIT = 2.0 ** -10  # n_i^2 below this share of its parts' size: the row is formed
+
+
+def _formed_where_cancelled(norm: torch.Tensor, weight: Weight, A: torch.Tensor, B: torch.Tensor,
+                            w2: torch.Tensor, gram: torch.Tensor, scaling: float
+                            ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(norm with the rows where the identity cancelled formed instead, those rows' indices or None).
+
+    The identity's terms are bounded (Cauchy-Schwarz: |(W A^T)_ij| <= ||W_i|| ||A_j||, |G_jk| <= ||A_j|| ||A_k||)
+    by size_i = (||W_i|| + |s| sum_j |B_ij| ||A_j||)^2, from w2 and diag(A A^T) in O(N r); its rounding error is
+    a few units of size_i. Where n_i^2 <= CANCELLATION_LIMIT size_i, n_i = ||W_i + s B_i A|| from the formed row
+    (fp32 at least; an NF4 base decoded). Under torch.compile such a row keeps the identity's n_i, floored at
+    sqrt(CANCELLATION_LIMIT size_i)."""
+    size = (w2.to(norm.dtype).sqrt() + abs(scaling) * (B.abs().to(norm.dtype) @ gram.diagonal().to(norm.dtype)
+                                                         .clamp_min(0.0).sqrt())).square()
+    if torch.compiler.is_compiling():
+        # no data-dependent branch inside a graph: a cancelled row keeps the identity's value, floored where it
+        # rounded to 0 so that c stays finite (eager forms the row)
+        return torch.maximum(norm, (CANCELLATION_LIMIT * size).sqrt()), None
+    cancelled = norm.square() <= CANCELLATION_LIMIT * size
+    if not bool(cancelled.any()):
+        return norm, None
+    rows = cancelled.nonzero().flatten()
+    formed = _weight_rows(weight, rows, norm.dtype) + scaling * (B[rows].to(norm.dtype) @ A.to(norm.dtype))
+    norm = norm.clone()
+    norm[rows] = torch.linalg.vector_norm(formed, dim=1)
+    return norm, rows
+
+
+def _weight_rows(weight: Weight, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``rows`` of the (out, in) base weight in ``dtype`` (an NF4 base decoded chunk by chunk)."""
+    if not isinstance(weight, NF4Storage):
+        return weight.detach()[rows].to(dtype)
+    out = torch.empty(rows.numel(), weight.shape[1], dtype=dtype, device=rows.device)
+    for r0, chunk in weight.row_chunks(dtype):
+        inside = (rows >= r0) & (rows < r0 + chunk.shape[0])
+        if bool(inside.any()):
+            out[inside] = chunk[rows[inside] - r0]
+    return out
 
 
 class DoraLinearFunction(torch.autograd.Function):
@@ -272,6 +315,10 @@ def _folded_forward_native(library, x2, weight, bias, lora_A, lora_B, magnitude,
         merged = workspace_like(W)  # a workspace: nothing may hold it past this call
         library.dora_merge_f32(_ptr(W), _ptr(A), _ptr(B), _ptr(w2), _ptr(gram), _ptr(m), scaling, out_features,
                                in_features, r, _ptr(norm), _ptr(scale), _ptr(merged), torch.get_num_threads())
+        norm, rows = _formed_where_cancelled(norm, W, A, B, w2, gram, scaling)
+        if rows is not None:  # those rows' c and diag(c) W' again, from the formed norm
+            scale[rows] = m[rows] / norm[rows]
+            merged[rows] = scale[rows, None] * (W[rows] + scaling * (B[rows] @ A))
     # y = x (diag(c) W')^T + b: as the frozen layer's GEMM (the caller keeps y when m trains)
     y = torch.addmm(bias, x2, merged.t()) if bias is not None else x2 @ merged.t()
     return norm, scale, y

@@ -374,3 +374,98 @@ def test_bad_input_names_the_fix():
     model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 4))
     with pytest.raises(LorakernError, match="use_dora=True on nn.Embedding.*Linear layers only"):
         inject(model, LoraConfig(target_modules=["0", "1"], use_dora=True))
+
+
+def _cancelling_layer(backend, K=16, N=6, r=3, row=2, left=1e-4, dtype=torch.float32, seed=7):
+    """A DoRA layer whose row ``row`` of W + s B A is ``left`` times its parts (W_row set to -s (B A)_row plus a
+    small remainder): the norm identity cancels there (n^2 ~ 1e-8 of its terms: below fp32's resolution)."""
+    layer = dora_layer(K, N, r, torch.float64, bias=False, seed=seed, backend=backend)
+    a = layer.adapters["default"]
+    with torch.no_grad():
+        delta = a.scaling * (a.lora_B @ a.lora_A)
+        remainder = torch.randn(K, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+        layer.weight[row] = -delta[row] + left * delta[row].norm() * remainder / remainder.norm()
+        a.lora_magnitude_vector.copy_(torch.rand(N, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+                                      * 1e-3 + 1e-3)  # c = m / n near 1-10 on the cancelled row, not 1e4
+    return layer.to(dtype)
+
+
+@pytest.mark.parametrize("rows", [3, 40], ids=["unfolded", "folded"])
+@pytest.mark.parametrize("backend", ["torch", "c", "triton"])
+def test_a_row_the_adapter_cancels_is_formed(backend, rows, monkeypatch):
+    """Where W_i + s (B A)_i nearly cancels, the identity's n_i^2 rounds to ~0 (c = m / n: inf); that row is
+    formed instead (dora._formed_where_cancelled) and the layer matches the reference, on the torch path, the
+    C path unfolded (fewer rows than K) and folded (dora_merge_f32), and the Triton kernels (interpreted on CPU);
+    with the fallback off it does not."""
+    from lorakern import native
+
+    if backend == "c" and native.lora_library() is None:
+        pytest.skip(f"no C library: {native.build_status()}")
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if torch.cuda.is_available():
+            pytest.skip("the CPU tensors of this test run the Triton kernels interpreted only")
+    layer = _cancelling_layer(backend)
+    W, a = layer.weight.detach(), layer.adapters["default"]
+    exact = core.dora.weight_norm(f64(W), f64(a.lora_A), f64(a.lora_B), a.scaling)
+    assert exact[2] < 1e-3 * exact.max()
+    library = native.lora_library() if backend == "c" else None
+    norm = dora.weight_norm(W, a.lora_A, a.lora_B, a.scaling, library=library).double().numpy()
+    others = np.arange(6) != 2
+    assert np.allclose(norm[others], exact[others], rtol=1e-5, atol=0)
+    # the formed row's elements themselves cancel to 1e-4: fp32 keeps ~eps / 1e-4 of them (PEFT's formed norm too)
+    assert abs(norm[2] - exact[2]) <= 5e-3 * exact[2]
+    x = torch.randn(rows, 16, generator=torch.Generator().manual_seed(rows))
+    assert_matches_reference(compare_dora(layer, x))
+    # the bound above scales with the norm's conditioning (~1e8 on that row): the row's own output is held here
+    assert _cancelled_output_error(layer, x) <= 1e-2
+    monkeypatch.setattr(dora, "CANCELLATION_LIMIT", -1.0)  # the identity alone: n_2 3.4x too large, or 0 (inf)
+    assert not _cancelled_output_error(_cancelling_layer(backend), x) <= 1e-2
+
+
+def _cancelled_output_error(layer, x, row=2) -> float:
+    """|y - y_ref| / max |y_ref| over output column ``row`` (the cancelled row of W + s B A), y_ref from core.dora."""
+    a = layer.adapters["default"]
+    with torch.no_grad():
+        y = layer(x).double().numpy()[:, row]
+    want = core.dora.forward(f64(x), f64(layer.weight), f64(a.lora_A), f64(a.lora_B), f64(a.lora_magnitude_vector),
+                             None, a.scaling)[:, row]
+    return float(np.abs(y - want).max() / np.abs(want).max())
+
+
+def test_a_cancelled_row_of_an_nf4_base_is_decoded_and_formed():
+    """_weight_rows decodes the cancelled rows of an NF4 base (chunk by chunk) before forming them."""
+    from lorakern.quant import NF4Storage, quantize_nf4
+
+    gen = torch.Generator().manual_seed(3)
+    W = torch.randn(70, 64, generator=gen)
+    A, B = torch.randn(4, 64, generator=gen), torch.randn(70, 4, generator=gen)
+    s = 0.5
+    storage = NF4Storage(quantize_nf4(W, blocksize=64))
+    decoded = torch.cat([chunk for _, chunk in storage.row_chunks(torch.float32)])
+    # rows 5 and 66 of W + s B A cancel to 1e-4 of the decoded rows: A holds them, B_i takes them back
+    for j, i in enumerate((5, 66)):
+        A[j] = decoded[i]
+        B[i] = 0.0
+        B[i, j] = -(1 - 1e-4) / s
+    exact = torch.linalg.vector_norm(decoded.double() + s * (B.double() @ A.double()), dim=1)
+    norm = dora.weight_norm(storage, A, B, s)
+    assert exact[[5, 66]].max() < 1e-2 * exact.max()
+    assert torch.allclose(norm.double(), exact, rtol=2e-3)
+    assert dora._formed_where_cancelled(norm, storage, A, B, dora.row_norms_sq(storage), A @ A.t(), s)[1] is not None
+
+
+def test_a_cancelled_row_under_torch_compile_stays_finite():
+    """Inside a graph the row is not formed (a data-dependent branch would break it): the identity's n_i is
+    floored, so c and y stay finite, and the graph has no break."""
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(3))
+    # K = 4, the row cancelled to fp32's rounding: the identity's n_2^2 comes out <= 0 here (0 after the clamp)
+    for limit, finite in ((dora.CANCELLATION_LIMIT, True), (0.0, False)):
+        dora.CANCELLATION_LIMIT, saved = limit, dora.CANCELLATION_LIMIT
+        try:
+            torch._dynamo.reset()
+            compiled = torch.compile(_cancelling_layer("torch", K=4, left=0.0).eval(), fullgraph=True, backend="eager")
+            with torch.no_grad():
+                assert bool(torch.isfinite(compiled(x)).all()) == finite, limit
+        finally:
+            dora.CANCELLATION_LIMIT = saved
