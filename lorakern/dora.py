@@ -116,9 +116,10 @@ def weight_norm(weight: Weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scal
                 weight.dtype == A.dtype == B.dtype == torch.float32:
             W, A, B, w2, gram = _norm_operands_f32(weight, A, B, base_norm_sq)  # named: they outlive the call
             norm = torch.empty_like(w2)
-            library.dora_norm_f32(_ptr(W), _ptr(A), _ptr(B), _ptr(w2), _ptr(gram), scaling, W.shape[0], W.shape[1],
-                                  A.shape[0], _ptr(norm), torch.get_num_threads())
-            return _formed_where_cancelled(norm, weight, A, B, w2, gram, scaling)[0]
+            cancelled = library.dora_norm_f32(_ptr(W), _ptr(A), _ptr(B), _ptr(w2), _ptr(gram), scaling, W.shape[0],
+                                              W.shape[1], A.shape[0], _ptr(norm), torch.get_num_threads())
+            # the C pass flags the rows that cancelled (norm -1) by the same test as _formed_where_cancelled
+            return norm if not cancelled else _formed_rows(norm, (norm < 0).nonzero().flatten(), W, A, B, scaling)
         w2 = row_norms_sq(weight, acc) if base_norm_sq is None else base_norm_sq.to(acc)
         WA = _weight_At(weight, A, acc)
         A, B = A.to(acc), B.to(acc)
@@ -128,7 +129,8 @@ def weight_norm(weight: Weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scal
         return _formed_where_cancelled(n2.clamp_min_(0.0).sqrt_(), weight, A, B, w2, gram, scaling)[0]
 
 
-CANCELLATION_LIMIT = 2.0 ** -10  # n_i^2 below this share of its parts' size: the row is formed
+CANCELLATION_LIMIT = 2.0 ** -10  # n_i^2 below this share of its parts' size: the row is formed (lora_cpu/dora.h
+# applies the same limit, DORA_CANCELLATION_LIMIT, in its own pass)
 
 
 def _formed_where_cancelled(norm: torch.Tensor, weight: Weight, A: torch.Tensor, B: torch.Tensor,
@@ -151,10 +153,16 @@ def _formed_where_cancelled(norm: torch.Tensor, weight: Weight, A: torch.Tensor,
     if not bool(cancelled.any()):
         return norm, None
     rows = cancelled.nonzero().flatten()
+    return _formed_rows(norm, rows, weight, A, B, scaling), rows
+
+
+def _formed_rows(norm: torch.Tensor, rows: torch.Tensor, weight: Weight, A: torch.Tensor, B: torch.Tensor,
+                 scaling: float) -> torch.Tensor:
+    """``norm`` with rows ``rows`` replaced by ||W_i + s B_i A|| of the formed rows (K r multiply-adds each)."""
     formed = _weight_rows(weight, rows, norm.dtype) + scaling * (B[rows].to(norm.dtype) @ A.to(norm.dtype))
     norm = norm.clone()
     norm[rows] = torch.linalg.vector_norm(formed, dim=1)
-    return norm, rows
+    return norm
 
 
 def _weight_rows(weight: Weight, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -313,10 +321,12 @@ def _folded_forward_native(library, x2, weight, bias, lora_A, lora_B, magnitude,
         m = magnitude.detach().to(torch.float32).contiguous()
         norm, scale = torch.empty_like(w2), torch.empty_like(w2)
         merged = workspace_like(W)  # a workspace: nothing may hold it past this call
-        library.dora_merge_f32(_ptr(W), _ptr(A), _ptr(B), _ptr(w2), _ptr(gram), _ptr(m), scaling, out_features,
-                               in_features, r, _ptr(norm), _ptr(scale), _ptr(merged), torch.get_num_threads())
-        norm, rows = _formed_where_cancelled(norm, W, A, B, w2, gram, scaling)
-        if rows is not None:  # those rows' c and diag(c) W' again, from the formed norm
+        cancelled = library.dora_merge_f32(_ptr(W), _ptr(A), _ptr(B), _ptr(w2), _ptr(gram), _ptr(m), scaling,
+                                           out_features, in_features, r, _ptr(norm), _ptr(scale), _ptr(merged),
+                                           torch.get_num_threads())
+        if cancelled:  # rows whose norm cancelled (-1, c 0): formed, then their c and diag(c) W'
+            rows = (norm < 0).nonzero().flatten()
+            norm = _formed_rows(norm, rows, W, A, B, scaling)
             scale[rows] = m[rows] / norm[rows]
             merged[rows] = scale[rows, None] * (W[rows] + scaling * (B[rows] @ A))
     # y = x (diag(c) W')^T + b: as the frozen layer's GEMM (the caller keeps y when m trains)

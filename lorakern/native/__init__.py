@@ -87,9 +87,9 @@ _LIBRARIES = {
             "dora_scale_grad_f32": (None, [_POINTER] * 3 + [_I64] * 2 + [_POINTER] * 3 + [_INT]),
             "dora_backward_f32": (None, [_POINTER] * 5 + [_FLOAT] + [_I64] * 4 + [_POINTER] * 7 + [_INT]),
             "dora_backward_scratch": (_I64, [_I64, _I64, _I64, _INT]),
-            "dora_norm_f32": (None, [_POINTER] * 5 + [_FLOAT] + [_I64] * 3 + [_POINTER, _INT]),
+            "dora_norm_f32": (_I64, [_POINTER] * 5 + [_FLOAT] + [_I64] * 3 + [_POINTER, _INT]),
             "lora_merge_f32": (None, [_POINTER] * 3 + [_FLOAT, _POINTER] + [_I64] * 3 + [_POINTER, _INT]),
-            "dora_merge_f32": (None, [_POINTER] * 6 + [_FLOAT] + [_I64] * 3 + [_POINTER] * 3 + [_INT]),
+            "dora_merge_f32": (_I64, [_POINTER] * 6 + [_FLOAT] + [_I64] * 3 + [_POINTER] * 3 + [_INT]),
             "dora_mixed_forward_f32": (None, [_POINTER] * 3 + [_I64] + [_POINTER] * 7 + [_I64] * 4 + [_POINTER] * 3
                                        + [_INT]),
             "dora_mixed_scale_grad_f32": (None, [_POINTER] * 3 + [_I64] + [_POINTER] * 2 + [_I64] * 2 + [_POINTER] * 3

@@ -82,45 +82,58 @@ void dora_forward_f32(const float *x, const float *A, const float *Bt, const flo
     }
 }
 
+/* Below this share of the bound on its terms, the identity's n^2 has lost its digits (lorakern/dora.py,
+ * CANCELLATION_LIMIT): the row is formed instead. */
+#define DORA_CANCELLATION_LIMIT (1.0f / 1024.0f)
+
 /* ||W_i + s (B A)_i|| from w2 = ||W_i||^2, b = B_i (r), wa = (W A^T)_i (r) and gram = A A^T (r x r):
- * sqrt(max(0, w2 + 2 s <b, wa> + s^2 b gram b^T)). */
+ * sqrt(w2 + 2 s <b, wa> + s^2 b gram b^T); -1 where that sum cancels: n^2 <= DORA_CANCELLATION_LIMIT bound^2,
+ * bound = ||W_i|| + |s| sum_j |b_j| sqrt(gram_jj) (Cauchy-Schwarz: every term is at most bound^2). The caller
+ * forms those rows (lorakern/dora.py, _formed_rows). */
 static inline float dora_row_norm(float w2, const float *b, const float *wa, const float *gram, float s, int64_t r) {
-    float cross = 0.0f, quad = 0.0f;
+    float cross = 0.0f, quad = 0.0f, reach = 0.0f;
     for (int64_t j = 0; j < r; ++j) {
         float gb = 0.0f;
         for (int64_t k = 0; k < r; ++k) gb += gram[j * r + k] * b[k];
         cross += b[j] * wa[j];
         quad += b[j] * gb;
+        reach += fabsf(b[j]) * sqrtf(gram[j * r + j] > 0.0f ? gram[j * r + j] : 0.0f);
     }
     float n2 = w2 + 2.0f * s * cross + s * s * quad;
-    return sqrtf(n2 > 0.0f ? n2 : 0.0f);
+    float bound = sqrtf(w2) + fabsf(s) * reach;
+    return n2 > DORA_CANCELLATION_LIMIT * bound * bound ? sqrtf(n2) : -1.0f;
 }
 
 /* DoRA's row norms without B A (lorakern/dora.py, weight_norm): for each row i of W (N x K),
- * norm[i] = ||W_i + s (B A)_i|| (dora_row_norm), W A^T four rows at a time. B: N x r. */
-void dora_norm_f32(const float *W, const float *A, const float *B, const float *w2, const float *gram, float s,
-                   int64_t N, int64_t K, int64_t r, float *norm, int threads) {
-    int64_t blocks = (N + ROWS - 1) / ROWS;
-    #pragma omp parallel for schedule(static) num_threads(threads)
+ * norm[i] = ||W_i + s (B A)_i|| (dora_row_norm), W A^T four rows at a time. B: N x r. Returns how many rows
+ * cancelled (their norm -1: the caller forms them). */
+int64_t dora_norm_f32(const float *W, const float *A, const float *B, const float *w2, const float *gram, float s,
+                      int64_t N, int64_t K, int64_t r, float *norm, int threads) {
+    int64_t blocks = (N + ROWS - 1) / ROWS, cancelled = 0;
+    #pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : cancelled)
     for (int64_t blk = 0; blk < blocks; ++blk) {
         int64_t i0 = blk * ROWS;
         float wa[ROWS * 256];
         const float *wr[ROWS];
         block_rows(W, i0, N, K, wr);
         dots4(wr, A, r, K, wa);
-        for (int q = 0; q < ROWS && i0 + q < N; ++q)
+        for (int q = 0; q < ROWS && i0 + q < N; ++q) {
             norm[i0 + q] = dora_row_norm(w2[i0 + q], B + (i0 + q) * r, wa + q * r, gram, s, r);
+            cancelled += norm[i0 + q] < 0.0f;
+        }
     }
+    return cancelled;
 }
 
 /* out (N x K) = diag(c) (W + s B A), four rows of W at a time, A read from L1. The scale c: given (c_in; NULL
  * means 1), or with w2 given DoRA's c = m / ||W_i + s (B A)_i|| computed from the same rows (their W A^T first,
- * while they are in L1), written to c_out and the norms to norm. */
-static void merge_rows(const float *W, const float *A, const float *B, float s, const float *c_in, const float *w2,
-                       const float *gram, const float *m, int64_t N, int64_t K, int64_t r, float *norm,
-                       float *c_out, float *out, int threads) {
-    int64_t blocks = (N + ROWS - 1) / ROWS;
-    #pragma omp parallel num_threads(threads)
+ * while they are in L1), written to c_out and the norms to norm; a row whose norm cancelled (dora_row_norm: -1)
+ * gets c = 0 and a zero row, and is counted in the return value (the caller forms it). */
+static int64_t merge_rows(const float *W, const float *A, const float *B, float s, const float *c_in,
+                          const float *w2, const float *gram, const float *m, int64_t N, int64_t K, int64_t r,
+                          float *norm, float *c_out, float *out, int threads) {
+    int64_t blocks = (N + ROWS - 1) / ROWS, cancelled = 0;
+    #pragma omp parallel num_threads(threads) reduction(+ : cancelled)
     {
         float coef[ROWS * 256], scale[ROWS], wa[ROWS * 256];
         float *spare = (float *)malloc((size_t)K * sizeof(float));
@@ -136,10 +149,11 @@ static void merge_rows(const float *W, const float *A, const float *B, float s, 
                 int64_t i = i0 + q < N ? i0 + q : i0;
                 if (w2) {
                     float n = dora_row_norm(w2[i], B + i * r, wa + q * r, gram, s, r);
-                    scale[q] = m[i] / n;
+                    scale[q] = n < 0.0f ? 0.0f : m[i] / n;
                     if (i == i0 + q) {  /* a real row, not a repeat past N */
                         norm[i] = n;
                         c_out[i] = scale[q];
+                        cancelled += n < 0.0f;
                     }
                 } else {
                     scale[q] = c_in ? c_in[i] : 1.0f;
@@ -150,6 +164,7 @@ static void merge_rows(const float *W, const float *A, const float *B, float s, 
         }
         free(spare);
     }
+    return cancelled;
 }
 
 /* out (N x K) = diag(c) (W + s B A), the weight of the merged forms (lorakern/formulation.py, merged_weight;
@@ -163,11 +178,11 @@ void lora_merge_f32(const float *W, const float *A, const float *B, float s, con
 
 /* DoRA's folded forward weight in one pass over W (lorakern/dora.py, _folded_forward_native): norm[i] =
  * ||W_i + s (B A)_i|| (from w2 = ||W_i||^2 and gram = A A^T, as dora_norm_f32), c[i] = m[i] / norm[i], and
- * out = diag(c) (W + s B A). */
-void dora_merge_f32(const float *W, const float *A, const float *B, const float *w2, const float *gram,
-                    const float *m, float s, int64_t N, int64_t K, int64_t r, float *norm, float *c, float *out,
-                    int threads) {
-    merge_rows(W, A, B, s, NULL, w2, gram, m, N, K, r, norm, c, out, threads);
+ * out = diag(c) (W + s B A). Returns how many rows cancelled (norm -1, c 0, a zero row: the caller forms them). */
+int64_t dora_merge_f32(const float *W, const float *A, const float *B, const float *w2, const float *gram,
+                       const float *m, float s, int64_t N, int64_t K, int64_t r, float *norm, float *c, float *out,
+                       int threads) {
+    return merge_rows(W, A, B, s, NULL, w2, gram, m, N, K, r, norm, c, out, threads);
 }
 
 /* DoRA backward's first pass: gc = g * c (columns scaled: the LoRA backward then runs on gc) and, when z is
