@@ -253,6 +253,23 @@ def draw_slots(draw, M: int, n: int, rows_label: str) -> list:
         empty = draw(st.integers(0, n - 1))
         return draw(st.lists(st.sampled_from([-1] + [a for a in range(n) if a != empty]), min_size=M, max_size=M))
     return [-1] * M
+
+
+# The C passes' K and N (test_mixed_c.py, test_mixed_dora_c.py): whole vectors at every ISA level (a multiple of 16
+# floats) or a lane tail, each drawn uniformly.
+LANE_WIDTHS = ("whole vectors (a multiple of 16)", "a lane tail")
+
+
+def draw_lane_widths(draw, whole: list, tail_max: int) -> list:
+    """K and N as two (LANE_WIDTHS label, width): whole from ``whole``, a tail from 1..tail_max off the multiples of 16."""
+    widths = []
+    for _ in range(2):
+        label = draw(st.sampled_from(LANE_WIDTHS))
+        widths.append((label, draw(st.sampled_from(whole)) if label == LANE_WIDTHS[0]
+                       else draw(st.integers(1, tail_max).filter(lambda w: w % 16 != 0))))
+    return widths
+
+
 ABSENT = ("the layer has every slot's adapter", "the layer lacks one slot's adapter")
 MIXED_DTYPES = ("fp32", "bf16", "fp16")
 BASE_KINDS = ("dense", "nf4")

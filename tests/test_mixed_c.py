@@ -126,7 +126,7 @@ def assert_within(rel: dict[str, float], M: int, K: int, N: int) -> None:
 # whole vectors at every ISA level (a multiple of 16 floats) or a lane tail.
 M_UNITS = {"M=1": [1], "a four-row tail (3, 5)": [3, 5], "one whole four-row block (4)": [4],
            "at a 64-row chunk's edge (63..65)": [63, 64, 65], "over two chunks (131)": [131]}
-LANE_WIDTHS = ("whole vectors (a multiple of 16)", "a lane tail")
+LANE_WIDTHS = strategies.LANE_WIDTHS
 ROW_CLASSES, RANK_CLASSES = strategies.MIXED_ROWS, strategies.MIXED_RANKS
 AXES = {"M": list(M_UNITS), "K": list(LANE_WIDTHS), "N": list(LANE_WIDTHS), "rows": list(ROW_CLASSES),
         "ranks": list(RANK_CLASSES)}
@@ -136,11 +136,7 @@ AXES = {"M": list(M_UNITS), "K": list(LANE_WIDTHS), "N": list(LANE_WIDTHS), "row
 def mixed_cases(draw):
     m_label = draw(st.sampled_from(list(M_UNITS)))
     M = draw(st.sampled_from(M_UNITS[m_label]))
-    widths = []
-    for _ in range(2):
-        label = draw(st.sampled_from(LANE_WIDTHS))
-        widths.append((label, draw(st.sampled_from([16, 32, 48, 64])) if label == LANE_WIDTHS[0]
-                       else draw(st.integers(1, 70).filter(lambda w: w % 16 != 0))))
+    widths = strategies.draw_lane_widths(draw, [16, 32, 48, 64], 70)
     rows_label, ranks_label = draw(st.sampled_from(ROW_CLASSES)), draw(st.sampled_from(RANK_CLASSES))
     ranks = strategies.draw_ranks(draw, rows_label, ranks_label)
     slots = strategies.draw_slots(draw, M, len(ranks), rows_label)

@@ -155,7 +155,7 @@ def check(case, factor: float = 1.0) -> None:
 # backward's 64-row chunks; K and N: whole vectors at every ISA level (a multiple of 16 floats) or a lane tail.
 M_UNITS = {"M=1": [1], "a four-row tail (3, 5, 7)": [3, 5, 7], "at a 16-row block's edge (15..17)": [15, 16, 17],
            "over a 64-row chunk (63..70)": [63, 65, 70]}
-LANE_WIDTHS = ("whole vectors (a multiple of 16)", "a lane tail")
+LANE_WIDTHS = strategies.LANE_WIDTHS
 MIXES = ("every adapter DoRA", "DoRA and plain adapters")
 BIASES = ("no bias", "frozen bias", "trained bias")
 DROPOUTS = ("dropout off", "seeded dropout on the plain adapters", "seeded dropout on every adapter")
@@ -168,11 +168,7 @@ AXES = {"M": list(M_UNITS), "K": list(LANE_WIDTHS), "N": list(LANE_WIDTHS), "row
 def mixed_dora_cases(draw):
     m_label = draw(st.sampled_from(list(M_UNITS)))
     M = draw(st.sampled_from(M_UNITS[m_label]))
-    widths = []
-    for _ in range(2):
-        label = draw(st.sampled_from(LANE_WIDTHS))
-        widths.append((label, draw(st.sampled_from([16, 32, 48])) if label == LANE_WIDTHS[0]
-                       else draw(st.integers(1, 50).filter(lambda w: w % 16 != 0))))
+    widths = strategies.draw_lane_widths(draw, [16, 32, 48], 50)
     rows_label = draw(st.sampled_from(strategies.MIXED_ROWS))
     ranks_label = draw(st.sampled_from(strategies.MIXED_RANKS))
     absent, mix = draw(st.sampled_from(strategies.ABSENT)), draw(st.sampled_from(MIXES))
