@@ -26,8 +26,9 @@ def _load_scale(c_ptr, offs_n, N, ACC_DTYPE: tl.constexpr):
 def _dora_tile(acc, acc_xl, u_scaled, b_ptr, c_ptr, offs_n, offs_r, N, R, stride_bn, stride_br,
                HAS_DROPOUT: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                UPCAST: tl.constexpr):
-    """(y - b, z) of one tile from acc = x W^T and, with dropout, acc_xl = x~ W^T."""
-    b_tile = _load(b_ptr, offs_r, offs_n, stride_br, stride_bn, R, N)
+    """(y - b, z) of one tile from acc = x W^T and, with dropout, acc_xl = x~ W^T. B is taken in u_scaled's dtype:
+    x's in the tiled kernels, ACC_DTYPE in the split-K kernel (small_m.py says why)."""
+    b_tile = _load(b_ptr, offs_r, offs_n, stride_br, stride_bn, R, N).to(u_scaled.dtype)
     c = _load_scale(c_ptr, offs_n, N, ACC_DTYPE)[None, :]
     if HAS_DROPOUT:
         # z~ = x~ W^T + (s u) B^T;  y - b = x W^T - x~ W^T + c z~

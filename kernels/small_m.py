@@ -51,14 +51,20 @@ def _lora_small_m_kernel(
                                    stride_ar, stride_ak, k_start, min(K, k_start + k_per_split), K, seed, dropout_p,
                                    keep_scale, HAS_DROPOUT, HAS_MAGNITUDE, W_NF4, W_NESTED, BLOCK_K, ACC_DTYPE,
                                    DOT_PRECISION, UPCAST)
+    # s u_k stays in ACC_DTYPE (B is upcast to it): u_k is this split's K-partial of u, and rounding it to x's
+    # dtype, as the tiled kernels round the whole u once, would err by s |u_k| |B| per split, which splits that
+    # cancel (|u| << sum_k |u_k|) leave unbounded by u's own size (the thorough profile found an fp16 y 1.3x
+    # over its bound at M = 2, K = 64, r = 1). The extra FMAs, M x R_PAD x BLOCK_N per split, are small beside
+    # the split's BLOCK_N x K / SPLIT_K slice of W.
+    u_scaled = u * scaling
     if HAS_MAGNITUDE:
-        _dora_small_m_epilogue(acc, acc_xl, (u * scaling).to(x_ptr.dtype.element_ty), b_ptr, bias_ptr, c_ptr, y_ptr,
-                               z_ptr, offs_m, offs_n, offs_r, M, N, R, stride_bn, stride_br, pid_k == 0, HAS_BIAS,
-                               HAS_DROPOUT, STORE_Z, ACC_DTYPE, DOT_PRECISION, UPCAST)
+        _dora_small_m_epilogue(acc, acc_xl, u_scaled, b_ptr, bias_ptr, c_ptr, y_ptr, z_ptr, offs_m, offs_n, offs_r, M,
+                               N, R, stride_bn, stride_br, pid_k == 0, HAS_BIAS, HAS_DROPOUT, STORE_Z, ACC_DTYPE,
+                               DOT_PRECISION, UPCAST)
     else:
         # acc += (s u_k) B^T
-        acc = _dot((u * scaling).to(x_ptr.dtype.element_ty), _load(b_ptr, offs_r, offs_n, stride_br, stride_bn, R, N),
-                   acc, DOT_PRECISION, UPCAST)
+        acc = _dot(u_scaled, _load(b_ptr, offs_r, offs_n, stride_br, stride_bn, R, N).to(ACC_DTYPE), acc,
+                   DOT_PRECISION, UPCAST)
         if HAS_BIAS:
             if pid_k == 0:
                 acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]

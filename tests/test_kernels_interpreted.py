@@ -59,6 +59,18 @@ def test_explicit_tile_classes(index, dtype):
     assert_matches_reference(compare_layer(layer, strategies.make_input(case, DEVICE), seed=index))
 
 
+def test_split_k_partials_of_u_are_not_rounded():
+    """The decoding kernel (M < SMALL_M) splits K (two 32-wide splits here, interpreted); each split adds
+    s u_k B^T for its partial u_k. With u_k rounded to fp16 first (as it was until 2026-12-01), splits whose
+    u_k cancel erred by more than u's own rounding allows: this case, found by the thorough profile, read y at
+    1.34x its bound (0.22x with u_k kept in fp32)."""
+    case = strategies.Case(lead=(2,), K=64, N=32, r=1, dtype=torch.float16, layout="contiguous 2-D", dropout=0.0,
+                           bias=False, seed=16)
+    layer = triton_layer(case.K, case.N, case.r, case.dtype, bias=False, seed=case.seed).train()
+    assert 2 < kl.SMALL_M and case.K > strategies.BLOCK  # the split-K kernel, more than one split
+    assert_matches_reference(compare_layer(layer, strategies.make_input(case, DEVICE), seed=case.seed))
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("shape", [(6, 42, 123, 5), (70, 200, 33, 64), (1, 431, 6, 16), (123, 6, 42, 1)],
                          ids=lambda s: "x".join(map(str, s)))
