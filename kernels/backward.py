@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from lorakern.kernels.dora_tiles import _load_scale, _scaled
-from lorakern.kernels.loops import _bwd_n_loop, _bwd_n_loop_gb
-from lorakern.kernels.tiles import (_atomic_add, _dot, _dropout_keep, _dropped, _keep_scale, _load, _program_tiles,
+from lorakern.kernels.loops import _bwd_n_loop, _bwd_n_loop_gb, _da_part, _dx_with_lora
+from lorakern.kernels.tiles import (_atomic_add, _dot, _dropout_keep, _keep_scale, _load, _program_tiles,
                                     _store)
 
 
@@ -24,28 +24,19 @@ def _bwd_epilogue(acc, acc_xl, gb_scaled, a_ptr, x_ptr, dx_ptr, da_ptr, offs_m, 
                   dropout_p, seed, keep_scale,
                   HAS_DROPOUT: tl.constexpr, HAS_XL: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr,
                   ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    keep = None
     if HAS_DROPOUT:
         keep = _dropout_keep(seed, offs_m, offs_k, K, dropout_p)
     if NEED_DX:
-        # dx = g W + ((s gB) A) * keep / (1 - p), with the A tile (R_PAD, BLOCK_K)
+        # dx = g W + ((s gB) A) * keep / (1 - p)
         a_tile = _load(a_ptr, offs_r, offs_k, stride_ar, stride_ak, R, K)
-        if HAS_DROPOUT:
-            if HAS_XL:
-                # DoRA: dx = g W + ((gc - g) W + (s gcB) A) * keep / (1 - p), acc_xl = (gc - g) W
-                lora = _dot(gb_scaled, a_tile, acc_xl, DOT_PRECISION, UPCAST)
-            else:
-                lora = _dot(gb_scaled, a_tile, tl.zeros(acc.shape, dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
-            acc += tl.where(keep, lora * keep_scale, 0.0)
-        else:
-            acc = _dot(gb_scaled, a_tile, acc, DOT_PRECISION, UPCAST)
+        acc = _dx_with_lora(acc, acc_xl, gb_scaled, a_tile, keep, keep_scale, HAS_DROPOUT, HAS_XL, ACC_DTYPE,
+                            DOT_PRECISION, UPCAST)
         _store(dx_ptr, acc, offs_m, offs_k, stride_dxm, stride_dxk, M, K)
     if NEED_DA:
-        x_tile = _load(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
-        if HAS_DROPOUT:
-            x_tile = _dropped(x_tile, keep, keep_scale, ACC_DTYPE)
         # dA += (s gB)^T x~
-        part = _dot(tl.trans(gb_scaled), x_tile, tl.zeros((gb_scaled.shape[1], x_tile.shape[1]), dtype=ACC_DTYPE),
-                    DOT_PRECISION, UPCAST)
+        part = _da_part(gb_scaled, _load(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K), keep, keep_scale,
+                        HAS_DROPOUT, ACC_DTYPE, DOT_PRECISION, UPCAST)
         _atomic_add(da_ptr, part, offs_r, offs_k, R, K)
 
 

@@ -116,3 +116,31 @@ def _bwd_n_loop(g_ptr, rows, row_ok, M, stride_gm, stride_gn, w, offs_k, K, c_pt
                     g_tile = _scaled(g_tile, c, ACC_DTYPE)
             acc = _dot(g_tile, w_tile, acc, DOT_PRECISION, UPCAST)
     return acc, acc_xl
+
+
+@triton.jit
+def _dx_with_lora(acc, acc_xl, gb_scaled, a_tile, keep, keep_scale,
+                  HAS_DROPOUT: tl.constexpr, HAS_XL: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """dx's tile from acc = g W: g W + ((s gB) A) * keep / (1 - p), A's tile (R_PAD, BLOCK_K); DoRA with dropout
+    (HAS_XL) g W + ((gc - g) W + (s gcB) A) * keep / (1 - p), acc_xl = (gc - g) W. ``keep`` is read with dropout
+    only."""
+    if HAS_DROPOUT:
+        if HAS_XL:
+            lora = _dot(gb_scaled, a_tile, acc_xl, DOT_PRECISION, UPCAST)
+        else:
+            lora = _dot(gb_scaled, a_tile, tl.zeros(acc.shape, dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
+        acc += tl.where(keep, lora * keep_scale, 0.0)
+    else:
+        acc = _dot(gb_scaled, a_tile, acc, DOT_PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
+def _da_part(gb_scaled, x_tile, keep, keep_scale, HAS_DROPOUT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+             DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One tile's share of dA: (s gB)^T x~, x~ = x * keep / (1 - p) with dropout."""
+    if HAS_DROPOUT:
+        x_tile = _dropped(x_tile, keep, keep_scale, ACC_DTYPE)
+    return _dot(tl.trans(gb_scaled), x_tile, tl.zeros((gb_scaled.shape[1], x_tile.shape[1]), dtype=ACC_DTYPE),
+                DOT_PRECISION, UPCAST)

@@ -19,10 +19,10 @@ import triton
 import triton.language as tl
 
 from lorakern.kernels.dora_tiles import _load_scale, _scaled
-from lorakern.kernels.loops import _bwd_n_loop, _bwd_n_loop_gb
+from lorakern.kernels.loops import _bwd_n_loop, _bwd_n_loop_gb, _da_part, _dx_with_lora
 from lorakern.kernels.mixed_dora_tiles import _mixed_dc_tile
 from lorakern.kernels.mixed_forward import _segment_tile, _slot_constants, _tile_rows
-from lorakern.kernels.tiles import _dot, _dropout_keep, _dropped, _load, _load_rows, _store_rows, _tile_ids
+from lorakern.kernels.tiles import _dot, _dropout_keep, _load, _load_rows, _store_rows, _tile_ids
 
 
 @triton.jit
@@ -40,27 +40,18 @@ def _mixed_bwd_epilogue(acc, acc_xl, gb_scaled, a_tile_ptr, x_ptr, dx_ptr, da_ti
                         NEED_DA: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                         UPCAST: tl.constexpr):
     if use_lora:
+        keep = None
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, rows, offs_k, K, dropout_p)
         if NEED_DX:
-            # dx = g W + ((s_a gB) A_a) * keep / (1 - p_a), with the A_a tile (R_PAD, BLOCK_K)
+            # dx = g W + ((s_a gB) A_a) * keep / (1 - p_a)
             a_tile = _load(a_tile_ptr, offs_r, offs_k, stride_ar, stride_ak, rank, K)
-            if HAS_DROPOUT:
-                if HAS_XL:
-                    # DoRA: dx = g W + ((gc - g) W + (s_a gcB) A_a) * keep / (1 - p_a), acc_xl = (gc - g) W
-                    lora = _dot(gb_scaled, a_tile, acc_xl, DOT_PRECISION, UPCAST)
-                else:
-                    lora = _dot(gb_scaled, a_tile, tl.zeros(acc.shape, dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
-                acc += tl.where(keep, lora * keep_scale, 0.0)
-            else:
-                acc = _dot(gb_scaled, a_tile, acc, DOT_PRECISION, UPCAST)
+            acc = _dx_with_lora(acc, acc_xl, gb_scaled, a_tile, keep, keep_scale, HAS_DROPOUT, HAS_XL, ACC_DTYPE,
+                                DOT_PRECISION, UPCAST)
         if NEED_DA:
-            x_tile = _load_rows(x_ptr, rows, row_ok, offs_k, stride_xm, stride_xk, K)
-            if HAS_DROPOUT:
-                x_tile = _dropped(x_tile, keep, keep_scale, ACC_DTYPE)
             # dA_a += (s_a gB)^T x~
-            part = _dot(tl.trans(gb_scaled), x_tile,
-                        tl.zeros((gb_scaled.shape[1], x_tile.shape[1]), dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
+            part = _da_part(gb_scaled, _load_rows(x_ptr, rows, row_ok, offs_k, stride_xm, stride_xk, K), keep,
+                            keep_scale, HAS_DROPOUT, ACC_DTYPE, DOT_PRECISION, UPCAST)
             _atomic_add_slice(da_tile_ptr, part, offs_r, offs_k, rank, K, K)
     if NEED_DX:
         _store_rows(dx_ptr, acc, rows, row_ok, offs_k, stride_dxm, stride_dxk, K)
