@@ -5,8 +5,9 @@
 
 For each (kernel, dtype, config, arch, padded rank) this builds PTX and a cubin with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, reads registers and spill bytes
-from the ``ptxas -v`` shipped inside the triton package (the compiled kernel's n_regs stays empty
-until it is loaded on a device), the shared memory from the metadata, and whether the PTX uses wgmma.
+from the log of the ``ptxas -v`` that Triton runs to build the cubin (the compiled kernel's n_regs stays
+empty until it is loaded on a device; ``_compile_with_ptxas_log``), the shared memory from the metadata, and
+whether the PTX uses wgmma.
 It must run with TRITON_INTERPRET=0: interpreted kernels cannot be compiled.
 
 --ptx-dir writes each case's PTX to DIR/<kernel>-<weight>-<dtype>-sm<arch>-r<R_PAD>-c<config index>.ptx, so
@@ -23,7 +24,6 @@ import functools
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -68,12 +68,6 @@ class Report:
         if self.arch >= 90 and self.tensor_cores_expected and not self.wgmma:
             out.append("no wgmma on sm_90")
         return out
-
-
-def _ptxas() -> str:
-    import triton
-
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
 # the row grouping and per-slot scalars of the segmented kernels (mixed_launchers.py passes these dtypes)
@@ -186,23 +180,13 @@ def compile_config(kind: str, dtype: str, arch: int, r_pad: int, config, weight:
     target = GPUTarget("cuda", arch, 32)
     backend = triton.compiler.make_backend(target)
     options = backend.parse_options({"num_warps": config.num_warps, "num_stages": config.num_stages})
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
-                              options=options.__dict__)
+    compiled, log = _compile_with_ptxas_log(ASTSource(kernel, signature, constexprs, attrs), target,
+                                            options.__dict__)
     ptx = compiled.asm["ptx"]
     if ptx_path is not None:
         from lorakern._io import atomic_write_bytes
 
         atomic_write_bytes(ptx_path, ptx.encode())
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.ptx")
-        with open(path, "w") as handle:
-            handle.write(ptx)
-        arch_flag = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-        done = subprocess.run([_ptxas(), f"-arch={arch_flag}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
-                              capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"ptxas failed for {kind} {dtype} sm_{arch} {config}: {done.stderr[-2000:]}")
-    log = done.stdout + done.stderr
     registers = max((int(n) for n in re.findall(r"Used (\d+) registers", log)), default=-1)
     spills = sum(int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log))
     config_text = ", ".join(f"{k}={v}" for k, v in config.kwargs.items())
@@ -214,6 +198,58 @@ def compile_config(kind: str, dtype: str, arch: int, r_pad: int, config, weight:
         tensor_cores_expected=(not kind.endswith("small") and dtype != "float32" and config.kwargs["BLOCK_M"] >= 64
                                and config.num_warps >= 4),
     )
+
+
+# the name under which a cubin's ptxas log is kept in its entry of Triton's cache
+PTXAS_LOG = "ptxas.log"
+
+
+def _compile_with_ptxas_log(source, target, options: dict):
+    """(the compiled kernel, the log of the ``ptxas -v`` that built its cubin).
+
+    Triton runs ptxas with -v itself, with the flags a GPU build uses (--regAllocOptLevel among them), and
+    prints the log when asked (``knobs.nvidia.dump_ptxas_log``); the registers and spills read from it are
+    those of the cubin a launch would load, and no second ptxas run is needed (a third of a config's compile
+    time). The log is kept in the kernel's entry of Triton's cache, whose key covers everything that makes the
+    cubin; a kernel that comes from the cache without one (built before logs were kept) is built again in a
+    scratch cache to get it."""
+    import contextlib
+    import io
+
+    import triton
+    from triton import knobs
+    from triton.runtime.cache import get_cache_manager
+
+    def build():
+        printed = io.StringIO()
+        before = knobs.nvidia.dump_ptxas_log
+        knobs.nvidia.dump_ptxas_log = True
+        try:
+            with contextlib.redirect_stdout(printed):
+                compiled = triton.compile(source, target=target, options=options)
+        finally:
+            knobs.nvidia.dump_ptxas_log = before
+        return compiled, printed.getvalue()
+
+    compiled, log = build()
+    cache = get_cache_manager(compiled.hash)
+    if "Used " not in log:  # the cubin came from Triton's cache: no ptxas ran
+        kept = cache.get_file(PTXAS_LOG)
+        if kept is not None:
+            with open(kept) as handle:
+                return compiled, handle.read()
+        before = knobs.cache.dir
+        with tempfile.TemporaryDirectory() as scratch:
+            knobs.cache.dir = scratch
+            try:
+                compiled, log = build()
+            finally:
+                knobs.cache.dir = before
+        if "Used " not in log:
+            raise RuntimeError(f"no ptxas log from Triton's build of {source.fn.__name__} for sm_{target.arch}:\n"
+                               f"{log[-2000:]}")
+    cache.put(log, PTXAS_LOG, binary=False)
+    return compiled, log
 
 
 def _spread(count: int, sample: int | None) -> list[int]:

@@ -3,7 +3,7 @@
 Both weight formats: a dense W and the NF4 (QLoRA) base decoded inside the GEMM; the single-adapter kernels,
 their DoRA variants (dora_*, with and without dropout) and the segmented kernels of mixed-adapter batches
 (mixed_fwd, mixed_bwd; with DoRA slots mixed_dora_*). Registers and spills
-come from the ptxas shipped inside the triton package; shared memory from the compiled metadata. A config that spills, overflows shared memory, or (sm_90, 16-bit) runs without
+come from the log of the ptxas -v that Triton runs to build each cubin; shared memory from the compiled metadata. A config that spills, overflows shared memory, or (sm_90, 16-bit) runs without
 wgmma fails here and is to be removed from kernels/configs.py's table, not hidden.
 """
 import json
@@ -101,3 +101,32 @@ def test_compare_ptx_ignores_line_info_and_catches_one_changed_instruction(tmp_p
     # --sample: first to last, evenly; all of them when asked for as many or more
     assert _spread(7, 1) == [3] and _spread(7, 2) == [0, 6] and _spread(7, 3) == [0, 3, 6]
     assert _spread(2, 5) == [0, 1] and _spread(4, None) == [0, 1, 2, 3]
+
+
+_LOG_PATHS = """
+import json, os, sys
+from triton.runtime.cache import get_cache_manager
+from lorakern.kernels import compile_check as cc
+job = ("small", "bfloat16", 90, 16, 0)
+reports = [cc.compile_one(*job)]                 # built: the log of Triton's own ptxas run
+reports.append(cc.compile_one(*job))             # from Triton's cache: the log kept beside the cubin
+entries = [os.path.join(os.environ["TRITON_CACHE_DIR"], d) for d in os.listdir(os.environ["TRITON_CACHE_DIR"])]
+kept = [os.path.join(d, f) for d in entries for f in os.listdir(d) if f == cc.PTXAS_LOG]
+for path in kept:
+    os.unlink(path)
+reports.append(cc.compile_one(*job))             # cached without a log: built again in a scratch cache
+json.dump({"reports": [[r.registers, r.spill_bytes, r.shared_bytes] for r in reports], "kept": len(kept),
+           "kept_again": sum(f == cc.PTXAS_LOG for d in entries for f in os.listdir(d))}, sys.stdout)
+"""
+
+
+def test_registers_come_from_the_ptxas_log_whether_built_or_cached(tmp_path):
+    """Registers and spills are read from Triton's own ptxas run: on a build, from a cached cubin (the log kept
+    beside it), and from a cached cubin without a log (built again in a scratch cache); all three agree."""
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-c", _LOG_PATHS], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    first = out["reports"][0]
+    assert first[0] > 0 and out["reports"] == [first] * 3
+    assert out["kept"] >= 1 and out["kept_again"] == out["kept"]
