@@ -36,14 +36,13 @@ def forward_output(x2: torch.Tensor, xl2: torch.Tensor, lora_separate: bool, wei
         del merged  # a workspace: nothing may hold it past this call
         u = None
     elif library is not None:
-        # u = x~ A^T and y = b + s u B^T in one pass over x~ (lorakern/native/lora_cpu.c)
-        B_t = transposed(library, lora_B)  # r x N: a few KB
-        xl2, A = xl2.contiguous(), lora_A.contiguous()  # named: the copies outlive the call
+        # u = x~ A^T and y = b + s u B^T in one pass over x~ (lorakern/native/lora_cpu.c; it transposes B)
+        xl2, A, B = xl2.contiguous(), lora_A.contiguous(), lora_B.contiguous()  # named: copies outlive the call
         b = None if bias is None else bias.contiguous()
         u = xl2.new_empty(rows, r)
         y = x2.new_empty(rows, out_features)
         library.lora_forward_f32(
-            _ptr(xl2), _ptr(A), _ptr(B_t), _ptr(b), scaling,
+            _ptr(xl2), _ptr(A), _ptr(B), _ptr(b), scaling,
             rows, in_features, out_features, r, _ptr(u), _ptr(y), torch.get_num_threads(),
         )
         # y += x W^T: the base GEMM accumulates onto it, in place (no second M x N temporary)
@@ -61,16 +60,6 @@ def forward_output(x2: torch.Tensor, xl2: torch.Tensor, lora_separate: bool, wei
         # y += x W^T: the base GEMM accumulates onto it, in place (no second M x N temporary)
         y.addmm_(x2, weight.t())
     return y, u, form
-
-
-def transposed(library, matrix: torch.Tensor) -> torch.Tensor:
-    """``matrix`` (N x r, fp32 on the CPU) as a contiguous r x N tensor, by one C pass (lora_transpose_f32).
-    torch's copy of a transposed 768 x 8 cost ~12 us a call, more than a 16-token layer's whole C LoRA pass."""
-    matrix = matrix.detach().contiguous()  # named: the copy outlives the call
-    rows, cols = matrix.shape
-    out = matrix.new_empty(cols, rows)
-    library.lora_transpose_f32(_ptr(matrix), rows, cols, _ptr(out))
-    return out
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -204,9 +193,9 @@ def _rank_r_grads_native(library, g, x_lora, u, lora_A, lora_B, s, want_term, ne
     scratch = g.new_empty(library.lora_backward_scratch(K, N, r, threads) if need_A or need_B else 0)
     # named, so that every contiguous copy outlives the call that reads it
     x_lora = x_lora.contiguous() if need_A or (need_B and u is None) else None
-    A, B_t = lora_A.contiguous(), transposed(library, lora_B)
+    A, B = lora_A.contiguous(), lora_B.contiguous()
     library.lora_backward_f32(
-        _ptr(g), _ptr(x_lora), _ptr(u if need_B else None), _ptr(A), _ptr(B_t), s, rows, K, N, r,
+        _ptr(g), _ptr(x_lora), _ptr(u if need_B else None), _ptr(A), _ptr(B), s, rows, K, N, r,
         _ptr(term), _ptr(dA), _ptr(dB_t), _ptr(scratch), threads,
     )
     return term, dA, None if dB_t is None else dB_t.t()

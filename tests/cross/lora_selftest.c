@@ -8,9 +8,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-void lora_forward_f32(const float *x, const float *A, const float *Bt, const float *bias, float s, int64_t M,
+void lora_forward_f32(const float *x, const float *A, const float *B, const float *bias, float s, int64_t M,
                       int64_t K, int64_t N, int64_t r, float *u, float *y, int threads);
-void lora_backward_f32(const float *g, const float *x, const float *u, const float *A, const float *Bt, float s,
+void lora_backward_f32(const float *g, const float *x, const float *u, const float *A, const float *B, float s,
                        int64_t M, int64_t K, int64_t N, int64_t r, float *dx, float *dA, float *dBt,
                        float *partial, int threads);
 int64_t lora_backward_scratch(int64_t K, int64_t N, int64_t r, int threads);
@@ -40,11 +40,11 @@ int main(int argc, char **argv) {
     for (unsigned c = 0; c < sizeof shapes / sizeof shapes[0]; ++c) {
         int64_t M = shapes[c][0], K = shapes[c][1], N = shapes[c][2], r = shapes[c][3];
         float s = 1.5f;
-        float *x = fill(M * K), *A = fill(r * K), *Bt = fill(r * N), *b = fill(N), *g = fill(M * N);
+        float *x = fill(M * K), *A = fill(r * K), *B = fill(N * r), *b = fill(N), *g = fill(M * N);
         float *u = fill(M * r), *y = fill(M * N), *dx = fill(M * K), *dA = fill(r * K), *dBt = fill(r * N);
         float *partial = fill(lora_backward_scratch(K, N, r, 2));
-        lora_forward_f32(x, A, Bt, b, s, M, K, N, r, u, y, 2);
-        lora_backward_f32(g, x, u, A, Bt, s, M, K, N, r, dx, dA, dBt, partial, 2);
+        lora_forward_f32(x, A, B, b, s, M, K, N, r, u, y, 2);
+        lora_backward_f32(g, x, u, A, B, s, M, K, N, r, dx, dA, dBt, partial, 2);
         double *ru = calloc(M * r, 8), *mu = calloc(M * r, 8), *ry = calloc(M * N, 8), *my = calloc(M * N, 8);
         double *gB = calloc(M * r, 8), *mgB = calloc(M * r, 8), *rdx = calloc(M * K, 8), *mdx = calloc(M * K, 8);
         double *rdA = calloc(r * K, 8), *mdA = calloc(r * K, 8), *rdB = calloc(r * N, 8), *mdB = calloc(r * N, 8);
@@ -58,12 +58,12 @@ int main(int argc, char **argv) {
             for (int64_t n = 0; n < N; ++n) {
                 ry[i * N + n] = b[n]; my[i * N + n] = fabs(b[n]);
                 for (int64_t j = 0; j < r; ++j) {
-                    ry[i * N + n] += s * ru[i * r + j] * Bt[j * N + n];
-                    my[i * N + n] += s * mu[i * r + j] * fabs(Bt[j * N + n]);
+                    ry[i * N + n] += s * ru[i * r + j] * B[n * r + j];
+                    my[i * N + n] += s * mu[i * r + j] * fabs(B[n * r + j]);
                 }
                 for (int64_t j = 0; j < r; ++j) {
-                    gB[i * r + j] += (double)g[i * N + n] * Bt[j * N + n];
-                    mgB[i * r + j] += fabs((double)g[i * N + n] * Bt[j * N + n]);
+                    gB[i * r + j] += (double)g[i * N + n] * B[n * r + j];
+                    mgB[i * r + j] += fabs((double)g[i * N + n] * B[n * r + j]);
                 }
             }
         for (int64_t i = 0; i < M; ++i)

@@ -6,13 +6,6 @@
  * adapter) get no rank-r term. Per slot: A[a] (r[a] x K), Bt[a] (r[a] x N), scaling[a]. u is M x r_max, row i's
  * first r[slot] entries used. The kernels are the single-adapter ones over gathered row pointers. */
 
-/* dst = B^T (r x N) of B (N x r, row-major). The kernels read B^T's rows as vectors; torch's copy of a
- * transposed 768 x 8 took ~12 us a call (a 16-token layer's whole LoRA term costs ~8 us), this pass ~1 us. */
-void lora_transpose_f32(const float *B, int64_t N, int64_t r, float *dst) {
-    for (int64_t j = 0; j < r; ++j)  /* B (N r floats) stays in L1; each row of dst is written in order */
-        for (int64_t i = 0; i < N; ++i) dst[j * N + i] = B[i * r + j];
-}
-
 /* dst = the slots' B_a^T (r[a] x N each), one after another; slots whose B[a] is NULL take no room. */
 void lora_transpose_many_f32(const float *const *B, const int64_t *ranks, int64_t n_slots, int64_t N, float *dst) {
     for (int64_t a = 0; a < n_slots; ++a) {

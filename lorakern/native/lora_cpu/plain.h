@@ -1,10 +1,22 @@
 /* lora_cpu.c, part 2 of 5: the single-adapter forward and backward (and DoRA's backward, which runs the same
  * passes on its scaled operands). */
 
-/* Forward: u = x~ A^T and y = b + s u B^T (bias may be NULL). r <= 256. */
-void lora_forward_f32(const float *x_lora, const float *A, const float *Bt, const float *bias, float scaling,
+/* dst = B^T (r x N) of B (N x r, row-major). The kernels read B^T's rows as vectors; torch's copy of a
+ * transposed 768 x 8 took ~12 us a call (a 16-token layer's whole LoRA term costs ~8 us), this pass ~1 us.
+ * The single-adapter passes transpose B themselves; the mixed ones call it per slot. */
+void lora_transpose_f32(const float *B, int64_t N, int64_t r, float *dst) {
+    for (int64_t j = 0; j < r; ++j)  /* B (N r floats) stays in L1; each row of dst is written in order */
+        for (int64_t i = 0; i < N; ++i) dst[j * N + i] = B[i * r + j];
+}
+
+/* Forward: u = x~ A^T and y = b + s u B^T (bias may be NULL), B (N x r) as torch holds it. r <= 256. */
+void lora_forward_f32(const float *x_lora, const float *A, const float *B, const float *bias, float scaling,
                       int64_t M, int64_t K, int64_t N, int64_t r, float *u, float *y, int threads) {
     int64_t blocks = (M + ROWS - 1) / ROWS;
+    /* the rank update reads B^T's rows as vectors: transposed here, N r floats (a few KB), rather than by a
+     * call of its own from Python, which cost more than a one-token layer's whole pass */
+    float *Bt = (float *)malloc((size_t)(r * N) * sizeof(float));
+    lora_transpose_f32(B, N, r, Bt);
     #pragma omp parallel num_threads(threads)
     {
         float ublk[ROWS * 256], coef[ROWS * 256];
@@ -21,6 +33,7 @@ void lora_forward_f32(const float *x_lora, const float *A, const float *Bt, cons
         stream_fence();  /* this thread's streamed rows are visible before the region ends */
         free(spare);
     }
+    free(Bt);
 }
 
 /* This thread's number and the team's size inside a parallel region (0 and 1 without OpenMP). */
@@ -251,13 +264,17 @@ static void backward_passes(const float *g, const float *x_lora, const float *u,
 }
 
 /* Backward. g (M x N); x_lora (M x K, needed for dA); u (M x r, for dB: when NULL, u = x~ A^T is computed
- * chunk by chunk from x_lora, which must then be given); outputs that are NULL are
+ * chunk by chunk from x_lora, which must then be given); B (N x r) as torch holds it; outputs that are NULL are
  * skipped: dx (M x K) = s gB A, dA (r x K) = s gB^T x~, dBt (r x N) = s u^T g. `partial` holds
  * lora_backward_scratch(K, N, r, threads) floats for the per-thread sums. r <= 256. */
-void lora_backward_f32(const float *g, const float *x_lora, const float *u, const float *A, const float *Bt,
+void lora_backward_f32(const float *g, const float *x_lora, const float *u, const float *A, const float *B,
                        float scaling, int64_t M, int64_t K, int64_t N, int64_t r, float *dx, float *dA, float *dBt,
                        float *partial, int threads) {
+    /* g B reads B^T's rows (as the forward); only dx and dA need it */
+    float *Bt = dx || dA ? (float *)malloc((size_t)(r * N) * sizeof(float)) : NULL;
+    if (Bt) lora_transpose_f32(B, N, r, Bt);
     backward_passes(g, x_lora, u, A, Bt, scaling, M, K, N, r, dx, dA, dBt, partial, NULL, NULL, NULL, threads);
+    free(Bt);
 }
 
 /* DoRA's backward with the magnitude scale folded into the operands (lorakern/dora.py): the LoRA backward above
