@@ -341,12 +341,11 @@ def _forward_native(library, x2, weight, bias, lora_A, lora_B, scale, scaling, n
     rows, (out_features, r) = x2.shape[0], (weight.shape[0], lora_A.shape[0])
     b = None if bias is None else bias.contiguous()
     c = scale.contiguous()
-    B_t = lora_B.t().contiguous()
-    x2, A = x2.contiguous(), lora_A.contiguous()  # named: the copies outlive the call
+    x2, A, B = x2.contiguous(), lora_A.contiguous(), lora_B.contiguous()  # named: the copies outlive the call
     z = torch.mm(x2, weight.t())
     y = x2.new_empty(rows, out_features) if need_m else z
     u = x2.new_empty(rows, r)
-    library.dora_forward_f32(_ptr(x2), _ptr(A), _ptr(B_t), _ptr(b), _ptr(c), scaling, rows, x2.shape[1],
+    library.dora_forward_f32(_ptr(x2), _ptr(A), _ptr(B), _ptr(b), _ptr(c), scaling, rows, x2.shape[1],
                              out_features, r, _ptr(u), _ptr(z), _ptr(y), int(need_m), torch.get_num_threads())
     return u, (z if need_m else None), y
 
