@@ -284,3 +284,25 @@ def test_gpu_target_scripts_run_quick_and_check_before_timing(script, stem, tmp_
     assert payload["checks"] and all(c["ok"] for c in payload["checks"])
     assert payload["rows"] and all(r["lorakern_ms"] > 0 and r["reference_ms"] > 0 for r in payload["rows"])
     assert (tmp_path / f"{stem}.md").read_text().startswith("DoRA, " if stem == "dora" else "Mixed-adapter batch, ")
+
+
+def test_small_batch_script_runs_quick_and_checks_peft_against_lorakern(tmp_path):
+    """benchmarks/bench_small_batch.py end to end on a 1-layer model: PEFT, loading lorakern's saved adapters,
+    gives lorakern's output, disabled adapters give the frozen model's, the adapters move the output (exit 0),
+    and every timed row is there. No timing assertions."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "bench_small_batch.py")
+    done = subprocess.run([sys.executable, path, "--quick", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads((tmp_path / "small_batch.json").read_text())
+    assert [c["check"] for c in payload["checks"]] == ["PEFT's output = lorakern's", "adapters disabled = frozen model",
+                                                       "the adapters change the output"]
+    assert all(c["ok"] for c in payload["checks"])
+    assert len(payload["rows"]) == 4 and all(r["lorakern_ms"] > 0 and r["reference_ms"] > 0 for r in payload["rows"])
+    bad = subprocess.run([sys.executable, path, "--tokens", "0"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--tokens 0: give a number >= 1" in bad.stderr
