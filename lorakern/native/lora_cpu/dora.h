@@ -53,14 +53,13 @@ static void scaled_update4(float *const rows[ROWS], float *const keep[ROWS], con
 
 /* DoRA forward, after BLAS wrote z = x W^T (M x N): u = x A^T, then in the same pass over the rows
  * z += s u B^T (kept when `keep_z`) and y = c * z + b (bias may be NULL; y may be z itself when !keep_z).
- * The scale costs no pass over y of its own. B (N x r) as torch holds it (transposed here, as in
+ * The scale costs no pass over y of its own. B (N x r) as torch holds it (transposed_copy, as in
  * lora_forward_f32: torch's copy of a transposed 768 x 8 cost ~8 us a call). r <= 256. */
 void dora_forward_f32(const float *x, const float *A, const float *B, const float *bias, const float *scale,
                       float scaling, int64_t M, int64_t K, int64_t N, int64_t r, float *u, float *z, float *y,
                       int keep_z, int threads) {
     int64_t blocks = (M + ROWS - 1) / ROWS;
-    float *Bt = (float *)malloc((size_t)(r * N) * sizeof(float));
-    lora_transpose_f32(B, N, r, Bt);
+    float *Bt = transposed_copy(B, N, r);
     #pragma omp parallel num_threads(threads)
     {
         float ublk[ROWS * 256], coef[ROWS * 256];

@@ -9,14 +9,20 @@ void lora_transpose_f32(const float *B, int64_t N, int64_t r, float *dst) {
         for (int64_t i = 0; i < N; ++i) dst[j * N + i] = B[i * r + j];
 }
 
+/* B^T of B (N x r) in fresh memory, for a pass that takes B as torch holds it (the caller frees it): the
+ * rank updates and g B read B^T's rows as vectors; transposed here rather than by a call of its own from
+ * Python, which cost more than a one-token layer's whole pass. */
+static float *transposed_copy(const float *B, int64_t N, int64_t r) {
+    float *Bt = (float *)malloc((size_t)(r * N) * sizeof(float));
+    lora_transpose_f32(B, N, r, Bt);
+    return Bt;
+}
+
 /* Forward: u = x~ A^T and y = b + s u B^T (bias may be NULL), B (N x r) as torch holds it. r <= 256. */
 void lora_forward_f32(const float *x_lora, const float *A, const float *B, const float *bias, float scaling,
                       int64_t M, int64_t K, int64_t N, int64_t r, float *u, float *y, int threads) {
     int64_t blocks = (M + ROWS - 1) / ROWS;
-    /* the rank update reads B^T's rows as vectors: transposed here, N r floats (a few KB), rather than by a
-     * call of its own from Python, which cost more than a one-token layer's whole pass */
-    float *Bt = (float *)malloc((size_t)(r * N) * sizeof(float));
-    lora_transpose_f32(B, N, r, Bt);
+    float *Bt = transposed_copy(B, N, r);
     #pragma omp parallel num_threads(threads)
     {
         float ublk[ROWS * 256], coef[ROWS * 256];
@@ -270,9 +276,7 @@ static void backward_passes(const float *g, const float *x_lora, const float *u,
 void lora_backward_f32(const float *g, const float *x_lora, const float *u, const float *A, const float *B,
                        float scaling, int64_t M, int64_t K, int64_t N, int64_t r, float *dx, float *dA, float *dBt,
                        float *partial, int threads) {
-    /* g B reads B^T's rows (as the forward); only dx and dA need it */
-    float *Bt = dx || dA ? (float *)malloc((size_t)(r * N) * sizeof(float)) : NULL;
-    if (Bt) lora_transpose_f32(B, N, r, Bt);
+    float *Bt = dx || dA ? transposed_copy(B, N, r) : NULL;  /* g B needs it: only dx and dA read g B */
     backward_passes(g, x_lora, u, A, Bt, scaling, M, K, N, r, dx, dA, dBt, partial, NULL, NULL, NULL, threads);
     free(Bt);
 }
